@@ -1,0 +1,262 @@
+"""CrepaConfig: every ``crepa_*`` key users already write, with defaults and validation."""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
+THRESHOLD_MODES = ("permanent", "recoverable")
+FEATURE_SOURCES = ("encoder", "backbone")
+OFFLOAD_MODES = ("auto", "resident", "offload")
+BACKENDS = ("auto", "torch", "triton")
+ENCODER_PATCH_SIZE = 14
+
+
+@dataclass
+class CrepaConfig:
+    """CREPA settings. Field names are the config keys without their ``crepa_`` prefix.
+
+    ``from_dict`` / ``from_namespace`` read the prefixed names (``crepa_lambda`` ...), ``to_dict``
+    writes them back, so a user's JSON or CLI namespace round-trips unchanged.
+    """
+
+    enabled: bool = False
+    block_index: Optional[int] = None
+    lambda_: float = 0.5
+    adjacent_distance: int = 1
+    adjacent_tau: float = 1.0
+    cumulative_neighbors: bool = False
+    normalize_neighbour_sum: bool = False
+    normalize_by_frames: bool = True
+    spatial_align: bool = True
+    encoder: str = "dinov2_vitg14"
+    encoder_image_size: int = 518
+    encoder_frames_batch_size: Optional[int] = None
+    feature_source: str = "encoder"
+    teacher_block_index: Optional[int] = None
+    drop_vae_encoder: bool = False
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    lambda_end: float = 0.0
+    power: float = 1.0
+    cutoff_step: int = 0
+    similarity_threshold: Optional[float] = None
+    similarity_ema_decay: float = 0.99
+    threshold_mode: str = "permanent"
+    # Our additions (same prefix).
+    offload: str = "auto"
+    backend: str = "auto"
+    check_finite: bool = False
+    encoder_weights: Optional[str] = None
+    feature_cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def _key_of(field_name: str) -> str:
+        return "crepa_" + field_name.rstrip("_")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Every config key this class accepts (prefixed names), aliases included."""
+        return tuple(cls._key_of(f.name) for f in fields(cls)) + tuple(_ALIASES) + ("crepa_use_backbone_features",)
+
+    @classmethod
+    def _field_for_key(cls, key: str) -> str:
+        key = _ALIASES.get(key, key)
+        by_key = {cls._key_of(f.name): f.name for f in fields(cls)}
+        if key in by_key:
+            return by_key[key]
+        suggestion = difflib.get_close_matches(key, list(by_key) + list(_ALIASES), n=1, cutoff=0.6)
+        hint = f"; did you mean {suggestion[0]}?" if suggestion else ""
+        raise ValueError(f"unknown CREPA config key {key!r}{hint}")
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CrepaConfig":
+        """Build from ``crepa_*`` keys (JSON / CLI names). Unknown ``crepa_*`` keys are errors."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"from_dict expects a mapping of crepa_* keys, got {type(d).__name__}")
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if not isinstance(key, str):
+                raise TypeError(f"config keys must be strings, got {key!r}")
+            name = key[2:] if key.startswith("--") else key
+            name = name.replace("-", "_")
+            if not name.startswith("crepa_"):
+                raise ValueError(f"unknown CREPA config key {key!r}: every key starts with 'crepa_'")
+            if name == "crepa_use_backbone_features":
+                if value is not None:
+                    kwargs.setdefault("feature_source", "backbone" if _as_bool(key, value) else "encoder")
+                continue
+            field_name = cls._field_for_key(name)
+            if field_name == "encoder" and name == "crepa_model" and value is None:
+                continue
+            kwargs[field_name] = value
+        if "crepa_model" in d and "crepa_encoder" in d and d["crepa_model"] and d["crepa_encoder"]:
+            if d["crepa_model"] != d["crepa_encoder"]:
+                raise ValueError(
+                    f"crepa_model={d['crepa_model']!r} and crepa_encoder={d['crepa_encoder']!r} disagree; "
+                    "they are aliases, give one"
+                )
+        if "crepa_use_backbone_features" in d and "crepa_feature_source" in d:
+            want = "backbone" if _as_bool("crepa_use_backbone_features", d["crepa_use_backbone_features"]) else "encoder"
+            if d["crepa_feature_source"] not in (None, want):
+                raise ValueError(
+                    f"crepa_use_backbone_features={d['crepa_use_backbone_features']!r} and "
+                    f"crepa_feature_source={d['crepa_feature_source']!r} disagree"
+                )
+        # None means "use the default" for keys users leave unset on a CLI namespace.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_namespace(cls, obj: Any) -> "CrepaConfig":
+        """Build from any object with ``crepa_*`` attributes (argparse namespace, trainer config)."""
+        if isinstance(obj, Mapping):
+            items = {k: v for k, v in obj.items() if isinstance(k, str) and k.startswith("crepa_")}
+        else:
+            names = [n for n in dir(obj) if n.startswith("crepa_")]
+            items = {n: getattr(obj, n) for n in names if not callable(getattr(obj, n))}
+        return cls.from_dict(items)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self._key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "CrepaConfig":
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(changes)
+        return type(self)(**d)
+
+    @property
+    def use_backbone_features(self) -> bool:
+        return self.feature_source == "backbone"
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> None:
+        self.enabled = _as_bool("crepa_enabled", self.enabled)
+        for name in ("cumulative_neighbors", "normalize_neighbour_sum", "normalize_by_frames",
+                     "spatial_align", "drop_vae_encoder", "check_finite"):
+            setattr(self, name, _as_bool(self._key_of(name), getattr(self, name)))
+
+        self.block_index = _opt_int("crepa_block_index", self.block_index, minimum=0)
+        if self.enabled and self.block_index is None:
+            raise ValueError("crepa_block_index must be set (a non-negative int) when crepa_enabled is true")
+        self.teacher_block_index = _opt_int("crepa_teacher_block_index", self.teacher_block_index, minimum=0)
+
+        self.lambda_ = _finite_float("crepa_lambda", self.lambda_)
+        if self.lambda_ < 0:
+            raise ValueError(f"crepa_lambda must be >= 0, got {self.lambda_}")
+        self.lambda_end = _finite_float("crepa_lambda_end", self.lambda_end)
+        self.power = _finite_float("crepa_power", self.power)
+        if self.power <= 0:
+            raise ValueError(f"crepa_power must be > 0, got {self.power}")
+
+        self.adjacent_distance = _int("crepa_adjacent_distance", self.adjacent_distance, minimum=0)
+        self.adjacent_tau = _finite_float("crepa_adjacent_tau", self.adjacent_tau)
+        if not self.adjacent_tau > 0:
+            raise ValueError(f"crepa_adjacent_tau must be > 0 and finite, got {self.adjacent_tau}")
+
+        if not isinstance(self.encoder, str) or not self.encoder.strip():
+            raise ValueError(f"crepa_encoder must be a non-empty model name, got {self.encoder!r}")
+        self.encoder_image_size = _int("crepa_encoder_image_size", self.encoder_image_size, minimum=1)
+        if self.encoder_image_size % ENCODER_PATCH_SIZE:
+            raise ValueError(
+                f"crepa_encoder_image_size must be a positive multiple of the encoder patch size "
+                f"{ENCODER_PATCH_SIZE}, got {self.encoder_image_size}"
+            )
+        self.encoder_frames_batch_size = _opt_int(
+            "crepa_encoder_frames_batch_size", self.encoder_frames_batch_size, minimum=1
+        )
+
+        self.feature_source = _choice("crepa_feature_source", self.feature_source, FEATURE_SOURCES)
+        if self.enabled and self.feature_source == "backbone":
+            if self.teacher_block_index is None:
+                raise ValueError("crepa_teacher_block_index must be set when crepa_feature_source is 'backbone'")
+            if self.teacher_block_index <= self.block_index:
+                raise ValueError(
+                    f"crepa_teacher_block_index ({self.teacher_block_index}) must be deeper than "
+                    f"crepa_block_index ({self.block_index})"
+                )
+
+        self.scheduler = _choice("crepa_scheduler", self.scheduler, SCHEDULERS)
+        self.threshold_mode = _choice("crepa_threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        self.warmup_steps = _int("crepa_warmup_steps", self.warmup_steps, minimum=0)
+        self.decay_steps = _int("crepa_decay_steps", self.decay_steps, minimum=0)
+        self.cutoff_step = _int("crepa_cutoff_step", self.cutoff_step, minimum=0)
+        if self.similarity_threshold is not None:
+            self.similarity_threshold = _finite_float("crepa_similarity_threshold", self.similarity_threshold)
+        self.similarity_ema_decay = _finite_float("crepa_similarity_ema_decay", self.similarity_ema_decay)
+        if not 0.0 <= self.similarity_ema_decay < 1.0:
+            raise ValueError(
+                f"crepa_similarity_ema_decay must satisfy 0 <= decay < 1, got {self.similarity_ema_decay}"
+            )
+
+        self.offload = _choice("crepa_offload", self.offload, OFFLOAD_MODES)
+        self.backend = _choice("crepa_backend", self.backend, BACKENDS)
+        for name in ("encoder_weights", "feature_cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                value = str(value)
+                setattr(self, name, value)
+
+
+_ALIASES = {"crepa_model": "crepa_encoder"}
+_NULLABLE = {"block_index", "teacher_block_index", "similarity_threshold", "encoder_frames_batch_size",
+             "encoder_weights", "feature_cache_dir"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{key} must be a boolean, got {value!r}")
+
+
+def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be an int, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{key} must be an int, got {value!r}") from None
+    if not isinstance(value, int):
+        raise ValueError(f"{key} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _opt_int(key: str, value: Any, *, minimum: Optional[int] = None) -> Optional[int]:
+    return None if value is None else _int(key, value, minimum=minimum)
+
+
+def _finite_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{key} must be finite, got {value!r}")
+    return out
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if isinstance(value, str) and value.strip().lower() in allowed:
+        return value.strip().lower()
+    raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")

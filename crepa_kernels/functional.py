@@ -1,0 +1,183 @@
+"""crepa_loss: validation, temporal and token alignment, similarity and reduction, on a chosen backend."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import reference
+from .alignment import TokenPlan, check_grid, plan_tokens
+from .ops.utils import interpreter_enabled, triton_available
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class CrepaOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: -weight * mean_b(per_video)
+    alignment: torch.Tensor  # (B, T): total[b, t] (SPEC 4), after alignment
+    self_similarity: torch.Tensor  # (B, T): self_sim[b, t]
+
+
+# What the last call picked and why; crepa_kernels.info() reports it.
+_last_choice: dict = {"backend": None, "reason": "crepa_loss has not been called yet"}
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """Map ``backend`` to 'torch' or 'triton' for tensors on ``device``; returns (backend, reason)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "torch":
+        return "torch", "requested"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was requested but the triton package does not import")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA (or ROCm) tensors, or TRITON_INTERPRET=1 set before triton is "
+                f"imported for CPU tensors; got tensors on {device}"
+            )
+        return "triton", "requested"
+    if device.type == "cuda":
+        if triton_available():
+            return "triton", f"auto: tensors on {device} and triton is available"
+        return "torch", f"auto: tensors on {device} but triton does not import"
+    return "torch", f"auto: tensors on {device}; the fused kernels are for GPUs"
+
+
+def crepa_loss(
+    projected: torch.Tensor,
+    features: torch.Tensor,
+    *,
+    adjacent_distance: int = 1,
+    adjacent_tau: float = 1.0,
+    cumulative_neighbors: bool = False,
+    normalize_neighbour_sum: bool = False,
+    normalize_by_frames: bool = True,
+    spatial_align: bool = True,
+    projected_grid: Optional[Sequence[int]] = None,
+    features_grid: Optional[Sequence[int]] = None,
+    weight: Union[float, torch.Tensor] = 1.0,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> CrepaOutput:
+    """The CREPA loss (SPEC sections 1-5) of projected hidden states against teacher features.
+
+    projected: (B, T, N, D) or (B, T, D) (one token per frame); features: (B, T_f, N_f, D) or (B, T_f, D).
+    ``projected_grid`` / ``features_grid`` = (h, w) switch token alignment to grid mode. Gradients flow
+    to ``projected``, and to ``features`` when it requires grad. ``check_finite`` (a host sync) raises
+    when an input holds NaN or Inf instead of letting it propagate.
+    """
+    projected = _check_tensor("projected", projected)
+    features = _check_tensor("features", features)
+    if projected.device != features.device:
+        raise ValueError(f"projected is on {projected.device} but features is on {features.device}; move them together")
+    if projected.shape[0] != features.shape[0]:
+        raise ValueError(f"batch sizes differ: projected has {projected.shape[0]}, features has {features.shape[0]}")
+    if projected.shape[-1] != features.shape[-1]:
+        raise ValueError(
+            f"feature dims differ: projected has D={projected.shape[-1]}, features has D={features.shape[-1]}; "
+            "the projector's output size must equal the encoder's embedding size"
+        )
+    distance = _check_int("adjacent_distance", adjacent_distance)
+    tau = _check_positive_float("adjacent_tau", adjacent_tau)
+    weight = _check_weight(weight)
+    pgrid = check_grid("projected_grid", projected_grid, projected.shape[2])
+    fgrid = check_grid("features_grid", features_grid, features.shape[2])
+    chosen, reason = resolve_backend(backend, projected.device)
+    _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
+    if check_finite:
+        for name, t in (("projected", projected), ("features", features)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
+
+    plan = plan_tokens(
+        projected.shape[2], features.shape[2], spatial_align=bool(spatial_align),
+        projected_grid=pgrid, features_grid=fgrid,
+    )
+    projected, features = reference.align_frames(projected, features)
+    if chosen == "triton":
+        total, self_sim = _similarity_triton(projected, features, plan, distance, tau,
+                                             bool(cumulative_neighbors), bool(normalize_neighbour_sum))
+    else:
+        projected, features = reference.align_tokens(projected, features, plan)
+        total, self_sim = reference.similarity(
+            projected, features, distance=distance, tau=tau,
+            cumulative=bool(cumulative_neighbors), normalize_neighbour_sum=bool(normalize_neighbour_sum),
+        )
+    per_video = total.sum(dim=1)
+    if normalize_by_frames:
+        per_video = per_video / total.shape[1]
+    loss = -weight * per_video.mean()
+    return CrepaOutput(loss, total, self_sim)
+
+
+def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumulative, normalize_neighbour_sum):
+    from .ops.resample import resample_tokens
+    from .ops.similarity import neighbour_cosine
+
+    if plan.pool:
+        projected, features = projected.mean(dim=2, keepdim=True), features.mean(dim=2, keepdim=True)
+    else:
+        if plan.projected is not None:
+            projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
+        if plan.features is not None:
+            features = resample_tokens(features, plan.features.in_grid, plan.features.out_grid)
+    total_tok, self_tok = neighbour_cosine(
+        projected, features, distance=distance, tau=tau, cumulative=cumulative,
+        normalize_neighbour_sum=normalize_neighbour_sum,
+    )
+    return total_tok.mean(dim=-1), self_tok.mean(dim=-1)
+
+
+def last_backend_choice() -> dict:
+    return dict(_last_choice)
+
+
+# ------------------------------------------------------------------ validation
+def _check_tensor(name: str, t) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
+    if t.ndim == 3:
+        t = t.unsqueeze(2)  # (B, T, D): one token per frame
+    elif t.ndim != 4:
+        raise ValueError(f"{name} must be (B, T, N, D) or (B, T, D), got shape {tuple(t.shape)}")
+    b, frames, tokens, dim = t.shape
+    for what, v in (("batch", b), ("frame", frames), ("token", tokens), ("feature", dim)):
+        if v == 0:
+            raise ValueError(f"{name} has zero {what} entries: shape {tuple(t.shape)}")
+    return t
+
+
+def _check_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return int(v)
+
+
+def _check_positive_float(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}") from None
+    if isinstance(v, bool) or not (f > 0 and math.isfinite(f)):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return f
+
+
+def _check_weight(w):
+    if torch.is_tensor(w):
+        if w.numel() != 1 or not w.is_floating_point():
+            raise ValueError(f"weight must be a float or a one-element float tensor, got shape {tuple(w.shape)} {w.dtype}")
+        return w.reshape(())
+    if isinstance(w, bool):
+        raise ValueError(f"weight must be a finite number, got {w!r}")
+    try:
+        f = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight must be a finite number, got {w!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"weight must be a finite number, got {w!r}")
+    return f

@@ -1,0 +1,1 @@
+"""Fused Triton operations: one file per operation, each with its kernels, launchers and autograd."""

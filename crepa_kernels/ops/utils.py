@@ -1,0 +1,55 @@
+"""Launch settings, interpreter detection and dtype helpers shared by the Triton ops."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when `triton` imports (it is absent on some platforms, e.g. macOS)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def triton_supports(t: torch.Tensor) -> bool:
+    """Whether a tensor on this device can be handled by our Triton kernels right now."""
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":  # CUDA and ROCm both report "cuda"
+        return True
+    return t.device.type == "cpu" and interpreter_enabled()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs keep fp64 (gradcheck); every other float dtype accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def next_power_of_2(n: int) -> int:
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def block_d(d: int, cap: int = 256) -> int:
+    """Feature-dim block: a power of two covering `d`, capped (the kernels loop over blocks)."""
+    return min(next_power_of_2(d), cap)
+
+
+def num_warps_for(block_elems: int) -> int:
+    if block_elems >= 8192:
+        return 8
+    if block_elems >= 2048:
+        return 4
+    return 2

@@ -1,0 +1,96 @@
+"""CrepaScheduler: the CREPA coefficient schedule with step and similarity cutoffs (SPEC section 6)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .config import CrepaConfig
+
+Number = Union[float, int]
+
+
+class CrepaScheduler:
+    """Gives the loss weight for a step, given the step's alignment score.
+
+    ``get_weight(step, similarity)`` must be called once per step, in step order: it updates the
+    similarity EMA first (SPEC 6.1), then applies the cutoffs and the schedule. ``similarity`` may be a
+    Python number or a 0-dim tensor; a tensor is read once (a single host sync), and only when a
+    similarity threshold is configured, because nothing else needs its value.
+    """
+
+    def __init__(self, config: CrepaConfig, max_train_steps: int = 0):
+        if not isinstance(config, CrepaConfig):
+            raise TypeError(f"config must be a CrepaConfig, got {type(config).__name__}")
+        if isinstance(max_train_steps, bool) or not isinstance(max_train_steps, int) or max_train_steps < 0:
+            raise ValueError(f"max_train_steps must be a non-negative int, got {max_train_steps!r}")
+        self.config = config
+        self.max_train_steps = max_train_steps
+        self.similarity_ema: Optional[float] = None
+        self._cut_off = False
+
+    # ----------------------------------------------------------------- state
+    def is_cutoff(self) -> bool:
+        """True while the schedule is cut off (latched in permanent mode)."""
+        return self._cut_off
+
+    def state_dict(self) -> dict:
+        return {"similarity_ema": self.similarity_ema, "cut_off": self._cut_off}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.similarity_ema = state.get("similarity_ema")
+        self._cut_off = bool(state.get("cut_off", False))
+
+    # -------------------------------------------------------------- schedule
+    @property
+    def decay_steps(self) -> int:
+        return self.config.decay_steps or self.max_train_steps
+
+    def base_weight(self, step: int) -> float:
+        """The scheduled coefficient at ``step`` ignoring cutoffs (SPEC 6.5)."""
+        c = self.config
+        lam = c.lambda_
+        if c.warmup_steps > 0 and step < c.warmup_steps:
+            return lam * step / c.warmup_steps
+        if c.scheduler == "constant":
+            return lam
+        progress = (step - c.warmup_steps) / max(self.decay_steps - c.warmup_steps, 1)
+        progress = min(max(progress, 0.0), 1.0)
+        if c.scheduler == "linear":
+            return lam + (c.lambda_end - lam) * progress
+        if c.scheduler == "cosine":
+            return c.lambda_end + (lam - c.lambda_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+        # polynomial
+        return (lam - c.lambda_end) * (1.0 - progress) ** c.power + c.lambda_end
+
+    def update_ema(self, similarity: Optional[Union[Number, torch.Tensor]]) -> None:
+        if similarity is None:
+            return
+        value = float(similarity.detach().float().item()) if torch.is_tensor(similarity) else float(similarity)
+        if not math.isfinite(value):
+            return  # a NaN step must not poison the EMA for the rest of the run
+        if self.similarity_ema is None:
+            self.similarity_ema = value
+        else:
+            d = self.config.similarity_ema_decay
+            self.similarity_ema = d * self.similarity_ema + (1.0 - d) * value
+
+    def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        c = self.config
+        if c.similarity_threshold is not None:
+            self.update_ema(similarity)
+        elif similarity is not None and not torch.is_tensor(similarity):
+            self.update_ema(similarity)  # a host value costs nothing; keep the EMA for the logs
+        if c.threshold_mode == "permanent" and self._cut_off:
+            return 0.0
+        hit = c.cutoff_step > 0 and step >= c.cutoff_step
+        if c.similarity_threshold is not None and self.similarity_ema is not None:
+            hit = hit or self.similarity_ema >= c.similarity_threshold
+        if hit:
+            self._cut_off = True
+            return 0.0
+        self._cut_off = False  # recoverable mode clears its latch
+        return self.base_weight(step)

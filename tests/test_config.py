@@ -1,0 +1,109 @@
+"""CrepaConfig: keys, defaults, aliases, round trips and every validation error."""
+import argparse
+
+import pytest
+
+from crepa_kernels import CrepaConfig
+
+SPEC_KEYS = [
+    "crepa_enabled", "crepa_block_index", "crepa_lambda", "crepa_adjacent_distance", "crepa_adjacent_tau",
+    "crepa_cumulative_neighbors", "crepa_normalize_neighbour_sum", "crepa_normalize_by_frames",
+    "crepa_spatial_align", "crepa_encoder", "crepa_model", "crepa_encoder_image_size",
+    "crepa_encoder_frames_batch_size", "crepa_use_backbone_features", "crepa_feature_source",
+    "crepa_teacher_block_index", "crepa_drop_vae_encoder", "crepa_scheduler", "crepa_warmup_steps",
+    "crepa_decay_steps", "crepa_lambda_end", "crepa_power", "crepa_cutoff_step", "crepa_similarity_threshold",
+    "crepa_similarity_ema_decay", "crepa_threshold_mode",
+]
+
+
+def test_defaults_follow_spec():
+    c = CrepaConfig()
+    assert (c.lambda_, c.adjacent_distance, c.adjacent_tau) == (0.5, 1, 1.0)
+    assert (c.cumulative_neighbors, c.normalize_neighbour_sum, c.normalize_by_frames, c.spatial_align) == (
+        False, False, True, True)
+    assert (c.encoder, c.encoder_image_size, c.feature_source) == ("dinov2_vitg14", 518, "encoder")
+    assert (c.scheduler, c.warmup_steps, c.decay_steps, c.lambda_end, c.power, c.cutoff_step) == (
+        "constant", 0, 0, 0.0, 1.0, 0)
+    assert (c.similarity_threshold, c.similarity_ema_decay, c.threshold_mode) == (None, 0.99, "permanent")
+    assert c.block_index is None and c.offload == "auto"
+
+
+def test_every_spec_key_is_accepted():
+    known = set(CrepaConfig.keys())
+    assert [k for k in SPEC_KEYS if k not in known] == []
+    for key in SPEC_KEYS:  # each key is really read, not only listed
+        value = {"crepa_enabled": False, "crepa_model": "dinov2_vits14", "crepa_encoder": "dinov2_vits14",
+                 "crepa_feature_source": "encoder", "crepa_scheduler": "linear",
+                 "crepa_threshold_mode": "recoverable", "crepa_encoder_image_size": 224,
+                 "crepa_similarity_ema_decay": 0.5}.get(key, 1)
+        CrepaConfig.from_dict({key: value})
+
+
+def test_from_dict_and_round_trip():
+    d = {"crepa_enabled": True, "crepa_block_index": 8, "crepa_lambda": 0.3, "crepa_model": "dinov2_vits14",
+         "crepa_encoder_image_size": 224, "crepa_scheduler": "cosine", "crepa_similarity_threshold": 0.9}
+    c = CrepaConfig.from_dict(d)
+    assert c.encoder == "dinov2_vits14" and c.lambda_ == 0.3 and c.block_index == 8
+    again = CrepaConfig.from_dict(c.to_dict())
+    assert again == c
+    assert c.to_dict()["crepa_lambda"] == 0.3
+
+
+def test_from_namespace_reads_crepa_attributes_and_ignores_others():
+    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=4, crepa_lambda=None, learning_rate=1e-4)
+    c = CrepaConfig.from_namespace(ns)
+    assert c.enabled and c.block_index == 4 and c.lambda_ == 0.5  # None keeps the default
+
+
+def test_backbone_switch_aliases():
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, "crepa_use_backbone_features": True,
+                               "crepa_teacher_block_index": 6})
+    assert c.feature_source == "backbone" and c.use_backbone_features
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ValueError, match="did you mean crepa_lambda"):
+        CrepaConfig.from_dict({"crepa_lamda": 0.5})
+
+
+@pytest.mark.parametrize("d,msg", [
+    ({"crepa_scheduler": "exp"}, "crepa_scheduler must be one of constant, linear, cosine, polynomial; got 'exp'"),
+    ({"crepa_threshold_mode": "sticky"}, "crepa_threshold_mode must be one of permanent, recoverable"),
+    ({"crepa_similarity_ema_decay": 1.0}, "crepa_similarity_ema_decay must satisfy 0 <= decay < 1, got 1.0"),
+    ({"crepa_similarity_ema_decay": -0.1}, "crepa_similarity_ema_decay must satisfy"),
+    ({"crepa_adjacent_distance": -1}, "crepa_adjacent_distance must be >= 0, got -1"),
+    ({"crepa_adjacent_distance": 1.5}, "crepa_adjacent_distance must be an int, got 1.5"),
+    ({"crepa_adjacent_tau": 0}, "crepa_adjacent_tau must be > 0 and finite, got 0.0"),
+    ({"crepa_adjacent_tau": float("inf")}, "crepa_adjacent_tau must be finite"),
+    ({"crepa_encoder_image_size": 500}, "crepa_encoder_image_size must be a positive multiple of the encoder patch size 14, got 500"),
+    ({"crepa_encoder_image_size": 0}, "crepa_encoder_image_size must be >= 1"),
+    ({"crepa_enabled": True}, "crepa_block_index must be set"),
+    ({"crepa_block_index": -2}, "crepa_block_index must be >= 0, got -2"),
+    ({"crepa_block_index": "eight"}, "crepa_block_index must be an int, got 'eight'"),
+    ({"crepa_enabled": "maybe"}, "crepa_enabled must be a boolean, got 'maybe'"),
+    ({"crepa_lambda": "big"}, "crepa_lambda must be a number, got 'big'"),
+    ({"crepa_lambda": -1}, "crepa_lambda must be >= 0"),
+    ({"crepa_power": 0}, "crepa_power must be > 0"),
+    ({"crepa_offload": "gpu"}, "crepa_offload must be one of auto, resident, offload"),
+    ({"crepa_feature_source": "vae"}, "crepa_feature_source must be one of encoder, backbone"),
+    ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone"},
+     "crepa_teacher_block_index must be set"),
+    ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
+      "crepa_teacher_block_index": 2}, "must be deeper than crepa_block_index"),
+    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "dinov2_vitg14"}, "they are aliases"),
+    ({"learning_rate": 1.0}, "every key starts with 'crepa_'"),
+])
+def test_config_errors(d, msg):
+    with pytest.raises(ValueError) as e:
+        CrepaConfig.from_dict(d)
+    assert msg in str(e.value)
+
+
+def test_from_dict_requires_mapping():
+    with pytest.raises(TypeError, match="from_dict expects a mapping"):
+        CrepaConfig.from_dict([("crepa_lambda", 1)])
+
+
+def test_string_values_from_cli_are_parsed():
+    c = CrepaConfig.from_dict({"crepa_enabled": "true", "crepa_block_index": "8", "crepa_spatial_align": "false"})
+    assert c.enabled is True and c.block_index == 8 and c.spatial_align is False

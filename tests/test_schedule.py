@@ -1,0 +1,111 @@
+"""CrepaScheduler against SPEC section 6, step by step, with closed forms written here."""
+import math
+
+import pytest
+import torch
+
+from crepa_kernels import CrepaConfig, CrepaScheduler
+
+
+def expected(step, sched, lam=0.5, end=0.0, warm=0, decay=100, power=1.0):
+    if step < warm:
+        return lam * step / warm
+    if sched == "constant":
+        return lam
+    pr = min((step - warm) / max(decay - warm, 1), 1.0)
+    if sched == "linear":
+        return lam + (end - lam) * pr
+    if sched == "cosine":
+        return end + (lam - end) * (1 + math.cos(math.pi * pr)) / 2
+    return (lam - end) * (1 - pr) ** power + end
+
+
+@pytest.mark.parametrize("sched", ["constant", "linear", "cosine", "polynomial"])
+@pytest.mark.parametrize("warm", [0, 10])
+def test_schedulers_with_warmup_and_decay(sched, warm):
+    s = CrepaScheduler(CrepaConfig(scheduler=sched, lambda_=0.8, lambda_end=0.1, warmup_steps=warm,
+                                   decay_steps=60, power=2.0), max_train_steps=1000)
+    for step in range(0, 80):
+        want = expected(step, sched, lam=0.8, end=0.1, warm=warm, decay=60, power=2.0)
+        assert s.get_weight(step) == pytest.approx(want, abs=1e-12), step
+    assert not s.is_cutoff()
+
+
+def test_decay_steps_zero_means_max_train_steps():
+    s = CrepaScheduler(CrepaConfig(scheduler="linear", lambda_=1.0, lambda_end=0.0), max_train_steps=50)
+    assert s.get_weight(25) == pytest.approx(0.5)
+    assert s.get_weight(50) == pytest.approx(0.0)
+    assert s.get_weight(70) == pytest.approx(0.0)  # progress clamps at 1
+
+
+def test_warmup_applies_to_every_scheduler_including_constant():
+    s = CrepaScheduler(CrepaConfig(lambda_=0.5, warmup_steps=4), max_train_steps=10)
+    assert [s.get_weight(i) for i in range(6)] == pytest.approx([0, 0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_step_cutoff():
+    s = CrepaScheduler(CrepaConfig(cutoff_step=5), max_train_steps=10)
+    ws = [s.get_weight(i) for i in range(8)]
+    assert ws == [0.5] * 5 + [0.0] * 3
+    assert s.is_cutoff()
+
+
+def test_ema_cutoff_permanent_latches():
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.5, similarity_ema_decay=0.5), max_train_steps=10)
+    sims = [0.2, 0.8, 0.9, 0.0, 0.0, 0.0]
+    ema, weights = None, []
+    for step, x in enumerate(sims):
+        ema = x if ema is None else 0.5 * ema + 0.5 * x
+        weights.append(s.get_weight(step, similarity=x))
+        assert s.similarity_ema == pytest.approx(ema)
+    # ema: 0.2, 0.5 (>= 0.5: cut), then latched although the ema falls again
+    assert weights == [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert s.is_cutoff()
+
+
+def test_ema_cutoff_recoverable_recovers():
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.5, similarity_ema_decay=0.5,
+                                   threshold_mode="recoverable"), max_train_steps=10)
+    sims = [0.2, 0.8, 0.9, 0.0, 0.0, 0.0]
+    weights, ema = [], None
+    for step, x in enumerate(sims):
+        ema = x if ema is None else 0.5 * ema + 0.5 * x
+        weights.append(s.get_weight(step, similarity=x))
+        assert s.is_cutoff() == (ema >= 0.5)
+    # ema: 0.2, 0.5, 0.7, 0.35, 0.175, 0.0875
+    assert weights == [0.5, 0.0, 0.0, 0.5, 0.5, 0.5]
+
+
+def test_similarity_tensor_is_accepted():
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.9), max_train_steps=10)
+    assert s.get_weight(0, similarity=torch.tensor(0.95)) == 0.0
+    assert s.similarity_ema == pytest.approx(0.95)
+
+
+def test_nan_similarity_does_not_poison_the_ema():
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.9), max_train_steps=10)
+    s.get_weight(0, similarity=0.3)
+    s.get_weight(1, similarity=float("nan"))
+    assert s.similarity_ema == pytest.approx(0.3)
+
+
+def test_state_dict_round_trip():
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.5), max_train_steps=10)
+    s.get_weight(0, similarity=0.7)
+    t = CrepaScheduler(CrepaConfig(similarity_threshold=0.5), max_train_steps=10)
+    t.load_state_dict(s.state_dict())
+    assert t.is_cutoff() and t.similarity_ema == s.similarity_ema
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((object(), 10), "config must be a CrepaConfig"),
+    ((CrepaConfig(), -1), "max_train_steps must be a non-negative int"),
+])
+def test_constructor_errors(args, msg):
+    with pytest.raises((TypeError, ValueError), match=msg):
+        CrepaScheduler(*args)
+
+
+def test_bad_step():
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        CrepaScheduler(CrepaConfig(), 10).get_weight(-1)
