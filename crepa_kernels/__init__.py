@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .config import CrepaConfig
 from .functional import CrepaOutput, crepa_loss
+from .module import CrepaLoss
 from .schedule import CrepaScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["CrepaConfig", "CrepaOutput", "CrepaScheduler", "crepa_loss", "info", "__version__"]
+__all__ = ["CrepaConfig", "CrepaLoss", "CrepaOutput", "CrepaScheduler", "crepa_loss", "info", "__version__"]
 
 
 def info() -> dict:

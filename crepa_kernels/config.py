@@ -170,9 +170,10 @@ class CrepaConfig:
                 f"crepa_encoder_image_size must be a positive multiple of the encoder patch size "
                 f"{ENCODER_PATCH_SIZE}, got {self.encoder_image_size}"
             )
-        self.encoder_frames_batch_size = _opt_int(
-            "crepa_encoder_frames_batch_size", self.encoder_frames_batch_size, minimum=1
-        )
+        # 0 or a negative value means "all frames at once", as users already write it (-1).
+        self.encoder_frames_batch_size = _opt_int("crepa_encoder_frames_batch_size", self.encoder_frames_batch_size)
+        if self.encoder_frames_batch_size is not None and self.encoder_frames_batch_size <= 0:
+            self.encoder_frames_batch_size = None
 
         self.feature_source = _choice("crepa_feature_source", self.feature_source, FEATURE_SOURCES)
         if self.enabled and self.feature_source == "backbone":

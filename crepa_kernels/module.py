@@ -1,0 +1,138 @@
+"""CrepaLoss: the projector head, the schedule and the logs around crepa_loss, as one nn.Module."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import CrepaConfig
+from .functional import crepa_loss
+from .schedule import CrepaScheduler
+
+
+def make_projector(hidden_size: int, encoder_dim: int) -> nn.Sequential:
+    """LayerNorm + Linear in float32; the state-dict keys (0.weight, 1.weight, ...) match the common
+    trainer's ``crepa_projector`` so its checkpoints load unchanged."""
+    for name, v in (("hidden_size", hidden_size), ("encoder_dim", encoder_dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, encoder_dim)).float()
+
+
+class CrepaLoss(nn.Module):
+    """Drop-in CREPA for a training loop.
+
+    ``forward(hidden_states, frame_features, step=...)`` projects the DiT block's hidden states
+    (B, T, N, D_h) (or (B, T, D_h)), aligns them with the teacher's features (B, T_f, N_f, D_e) and
+    returns ``(loss or None, logs)``. ``loss`` is None when the scheduled weight is 0 (no graph is
+    built). Logs are detached 0-dim tensors unless ``log_tensors=False`` (then floats, one host sync);
+    entries that were not computed (the score of a skipped step) are left out. The teacher features
+    get no gradient unless ``detach_teacher=False``.
+
+    Host syncs: none per step unless ``crepa_similarity_threshold`` is set, in which case the step's
+    alignment score is read once for the EMA.
+    """
+
+    def __init__(self, config: CrepaConfig, hidden_size: int, encoder_dim: int, max_train_steps: int = 0,
+                 *, log_tensors: bool = True, detach_teacher: bool = True):
+        super().__init__()
+        if not isinstance(config, CrepaConfig):
+            raise TypeError(f"config must be a CrepaConfig (see CrepaConfig.from_dict), got {type(config).__name__}")
+        self.config = config
+        self.projector = make_projector(hidden_size, encoder_dim)
+        self.scheduler = CrepaScheduler(config, max_train_steps)
+        self.hidden_size = hidden_size
+        self.encoder_dim = encoder_dim
+        self.log_tensors = log_tensors
+        self.detach_teacher = detach_teacher
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(hidden_states):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.ndim == 3:
+            hidden_states = hidden_states.unsqueeze(2)
+        if hidden_states.ndim != 4:
+            raise ValueError(f"hidden_states must be (B, T, N, D) or (B, T, D), got shape {tuple(hidden_states.shape)}")
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has D={hidden_states.shape[-1]} but this CrepaLoss was built for hidden_size={self.hidden_size}"
+            )
+        return self.projector(hidden_states.float())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        frame_features: torch.Tensor,
+        *,
+        step: int = 0,
+        hidden_grid: Optional[Sequence[int]] = None,
+        feature_grid: Optional[Sequence[int]] = None,
+    ):
+        c = self.config
+        if not torch.is_tensor(frame_features):
+            raise TypeError(f"frame_features must be a torch.Tensor, got {type(frame_features).__name__}")
+        if frame_features.shape[-1] != self.encoder_dim:
+            raise ValueError(
+                f"frame_features has D={frame_features.shape[-1]} but this CrepaLoss projects to encoder_dim={self.encoder_dim}"
+            )
+        hidden_grid = _spatial_grid("hidden_grid", hidden_grid)
+        feature_grid = _spatial_grid("feature_grid", feature_grid)
+        thresholded = c.similarity_threshold is not None
+        if not thresholded or (c.threshold_mode == "permanent" and self.scheduler.is_cutoff()):
+            weight = self.scheduler.get_weight(step)
+            if weight == 0.0:
+                return None, self._logs(None, None, None, weight, True)
+        projected = self.project(hidden_states)
+        out = crepa_loss(
+            projected, frame_features.detach() if self.detach_teacher else frame_features,
+            adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
+            cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
+            normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
+            projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
+            check_finite=c.check_finite,
+        )
+        score = out.alignment.detach().mean()
+        if thresholded:
+            weight = self.scheduler.get_weight(step, similarity=score)  # the one host sync
+            if weight == 0.0:
+                return None, self._logs(None, score, out.self_similarity.detach().mean(), weight, True)
+        loss = out.loss * weight
+        return loss, self._logs(loss, score, out.self_similarity.detach().mean(), weight, False)
+
+    def _logs(self, loss, score, self_sim, weight, cutoff) -> dict:
+        logs = {
+            "crepa_loss": loss.detach() if loss is not None else 0.0,
+            "crepa_alignment_score": score,
+            "crepa_similarity_self": self_sim,
+            "crepa_weight": weight,
+            "crepa_cutoff": cutoff,
+        }
+        if self.scheduler.similarity_ema is not None:
+            logs["crepa_alignment_score_ema"] = self.scheduler.similarity_ema
+        logs = {k: v for k, v in logs.items() if v is not None}
+        if self.log_tensors:
+            return logs
+        return logs_to_floats(logs)
+
+
+def logs_to_floats(logs: dict) -> dict:
+    """Convert tensor entries to Python floats with a single device-to-host copy."""
+    keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+    if not keys:
+        return dict(logs)
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
+    out = dict(logs)
+    out.update(zip(keys, values))
+    return out
+
+
+def _spatial_grid(name, grid):
+    """Accept (h, w), or the capture helper's (T, H, W) latent grid, whose last two entries are spatial."""
+    if grid is None:
+        return None
+    if isinstance(grid, (tuple, list)) and len(grid) == 3:
+        grid = tuple(grid[1:])
+    if isinstance(grid, (tuple, list)):
+        return tuple(int(v) if isinstance(v, int) else v for v in grid)
+    raise ValueError(f"{name} must be (h, w) or (T, H, W), got {grid!r}")

@@ -1,0 +1,94 @@
+"""CrepaLoss: projector layout, schedule wiring, logs and errors."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from crepa_kernels import CrepaConfig, CrepaLoss, crepa_loss
+
+
+def cfg(**kw):
+    kw.setdefault("enabled", True)
+    kw.setdefault("block_index", 0)
+    return CrepaConfig(**kw)
+
+
+def test_projector_matches_the_trainer_layout():
+    m = CrepaLoss(cfg(), hidden_size=12, encoder_dim=7)
+    assert list(m.projector.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert isinstance(m.projector[0], nn.LayerNorm) and isinstance(m.projector[1], nn.Linear)
+    assert all(p.dtype == torch.float32 for p in m.projector.parameters())
+    ref = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 7))
+    m.projector.load_state_dict(ref.state_dict())  # a trainer checkpoint loads unchanged
+
+
+def test_forward_equals_projector_then_functional_loss():
+    torch.manual_seed(0)
+    m = CrepaLoss(cfg(lambda_=0.3, adjacent_distance=2, cumulative_neighbors=True), 12, 8)
+    hidden = torch.randn(2, 4, 6, 12, dtype=torch.bfloat16, requires_grad=True)
+    feats = torch.randn(2, 9, 9, 8)
+    loss, logs = m(hidden, feats, step=3, hidden_grid=(4, 2, 3))
+    projected = m.projector(hidden.detach().float())
+    ref = crepa_loss(projected, feats, adjacent_distance=2, cumulative_neighbors=True, projected_grid=(2, 3),
+                     weight=0.3, backend="torch")
+    assert torch.allclose(loss, ref.loss, atol=1e-6)
+    assert torch.allclose(logs["crepa_alignment_score"], ref.alignment.mean(), atol=1e-6)
+    assert torch.allclose(logs["crepa_similarity_self"], ref.self_similarity.mean(), atol=1e-6)
+    assert logs["crepa_weight"] == pytest.approx(0.3) and logs["crepa_cutoff"] is False
+    loss.backward()
+    assert hidden.grad is not None and m.projector[1].weight.grad is not None
+
+
+def test_zero_weight_skips_the_loss_and_builds_no_graph():
+    m = CrepaLoss(cfg(warmup_steps=10), 4, 4)
+    hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
+    loss, logs = m(hidden, torch.randn(1, 3, 2, 4), step=0)
+    assert loss is None and logs["crepa_cutoff"] is True and logs["crepa_weight"] == 0.0
+    loss, logs = m(hidden, torch.randn(1, 3, 2, 4), step=5)
+    assert loss is not None and logs["crepa_weight"] == pytest.approx(0.25)
+
+
+def test_similarity_threshold_cuts_off_and_logs_the_ema():
+    m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4, log_tensors=False)
+    feats = torch.randn(1, 3, 2, 4)
+    with torch.no_grad():
+        m.projector[1].weight.zero_()  # projected == bias for every token
+        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    loss, logs = m(torch.randn(1, 3, 2, 4), aligned, step=0)
+    # every cosine is 1: score = 1 + 2e^-1 on average over the three frames ((1+e)+(1+2e)+(1+e))/3
+    assert logs["crepa_alignment_score"] == pytest.approx(1 + 4 * math.exp(-1) / 3, abs=1e-5)
+    assert loss is None and logs["crepa_cutoff"] is True
+    assert logs["crepa_alignment_score_ema"] == pytest.approx(logs["crepa_alignment_score"])
+    assert isinstance(logs["crepa_alignment_score"], float)
+    loss, logs = m(torch.randn(1, 3, 2, 4), feats, step=1)  # permanent: stays off, nothing computed
+    assert loss is None and "crepa_alignment_score" not in logs
+
+
+def test_logs_as_floats():
+    m = CrepaLoss(cfg(), 4, 4, log_tensors=False)
+    _, logs = m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert all(isinstance(v, (float, bool)) for v in logs.values())
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda m: m(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 4)), "built for hidden_size=4"),
+    (lambda m: m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 6)), "encoder_dim=4"),
+    (lambda m: m(torch.randn(2, 3, 4, 5, 4), torch.randn(1, 2, 3, 4)), "hidden_states must be (B, T, N, D)"),
+    (lambda m: m(torch.randn(1, 2, 3, 4), "feats"), "frame_features must be a torch.Tensor"),
+    (lambda m: m(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 4, 4), hidden_grid=(2, 2)), "describes 4 tokens"),
+])
+def test_forward_errors(call, msg):
+    m = CrepaLoss(cfg(), 4, 4)
+    with pytest.raises((ValueError, TypeError)) as e:
+        call(m)
+    assert msg in str(e.value)
+
+
+def test_constructor_errors():
+    with pytest.raises(TypeError, match="config must be a CrepaConfig"):
+        CrepaLoss({"crepa_lambda": 1}, 4, 4)
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        CrepaLoss(cfg(), 0, 4)
