@@ -1,0 +1,409 @@
+"""Capture one block's hidden states from a diffusers video transformer, as ``(B, T, H*W, D)``.
+
+``capture_hidden_states`` hooks a supported transformer (no edits to the model) and, for each
+forward pass run inside it, keeps the output of block ``block_index`` reshaped to
+``(B, T, H*W, D)`` with its latent patch grid ``(T, H, W)``, and optionally the detached output of
+a deeper ``teacher_block_index`` block (SPEC section 7, backbone mode).
+
+Supported families and how each lays out its tokens (diffusers 0.42):
+
+- ``WanTransformer3DModel`` (``blocks``) and ``SanaVideoTransformer3DModel``
+  (``transformer_blocks``): input latents ``(B, C, F, H, W)``; a Conv3d with stride
+  ``patch_size = (p_t, p_h, p_w)`` patchifies them, tokens are ordered frame-major, then rows,
+  then columns; grid ``(F // p_t, H // p_h, W // p_w)``.
+- ``LTXVideoTransformer3DModel`` (``transformer_blocks``): input is already packed,
+  ``(B, S, C)``, ordered the same way; the grid is the ``num_frames, height, width`` arguments.
+  They are the token grid, not pre-patch sizes: the model's rotary embedding builds one position
+  per token from them. Callers that pass ``video_coords`` instead must give ``grid=``.
+- ``Kandinsky5Transformer3DModel`` (``visual_transformer_blocks``; the text blocks are not
+  counted): input latents are channels-last ``(B, F, H, W, C)``, grid
+  ``(F // p_t, H // p_h, W // p_w)``. With ``sparse_params["to_fractal"]`` (nabla attention)
+  the blocks see tokens in 8x8 spatial tiles; they are put back in raster order here.
+
+Subclasses of these classes are accepted; ``torch.compile`` and DDP wrappers are unwrapped.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "HiddenStateCapture",
+    "TransformerInfo",
+    "capture_hidden_states",
+    "supported_transformers",
+    "transformer_info",
+]
+
+# Kandinsky 5's fractal (nabla-attention) token order groups pixels into square tiles of this side.
+_FRACTAL_TILE = 8
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How to find the blocks and the latent grid of one transformer family."""
+
+    class_name: str
+    blocks_attr: str
+    # "conv5d": (B, C, F, H, W); "channels_last": (B, F, H, W, C); "packed": (B, S, C) + kwargs.
+    input_layout: str
+
+
+_FAMILIES = (
+    _Family("WanTransformer3DModel", "blocks", "conv5d"),
+    _Family("LTXVideoTransformer3DModel", "transformer_blocks", "packed"),
+    _Family("SanaVideoTransformer3DModel", "transformer_blocks", "conv5d"),
+    _Family("Kandinsky5Transformer3DModel", "visual_transformer_blocks", "channels_last"),
+)
+
+
+def supported_transformers() -> tuple[str, ...]:
+    """Class names of the diffusers transformers that capture supports."""
+    return tuple(f.class_name for f in _FAMILIES)
+
+
+class TransformerInfo(NamedTuple):
+    """Block count, hidden size and ``(p_t, p_h, p_w)`` patch size of a supported transformer."""
+
+    num_blocks: int
+    hidden_size: int
+    patch_size: tuple[int, int, int]
+
+
+def _unwrap(transformer: Any) -> Any:
+    # torch.compile and data-parallel wrappers hold the model; its hooks must go on the original.
+    while isinstance(transformer, nn.Module):
+        if hasattr(transformer, "_orig_mod"):
+            transformer = transformer._orig_mod
+        elif type(transformer).__name__ == "DistributedDataParallel" and hasattr(transformer, "module"):
+            transformer = transformer.module
+        else:
+            break
+    return transformer
+
+
+def _family_of(transformer: Any) -> _Family:
+    if not isinstance(transformer, nn.Module):
+        raise TypeError(
+            f"transformer must be a torch.nn.Module (one of {', '.join(supported_transformers())}), "
+            f"got {type(transformer).__name__}"
+        )
+    # Match by class name along the MRO so diffusers need not be imported here.
+    for cls in type(transformer).__mro__:
+        for family in _FAMILIES:
+            if cls.__name__ == family.class_name:
+                return family
+    raise TypeError(
+        f"transformer of type {type(transformer).__name__} is not supported; "
+        f"supported: {', '.join(supported_transformers())}"
+    )
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"{name} must have 3 entries (t, h, w), got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _config(transformer: nn.Module) -> Any:
+    config = getattr(transformer, "config", None)
+    if config is None:
+        raise ValueError(f"transformer {type(transformer).__name__} has no diffusers config")
+    return config
+
+
+def _patch_size(transformer: nn.Module, family: _Family) -> tuple[int, int, int]:
+    config = _config(transformer)
+    if family.input_layout == "packed":
+        return (int(config.patch_size_t), int(config.patch_size), int(config.patch_size))
+    return _triple(config.patch_size, "config.patch_size")
+
+
+def _hidden_size(transformer: nn.Module, family: _Family) -> int:
+    config = _config(transformer)
+    if family.class_name == "Kandinsky5Transformer3DModel":
+        return int(config.model_dim)
+    return int(config.num_attention_heads) * int(config.attention_head_dim)
+
+
+def transformer_info(transformer: nn.Module) -> TransformerInfo:
+    """Return ``(num_blocks, hidden_size, patch_size)`` of a supported diffusers video transformer.
+
+    ``num_blocks`` counts the blocks ``block_index`` addresses (the visual blocks for Kandinsky 5).
+    """
+    transformer = _unwrap(transformer)
+    family = _family_of(transformer)
+    blocks = getattr(transformer, family.blocks_attr)
+    return TransformerInfo(len(blocks), _hidden_size(transformer, family), _patch_size(transformer, family))
+
+
+def _check_index(value: Any, name: str, num_blocks: int, class_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if not 0 <= value < num_blocks:
+        raise ValueError(
+            f"{name}={value} is out of range: {class_name} has {num_blocks} blocks "
+            f"(valid indices 0..{num_blocks - 1})"
+        )
+    return value
+
+
+def _block_tensor(output: Any, where: str) -> torch.Tensor:
+    # Some diffusers blocks return (hidden, encoder_hidden); the video tokens come first.
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{where} returned {type(output).__name__}, expected a tensor or a tuple starting with one")
+    return output
+
+
+def _fractal_to_raster(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Undo Kandinsky 5's tiled token order: ``(B, T*H*W, D)`` tiled -> ``(B, T, H*W, D)`` raster."""
+    t, h, w = grid
+    b, _, d = tokens.shape
+    g = _FRACTAL_TILE
+    # Tiled order is (t, tile row, tile col, row in tile, col in tile).
+    tiled = tokens.reshape(b, t, h // g, w // g, g, g, d)
+    return tiled.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h * w, d)
+
+
+class HiddenStateCapture:
+    """Hooks that keep one block's output (and optionally a deeper teacher block's) per forward.
+
+    Use through :func:`capture_hidden_states`. After a forward pass inside the context:
+
+    - ``hidden``: ``(B, T, H*W, D)``, the student block's real output (a reshape of it), so a
+      loss on it back-propagates into that block and everything before it.
+    - ``teacher``: same layout, detached; ``None`` when no ``teacher_block_index`` was given.
+    - ``grid``: ``(T, H, W)``, the latent patch grid of that forward.
+    - ``num_forwards``: forwards completed while attached.
+
+    Repeated forwards inside one context keep the last one only (earlier tensors, and the graph
+    they hold, are released). Block calls outside a transformer forward, such as the recompute
+    of gradient checkpointing during backward, are ignored. The results stay readable after the
+    context exits; ``clear()`` drops them.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        block_index: int,
+        teacher_block_index: Optional[int] = None,
+        grid: Optional[Sequence[int]] = None,
+    ) -> None:
+        transformer = _unwrap(transformer)
+        self._family = _family_of(transformer)
+        self._transformer = transformer
+        blocks = getattr(transformer, self._family.blocks_attr)
+        name = type(transformer).__name__
+        self.block_index = _check_index(block_index, "block_index", len(blocks), name)
+        if teacher_block_index is not None:
+            teacher_block_index = _check_index(teacher_block_index, "teacher_block_index", len(blocks), name)
+            if teacher_block_index <= block_index:
+                raise ValueError(
+                    f"teacher_block_index={teacher_block_index} must be deeper than block_index={block_index}"
+                )
+        self.teacher_block_index = teacher_block_index
+        if grid is not None:
+            grid = _triple(grid, "grid")
+            if min(grid) < 1:
+                raise ValueError(f"grid must be positive (T, H, W), got {grid}")
+        self._grid_override = grid
+        self._patch = _patch_size(transformer, self._family)
+        # Resolved once so each forward only binds arguments (no host work beyond shape reads).
+        self._signature = inspect.signature(transformer.forward)
+        self._handles: list[Any] = []
+        self._active = False
+        self._grad_at_entry = False
+        self._pending_grid: Optional[tuple[int, int, int]] = None
+        self._fractal = False
+        self._hidden: Optional[torch.Tensor] = None
+        self._teacher: Optional[torch.Tensor] = None
+        self._grid: Optional[tuple[int, int, int]] = None
+        self._grad_lost = False
+        self.num_forwards = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> "HiddenStateCapture":
+        """Register the hooks (idempotent). ``__enter__`` calls this."""
+        if self._handles:
+            return self
+        blocks = getattr(self._transformer, self._family.blocks_attr)
+        try:
+            self._handles.append(
+                self._transformer.register_forward_pre_hook(self._on_transformer_start, with_kwargs=True)
+            )
+            # always_call: a forward that raises must not leave the capture armed.
+            self._handles.append(
+                self._transformer.register_forward_hook(self._on_transformer_end, always_call=True)
+            )
+            self._handles.append(blocks[self.block_index].register_forward_hook(self._on_student_block))
+            if self.teacher_block_index is not None:
+                self._handles.append(blocks[self.teacher_block_index].register_forward_hook(self._on_teacher_block))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; captured tensors stay readable."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._active = False
+
+    def clear(self) -> None:
+        """Drop the captured tensors (and the autograd graph they keep alive)."""
+        self._hidden = self._teacher = None
+        self._grid = None
+        self._grad_lost = False
+
+    def __enter__(self) -> "HiddenStateCapture":
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # -- results -----------------------------------------------------------------------------
+    def _require_forward(self) -> None:
+        if self._grid is None:
+            raise RuntimeError(
+                f"no hidden states captured: run {type(self._transformer).__name__} forward inside the capture first"
+            )
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """Block ``block_index`` output of the last forward, ``(B, T, H*W, D)``, gradients intact."""
+        self._require_forward()
+        if self._grad_lost:
+            raise RuntimeError(
+                f"block {self.block_index} ran with autograd disabled inside a grad-enabled forward "
+                "(reentrant gradient checkpointing?); its output carries no gradient. Use "
+                "torch.utils.checkpoint with use_reentrant=False (diffusers' default)."
+            )
+        if self._hidden is None:
+            raise RuntimeError(f"block {self.block_index} did not run during the last forward (skipped by a cache?)")
+        return self._hidden
+
+    @property
+    def teacher(self) -> Optional[torch.Tensor]:
+        """Detached block ``teacher_block_index`` output of the last forward, or ``None`` if not requested."""
+        if self.teacher_block_index is None:
+            return None
+        self._require_forward()
+        if self._teacher is None:
+            raise RuntimeError(
+                f"block {self.teacher_block_index} did not run during the last forward (skipped by a cache?)"
+            )
+        return self._teacher
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Latent patch grid ``(T, H, W)`` of the last forward."""
+        self._require_forward()
+        return self._grid  # type: ignore[return-value]
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_transformer_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        self._pending_grid, self._fractal = self._resolve_grid(bound)
+        self._hidden = self._teacher = None
+        self._grid = None
+        self._grad_lost = False
+        self._grad_at_entry = torch.is_grad_enabled()
+        self._active = True
+
+    def _on_transformer_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        was_active, self._active = self._active, False
+        # torch passes output=None when the forward raised (always_call): nothing to publish then.
+        if was_active and output is not None:
+            self._grid = self._pending_grid
+            self.num_forwards += 1
+        elif output is None:
+            self._hidden = self._teacher = None
+
+    def _on_student_block(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._active:
+            return
+        if self._grad_at_entry and not torch.is_grad_enabled():
+            self._grad_lost = True
+        self._hidden = self._to_frames(_block_tensor(output, f"block {self.block_index}"))
+
+    def _on_teacher_block(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._active:
+            return
+        self._teacher = self._to_frames(_block_tensor(output, f"block {self.teacher_block_index}").detach())
+
+    # -- layout --------------------------------------------------------------------------------
+    def _resolve_grid(self, bound: dict) -> tuple[tuple[int, int, int], bool]:
+        family = self._family
+        name = family.class_name
+        fractal = False
+        if family.class_name == "Kandinsky5Transformer3DModel":
+            sparse = bound.get("sparse_params")
+            fractal = bool(sparse.get("to_fractal", False)) if isinstance(sparse, dict) else False
+        if self._grid_override is not None:
+            return self._grid_override, fractal
+        latents = bound.get("hidden_states")
+        if family.input_layout == "packed":
+            dims = tuple(bound.get(k) for k in ("num_frames", "height", "width"))
+            if any(d is None for d in dims):
+                raise ValueError(
+                    f"{name} was called without num_frames/height/width (e.g. with video_coords); "
+                    "pass grid=(T, H, W) to capture_hidden_states"
+                )
+            return tuple(int(d) for d in dims), fractal  # type: ignore[return-value]
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            expected = "(B, C, F, H, W)" if family.input_layout == "conv5d" else "(B, F, H, W, C)"
+            raise ValueError(f"{name} hidden_states must be a 5-D tensor {expected}, got {shape}")
+        if family.input_layout == "conv5d":
+            f, h, w = latents.shape[2:5]
+        else:
+            f, h, w = latents.shape[1:4]
+        p_t, p_h, p_w = self._patch
+        return (f // p_t, h // p_h, w // p_w), fractal
+
+    def _to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        grid = self._pending_grid
+        assert grid is not None  # set by the transformer pre-hook, which always runs first
+        t, h, w = grid
+        if tokens.ndim != 3 or tokens.shape[1] != t * h * w:
+            raise ValueError(
+                f"block output of shape {tuple(tokens.shape)} does not match the latent patch grid "
+                f"(T, H, W)={grid}: expected (B, {t * h * w}, D)"
+            )
+        if self._fractal:
+            if h % _FRACTAL_TILE or w % _FRACTAL_TILE:
+                raise ValueError(f"fractal token order needs H and W divisible by {_FRACTAL_TILE}, got grid {grid}")
+            return _fractal_to_raster(tokens, grid)
+        return tokens.reshape(tokens.shape[0], t, h * w, tokens.shape[2])
+
+
+def capture_hidden_states(
+    transformer: nn.Module,
+    block_index: int,
+    teacher_block_index: Optional[int] = None,
+    *,
+    grid: Optional[Sequence[int]] = None,
+) -> HiddenStateCapture:
+    """Context manager that captures block hidden states of a diffusers video transformer.
+
+    ``with capture_hidden_states(transformer, 8) as cap: transformer(...)``, then ``cap.hidden``
+    ``(B, T, H*W, D)``, ``cap.grid`` ``(T, H, W)`` and ``cap.teacher`` (detached, or ``None``).
+    Forward hooks only: the model is not modified and the hooks are removed on exit, also when
+    the body raises. ``grid`` overrides the latent patch grid derived from the inputs (needed for
+    LTX-Video called with ``video_coords`` only). Indices count from 0 and must be below the
+    model's block count; ``teacher_block_index`` must be deeper than ``block_index``.
+    """
+    return HiddenStateCapture(transformer, block_index, teacher_block_index, grid=grid)
