@@ -1,0 +1,324 @@
+"""The frozen DINOv2 image encoder: decoded video frames in, per-frame patch tokens out.
+
+DINOv2 comes from `timm` (`vit_{small,base,large,giant}_patch14[_reg4]_dinov2`). Weights load from a
+local file (timm `.safetensors` or the original `.pth`) or from a local cache; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DinoEncoder", "resolve_encoder_name", "DINOV2_MODELS", "load_dinov2_state_dict"]
+
+PATCH_SIZE = 14
+DEFAULT_IMAGE_SIZE = 518
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The timm architectures we serve, keyed by (size letter, with registers).
+_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+DINOV2_MODELS = tuple(
+    f"vit_{size}_patch14{'_reg4' if reg else ''}_dinov2" for reg in (False, True) for size in _SIZES.values()
+)
+_ALIASES = {
+    f"dinov2_vit{letter}14{suffix}": f"vit_{size}_patch14{'_reg4' if suffix else ''}_dinov2"
+    for letter, size in _SIZES.items()
+    for suffix in ("", "_reg", "_reg4")
+}
+# Loose spellings users already write: dinov2_g, dino_v2_s, dinov2-vitb14, dinov2_giant, facebook/dinov2-large ...
+_LOOSE = re.compile(
+    r"^dino_?v2_?(?:vit_?)?(s|b|l|g|small|base|large|giant|giant2|g2)(?:_?14)?(?:_?(reg4?|with_registers))?$"
+)
+_SIZE_WORDS = {"s": "s", "small": "s", "b": "b", "base": "b", "l": "l", "large": "l", "g": "g", "giant": "g",
+               "giant2": "g", "g2": "g"}
+
+
+def resolve_encoder_name(name: str) -> str:
+    """Map a user-facing DINOv2 name (timm name, `dinov2_vitg14`, loose forms) to the timm architecture."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str naming a DINOv2 model, got {type(name).__name__} ({name!r})")
+    key = name.strip().lower().replace("-", "_")
+    for prefix in ("timm/", "facebook/", "hf_hub:timm/", "hf_hub:facebook/"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    key = key.split(".")[0]  # drop a timm pretrained tag such as ".lvd142m"
+    if key in DINOV2_MODELS:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    match = _LOOSE.match(key)
+    if match:
+        size = _SIZES[_SIZE_WORDS[match.group(1)]]
+        return f"vit_{size}_patch14{'_reg4' if match.group(2) else ''}_dinov2"
+    valid = ", ".join(list(DINOV2_MODELS) + sorted(k for k in _ALIASES if not k.endswith("_reg")))
+    raise ValueError(f"unknown encoder name {name!r}; expected one of: {valid} (or the `_reg` alias forms)")
+
+
+def _check_image_size(image_size: Any) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise TypeError(f"image_size must be an int, got {type(image_size).__name__} ({image_size!r})")
+    if image_size <= 0 or image_size % PATCH_SIZE:
+        raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
+    return image_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------------------
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # Unwrap the usual checkpoint containers and training-time prefixes.
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path!r} does not hold a state dict (got {type(state).__name__})")
+    for prefix in ("module.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    # Original checkpoints saved with block chunking name blocks `blocks.<chunk>.<index>.`; the index is global.
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+
+
+def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load DINOv2 weights (timm or original facebookresearch key names) from a local file into a timm ViT.
+
+    timm's own ViT checkpoint filter converts the original names (`mask_token`, `register_tokens`, `w12`/`w3`)
+    and resamples the position embedding to the model's grid when the image size differs from the checkpoint's.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = _read_state_dict(path)
+    state = checkpoint_filter_fn(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {os.fspath(path)!r} does not match the model: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}"
+        )
+
+
+def _cached_weights(arch: str) -> str | None:
+    """A local copy of the pretrained weights if one is already cached (HF hub or torch hub), else None."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{arch}.lvd142m")
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+                if isinstance(found, str):
+                    return found
+        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+            pass
+    if cfg.url:  # the original release, as torch.hub caches it
+        found = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        if os.path.isfile(found):
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+class DinoEncoder(nn.Module):
+    """Frozen DINOv2 patch-token encoder for video frames.
+
+    Args:
+        name: a DINOv2 name (`dinov2_vitg14`, `vit_large_patch14_reg4_dinov2`, `dinov2-vitb14`, ...).
+        image_size: square input resolution, a positive multiple of 14. None: 518 for a named model, the
+            wrapped model's own size when `model` is given.
+        weights: path to a `.safetensors` / `.pth` file; None: the local HF-hub or torch-hub cache (an error if
+            absent, never a download); "random": keep random initialisation (tests, benchmarks).
+        model: an already-built timm DINOv2 ViT to wrap instead of building one from `name`.
+        dtype: compute dtype. None: bfloat16 for CUDA inputs (the weights are cast once, on first use),
+            the weights' dtype (float32) elsewhere.
+        frames_batch_size: frames per forward pass; None: all frames at once.
+        model_kwargs: extra `timm.create_model` arguments (depth, embed_dim, ...).
+    """
+
+    def __init__(
+        self,
+        name: str = "dinov2_vitg14",
+        image_size: int | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        model: nn.Module | None = None,
+        dtype: torch.dtype | None = None,
+        frames_batch_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if frames_batch_size is not None and (
+            isinstance(frames_batch_size, bool) or not isinstance(frames_batch_size, int) or frames_batch_size <= 0
+        ):
+            raise ValueError(f"frames_batch_size must be a positive int or None, got {frames_batch_size!r}")
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights must be a path, 'random' or None, got {type(weights).__name__} ({weights!r})")
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+
+        built_from_name = model is None
+        if built_from_name:
+            self.name = resolve_encoder_name(name)
+            image_size = _check_image_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
+            import timm
+
+            kwargs = {"img_size": image_size, "num_classes": 0}
+            kwargs.update(model_kwargs or {})
+            model = timm.create_model(self.name, pretrained=False, **kwargs)
+        else:
+            for attr in ("forward_features", "patch_embed", "num_prefix_tokens"):
+                if not hasattr(model, attr):
+                    raise TypeError(
+                        f"model must be a timm VisionTransformer (missing `{attr}`), got {type(model).__name__}"
+                    )
+            if model_kwargs:
+                raise ValueError("model_kwargs only applies when the encoder is built from `name`, not with `model`")
+            self.name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+            native = tuple(model.patch_embed.img_size)
+            if image_size is None:
+                if native[0] != native[1]:
+                    raise ValueError(f"the wrapped model's image size {native} is not square; pass image_size")
+                image_size = native[0]
+            image_size = _check_image_size(image_size)
+            if native != (image_size, image_size) and not getattr(model.patch_embed, "dynamic_img_size", False):
+                raise ValueError(
+                    f"image_size={image_size} does not match the wrapped model's input size {native}; build the "
+                    f"model with img_size={image_size} (or dynamic_img_size=True)"
+                )
+        patch = tuple(model.patch_embed.patch_size)
+        if patch != (PATCH_SIZE, PATCH_SIZE):
+            raise ValueError(f"model patch size must be {PATCH_SIZE}x{PATCH_SIZE} (DINOv2), got {patch}")
+
+        self.model = model
+        self.image_size = image_size
+        self.frames_batch_size = frames_batch_size
+        self.dtype = dtype
+        # Non-persistent so they follow `.to(device)` without entering the state dict.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+        if isinstance(weights, str) and weights == "random":
+            pass
+        elif weights is not None:
+            load_dinov2_state_dict(self.model, weights)
+        elif built_from_name:
+            path = _cached_weights(self.name)
+            if path is None:
+                raise FileNotFoundError(
+                    f"no local weights for {self.name!r}: pass weights=<path to .safetensors/.pth>, place the "
+                    f"checkpoint in the Hugging Face or torch hub cache, or weights='random' for an untrained model"
+                )
+            load_dinov2_state_dict(self.model, path)
+
+        # timm uses F.scaled_dot_product_attention when `fused_attn` is set; make sure it is.
+        for module in self.model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if dtype is not None:
+            self.model.to(dtype)
+
+    # The teacher never trains: a parent's .train() must not switch it out of eval.
+    def train(self, mode: bool = True) -> "DinoEncoder":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return PATCH_SIZE
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the patch-token grid for the configured image size."""
+        side = self.image_size // PATCH_SIZE
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype `encode` runs in on `device` (an offload manager can cast the weights ahead of time)."""
+        if self.dtype is not None:
+            return self.dtype
+        if device.type == "cuda":
+            return torch.bfloat16
+        first = next(self.model.parameters(), None)
+        return torch.float32 if first is None else first.dtype
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames `(B, T, C, H, W)` in [0, 1] -> patch tokens `(B, T, N, D)` float32 (N = grid h * w)."""
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be (B, T, C, H, W), got shape {tuple(frames.shape)}")
+        if frames.shape[2] != 3:
+            raise ValueError(f"frames must have 3 (RGB) channels at dim 2, got shape {tuple(frames.shape)}")
+        if not frames.is_floating_point():
+            raise TypeError(f"frames must be floating point in [0, 1], got dtype {frames.dtype}")
+        b, t, c, h, w = frames.shape
+        n = b * t
+        first = next(self.model.parameters(), None)
+        if first is not None and first.device != frames.device:
+            raise ValueError(
+                f"frames are on {frames.device} but the encoder weights are on {first.device}; move one of them"
+            )
+        compute_dtype = self.compute_dtype(frames.device)
+        if first is not None and first.dtype != compute_dtype:
+            self.model.to(compute_dtype)  # once (CUDA default bf16): the weights then stay in that dtype
+        flat = frames.reshape(n, c, h, w)
+        out = torch.empty(n, self.num_patches, self.embed_dim, device=frames.device, dtype=torch.float32)
+        step = n if self.frames_batch_size is None else self.frames_batch_size
+        prefix = self.num_prefix_tokens
+        mean = self.pixel_mean.to(frames.device)
+        std = self.pixel_std.to(frames.device)
+        for start in range(0, n, max(step, 1)):
+            x = flat[start:start + step].float()
+            if (h, w) != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = ((x - mean) / std).to(compute_dtype)
+            tokens = self.model.forward_features(x)
+            out[start:start + step] = tokens[:, prefix:]
+        return out.view(b, t, self.num_patches, self.embed_dim)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encode(frames)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, image_size={self.image_size}, grid={self.grid}, "
+                f"frames_batch_size={self.frames_batch_size}, dtype={self.dtype}")

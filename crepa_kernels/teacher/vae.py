@@ -1,0 +1,219 @@
+"""Video-VAE adapters: training-space latents in, pixel frames `(B, T, C, H, W)` in [0, 1] out.
+
+One adapter per model family (SPEC section 7), chosen from the VAE's class name so that `diffusers` is never
+imported here (the package must import without it):
+
+- `wan`, `sanavideo` (`AutoencoderKLWan`): `z * latents_std + latents_mean`, per channel, from `vae.config`;
+- `ltxvideo` (`AutoencoderKLLTXVideo`): `z * latents_std / scaling_factor + latents_mean` from the VAE's
+  buffers, plus a decode timestep when the decoder is timestep-conditioned;
+- `kandinsky5_video` (`AutoencoderKLHunyuanVideo`): `z / scaling_factor`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["VaeAdapter", "adapter_for", "drop_encoder", "SUPPORTED_VAE_CLASSES", "VAE_FAMILIES"]
+
+# family -> VAE class name; several families may share a class.
+VAE_FAMILIES = {
+    "wan": "AutoencoderKLWan",
+    "sanavideo": "AutoencoderKLWan",
+    "ltxvideo": "AutoencoderKLLTXVideo",
+    "kandinsky5_video": "AutoencoderKLHunyuanVideo",
+}
+SUPPORTED_VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo")
+_DEFAULT_FAMILY = {"AutoencoderKLWan": "wan", "AutoencoderKLLTXVideo": "ltxvideo",
+                   "AutoencoderKLHunyuanVideo": "kandinsky5_video"}
+
+
+def _unwrap(vae: nn.Module) -> nn.Module:
+    return getattr(vae, "_orig_mod", vae)  # torch.compile wrapper
+
+
+def _vae_class(vae: Any) -> str | None:
+    """The first supported class name in the VAE's MRO (subclasses are accepted), or None."""
+    for cls in type(_unwrap(vae)).__mro__:
+        if cls.__name__ in SUPPORTED_VAE_CLASSES:
+            return cls.__name__
+    return None
+
+
+def _config_get(vae: nn.Module, key: str, default: Any = None) -> Any:
+    config = getattr(vae, "config", None)
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+class VaeAdapter:
+    """Decode one family's training-space latents `(B, C, T, h, w)` to frames `(B, T, 3, H, W)` in [0, 1]."""
+
+    def __init__(self, vae: nn.Module, family: str) -> None:
+        self.vae = vae
+        self.family = family
+        self.class_name = _vae_class(vae)
+        inner = _unwrap(vae)
+        if self.class_name == "AutoencoderKLWan":
+            # The architecture decides the ratios (the config's scale_factor_* are only pipeline hints).
+            self.temporal_compression = 2 ** sum(bool(x) for x in inner.temperal_downsample)
+            patch = _config_get(inner, "patch_size") or 1
+            self.spatial_compression = 2 ** (len(_config_get(inner, "dim_mult")) - 1) * patch
+            self.latent_channels = int(_config_get(inner, "z_dim"))
+            mean, std = _config_get(inner, "latents_mean"), _config_get(inner, "latents_std")
+            if mean is None or std is None or len(mean) != self.latent_channels or len(std) != self.latent_channels:
+                raise ValueError(
+                    f"vae.config.latents_mean / latents_std must each have z_dim={self.latent_channels} entries, "
+                    f"got {None if mean is None else len(mean)} and {None if std is None else len(std)}"
+                )
+            self._mean_values = [float(v) for v in mean]
+            self._std_values = [float(v) for v in std]
+        elif self.class_name == "AutoencoderKLLTXVideo":
+            self.temporal_compression = int(inner.temporal_compression_ratio)
+            self.spatial_compression = int(inner.spatial_compression_ratio)
+            self.latent_channels = int(_config_get(inner, "latent_channels"))
+        else:
+            self.temporal_compression = int(inner.temporal_compression_ratio)
+            self.spatial_compression = int(inner.spatial_compression_ratio)
+            self.latent_channels = int(_config_get(inner, "latent_channels"))
+        self.scaling_factor = float(_config_get(inner, "scaling_factor", 1.0) or 1.0)
+        self.timestep_conditioning = bool(_config_get(inner, "timestep_conditioning", False))
+        # Per-(device, dtype) copies of the Wan statistics: built once, so decode does no host-to-device copy.
+        self._stats_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (f"VaeAdapter(family={self.family!r}, vae={self.class_name}, temporal_compression="
+                f"{self.temporal_compression}, spatial_compression={self.spatial_compression})")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames the decoder produces for `latent_frames` latent frames: (T - 1) * temporal_compression + 1."""
+        if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames <= 0:
+            raise ValueError(f"latent_frames must be a positive int, got {latent_frames!r}")
+        return (latent_frames - 1) * self.temporal_compression + 1
+
+    def pixel_size(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """Decoded (H, W) for a latent (h, w)."""
+        return latent_height * self.spatial_compression, latent_width * self.spatial_compression
+
+    def _vae_dtype(self) -> torch.dtype:
+        first = next(_unwrap(self.vae).parameters(), None)
+        return torch.float32 if first is None else first.dtype
+
+    def _wan_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, torch.float32)
+        stats = self._stats_cache.get(key)
+        if stats is None:
+            mean = torch.tensor(self._mean_values, dtype=torch.float32).view(1, -1, 1, 1, 1).to(device)
+            std = torch.tensor(self._std_values, dtype=torch.float32).view(1, -1, 1, 1, 1).to(device)
+            stats = self._stats_cache[key] = (mean, std)
+        return stats
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the family's training-space normalisation (in float32); returns the VAE's dtype."""
+        self._check_latents(latents)
+        z = latents.float()
+        if self.class_name == "AutoencoderKLWan":
+            mean, std = self._wan_stats(latents.device)
+            z = z * std + mean
+        elif self.class_name == "AutoencoderKLLTXVideo":
+            inner = _unwrap(self.vae)
+            # Registered buffers live on the VAE's device: a same-device cast, no host transfer.
+            mean = inner.latents_mean.to(device=z.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            std = inner.latents_std.to(device=z.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            z = z * std / self.scaling_factor + mean
+        else:
+            z = z / self.scaling_factor
+        return z.to(self._vae_dtype())
+
+    def _check_latents(self, latents: Any) -> None:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be (B, C, T, h, w), got shape {tuple(latents.shape)}")
+        if latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must have {self.latent_channels} channels at dim 1 for this {self.class_name} "
+                f"(layout (B, C, T, h, w)), got shape {tuple(latents.shape)}"
+            )
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point, got dtype {latents.dtype}")
+
+    def _timestep_tensor(self, timestep: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if timestep is None:
+            timestep = 0.0  # the LTX pipelines' default decode timestep
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() not in (1, batch):
+                raise ValueError(
+                    f"timestep must hold 1 or B={batch} values, got shape {tuple(timestep.shape)}"
+                )
+            return timestep.to(device=device, dtype=dtype).reshape(-1).expand(batch).contiguous()
+        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            return torch.full((batch,), float(timestep), device=device, dtype=dtype)
+        raise TypeError(f"timestep must be None, a float or a tensor, got {type(timestep).__name__} ({timestep!r})")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Latents `(B, C, T, h, w)` -> frames `(B, pixel_frames(T), 3, H, W)` in [0, 1] (a permuted view).
+
+        `timestep` is the decode timestep of a timestep-conditioned LTX decoder (default 0.0); VAEs without
+        timestep conditioning ignore it, as diffusers' pipelines do.
+        """
+        z = self.denormalize(latents)
+        if self.timestep_conditioning:
+            temb = self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)
+            if getattr(self.vae, "use_slicing", False) and z.shape[0] > 1:
+                # Slice here: diffusers 0.42's sliced LTX decode mis-pairs latents and timesteps.
+                video = torch.cat([self.vae.decode(zs, temb=ts).sample for zs, ts in zip(z.split(1), temb.split(1))])
+            else:
+                video = self.vae.decode(z, temb=temb).sample
+        else:
+            if timestep is not None:
+                self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)  # still validate its type
+            video = self.vae.decode(z).sample
+        video = (video.clamp(-1.0, 1.0) + 1.0) * 0.5
+        return video.permute(0, 2, 1, 3, 4)
+
+    def drop_encoder(self) -> int:
+        return drop_encoder(self.vae)
+
+
+def adapter_for(vae: nn.Module, family: str | None = None) -> VaeAdapter:
+    """The adapter for `vae`; `family` (optional) must agree with its class (`sanavideo` picks the Wan class)."""
+    class_name = _vae_class(vae)
+    if class_name is None:
+        raise TypeError(
+            f"unsupported VAE class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
+        )
+    if family is None:
+        family = _DEFAULT_FAMILY[class_name]
+    elif not isinstance(family, str) or family not in VAE_FAMILIES:
+        raise ValueError(f"family must be one of {sorted(VAE_FAMILIES)} or None, got {family!r}")
+    elif VAE_FAMILIES[family] != class_name:
+        raise ValueError(
+            f"family={family!r} expects a {VAE_FAMILIES[family]}, but the VAE is a {class_name}"
+        )
+    return VaeAdapter(vae, family)
+
+
+def drop_encoder(vae: nn.Module) -> int:
+    """Free the encoder half of a video VAE (config key `crepa_drop_vae_encoder`); returns parameters freed.
+
+    Decoding keeps working; `vae.encode` no longer does.
+    """
+    inner = _unwrap(vae)
+    if _vae_class(inner) is None:
+        raise TypeError(
+            f"unsupported VAE class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
+        )
+    freed = 0
+    for attr in ("encoder", "quant_conv"):  # quant_conv only follows the encoder
+        module = getattr(inner, attr, None)
+        if isinstance(module, nn.Module):
+            freed += sum(p.numel() for p in module.parameters())
+            setattr(inner, attr, None)
+    return freed

@@ -1,0 +1,617 @@
+"""Tests for the teacher: DINOv2 encoder, video-VAE adapters and the latents-to-features pipeline.
+
+Every model is tiny and randomly initialised (no downloads); expectations are derived in the test from the
+underlying timm / diffusers modules called directly.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crepa_kernels.teacher import (
+    DINOV2_MODELS,
+    DinoEncoder,
+    VaeAdapter,
+    adapter_for,
+    drop_encoder,
+    kept_frame_indices,
+    latents_to_features,
+    resolve_encoder_name,
+)
+
+timm = pytest.importorskip("timm")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+TINY = dict(depth=2, embed_dim=32, num_heads=2)
+
+
+def _tiny_vit(arch="vit_small_patch14_dinov2", img_size=56, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **{**TINY, **kw})
+    # Layer scale starts at 1e-5 (blocks ~ identity); randomise everything so weight mix-ups show.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def _frames(b=2, t=3, h=40, w=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, t, 3, h, w, generator=g)
+
+
+def _expected_tokens(model, frames, size, prefix):
+    """Independent path: per-frame resize, ImageNet normalise, forward_features, drop `prefix` tokens."""
+    b, t = frames.shape[:2]
+    out = []
+    for i in range(b):
+        row = []
+        for j in range(t):
+            x = frames[i, j][None]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            with torch.no_grad():
+                row.append(model.forward_features((x - MEAN) / STD)[0, prefix:])
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DinoEncoder
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "name, arch",
+    [
+        ("dinov2_vitg14", "vit_giant_patch14_dinov2"),
+        ("dinov2_vits14", "vit_small_patch14_dinov2"),
+        ("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2"),
+        ("dinov2_vitl14_reg4", "vit_large_patch14_reg4_dinov2"),
+        ("dinov2_g", "vit_giant_patch14_dinov2"),
+        ("dino_v2_s", "vit_small_patch14_dinov2"),
+        ("dinov2-vitb14", "vit_base_patch14_dinov2"),
+        ("DINOv2_ViTL14", "vit_large_patch14_dinov2"),
+        ("dinov2_large", "vit_large_patch14_dinov2"),
+        ("facebook/dinov2-giant", "vit_giant_patch14_dinov2"),
+        ("vit_base_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2"),
+        ("timm/vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_dinov2"),
+    ],
+)
+def test_alias_resolution(name, arch):
+    assert resolve_encoder_name(name) == arch
+
+
+def test_all_timm_names_are_registered():
+    assert len(DINOV2_MODELS) == 8
+    for arch in DINOV2_MODELS:
+        assert arch in timm.list_models("*dinov2*")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown encoder name 'clip_vit'") as err:
+        DinoEncoder("clip_vit", weights="random")
+    assert "dinov2_vitg14" in str(err.value) and "vit_small_patch14_reg4_dinov2" in str(err.value)
+    with pytest.raises(TypeError, match="name must be a str"):
+        resolve_encoder_name(14)
+
+
+def test_patch_tokens_match_forward_features():
+    model = _tiny_vit()
+    enc = DinoEncoder(model=model)
+    assert enc.image_size == 56 and enc.grid == (4, 4) and enc.num_prefix_tokens == 1
+    assert enc.embed_dim == 32 and enc.patch_size == 14
+    frames = _frames()
+    out = enc.encode(frames)
+    assert out.shape == (2, 3, 16, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _expected_tokens(model, frames, 56, 1), rtol=1e-5, atol=1e-5)
+    # forward is encode
+    torch.testing.assert_close(enc(frames), out)
+
+
+def test_frames_at_encoder_size_are_not_resampled():
+    model = _tiny_vit()
+    enc = DinoEncoder(model=model)
+    frames = _frames(1, 2, 56, 56)
+    with torch.no_grad():
+        expected = model.forward_features(((frames[0] - MEAN) / STD))[:, 1:]
+    torch.testing.assert_close(enc.encode(frames)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reg4_drops_five_prefix_tokens():
+    model = _tiny_vit("vit_small_patch14_reg4_dinov2")
+    enc = DinoEncoder(model=model)
+    assert enc.num_prefix_tokens == 5
+    frames = _frames(1, 2)
+    out = enc.encode(frames)
+    assert out.shape == (1, 2, 16, 32)
+    torch.testing.assert_close(out, _expected_tokens(model, frames, 56, 5), rtol=1e-5, atol=1e-5)
+
+
+def test_build_by_name_with_model_kwargs():
+    enc = DinoEncoder("dinov2_vits14_reg4", 28, weights="random", model_kwargs=TINY)
+    assert enc.name == "vit_small_patch14_reg4_dinov2"
+    assert enc.grid == (2, 2) and enc.embed_dim == 32 and enc.num_prefix_tokens == 5
+    assert len(enc.model.blocks) == 2
+    assert enc.encode(_frames(1, 1, 20, 30)).shape == (1, 1, 4, 32)
+
+
+def test_frozen_and_eval():
+    enc = DinoEncoder(model=_tiny_vit())
+    enc.train()
+    assert not enc.model.training
+    assert all(not p.requires_grad for p in enc.parameters())
+    frames = _frames(1, 1).requires_grad_(True)
+    assert not enc.encode(frames).requires_grad
+
+
+def test_frames_mini_batching_matches_one_batch():
+    model = _tiny_vit()
+    frames = _frames(2, 3)
+    full = DinoEncoder(model=model).encode(frames)
+    for fbs in (1, 2, 4, 100):
+        chunked = DinoEncoder(model=model, frames_batch_size=fbs).encode(frames)
+        torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_dtype_casts_weights():
+    enc = DinoEncoder(model=_tiny_vit(), dtype=torch.float64)
+    assert next(enc.model.parameters()).dtype == torch.float64
+    assert enc.compute_dtype(torch.device("cuda")) == torch.float64  # an explicit dtype wins everywhere
+    assert DinoEncoder(model=_tiny_vit()).compute_dtype(torch.device("cuda")) == torch.bfloat16
+    assert DinoEncoder(model=_tiny_vit()).compute_dtype(torch.device("cpu")) == torch.float32
+    assert enc.encode(_frames(1, 1)).dtype == torch.float32
+
+
+def _to_original_dinov2(state, reg_tokens=False, swiglu=False, chunks=0):
+    """timm state dict -> facebookresearch DINOv2 key names and token layout (as their .pth files hold)."""
+    state = {k: v.clone() for k, v in state.items()}
+    out = {"mask_token": torch.zeros(1, state["cls_token"].shape[-1])}
+    if reg_tokens:
+        # timm folds pos_embed[:, 0] into cls_token and drops it from pos_embed; the original keeps it.
+        pos0 = torch.randn(1, 1, state["cls_token"].shape[-1])
+        out["register_tokens"] = state.pop("reg_token")
+        out["cls_token"] = state.pop("cls_token") - pos0
+        out["pos_embed"] = torch.cat([pos0, state.pop("pos_embed")], dim=1)
+    for k, v in state.items():
+        if swiglu:
+            k = k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3")
+        if chunks and k.startswith("blocks."):
+            idx = int(k.split(".")[1])
+            k = f"blocks.{idx % chunks}.{k[len('blocks.'):]}"  # blocks.<chunk>.<global index>.
+        out[k] = v
+    return out
+
+
+def test_weights_round_trip_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _tiny_vit(seed=3)
+    path = tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
+    frames = _frames(1, 2)
+    torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames))
+
+
+@pytest.mark.parametrize(
+    "arch, name, reg, swiglu, chunks",
+    [
+        ("vit_small_patch14_dinov2", "dinov2_vits14", False, False, 0),
+        ("vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg4", True, False, 2),
+        ("vit_giant_patch14_reg4_dinov2", "dinov2_vitg14_reg4", True, True, 0),
+    ],
+)
+def test_weights_round_trip_original_pth(tmp_path, arch, name, reg, swiglu, chunks):
+    source = _tiny_vit(arch, seed=4)
+    path = tmp_path / "dino.pth"
+    torch.save(_to_original_dinov2(source.state_dict(), reg, swiglu, chunks), str(path))
+    loaded = DinoEncoder(name, 56, weights=path, model_kwargs=TINY)
+    frames = _frames(1, 2)
+    torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_resampled_to_another_image_size(tmp_path):
+    source = _tiny_vit(seed=5)
+    path = tmp_path / "dino.pth"
+    torch.save({"model": source.state_dict()}, str(path))  # wrapped the way training checkpoints are
+    enc = DinoEncoder("dinov2_vits14", 28, weights=path, model_kwargs=TINY)
+    assert enc.model.pos_embed.shape == (1, 1 + 4, 32)
+    torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert torch.isfinite(enc.encode(_frames(1, 1))).all()
+
+
+def _empty_caches(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+
+    hf = tmp_path / "hf"
+    hub = tmp_path / "torch_hub"
+    hf.mkdir()
+    hub.mkdir()
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    return hf, hub
+
+
+def test_weights_from_hf_cache_only_if_cached(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    hf, _ = _empty_caches(monkeypatch, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no local weights for 'vit_small_patch14_dinov2'"):
+        DinoEncoder("dinov2_vits14", 56, model_kwargs=TINY)
+    # Lay the file out the way huggingface_hub caches `timm/vit_small_patch14_dinov2.lvd142m`.
+    repo = hf / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    source = _tiny_vit(seed=6)
+    save_file(source.state_dict(), str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    enc = DinoEncoder("dinov2_vits14", 56, model_kwargs=TINY)
+    frames = _frames(1, 1)
+    torch.testing.assert_close(enc.encode(frames), DinoEncoder(model=source).encode(frames))
+
+
+def test_weights_from_torch_hub_cache(tmp_path, monkeypatch):
+    _, hub = _empty_caches(monkeypatch, tmp_path)
+    (hub / "checkpoints").mkdir()
+    source = _tiny_vit("vit_small_patch14_reg4_dinov2", seed=7)
+    torch.save(_to_original_dinov2(source.state_dict(), reg_tokens=True),
+               str(hub / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth"))
+    enc = DinoEncoder("dinov2_vits14_reg4", 56, model_kwargs=TINY)
+    frames = _frames(1, 1)
+    torch.testing.assert_close(enc.encode(frames), DinoEncoder(model=source).encode(frames), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_errors(tmp_path):
+    model = _tiny_vit()
+    for bad in (50, 0, -14):
+        with pytest.raises(ValueError, match=f"image_size must be a positive multiple of 14, got {bad}"):
+            DinoEncoder("dinov2_vits14", bad, weights="random", model_kwargs=TINY)
+    with pytest.raises(TypeError, match="image_size must be an int"):
+        DinoEncoder("dinov2_vits14", "518", weights="random")
+    with pytest.raises(ValueError, match="image_size=28 does not match the wrapped model's input size"):
+        DinoEncoder(model=model, image_size=28)
+    with pytest.raises(TypeError, match="model must be a timm VisionTransformer"):
+        DinoEncoder(model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="model_kwargs only applies"):
+        DinoEncoder(model=model, model_kwargs={"depth": 1})
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        DinoEncoder("dinov2_vits14", weights="random", model_kwargs=[1])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="frames_batch_size must be a positive int or None"):
+            DinoEncoder(model=model, frames_batch_size=bad)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        DinoEncoder(model=model, dtype=torch.int32)
+    with pytest.raises(TypeError, match="weights must be a path, 'random' or None, got int"):
+        DinoEncoder(model=model, weights=3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DinoEncoder("dinov2_vits14", 56, weights=tmp_path / "missing.pth", model_kwargs=TINY)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"not_a_vit.weight": torch.zeros(3)}, str(wrong))
+    with pytest.raises(ValueError, match="does not match the model"):
+        DinoEncoder("dinov2_vits14", 56, weights=wrong, model_kwargs=TINY)
+    not_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], str(not_dict))
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        DinoEncoder("dinov2_vits14", 56, weights=not_dict, model_kwargs=TINY)
+
+    enc = DinoEncoder(model=model)
+    with pytest.raises(TypeError, match="frames must be a torch.Tensor"):
+        enc.encode([1, 2])
+    with pytest.raises(ValueError, match=r"frames must be \(B, T, C, H, W\), got shape \(3, 56, 56\)"):
+        enc.encode(torch.rand(3, 56, 56))
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        enc.encode(torch.rand(1, 2, 1, 56, 56))
+    with pytest.raises(TypeError, match="frames must be floating point"):
+        enc.encode(torch.zeros(1, 1, 3, 56, 56, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="frames are on meta but the encoder weights are on cpu"):
+        enc.encode(torch.empty(1, 1, 3, 56, 56, device="meta"))
+
+
+@pytest.mark.gpu
+def test_cuda_runs_bf16_with_float32_output():
+    model = _tiny_vit()
+    frames = _frames(2, 3)
+    reference = DinoEncoder(model=_tiny_vit()).encode(frames)
+    enc = DinoEncoder(model=model).to("cuda")
+    out = enc.encode(frames.cuda())
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    assert out.dtype == torch.float32 and out.device.type == "cuda"
+    cos = F.cosine_similarity(out.cpu().flatten(0, 2), reference.flatten(0, 2), dim=-1)
+    assert cos.min() > 0.98
+
+
+# ------------------------------------------------------------------------------------------------------------
+# VAE adapters
+# ------------------------------------------------------------------------------------------------------------
+
+WAN_MEAN = [0.3, -0.5, 1.2, 0.0]
+WAN_STD = [1.5, 0.5, 2.0, 0.8]
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+def _wan(diffusers, **kw):
+    torch.manual_seed(10)
+    args = dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True], latents_mean=WAN_MEAN, latents_std=WAN_STD)
+    args.update(kw)
+    return diffusers.AutoencoderKLWan(**args).eval()
+
+
+def _ltx(diffusers, timestep_conditioning=False, scaling_factor=2.0):
+    torch.manual_seed(11)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8,
+        block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=timestep_conditioning, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False, scaling_factor=scaling_factor,
+    ).eval()
+    g = torch.Generator().manual_seed(12)
+    vae.latents_mean.copy_(torch.randn(8, generator=g))
+    vae.latents_std.copy_(torch.rand(8, generator=g) + 0.5)
+    return vae
+
+
+def _hunyuan(diffusers, scaling_factor=0.476986):
+    torch.manual_seed(13)
+    return diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=scaling_factor,
+    ).eval()
+
+
+def _latents(c, t=3, b=2, hw=4, seed=14):
+    return torch.randn(b, c, t, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _to_frames(video):
+    """diffusers output (B, C, T, H, W) in [-1, 1] -> (B, T, C, H, W) in [0, 1]."""
+    return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+
+
+def test_family_detection(diffusers):
+    assert adapter_for(_wan(diffusers)).family == "wan"
+    assert adapter_for(_wan(diffusers), family="sanavideo").family == "sanavideo"
+    assert adapter_for(_ltx(diffusers)).family == "ltxvideo"
+    assert adapter_for(_hunyuan(diffusers)).family == "kandinsky5_video"
+
+    class MyWan(diffusers.AutoencoderKLWan):
+        pass
+
+    assert adapter_for(MyWan(base_dim=3, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                             latents_mean=WAN_MEAN, latents_std=WAN_STD)).family == "wan"
+
+
+def test_adapter_errors(diffusers):
+    with pytest.raises(TypeError, match="unsupported VAE class Linear; supported classes: AutoencoderKLWan, "
+                                        "AutoencoderKLLTXVideo, AutoencoderKLHunyuanVideo"):
+        adapter_for(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unsupported VAE class AutoencoderKL;"):
+        drop_encoder(diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2))
+    with pytest.raises(ValueError, match="family='ltxvideo' expects a AutoencoderKLLTXVideo, but the VAE is a "
+                                         "AutoencoderKLWan"):
+        adapter_for(_wan(diffusers), family="ltxvideo")
+    with pytest.raises(ValueError, match="family must be one of .*got 'cogvideox'"):
+        adapter_for(_wan(diffusers), family="cogvideox")
+    with pytest.raises(ValueError, match="latents_mean / latents_std must each have z_dim=4 entries, got 16 and 16"):
+        adapter_for(_wan(diffusers, latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+
+    adapter = adapter_for(_wan(diffusers))
+    with pytest.raises(TypeError, match="latents must be a torch.Tensor"):
+        adapter.decode("z")
+    with pytest.raises(ValueError, match=r"latents must be \(B, C, T, h, w\), got shape \(4, 3, 4, 4\)"):
+        adapter.decode(torch.randn(4, 3, 4, 4))
+    with pytest.raises(ValueError, match="latents must have 4 channels at dim 1"):
+        adapter.decode(torch.randn(1, 3, 4, 4, 4))
+    with pytest.raises(TypeError, match="latents must be floating point"):
+        adapter.decode(torch.zeros(1, 4, 1, 4, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="timestep must be None, a float or a tensor, got str"):
+        adapter.decode(_latents(4, t=1), timestep="0.1")
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="latent_frames must be a positive int"):
+            adapter.pixel_frames(bad)
+    ltx = adapter_for(_ltx(diffusers, timestep_conditioning=True))
+    with pytest.raises(ValueError, match=r"timestep must hold 1 or B=2 values, got shape \(3,\)"):
+        ltx.decode(_latents(8), timestep=torch.zeros(3))
+
+
+def test_wan_decode_matches_manual_denormalisation(diffusers):
+    vae = _wan(diffusers)
+    adapter = adapter_for(vae)
+    assert adapter.temporal_compression == 4 and adapter.spatial_compression == 8
+    assert [adapter.pixel_frames(t) for t in (1, 2, 3)] == [1, 5, 9]
+    z = _latents(4)
+    out = adapter.decode(z)
+    assert out.shape == (2, adapter.pixel_frames(3), 3, 32, 32) == (2, 9, 3) + adapter.pixel_size(4, 4)
+    assert out.min() >= 0 and out.max() <= 1
+    mean = torch.tensor(WAN_MEAN).view(1, 4, 1, 1, 1)
+    std = torch.tensor(WAN_STD).view(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        expected = _to_frames(vae.decode(z * std + mean).sample)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # The statistics matter: decoding the raw latents gives something else.
+    with torch.no_grad():
+        assert (out - _to_frames(vae.decode(z).sample)).abs().max() > 1e-3
+
+
+
+def test_wan22_style_patchified_vae(diffusers):
+    # Wan 2.2: residual blocks and a 2x2 output patch, so 16x spatial compression (the architecture decides).
+    vae = _wan(diffusers, base_dim=8, is_residual=True, patch_size=2, in_channels=12, out_channels=12)
+    adapter = adapter_for(vae)
+    assert adapter.spatial_compression == 16 and adapter.temporal_compression == 4
+    z = _latents(4, t=2, b=1)
+    out = adapter.decode(z)
+    assert out.shape == (1, 5, 3, 64, 64)
+    mean = torch.tensor(WAN_MEAN).view(1, 4, 1, 1, 1)
+    std = torch.tensor(WAN_STD).view(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        expected = _to_frames(vae.decode(z * std + mean).sample)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+def test_ltx_decode_matches_manual_denormalisation(diffusers):
+    vae = _ltx(diffusers)
+    adapter = adapter_for(vae)
+    assert not adapter.timestep_conditioning
+    z = _latents(8)
+    out = adapter.decode(z)
+    assert out.shape == (2, adapter.pixel_frames(3), 3, 16, 16) == (2, 9, 3, 16, 16)
+    assert out.min() >= 0 and out.max() <= 1
+    manual = z * vae.latents_std.view(1, 8, 1, 1, 1) / 2.0 + vae.latents_mean.view(1, 8, 1, 1, 1)
+    with torch.no_grad():
+        expected = _to_frames(vae.decode(manual).sample)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # A timestep given to a decoder without timestep conditioning is ignored (as diffusers' pipelines do).
+    torch.testing.assert_close(adapter.decode(z, timestep=0.5), out)
+
+
+def test_ltx_timestep_conditioned_decoding(diffusers):
+    vae = _ltx(diffusers, timestep_conditioning=True)
+    adapter = adapter_for(vae)
+    assert adapter.timestep_conditioning
+    z = _latents(8)
+    manual = z * vae.latents_std.view(1, 8, 1, 1, 1) / 2.0 + vae.latents_mean.view(1, 8, 1, 1, 1)
+    with torch.no_grad():
+        at_zero = _to_frames(vae.decode(manual, temb=torch.zeros(2)).sample)
+        at_07 = _to_frames(vae.decode(manual, temb=torch.full((2,), 0.7)).sample)
+        mixed = _to_frames(vae.decode(manual, temb=torch.tensor([0.0, 0.7])).sample)
+    torch.testing.assert_close(adapter.decode(z), at_zero, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.decode(z, timestep=0.7), at_07, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.decode(z, timestep=torch.tensor(0.7)), at_07, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.decode(z, timestep=torch.tensor([0.0, 0.7])), mixed, rtol=1e-5, atol=1e-6)
+    assert (at_zero - at_07).abs().max() > 1e-4  # the timestep reaches the decoder
+    # Sliced decoding pairs each latent with its own timestep.
+    vae.use_slicing = True
+    torch.testing.assert_close(adapter.decode(z, timestep=torch.tensor([0.0, 0.7])), mixed, rtol=1e-5, atol=1e-5)
+
+
+def test_hunyuan_decode_matches_manual_denormalisation(diffusers):
+    vae = _hunyuan(diffusers, scaling_factor=0.25)
+    adapter = adapter_for(vae)
+    z = _latents(4) * 0.1
+    out = adapter.decode(z)
+    assert out.shape == (2, adapter.pixel_frames(3), 3, 32, 32) == (2, 9, 3, 32, 32)
+    assert out.min() >= 0 and out.max() <= 1
+    with torch.no_grad():
+        expected = _to_frames(vae.decode(z / 0.25).sample)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["wan", "ltx", "hunyuan"])
+def test_drop_encoder_frees_parameters_and_keeps_decoding(diffusers, make):
+    vae = {"wan": _wan, "ltx": _ltx, "hunyuan": _hunyuan}[make](diffusers)
+    adapter = adapter_for(vae)
+    c = adapter.latent_channels
+    z = _latents(c, t=2, b=1)
+    before = adapter.decode(z).clone()
+    encoder_params = sum(p.numel() for p in vae.encoder.parameters())
+    quant = getattr(vae, "quant_conv", None)
+    encoder_params += sum(p.numel() for p in quant.parameters()) if quant is not None else 0
+    total = sum(p.numel() for p in vae.parameters())
+    assert encoder_params > 0
+    assert adapter.drop_encoder() == encoder_params
+    assert vae.encoder is None
+    assert sum(p.numel() for p in vae.parameters()) == total - encoder_params
+    assert drop_encoder(vae) == 0  # idempotent
+    torch.testing.assert_close(adapter.decode(z), before)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pipeline
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "total, keep, expected",
+    [(9, 3, [0, 4, 8]), (9, 4, [0, 2, 5, 8]), (5, 8, [0, 1, 2, 3, 4]), (5, 5, [0, 1, 2, 3, 4]), (7, 1, [0])],
+)
+def test_kept_frame_indices(total, keep, expected):
+    assert kept_frame_indices(total, keep) == expected
+    if total > keep:
+        assert expected == torch.linspace(0, total - 1, keep).long().tolist()  # SPEC section 1's definition
+
+
+@pytest.mark.parametrize("num_frames", [3, 4, 9, 20])
+def test_latents_to_features_pruned_equals_encode_all_then_subsample(diffusers, num_frames):
+    adapter = adapter_for(_wan(diffusers))
+    encoder = DinoEncoder(model=_tiny_vit(img_size=28))
+    z = _latents(4, t=3)
+    features, grid = latents_to_features(z, adapter, encoder, num_frames=num_frames)
+    everything = encoder.encode(adapter.decode(z))
+    assert everything.shape == (2, 9, 4, 32)
+    t_pix = everything.shape[1]
+    if t_pix > num_frames:
+        expected = everything[:, torch.linspace(0, t_pix - 1, num_frames).long()]
+    else:
+        expected = everything
+    assert grid == (2, 2)
+    assert features.shape == expected.shape == (2, min(num_frames, 9), 4, 32)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_latents_to_features_ltx_timestep_and_contexts(diffusers):
+    adapter = adapter_for(_ltx(diffusers, timestep_conditioning=True))
+    encoder = DinoEncoder(model=_tiny_vit(img_size=28))
+    z = _latents(8, t=2)
+    events = []
+
+    class Marker:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            events.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            events.append(f"exit {self.name}")
+
+    features, grid = latents_to_features(z, adapter, encoder, num_frames=2, timestep=0.3,
+                                         vae_context=lambda: Marker("vae"), encoder_context=lambda: Marker("enc"))
+    assert events == ["enter vae", "exit vae", "enter enc", "exit enc"]
+    expected = encoder.encode(adapter.decode(z, timestep=0.3))[:, [0, 4]]
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_latents_to_features_errors(diffusers):
+    adapter = adapter_for(_wan(diffusers))
+    encoder = DinoEncoder(model=_tiny_vit(img_size=28))
+    z = _latents(4, t=1, b=1)
+    with pytest.raises(TypeError, match="vae_adapter must be a VaeAdapter"):
+        latents_to_features(z, _wan(diffusers), encoder, num_frames=1)
+    with pytest.raises(TypeError, match="encoder must be a DinoEncoder"):
+        latents_to_features(z, adapter, encoder.model, num_frames=1)
+    for bad in (0, -3, 2.0, None):
+        with pytest.raises(ValueError, match="num_frames must be a positive int"):
+            latents_to_features(z, adapter, encoder, num_frames=bad)
+    with pytest.raises(TypeError, match="encoder_context must be a callable"):
+        latents_to_features(z, adapter, encoder, num_frames=1, encoder_context=object())
+    assert isinstance(adapter, VaeAdapter)
+
+
+def test_package_imports_without_diffusers():
+    # The teacher modules must not import diffusers at import time (the GPU image lacks it).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'diffusers' or name.startswith('diffusers.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import crepa_kernels.teacher\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
