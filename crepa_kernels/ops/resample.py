@@ -1,0 +1,403 @@
+"""Token resampling for CREPA alignment: bilinear / linear grid resampling and the temporal frame pick.
+
+`resample_tokens` resamples token grids `(B, T, h*w, D)` to `(B, T, oh*ow, D)` with the exact
+`F.interpolate(mode="bilinear", align_corners=False)` sampling rule (SPEC section 2), directly on the
+token-major layout: no permute copies. Forward: each output token reads its <= 4 taps. Backward:
+the gather formulation, each input token sums the output tokens whose taps touch it, with the same
+weights the forward used, so it is deterministic and needs no atomics.
+
+`temporal_indices` / `pick_frames` implement the temporal subsampling of SPEC section 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .utils import next_power_of_2, num_warps_for, triton_available, triton_supports
+
+__all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _axis_scale(in_size, out_size, IS_FP64: tl.constexpr):
+        # torch computes the scale as (acc_t)in / out. Dividing in fp64 and rounding to fp32 gives the
+        # correctly rounded fp32 quotient (double rounding is harmless for division), whereas
+        # Triton's fp32 `/` is approximate on NVIDIA GPUs.
+        scale = in_size.to(tl.float64) / out_size.to(tl.float64)
+        if not IS_FP64:
+            scale = scale.to(tl.float32)
+        return scale
+
+    @triton.jit
+    def _axis_taps(o, in_size, scale):
+        # The align_corners=False rule, written in the same order as torch's kernels so the taps
+        # agree: src = max(scale * (o + 0.5) - 0.5, 0), taps floor(src) and min(floor + 1, n - 1).
+        src = scale * (o.to(scale.dtype) + 0.5) - 0.5
+        src = tl.maximum(src, 0.0)
+        i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # truncation is floor here: src >= 0
+        i1 = tl.minimum(i0 + 1, in_size - 1)
+        l1 = src - i0.to(scale.dtype)
+        l0 = 1.0 - l1
+        return i0, i1, l0, l1
+
+    @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+    def _resample_fwd_kernel(
+        x_ptr,
+        out_ptr,
+        T,
+        D,
+        in_h,
+        in_w,
+        out_h,
+        out_w,
+        x_stride_b,
+        x_stride_t,
+        x_stride_n,
+        x_stride_d,
+        n_tok_blocks,
+        IS_FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # axis 0 folds (frame, output-token block) so B*T is not bound by the 65535 limit of axes 1-2.
+        pid0 = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        bt = pid0 // n_tok_blocks
+        tok_block = pid0 % n_tok_blocks
+        b = bt // T
+        t = bt % T
+        m_out = out_h * out_w
+
+        offs_m = tok_block * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 output token ids
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_m = offs_m < m_out
+        mask_d = offs_d < D
+        mask = mask_m[:, None] & mask_d[None, :]
+
+        oh = (offs_m // out_w).to(tl.int32)
+        ow = (offs_m % out_w).to(tl.int32)
+        h0, h1, lh0, lh1 = _axis_taps(oh, in_h, _axis_scale(in_h, out_h, IS_FP64))
+        w0, w1, lw0, lw1 = _axis_taps(ow, in_w, _axis_scale(in_w, out_w, IS_FP64))
+
+        base = x_ptr + b * x_stride_b + t * x_stride_t
+        d_off = (offs_d * x_stride_d)[None, :]
+        row0 = h0.to(tl.int64) * in_w
+        row1 = h1.to(tl.int64) * in_w
+        p00 = base + ((row0 + w0) * x_stride_n)[:, None] + d_off
+        p01 = base + ((row0 + w1) * x_stride_n)[:, None] + d_off
+        p10 = base + ((row1 + w0) * x_stride_n)[:, None] + d_off
+        p11 = base + ((row1 + w1) * x_stride_n)[:, None] + d_off
+        acc_t = lh0.dtype
+        v00 = tl.load(p00, mask=mask, other=0.0).to(acc_t)
+        v01 = tl.load(p01, mask=mask, other=0.0).to(acc_t)
+        v10 = tl.load(p10, mask=mask, other=0.0).to(acc_t)
+        v11 = tl.load(p11, mask=mask, other=0.0).to(acc_t)
+        # Width first, then height: the order torch's bilinear kernel uses.
+        top = lw0[:, None] * v00 + lw1[:, None] * v01
+        bottom = lw0[:, None] * v10 + lw1[:, None] * v11
+        res = lh0[:, None] * top + lh1[:, None] * bottom
+
+        out_offs = (bt * m_out + offs_m)[:, None] * D + offs_d[None, :]
+        tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _axis_weight(o, i, in_size, out_size, scale):
+        # Weight of input index `i` in output `o` along one axis (0 when o does not touch i);
+        # both taps may be the same index at the border, then their weights add, as in autograd.
+        i0, i1, l0, l1 = _axis_taps(o, in_size, scale)
+        valid = (o >= 0) & (o < out_size)
+        w = tl.where(i0 == i, l0, 0.0) + tl.where(i1 == i, l1, 0.0)
+        return tl.where(valid, w, 0.0), valid
+
+    @triton.jit
+    def _axis_first_candidate(i, inv_scale):
+        # Output o touches input i only if floor(src(o)) is i - 1 or i (or i is the clamped last
+        # index, which the same window covers), i.e. o in [(i - 0.5) * m/n - 0.5, (i + 1.5) * m/n - 0.5).
+        # One index of margin below absorbs rounding; the host sizes the window with margin above.
+        lo = (i.to(tl.float32) - 0.5) * inv_scale - 0.5
+        return tl.floor(lo).to(tl.int32) - 1
+
+    @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+    def _resample_bwd_kernel(
+        grad_out_ptr,
+        grad_in_ptr,
+        T,
+        D,
+        in_h,
+        in_w,
+        out_h,
+        out_w,
+        inv_scale_h,
+        inv_scale_w,
+        g_stride_b,
+        g_stride_t,
+        g_stride_n,
+        g_stride_d,
+        n_tok_blocks,
+        IS_FP64: tl.constexpr,
+        K_H: tl.constexpr,
+        K_W: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        pid0 = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        bt = pid0 // n_tok_blocks
+        tok_block = pid0 % n_tok_blocks
+        b = bt // T
+        t = bt % T
+        n_in = in_h * in_w
+
+        offs_n = tok_block * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 input token ids
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_n = offs_n < n_in
+        mask_d = offs_d < D
+
+        ih = (offs_n // in_w).to(tl.int32)
+        iw = (offs_n % in_w).to(tl.int32)
+        scale_h = _axis_scale(in_h, out_h, IS_FP64)
+        scale_w = _axis_scale(in_w, out_w, IS_FP64)
+        oh_first = _axis_first_candidate(ih, inv_scale_h)
+        ow_first = _axis_first_candidate(iw, inv_scale_w)
+
+        base = grad_out_ptr + b * g_stride_b + t * g_stride_t
+        d_off = (offs_d * g_stride_d)[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=scale_h.dtype)
+        # Fixed candidate order (rows, then columns) makes the sum deterministic.
+        for kh in range(K_H):
+            oh = oh_first + kh
+            wh, vh = _axis_weight(oh, ih, in_h, out_h, scale_h)
+            for kw in range(K_W):
+                ow = ow_first + kw
+                ww, vw = _axis_weight(ow, iw, in_w, out_w, scale_w)
+                w = wh * ww
+                touch = mask_n & vh & vw & (w != 0.0)
+                tok = oh.to(tl.int64) * out_w + ow
+                g = tl.load(
+                    base + (tok * g_stride_n)[:, None] + d_off,
+                    mask=touch[:, None] & mask_d[None, :],
+                    other=0.0,
+                ).to(acc.dtype)
+                acc += w[:, None] * g
+
+        in_offs = (bt * n_in + offs_n)[:, None] * D + offs_d[None, :]
+        tl.store(
+            grad_in_ptr + in_offs,
+            acc.to(grad_in_ptr.dtype.element_ty),
+            mask=mask_n[:, None] & mask_d[None, :],
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch settings (a function of the shape; no autotuning, so behaviour is reproducible)
+# --------------------------------------------------------------------------------------------------
+def _feature_block(d: int) -> int:
+    return min(next_power_of_2(d), 128)
+
+
+def _token_block(n_tokens: int, block_d: int, budget: int) -> int:
+    return max(1, min(next_power_of_2(n_tokens), budget // block_d))
+
+
+def _candidate_window(n_in: int, n_out: int) -> int:
+    # Outputs touching one input lie in a half-open interval of length 2 * m / n: at most
+    # floor(2m/n) + 1 integers, plus one index of margin on each side for rounding in the bound.
+    return (2 * n_out) // n_in + 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers as torch custom ops (torch.compile(fullgraph=True) traces through them)
+# --------------------------------------------------------------------------------------------------
+def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    # Every kernel output comes from here, so tests can pre-fill it with NaN.
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
+    B, T, _, D = x.shape
+    m_out = out_h * out_w
+    out = _empty((B, T, m_out, D), x)
+    if out.numel() == 0:
+        return out
+    block_d = _feature_block(D)
+    block_m = _token_block(m_out, block_d, 4096)
+    n_tok_blocks = triton.cdiv(m_out, block_m)
+    grid = (n_tok_blocks * B * T, triton.cdiv(D, block_d))
+    torch.library.wrap_triton(_resample_fwd_kernel)[grid](
+        x, out, T, D, in_h, in_w, out_h, out_w,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        n_tok_blocks,
+        IS_FP64=x.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=num_warps_for(block_m * block_d),
+    )
+    return out
+
+
+def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
+    # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
+    # is consumed in place without materialising it.
+    B, T, _, D = grad_out.shape
+    n_in = in_h * in_w
+    grad_in = _empty((B, T, n_in, D), grad_out)
+    if grad_in.numel() == 0:
+        return grad_in
+    block_d = _feature_block(D)
+    block_n = _token_block(n_in, block_d, 2048)
+    n_tok_blocks = triton.cdiv(n_in, block_n)
+    grid = (n_tok_blocks * B * T, triton.cdiv(D, block_d))
+    torch.library.wrap_triton(_resample_bwd_kernel)[grid](
+        grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
+        out_h / in_h, out_w / in_w,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+        n_tok_blocks,
+        IS_FP64=grad_out.dtype == torch.float64,
+        K_H=_candidate_window(in_h, out_h),
+        K_W=_candidate_window(in_w, out_w),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps_for(block_n * block_d),
+    )
+    return grad_in
+
+
+if triton_available():
+
+    @torch.library.triton_op("crepa_kernels::resample_tokens_fwd", mutates_args=())
+    def _resample_fwd_op(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
+        return _launch_fwd(x, in_h, in_w, out_h, out_w)
+
+    @torch.library.triton_op("crepa_kernels::resample_tokens_bwd", mutates_args=())
+    def _resample_bwd_op(
+        grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int
+    ) -> torch.Tensor:
+        return _launch_bwd(grad_out, in_h, in_w, out_h, out_w)
+
+    def _setup_context(ctx, inputs, output):
+        _, in_h, in_w, out_h, out_w = inputs
+        ctx.grids = (in_h, in_w, out_h, out_w)
+
+    def _backward(ctx, grad_out):
+        # Routed through the op, so double backward is again the (linear) forward op's job.
+        return _resample_bwd_op(grad_out, *ctx.grids), None, None, None, None
+
+    def _bwd_setup_context(ctx, inputs, output):
+        _, in_h, in_w, out_h, out_w = inputs
+        ctx.grids = (in_h, in_w, out_h, out_w)
+
+    def _bwd_backward(ctx, grad_grad_in):
+        # The backward is linear in grad_out with the forward's transpose, so its gradient is the forward.
+        return _resample_fwd_op(grad_grad_in, *ctx.grids), None, None, None, None
+
+    torch.library.register_autograd(
+        "crepa_kernels::resample_tokens_fwd", _backward, setup_context=_setup_context
+    )
+    torch.library.register_autograd(
+        "crepa_kernels::resample_tokens_bwd", _bwd_backward, setup_context=_bwd_setup_context
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def _check_grid(name: str, grid) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
+    ):
+        raise TypeError(f"{name} must be a pair of ints (h, w), got {grid!r}")
+    if grid[0] < 1 or grid[1] < 1:
+        raise ValueError(f"{name} must have positive sizes, got {tuple(grid)}")
+    return int(grid[0]), int(grid[1])
+
+
+def _resample_tokens_torch(x: torch.Tensor, in_grid, out_grid) -> torch.Tensor:
+    """Plain PyTorch path for tensors the Triton kernels cannot take (CPU without the interpreter)."""
+    B, T, _, D = x.shape
+    (h, w), (oh, ow) = in_grid, out_grid
+    img = x.reshape(B * T, h, w, D).permute(0, 3, 1, 2)
+    out = F.interpolate(img, size=(oh, ow), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(B, T, oh * ow, D)
+
+
+def resample_tokens(
+    x: torch.Tensor, in_grid: tuple[int, int], out_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Bilinearly resample token grids, `align_corners=False` (SPEC section 2).
+
+    x: `(B, T, N, D)` with `N == in_grid[0] * in_grid[1]`, tokens in row-major `(h, w)` order;
+    fp16 / bf16 / fp32 / fp64, any strides. Returns `(B, T, out_h * out_w, D)` in `x.dtype`, equal to
+    `F.interpolate(mode="bilinear", align_corners=False)` of the `(B*T, D, h, w)` image view, computed
+    on the token-major layout. Grids `(1, n) -> (1, m)` are exactly 1-D linear interpolation of the
+    token sequence. Taps are computed in fp32 (fp64 for fp64 inputs) as torch does; sums are
+    accumulated in fp32 (fp64) and cast once. Differentiable w.r.t. `x`; the backward is deterministic.
+
+    When `in_grid == out_grid` the input is returned unchanged (the same tensor object), since
+    bilinear resampling onto the same grid is the identity. Tensors the Triton kernels cannot take
+    (CPU without `TRITON_INTERPRET=1`) go through `F.interpolate` with the same result.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    in_h, in_w = _check_grid("in_grid", in_grid)
+    out_h, out_w = _check_grid("out_grid", out_grid)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, T, N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be fp16, bf16, fp32 or fp64, got dtype {x.dtype}")
+    if x.shape[2] != in_h * in_w:
+        raise ValueError(
+            f"x has N={x.shape[2]} tokens but in_grid={in_grid} holds {in_h * in_w}"
+        )
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    if not triton_supports(x):
+        return _resample_tokens_torch(x, (in_h, in_w), (out_h, out_w))
+    return _resample_fwd_op(x, in_h, in_w, out_h, out_w)
+
+
+def temporal_indices(t_long: int, t_short: int, device=None) -> torch.Tensor:
+    """Frames kept when `t_long` frames are subsampled to `t_short` (SPEC section 1).
+
+    `floor(linspace(0, t_long - 1, t_short))` as int64, computed as `torch.linspace(...).long()` in
+    fp32 (the compatible rounding) directly on `device`, so no host sync is needed.
+    """
+    for name, value in (("t_long", t_long), ("t_short", t_short)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if t_short > t_long:
+        raise ValueError(f"t_short must be <= t_long, got t_short={t_short}, t_long={t_long}")
+    return torch.linspace(0, t_long - 1, t_short, dtype=torch.float32, device=device).long()
+
+
+def pick_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[:, index]` for `x` of shape `(B, T, ...)`: keep the frames `index` along dim 1, in order.
+
+    Differentiable through `index_select`; with distinct indices (as `temporal_indices` makes when
+    `t_short <= t_long`) its backward writes each frame once, so it is deterministic.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a frame dim (B, T, ...), got shape {tuple(x.shape)}")
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"index must be a 1-D int64/int32 tensor, got shape {tuple(index.shape)} dtype {index.dtype}"
+        )
+    if index.device != x.device:
+        raise ValueError(f"index is on {index.device} but x is on {x.device}")
+    return x.index_select(1, index)

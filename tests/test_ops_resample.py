@@ -1,0 +1,332 @@
+"""Tests for crepa_kernels.ops.resample: token-grid resampling and the temporal frame pick.
+
+The oracle is `F.interpolate` on the `(B*T, D, h, w)` image view (the definition in SPEC section 2),
+and `torch.linspace(...).long()` for the temporal indices (SPEC section 1). Tier 2 runs the Triton
+kernels through the interpreter on tiny shapes; tier 3 (`gpu`) covers half precision,
+`torch.compile` and the full-size shape.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crepa_kernels.ops import resample as rs
+from crepa_kernels.ops.resample import pick_frames, resample_tokens, temporal_indices
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def oracle(x, in_grid, out_grid):
+    B, T, _, D = x.shape
+    img = x.reshape(B * T, in_grid[0], in_grid[1], D).permute(0, 3, 1, 2)
+    out = F.interpolate(img, size=tuple(out_grid), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(B, T, out_grid[0] * out_grid[1], D)
+
+
+def assert_rel_close(actual, expected, rtol, name=""):
+    """Max error relative to the largest reference magnitude (robust where entries are near 0)."""
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= rtol * max(scale, 1e-30), f"{name}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so any element a kernel fails to write shows up."""
+    real_empty = rs._empty
+
+    def nan_empty(shape, like):
+        return real_empty(shape, like).fill_(float("nan"))
+
+    monkeypatch.setattr(rs, "_empty", nan_empty)
+
+
+# (in_grid, out_grid): every axis case SPEC section 2 and the loss meet, at interpreter scale.
+GRID_CASES = [
+    pytest.param((6, 8), (3, 5), id="down-both"),
+    pytest.param((3, 4), (7, 9), id="up-both"),
+    pytest.param((6, 10), (7, 7), id="mixed-like-30x52-to-37x37"),
+    pytest.param((7, 5), (4, 8), id="mixed-other-way"),
+    pytest.param((4, 4), (6, 6), id="square-up"),
+    pytest.param((5, 5), (3, 3), id="square-down"),
+    pytest.param((5, 7), (3, 4), id="non-integer-ratio"),
+    pytest.param((1, 7), (1, 3), id="1d-down"),
+    pytest.param((1, 3), (1, 8), id="1d-up"),
+    pytest.param((4, 5), (1, 1), id="out-1x1"),
+    pytest.param((4, 5), (1, 3), id="out-h-1"),
+    pytest.param((1, 1), (3, 2), id="in-1x1"),
+    pytest.param((1, 4), (2, 3), id="in-h-1"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 2: interpreter (or GPU), fp32 and fp64
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_grid,out_grid", GRID_CASES)
+def test_forward_and_grad_match_interpolate(in_grid, out_grid, dtype, nan_outputs):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, in_grid[0] * in_grid[1], 5, dtype=dtype, device=DEVICE, requires_grad=True)
+    y = resample_tokens(x, in_grid, out_grid)
+    ref = oracle(x, in_grid, out_grid)
+    assert y.dtype == dtype and y.shape == ref.shape
+    fwd_tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(y, ref, atol=fwd_tol, rtol=0)
+
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert_rel_close(gx, gr, 1e-4 if dtype == torch.float32 else 1e-10, "grad")
+
+
+@pytest.mark.parametrize("n,m", [(7, 3), (3, 8), (5, 5 + 1), (9, 4), (2, 11)])
+def test_row_grid_is_linear_interpolation(n, m):
+    torch.manual_seed(1)
+    B, T, D = 1, 2, 3
+    x = torch.randn(B, T, n, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = resample_tokens(x, (1, n), (1, m))
+    ref = F.interpolate(x.reshape(B * T, n, D).transpose(1, 2), size=m, mode="linear", align_corners=False)
+    ref = ref.transpose(1, 2).reshape(B, T, m, D)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12, rtol=0
+    )
+
+
+def test_hand_computed_values():
+    # Independent of torch: 1-D, n=4 -> m=2, scale 2: src = 2*(j+0.5)-0.5 = 0.5, 2.5
+    # -> 0.5*x0 + 0.5*x1 and 0.5*x2 + 0.5*x3. n=2 -> m=4, scale 0.5: src = -0.25->0, 0.25, 0.75, 1.25
+    # -> x0, 0.75x0+0.25x1, 0.25x0+0.75x1, x1 (the upper tap clamps to the last index).
+    x = torch.tensor([1.0, 3.0, 7.0, 15.0], dtype=torch.float64, device=DEVICE).reshape(1, 1, 4, 1)
+    down = resample_tokens(x, (1, 4), (1, 2)).flatten().tolist()
+    assert down == [2.0, 11.0]
+    x2 = torch.tensor([4.0, 8.0], dtype=torch.float64, device=DEVICE).reshape(1, 1, 2, 1)
+    up = resample_tokens(x2, (1, 2), (1, 4)).flatten().tolist()
+    assert up == [4.0, 5.0, 7.0, 8.0]
+    # 2-D separability: a grid x[h, w] = h * 10 + w is linear, so bilinear sampling returns the
+    # (clamped) source coordinates: out[i, j] = 10 * sh(i) + sw(j).
+    h, w, oh, ow = 3, 4, 5, 2
+    grid = (torch.arange(h, dtype=torch.float64)[:, None] * 10 + torch.arange(w, dtype=torch.float64))
+    xg = grid.reshape(1, 1, h * w, 1).to(DEVICE)
+    out = resample_tokens(xg, (h, w), (oh, ow)).reshape(oh, ow).cpu()
+
+    def src(j, n, m):
+        return min(max((j + 0.5) * n / m - 0.5, 0.0), n - 1)
+
+    expected = torch.tensor([[10 * src(i, h, oh) + src(j, w, ow) for j in range(ow)] for i in range(oh)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_features_span_several_blocks(dtype, nan_outputs):
+    # D = 130: not a power of two and larger than one feature block (128).
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 3 * 4, 130, dtype=dtype, device=DEVICE, requires_grad=True)
+    y = resample_tokens(x, (3, 4), (2, 5))
+    ref = oracle(x, (3, 4), (2, 5))
+    torch.testing.assert_close(y, ref, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+    g = torch.randn_like(ref)
+    assert_rel_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], 1e-4, "grad")
+
+
+def test_non_contiguous_input(nan_outputs):
+    torch.manual_seed(3)
+    in_grid, out_grid = (4, 3), (3, 5)
+    # (B, T, D, N) transposed, then every other feature: no unit stride anywhere.
+    base = torch.randn(2, 3, 12, in_grid[0] * in_grid[1], dtype=torch.float64, device=DEVICE)
+    x = base.transpose(2, 3)[..., ::2].detach().requires_grad_(True)
+    assert not x.is_contiguous()
+    y = resample_tokens(x, in_grid, out_grid)
+    ref = oracle(x, in_grid, out_grid)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    # Batch and frame dims swapped: frame stride larger than batch stride.
+    x2 = base.permute(1, 0, 3, 2).detach().requires_grad_(True)  # (T, B, N, D) viewed as (B, T, N, D)
+    y2 = resample_tokens(x2, in_grid, out_grid)
+    torch.testing.assert_close(y2, oracle(x2, in_grid, out_grid), atol=1e-12, rtol=0)
+    g = torch.randn_like(y2)
+    torch.testing.assert_close(
+        torch.autograd.grad(y2, x2, g)[0], torch.autograd.grad(oracle(x2, in_grid, out_grid), x2, g)[0],
+        atol=1e-12, rtol=0,
+    )
+
+
+def test_expanded_grad_output(nan_outputs):
+    torch.manual_seed(4)
+    in_grid, out_grid = (5, 3), (2, 4)
+    x = torch.randn(2, 2, 15, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    # `.sum()` hands the backward a stride-0 gradient.
+    (gx,) = torch.autograd.grad(resample_tokens(x, in_grid, out_grid).sum(), x)
+    (gr,) = torch.autograd.grad(oracle(x, in_grid, out_grid).sum(), x)
+    torch.testing.assert_close(gx, gr, atol=1e-12, rtol=0)
+    # A gradient broadcast along tokens only (stride 0 on N, real strides elsewhere).
+    g = torch.randn(2, 2, 1, 6, dtype=torch.float64, device=DEVICE).expand(2, 2, 8, 6)
+    (gx,) = torch.autograd.grad(resample_tokens(x, in_grid, out_grid), x, g)
+    (gr,) = torch.autograd.grad(oracle(x, in_grid, out_grid), x, g)
+    torch.testing.assert_close(gx, gr, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "in_grid,out_grid", [((3, 4), (2, 5)), ((2, 2), (3, 1)), ((1, 4), (1, 7)), ((3, 1), (1, 1))]
+)
+def test_gradcheck_fp64(in_grid, out_grid):
+    torch.manual_seed(5)
+    x = torch.randn(1, 2, in_grid[0] * in_grid[1], 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    # fast_mode checks random projections of the Jacobian: a few kernel runs instead of one per element.
+    assert torch.autograd.gradcheck(lambda t: resample_tokens(t, in_grid, out_grid), (x,), fast_mode=True)
+
+
+def test_gradgradcheck_fp64():
+    x = torch.randn(1, 1, 6, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: resample_tokens(t, (2, 3), (3, 2)), (x,), fast_mode=True)
+
+
+def test_backward_is_bitwise_deterministic():
+    torch.manual_seed(6)
+    x = torch.randn(2, 2, 6 * 10, 7, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 2, 7 * 7, 7, device=DEVICE)
+    first = torch.autograd.grad(resample_tokens(x, (6, 10), (7, 7)), x, g)[0]
+    second = torch.autograd.grad(resample_tokens(x, (6, 10), (7, 7)), x, g)[0]
+    assert torch.equal(first, second)
+
+
+def test_identity_returns_input():
+    x = torch.randn(1, 2, 6, 3, device=DEVICE)
+    assert resample_tokens(x, (2, 3), (2, 3)) is x
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((torch.randn(2, 6, 3), (2, 3), (1, 1)), ValueError, "4-D"),
+        ((torch.randn(1, 1, 5, 3), (2, 3), (1, 1)), ValueError, "N=5"),
+        ((torch.randn(1, 1, 6, 3), (2, 3), (0, 2)), ValueError, "out_grid"),
+        ((torch.randn(1, 1, 6, 3), (2, 3, 1), (1, 2)), TypeError, "in_grid"),
+        ((torch.randn(1, 1, 6, 3), (2.0, 3), (1, 2)), TypeError, "in_grid"),
+        ((torch.ones(1, 1, 6, 3, dtype=torch.int32), (2, 3), (1, 2)), TypeError, "dtype"),
+        (([[1.0]], (1, 1), (1, 2)), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_resample_validation(args, exc, match):
+    with pytest.raises(exc, match=match):
+        resample_tokens(*args)
+
+
+def test_temporal_indices_match_linspace():
+    for t_long in range(1, 50):
+        for t_short in range(1, t_long + 1):
+            idx = temporal_indices(t_long, t_short)
+            expected = torch.linspace(0, t_long - 1, t_short).long()
+            assert idx.dtype == torch.int64
+            assert torch.equal(idx, expected), (t_long, t_short)
+            # torch's fp32 linspace can land just below an exact integer (17 -> 15 keeps frame 7,
+            # not 8 = 7 * 16 / 14), so the rule is "torch's rounding", within one frame of the exact
+            # floor and strictly increasing (distinct frames).
+            if t_short > 1:
+                exact = torch.tensor([(i * (t_long - 1)) // (t_short - 1) for i in range(t_short)])
+                assert ((exact - idx) >= 0).all() and ((exact - idx) <= 1).all(), (t_long, t_short)
+                assert (idx[1:] > idx[:-1]).all(), (t_long, t_short)
+            assert idx[0] == 0 and idx[-1] <= t_long - 1
+    for t_long, t_short in [(81, 21), (121, 31), (200, 49), (1000, 333)]:
+        assert torch.equal(temporal_indices(t_long, t_short), torch.linspace(0, t_long - 1, t_short).long())
+
+
+def test_temporal_indices_device_and_validation():
+    assert temporal_indices(9, 3, device=DEVICE).device.type == torch.device(DEVICE).type
+    with pytest.raises(ValueError, match="t_short"):
+        temporal_indices(3, 5)
+    with pytest.raises(ValueError, match="t_long"):
+        temporal_indices(0, 0)
+    with pytest.raises(TypeError, match="t_short"):
+        temporal_indices(4, 2.0)
+
+
+def test_pick_frames_values_and_grad():
+    torch.manual_seed(7)
+    x = torch.randn(2, 9, 4, 3, dtype=torch.float64, requires_grad=True)
+    idx = temporal_indices(9, 4)
+    y = pick_frames(x, idx)
+    assert torch.equal(y, torch.stack([x[:, i] for i in idx.tolist()], dim=1))
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    expected = torch.zeros_like(x)
+    for k, i in enumerate(idx.tolist()):
+        expected[:, i] = g[:, k]
+    assert torch.equal(gx, expected)
+    with pytest.raises(ValueError, match="index"):
+        pick_frames(x, idx.reshape(2, 2))
+    with pytest.raises(ValueError, match="frame dim"):
+        pick_frames(torch.randn(3), idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 3: GPU only
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_grid,out_grid", [((30, 52), (37, 37)), ((37, 37), (16, 16)), ((16, 16), (37, 37))])
+def test_gpu_half_precision_vs_fp32(in_grid, out_grid, dtype):
+    torch.manual_seed(8)
+    x32 = torch.randn(2, 3, in_grid[0] * in_grid[1], 200, device="cuda")
+    x = x32.to(dtype).requires_grad_(True)
+    ref = oracle(x.detach().float().requires_grad_(True), in_grid, out_grid)
+    y = resample_tokens(x, in_grid, out_grid)
+    assert y.dtype == dtype
+    # fp32 accumulation, one rounding at the store: within one ulp of the output format.
+    eps = torch.finfo(dtype).eps
+    assert_rel_close(y.float(), ref.detach(), 2 * eps, "fwd")
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, x, g.to(dtype))
+    xr = x.detach().float().requires_grad_(True)
+    (gr,) = torch.autograd.grad(oracle(xr, in_grid, out_grid), xr, g.to(dtype).float())
+    assert gx.dtype == dtype
+    assert_rel_close(gx.float(), gr, 2 * eps, "grad")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 30 * 52, 64, device="cuda", requires_grad=True)
+    fn = torch.compile(lambda t: resample_tokens(t, (30, 52), (37, 37)), fullgraph=True)
+    y = fn(x)
+    ref = oracle(x, (30, 52), (37, 37))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert_rel_close(gx, gr, 1e-4, "grad")
+    # `.mean()` inside the compiled graph: the backward sees an expanded gradient.
+    loss_fn = torch.compile(lambda t: resample_tokens(t, (30, 52), (37, 37)).square().mean(), fullgraph=True)
+    (gx,) = torch.autograd.grad(loss_fn(x), x)
+    (gr,) = torch.autograd.grad(oracle(x, (30, 52), (37, 37)).square().mean(), x)
+    assert_rel_close(gx, gr, 1e-4, "grad-mean")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_wan480_size(dtype):
+    torch.manual_seed(10)
+    in_grid, out_grid = (30, 52), (37, 37)
+    x = torch.randn(1, 21, 30 * 52, 1536, device="cuda").to(dtype).requires_grad_(True)
+    y = resample_tokens(x, in_grid, out_grid)
+    xr = x.detach().float().requires_grad_(True)
+    ref = oracle(xr, in_grid, out_grid)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert_rel_close(y.float(), ref.detach(), tol, "fwd")
+    g = torch.randn_like(ref).to(dtype)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, xr, g.float())
+    assert_rel_close(gx.float(), gr, 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps, "grad")
+    (gx2,) = torch.autograd.grad(resample_tokens(x, in_grid, out_grid), x, g)
+    assert torch.equal(gx, gx2)
+
+
+@pytest.mark.gpu
+def test_gpu_temporal_indices_match_cpu():
+    # The compatible indices must not depend on the device that builds them.
+    for t_long in range(1, 130):
+        for t_short in range(1, t_long + 1, 3):
+            assert torch.equal(temporal_indices(t_long, t_short, device="cuda").cpu(),
+                               torch.linspace(0, t_long - 1, t_short).long()), (t_long, t_short)
