@@ -1,0 +1,504 @@
+"""Fused L2-normalise + distance-decayed multi-offset cosine similarity (SPEC sections 3-4).
+
+One op, forward and backward, in Triton: for every token of every frame it returns the cosine of the
+projected vector with the teacher vector of the same frame (`self_tok`) and the weighted sum over the
+neighbour frames (`total_tok`). Normalised copies of the (B, T, N, D) inputs are never written: the
+forward keeps per-token norms and per-slot cosines (small side buffers) and the backward recomputes
+from the raw inputs, gathering every gradient contribution into its owner (deterministic, no atomics).
+
+Slots: slot 0 is the frame itself; then, for each offset k of the window in increasing order, the
+slots (-k, +k). With K = {1..d} (cumulative) or {d} (adjacent), S = 1 + 2|K|; a slot whose frame falls
+outside [0, T) is "invalid" and contributes nothing (its saved cosine is 0).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import register_autograd, triton_op, wrap_triton
+
+from .utils import accumulation_dtype, next_power_of_2, triton_supports
+
+__all__ = ["neighbour_cosine", "num_slots"]
+
+EPS = 1e-12  # F.normalize's default
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slot_geometry(d, S, S_PAD: tl.constexpr, CUMULATIVE: tl.constexpr):
+    """Slot index j, its frame distance k and signed frame offset (slot 0 = self, then -k, +k)."""
+    j = tl.arange(0, S_PAD)
+    jm = tl.maximum(j - 1, 0)
+    if CUMULATIVE:
+        k = jm // 2 + 1
+    else:
+        k = jm * 0 + d
+    offset = tl.where(j == 0, 0, tl.where(jm % 2 == 0, -k, k))
+    in_window = j < S
+    return j, k, offset, in_window
+
+
+@triton.jit
+def _split_scalar(hi, lo, ACC: tl.constexpr):
+    # Python floats reach kernels as fp32; hi + lo restores a double-precision value for fp64 math.
+    zero = tl.zeros([], dtype=ACC)
+    return (zero + hi) + (zero + lo)
+
+
+@triton.jit
+def _neighbour_cosine_fwd_kernel(
+    p_ptr, f_ptr, total_ptr, self_ptr, pnorm_ptr, fnorm_ptr, cos_ptr,
+    T, N, D, d, S, NUM_N_BLOCKS,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+    sp_b, sp_t, sp_n, sp_d,
+    sf_b, sf_t, sf_n, sf_d,
+    S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr,
+):
+    ACC = total_ptr.dtype.element_ty
+    # Frames vary fastest so the programs sharing neighbour frames run together (L2 reuse).
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % T
+    rest = pid // T
+    n_block = rest % NUM_N_BLOCKS
+    b = rest // NUM_N_BLOCKS
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = offs_n < N
+    j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
+    u = t + offset.to(tl.int64)
+    valid = in_window & (u >= 0) & (u < T)
+    u = tl.where(valid, u, t)  # keep addresses in range even where masked
+
+    inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _split_scalar(eps_hi, eps_lo, ACC)
+    w = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
+    w = tl.where(valid, w, 0.0)
+
+    # Pointer tiles are built once and advanced by BLOCK_D columns per step (cheap int64 adds).
+    cols = tl.arange(0, BLOCK_D)
+    step_p = tl.full([], BLOCK_D, tl.int64) * sp_d  # int64: BLOCK_D * stride can pass 2^31
+    step_f = tl.full([], BLOCK_D, tl.int64) * sf_d
+    p_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_d
+    f_ptrs = (f_ptr + b * sf_b + u[:, None, None] * sf_t + offs_n[None, :, None] * sf_n
+              + cols[None, None, :].to(tl.int64) * sf_d)
+    acc_pp = tl.zeros([BLOCK_N], dtype=ACC)
+    acc_pf = tl.zeros([S_PAD, BLOCK_N], dtype=ACC)
+    acc_ff = tl.zeros([S_PAD, BLOCK_N], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        pd_mask = n_mask[:, None] & ((d0 + cols) < D)[None, :]
+        p = tl.load(p_ptrs, mask=pd_mask, other=0.0).to(ACC)
+        f = tl.load(f_ptrs, mask=valid[:, None, None] & pd_mask[None, :, :], other=0.0).to(ACC)
+        acc_pp += tl.sum(p * p, axis=1)
+        acc_pf += tl.sum(p[None, :, :] * f, axis=2)
+        acc_ff += tl.sum(f * f, axis=2)
+        p_ptrs += step_p
+        f_ptrs += step_f
+
+    if IS_FP64:
+        pn = tl.sqrt(acc_pp)
+        fn = tl.sqrt(acc_ff)
+    else:
+        pn = tl.sqrt_rn(acc_pp)
+        fn = tl.sqrt_rn(acc_ff)
+    cos = acc_pf / (tl.maximum(pn, eps)[None, :] * tl.maximum(fn, eps))
+    cos = tl.where(valid[:, None], cos, 0.0)
+    is_self = (j == 0)[:, None]
+    self_cos = tl.sum(tl.where(is_self, cos, 0.0), axis=0)
+    fn_self = tl.sum(tl.where(is_self, fn, 0.0), axis=0)
+    total = tl.sum(w[:, None] * cos, axis=0)
+    if NORMALIZE:
+        total = total / tl.sum(w, axis=0)
+
+    row = (b * T + t) * N + offs_n
+    tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(self_ptr + row, self_cos.to(self_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(pnorm_ptr + row, pn.to(pnorm_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(fnorm_ptr + row, fn_self.to(fnorm_ptr.dtype.element_ty), mask=n_mask)
+    cos_offs = ((b * T + t) * S + j.to(tl.int64))[:, None] * N + offs_n[None, :]
+    tl.store(cos_ptr + cos_offs, cos.to(cos_ptr.dtype.element_ty),
+             mask=in_window[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _slot_weights(frames, w_base, offset, in_window, T, NORMALIZE: tl.constexpr):
+    """w_j / den[frame_j] for each slot j, where frame_j is the centre frame the slot belongs to."""
+    if NORMALIZE:
+        # den[t] = 1 + sum of the w_k whose frame t + o_i is inside the clip (an S_PAD x S_PAD table).
+        nb = frames[:, None] + offset[None, :].to(tl.int64)
+        used = in_window[None, :] & (nb >= 0) & (nb < T)
+        den = tl.sum(tl.where(used, w_base[None, :], 0.0), axis=1)
+        return w_base / den
+    else:
+        return w_base
+
+
+@triton.jit
+def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
+               sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n,
+               ACC: tl.constexpr, HAS_GT: tl.constexpr, HAS_GS: tl.constexpr):
+    """g_cos[frame_j, j, n] = g_total * w_j / den + [j == 0] * g_self, zero where the slot is invalid."""
+    g = tl.zeros(mask.shape, dtype=ACC)
+    if HAS_GT:
+        gt = tl.load(gt_ptr + b * sgt_b + frames[:, None] * sgt_t + offs_n[None, :] * sgt_n,
+                     mask=mask, other=0.0).to(ACC)
+        g += gt * scale[:, None]
+    if HAS_GS:
+        gs = tl.load(gs_ptr + b * sgs_b + frames[:, None] * sgs_t + offs_n[None, :] * sgs_n,
+                     mask=mask & (j == 0)[:, None], other=0.0).to(ACC)
+        g += gs
+    return g
+
+
+@triton.jit
+def _neighbour_cosine_bwd_kernel(
+    p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
+    T, N, D, d, S, NUM_N_BLOCKS,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+    sp_b, sp_t, sp_n, sp_d,
+    sf_b, sf_t, sf_n, sf_d,
+    sgt_b, sgt_t, sgt_n,
+    sgs_b, sgs_t, sgs_n,
+    S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_GT: tl.constexpr, HAS_GS: tl.constexpr,
+    COMPUTE_DP: tl.constexpr, COMPUTE_DF: tl.constexpr,
+):
+    """Gather form: program (t, n-block, b) owns d projected[t] and d features[t] for its tokens.
+
+    d p[t]  = sum_j alpha_j f[t + o_j] - beta p[t]   (alpha_j = g_cos[t, j] / (|p_t| |f_{t+o_j}|))
+    d f[u]  = sum_j gamma_j p[u - o_j] - delta f[u]  (the (t, j) pairs with t + o_j == u)
+    with the norms clamped at eps, and beta / delta (the projections onto p^ / f^) zero below eps,
+    where F.normalize is linear."""
+    ACC = pnorm_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % T
+    rest = pid // T
+    n_block = rest % NUM_N_BLOCKS
+    b = rest // NUM_N_BLOCKS
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = offs_n < N
+    j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
+    offset64 = offset.to(tl.int64)
+    inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _split_scalar(eps_hi, eps_lo, ACC)
+    w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
+    w_base = tl.where(in_window, w_base, 0.0)
+    row_t = (b * T + t) * N + offs_n
+
+    if COMPUTE_DP:
+        # Slots of centre frame t: partner frames u_j = t + o_j.
+        u = t + offset64
+        valid_p = in_window & (u >= 0) & (u < T)
+        u = tl.where(valid_p, u, t)
+        m_p = valid_p[:, None] & n_mask[None, :]
+        t_frames = u * 0 + t
+        scale_p = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
+        g_p = _slot_grad(gt_ptr, gs_ptr, b, t_frames, offs_n, m_p, j, scale_p,
+                         sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
+        cos_p = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + offs_n[None, :],
+                        mask=m_p, other=0.0).to(ACC)
+        nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + offs_n[None, :], mask=m_p, other=1.0).to(ACC)
+        np_t = tl.load(pnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
+        alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
+        proj_p = tl.sum(g_p * cos_p, axis=0)
+        above_p = np_t >= eps
+        beta = tl.where(above_p, proj_p / tl.where(above_p, np_t * np_t, 1.0), 0.0)
+
+    if COMPUTE_DF:
+        # Pairs (t', j) whose partner frame is t: t' = t - o_j.
+        src = t - offset64
+        valid_f = in_window & (src >= 0) & (src < T)
+        src = tl.where(valid_f, src, t)
+        m_f = valid_f[:, None] & n_mask[None, :]
+        scale_f = _slot_weights(src, w_base, offset, in_window, T, NORMALIZE)
+        g_f = _slot_grad(gt_ptr, gs_ptr, b, src, offs_n, m_f, j, scale_f,
+                         sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
+        cos_f = tl.load(cos_ptr + ((b * T + src) * S + j.to(tl.int64))[:, None] * N + offs_n[None, :],
+                        mask=m_f, other=0.0).to(ACC)
+        np_src = tl.load(pnorm_ptr + (b * T + src)[:, None] * N + offs_n[None, :], mask=m_f, other=1.0).to(ACC)
+        nf_t = tl.load(fnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
+        gamma = g_f / (tl.maximum(np_src, eps) * tl.maximum(nf_t, eps)[None, :])
+        proj_f = tl.sum(g_f * cos_f, axis=0)
+        above_f = nf_t >= eps
+        delta = tl.where(above_f, proj_f / tl.where(above_f, nf_t * nf_t, 1.0), 0.0)
+
+    cols = tl.arange(0, BLOCK_D)
+    cols64 = cols.to(tl.int64)
+    step_p = tl.full([], BLOCK_D, tl.int64) * sp_d  # int64: BLOCK_D * stride can pass 2^31
+    step_f = tl.full([], BLOCK_D, tl.int64) * sf_d
+    out_ptrs = row_t[:, None] * D + cols64[None, :]  # offsets into the contiguous gradients
+    if COMPUTE_DP:
+        p_t_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols64[None, :] * sp_d
+        f_u_ptrs = (f_ptr + b * sf_b + u[:, None, None] * sf_t + offs_n[None, :, None] * sf_n
+                    + cols64[None, None, :] * sf_d)
+    if COMPUTE_DF:
+        f_t_ptrs = f_ptr + b * sf_b + t * sf_t + offs_n[:, None] * sf_n + cols64[None, :] * sf_d
+        p_s_ptrs = (p_ptr + b * sp_b + src[:, None, None] * sp_t + offs_n[None, :, None] * sp_n
+                    + cols64[None, None, :] * sp_d)
+    for d0 in range(0, D, BLOCK_D):
+        nd_mask = n_mask[:, None] & ((d0 + cols) < D)[None, :]
+        if COMPUTE_DP:
+            p_t = tl.load(p_t_ptrs, mask=nd_mask, other=0.0).to(ACC)
+            f_u = tl.load(f_u_ptrs, mask=valid_p[:, None, None] & nd_mask[None, :, :], other=0.0).to(ACC)
+            dp = tl.sum(alpha[:, :, None] * f_u, axis=0) - beta[:, None] * p_t
+            tl.store(dp_ptr + out_ptrs, dp.to(dp_ptr.dtype.element_ty), mask=nd_mask)
+            p_t_ptrs += step_p
+            f_u_ptrs += step_f
+        if COMPUTE_DF:
+            f_t = tl.load(f_t_ptrs, mask=nd_mask, other=0.0).to(ACC)
+            p_s = tl.load(p_s_ptrs, mask=valid_f[:, None, None] & nd_mask[None, :, :], other=0.0).to(ACC)
+            df = tl.sum(gamma[:, :, None] * p_s, axis=0) - delta[:, None] * f_t
+            tl.store(df_ptr + out_ptrs, df.to(df_ptr.dtype.element_ty), mask=nd_mask)
+            f_t_ptrs += step_f
+            p_s_ptrs += step_p
+        out_ptrs += BLOCK_D
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch settings and launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def num_slots(distance: int, T: int, cumulative: bool) -> int:
+    """S = 1 + 2|K| for the clamped window d = min(distance, T - 1)."""
+    d = min(int(distance), int(T) - 1)
+    if d <= 0:
+        return 1
+    return 1 + 2 * (d if cumulative else 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as an fp32 head plus an fp32 tail (kernels get Python floats as fp32)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]  # plain Python: this also runs while tracing
+    return hi, float(x - hi)
+
+
+def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
+                   device: torch.device, tiles: int, block_d: int | None):
+    """(BLOCK_N, BLOCK_D, num_warps) from the shape; no autotuning, so launches are reproducible.
+
+    `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
+    loop over D (forward 1; backward 1, or 2 when it also computes d features). Their total is
+    kept near 4096 fp32 elements with 4 warps: on an H200 at B=1, T=21, N=1369, D=1536, S=3, larger
+    tiles (BLOCK_D=128) made the backward 2-3x slower and did not help the forward. Token blocks
+    stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    budget = (4096 if acc_dtype != torch.float64 else 2048) // tiles
+    block_n = max(2, min(16, next_power_of_2(N)))
+    while block_n > 4 and B * T * triton.cdiv(N, block_n) < 4 * sms:
+        block_n //= 2
+    while block_n > 2 and s_pad * block_n * 16 > budget:  # wide windows (cumulative, large d)
+        block_n //= 2
+    if block_d is None:
+        block_d = budget // (s_pad * block_n)
+        block_d = max(16, min(block_d, 256, next_power_of_2(D)))
+        block_d = 1 << (block_d.bit_length() - 1)  # power of two
+    elems = s_pad * block_n * block_d * tiles
+    num_warps = 8 if elems >= 16384 else 4 if elems >= 2048 else 2
+    return block_n, block_d, num_warps
+
+
+def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,
+                    tau: float, cumulative: bool, normalize_neighbour_sum: bool,
+                    block_d: int | None = None) -> None:
+    """Writes every element of total/self_tok/pnorm/fnorm (B, T, N) and cos (B, T, S, N), all
+    contiguous in the accumulation dtype. Inputs may have any strides."""
+    B, T, N, D = projected.shape
+    d = max(0, min(int(distance), T - 1))
+    S = num_slots(distance, T, cumulative)
+    s_pad = next_power_of_2(S)
+    acc = total.dtype
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d)
+    n_blocks = triton.cdiv(N, block_n)
+    grid = (B * T * n_blocks,)
+    if B * T * N == 0:
+        return
+    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
+    eps_hi, eps_lo = _split(EPS)
+    wrap_triton(_neighbour_cosine_fwd_kernel)[grid](
+        projected, features, total, self_tok, pnorm, fnorm, cos,
+        T, N, D, d, S, n_blocks,
+        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *projected.stride(), *features.stride(),
+        S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
+        CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
+        IS_FP64=acc == torch.float64, num_warps=num_warps,
+    )
+
+
+def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
+                     *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
+                     block_d: int | None = None) -> None:
+    """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
+    skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None."""
+    B, T, N, D = projected.shape
+    d = max(0, min(int(distance), T - 1))
+    S = num_slots(distance, T, cumulative)
+    s_pad = next_power_of_2(S)
+    acc = pnorm.dtype
+    tiles = (d_projected is not None) + (d_features is not None)
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d)
+    n_blocks = triton.cdiv(N, block_n)
+    grid = (B * T * n_blocks,)
+    if B * T * N == 0 or (d_projected is None and d_features is None):
+        return
+    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
+    eps_hi, eps_lo = _split(EPS)
+    # Absent pieces get a harmless stand-in pointer; the constexpr switches keep it unread/unwritten.
+    gt = g_total if g_total is not None else pnorm
+    gs = g_self if g_self is not None else pnorm
+    dp = d_projected if d_projected is not None else pnorm
+    df = d_features if d_features is not None else pnorm
+    wrap_triton(_neighbour_cosine_bwd_kernel)[grid](
+        projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
+        T, N, D, d, S, n_blocks,
+        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *projected.stride(), *features.stride(),
+        *(g_total.stride() if g_total is not None else (0, 0, 0)),
+        *(g_self.stride() if g_self is not None else (0, 0, 0)),
+        S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
+        CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
+        HAS_GT=g_total is not None, HAS_GS=g_self is not None,
+        COMPUTE_DP=d_projected is not None, COMPUTE_DF=d_features is not None,
+        num_warps=num_warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile-visible) and autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton_op("crepa_kernels::neighbour_cosine_fwd", mutates_args=())
+def _neighbour_cosine_fwd_op(
+    projected: torch.Tensor, features: torch.Tensor, distance: int, tau: float, cumulative: bool,
+    normalize_neighbour_sum: bool, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, N, _ = projected.shape
+    acc = accumulation_dtype(torch.promote_types(projected.dtype, features.dtype))
+    S = num_slots(distance, T, cumulative)
+    kw = dict(dtype=acc, device=projected.device)
+    total = torch.empty((B, T, N), **kw)
+    self_tok = torch.empty((B, T, N), **kw)
+    pnorm = torch.empty((B, T, N), **kw)
+    fnorm = torch.empty((B, T, N), **kw)
+    cos = torch.empty((B, T, S, N), **kw)
+    _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
+                    cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
+                    block_d=block_d or None)
+    return total, self_tok, pnorm, fnorm, cos
+
+
+@triton_op("crepa_kernels::neighbour_cosine_bwd", mutates_args=())
+def _neighbour_cosine_bwd_op(
+    projected: torch.Tensor, features: torch.Tensor, pnorm: torch.Tensor, fnorm: torch.Tensor,
+    cos: torch.Tensor, g_total: torch.Tensor | None, g_self: torch.Tensor | None, distance: int,
+    tau: float, cumulative: bool, normalize_neighbour_sum: bool, need_projected: bool,
+    need_features: bool, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Custom ops cannot return None: an unneeded gradient comes back as an empty tensor.
+    dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
+                     device=projected.device)
+    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype,
+                     device=features.device)
+    _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
+                     dp if need_projected else None, df if need_features else None,
+                     distance=distance, tau=tau, cumulative=cumulative,
+                     normalize_neighbour_sum=normalize_neighbour_sum, block_d=block_d or None)
+    return dp, df
+
+
+def _setup_context(ctx, inputs, output):
+    projected, features, distance, tau, cumulative, normalize, block_d = inputs
+    _, _, pnorm, fnorm, cos = output
+    ctx.mark_non_differentiable(pnorm, fnorm, cos)
+    ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
+    ctx.args = (distance, tau, cumulative, normalize, block_d)
+
+
+def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
+    projected, features, pnorm, fnorm, cos = ctx.saved_tensors
+    distance, tau, cumulative, normalize, block_d = ctx.args
+    need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_p or need_f):
+        return (None,) * 7
+    dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
+        projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
+        need_p, need_f, block_d)
+    return (dp if need_p else None, df if need_f else None, None, None, None, None, None)
+
+
+register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d) -> None:
+    for name, x in (("projected", projected), ("features", features)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D (B, T, N, D), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if projected.shape != features.shape:
+        raise ValueError(f"projected and features must have the same shape, got {tuple(projected.shape)} "
+                         f"and {tuple(features.shape)}")
+    if projected.device != features.device:
+        raise ValueError(f"projected and features must be on the same device, got {projected.device} "
+                         f"and {features.device}")
+    # Not traced by torch.compile (environment lookups); a compiled call on a bad device fails at launch.
+    if not torch.compiler.is_compiling() and not triton_supports(projected):
+        raise ValueError(f"projected is on {projected.device}, which the Triton kernels cannot run on "
+                         "(expected a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1)")
+    if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
+        raise ValueError(f"distance must be a non-negative int, got {distance!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    for name, flag in (("cumulative", cumulative), ("normalize_neighbour_sum", normalize_neighbour_sum)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if block_d is not None and (isinstance(block_d, bool) or not isinstance(block_d, int) or block_d < 1
+                                or block_d & (block_d - 1)):
+        raise ValueError(f"block_d must be a power-of-two int or None, got {block_d!r}")
+
+
+def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distance: int, tau: float,
+                     cumulative: bool, normalize_neighbour_sum: bool,
+                     block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token distance-decayed neighbour cosine and self cosine of L2-normalised inputs.
+
+    projected, features: (B, T, N, D), raw, same shape and device; fp16/bf16/fp32/fp64; any strides.
+    Returns (total_tok, self_tok), each (B, T, N), fp32 (fp64 for fp64 inputs):
+      x^ = x / max(||x||, 1e-12); self_tok = <p^[t], f^[t]>;
+      d = min(distance, T - 1), K = {1..d} if cumulative else {d} (empty when d == 0);
+      total_tok[t] = (self_tok[t] + sum_{k in K, u = t +- k in [0, T)} e^(-k/tau) <p^[t], f^[u]>) / den[t],
+      den[t] = 1 + the weights used at frame t when normalize_neighbour_sum, else 1.
+    Differentiable w.r.t. projected, and w.r.t. features when it requires grad.
+    `block_d` overrides the feature-dim block (a power of two; tests use it to force several blocks).
+    """
+    _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d)
+    total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(
+        projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum, block_d or 0)
+    return total, self_tok

@@ -1,0 +1,388 @@
+"""Tests of the fused neighbour-cosine op (crepa_kernels/ops/similarity.py) against a plain torch oracle.
+
+Tier 2 runs the Triton kernels through the interpreter on tiny shapes; tier 3 (`gpu`) covers low
+precision, torch.compile, determinism at size and a case whose offsets need 64 bits.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crepa_kernels.ops.similarity import _launch_backward, _launch_forward, neighbour_cosine, num_slots
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Oracle: F.normalize, then one shifted dot product per offset and direction (SPEC sections 3-4).
+# ----------------------------------------------------------------------------------------------------
+
+
+def oracle(p, f, *, distance, tau, cumulative, normalize_neighbour_sum, block_d=None):
+    T = p.shape[1]
+    ph, fh = F.normalize(p, dim=-1), F.normalize(f, dim=-1)
+    self_tok = (ph * fh).sum(-1)
+    d = min(distance, T - 1)
+    ks = [] if d <= 0 else (list(range(1, d + 1)) if cumulative else [d])
+    total = self_tok
+    den = [1.0] * T
+    for k in ks:
+        w = math.exp(-k / tau)
+        ahead = (ph[:, : T - k] * fh[:, k:]).sum(-1)  # frame t with t + k
+        behind = (ph[:, k:] * fh[:, : T - k]).sum(-1)  # frame t with t - k
+        total = total + w * (F.pad(ahead, (0, 0, 0, k)) + F.pad(behind, (0, 0, k, 0)))
+        for t in range(T):
+            den[t] += w * ((t + k < T) + (t - k >= 0))
+    if normalize_neighbour_sum:
+        total = total / torch.tensor(den, dtype=total.dtype, device=total.device)[None, :, None]
+    return total, self_tok
+
+
+def _inputs(shape, dtype, *, seed=0, grad_f=True):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV, dtype).requires_grad_(True)
+    f = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV, dtype).requires_grad_(grad_f)
+    return p, f
+
+
+def _tols(dtype):
+    # (forward atol, gradient rtol)
+    return (1e-5, 1e-4) if dtype == torch.float32 else (1e-11, 1e-9)
+
+
+def _assert_grad_close(actual, expected, rtol):
+    # Relative to the largest gradient, with a floor: with D = 1 the true gradient is 0 and both sides
+    # hold only rounding noise.
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-2))
+
+
+def _check(p, f, *, leaves=None, dtype=torch.float32, seed=1, **kw):
+    """Forward and gradients (random upstream gradients for both outputs) against the oracle."""
+    leaves = leaves if leaves is not None else [x for x in (p, f) if x.requires_grad]
+    atol, rtol = _tols(dtype)
+    total, self_tok = neighbour_cosine(p, f, **kw)
+    ref_total, ref_self = oracle(p, f, **kw)
+    assert total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert total.shape == self_tok.shape == p.shape[:3]
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=atol)
+    torch.testing.assert_close(self_tok, ref_self, rtol=0, atol=atol)
+    g = torch.Generator().manual_seed(seed)
+    g_total = torch.randn(total.shape, generator=g, dtype=torch.float64).to(DEV, total.dtype)
+    g_self = torch.randn(total.shape, generator=g, dtype=torch.float64).to(DEV, total.dtype)
+    got = torch.autograd.grad((total * g_total).sum() + (self_tok * g_self).sum(), leaves)
+    want = torch.autograd.grad((ref_total * g_total).sum() + (ref_self * g_self).sum(), leaves)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        _assert_grad_close(a, b, rtol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tier 2: interpreter (or GPU when present), tiny shapes
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cumulative", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_matches_oracle(dtype, cumulative, normalize):
+    p, f = _inputs((2, 5, 3, 20), dtype)
+    _check(p, f, dtype=dtype, distance=2, tau=0.7, cumulative=cumulative, normalize_neighbour_sum=normalize)
+
+
+@pytest.mark.parametrize(
+    "shape, distance, cumulative, block_d, dtype",
+    [
+        ((2, 1, 3, 8), 1, False, None, torch.float32),  # T = 1: only the self slot
+        ((1, 4, 1, 8), 1, True, None, torch.float32),  # N = 1
+        # D = 1: the true gradient is 0 (x^ = sign(x)); fp64 keeps the rounding noise of
+        # (g - x^ <x^, g>) / |x| far below the tolerance even for small |x|.
+        ((2, 4, 3, 1), 2, True, None, torch.float64),
+        ((1, 3, 2, 300), 1, False, 128, torch.float32),  # D not a power of two, three feature blocks
+        ((1, 3, 2, 300), 1, True, None, torch.float64),  # default launch settings
+        ((1, 3, 2, 6), 7, False, None, torch.float32),  # distance clamped to T - 1 (adjacent: offset 2)
+        ((1, 3, 2, 6), 7, True, None, torch.float32),  # distance clamped (cumulative: offsets 1, 2)
+        ((2, 4, 3, 6), 0, True, None, torch.float32),  # distance 0: per-frame alignment
+    ],
+)
+def test_awkward_shapes(shape, distance, cumulative, block_d, dtype):
+    for normalize in (False, True):
+        p, f = _inputs(shape, dtype)
+        _check(p, f, dtype=dtype, distance=distance, tau=1.3, cumulative=cumulative,
+               normalize_neighbour_sum=normalize, block_d=block_d)
+
+
+def test_clamped_distance_is_adjacent_offset():
+    # T=3, distance 7 adjacent -> d = 2: frame 0 pairs only with frame 2, frame 1 only with itself.
+    p = torch.zeros(1, 3, 1, 2, device=DEV)
+    f = torch.zeros(1, 3, 1, 2, device=DEV)
+    p[0, :, 0, 0] = 1.0
+    f[0, 0, 0, 0], f[0, 1, 0, 1], f[0, 2, 0, 0] = 1.0, 1.0, -1.0
+    total, self_tok = neighbour_cosine(p, f, distance=7, tau=2.0, cumulative=False, normalize_neighbour_sum=False)
+    w = math.exp(-2 / 2.0)
+    torch.testing.assert_close(self_tok[0, :, 0].cpu(), torch.tensor([1.0, 0.0, -1.0]))
+    torch.testing.assert_close(total[0, :, 0].cpu(), torch.tensor([1.0 - w, 0.0, -1.0 + w]))
+
+
+def test_worked_example_from_spec():
+    # All-ones inputs: every cosine is 1, total = 1 + (number of neighbours) * e^-1.
+    ones = torch.ones(1, 3, 4, 5, device=DEV)
+    total, self_tok = neighbour_cosine(ones, ones, distance=1, tau=1.0, cumulative=False,
+                                       normalize_neighbour_sum=False)
+    e = math.exp(-1)
+    torch.testing.assert_close(total.cpu(), torch.tensor([1 + e, 1 + 2 * e, 1 + e])[None, :, None].expand(1, 3, 4))
+    torch.testing.assert_close(self_tok.cpu(), torch.ones(1, 3, 4))
+    total_n, _ = neighbour_cosine(ones, ones, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+    torch.testing.assert_close(total_n.cpu(), torch.ones(1, 3, 4))
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(3)
+    # Transposed views (tokens and frames swapped in memory) and a strided slice of the feature dim.
+    p_base = torch.randn(2, 3, 4, 14, generator=g).to(DEV).requires_grad_(True)
+    f_base = torch.randn(2, 3, 4, 14, generator=g).to(DEV).requires_grad_(True)
+    p = p_base.transpose(1, 2)[..., ::2]
+    f = f_base.transpose(1, 2)[..., 1::2]
+    assert not p.is_contiguous() and not f.is_contiguous()
+    _check(p, f, leaves=[p_base, f_base], distance=1, tau=1.0, cumulative=True, normalize_neighbour_sum=True,
+           block_d=4)
+
+
+def test_expanded_stride0_inputs():
+    g = torch.Generator().manual_seed(4)
+    p0 = torch.randn(1, 4, 3, 9, generator=g).to(DEV).requires_grad_(True)
+    f0 = torch.randn(2, 1, 3, 9, generator=g).to(DEV).requires_grad_(True)
+    p = p0.expand(2, 4, 3, 9)  # stride 0 over the batch
+    f = f0.expand(2, 4, 3, 9)  # stride 0 over frames: every frame sees the same teacher features
+    _check(p, f, leaves=[p0, f0], distance=2, tau=0.5, cumulative=False, normalize_neighbour_sum=False)
+
+
+def test_loss_style_mean_gradients():
+    # The loss reduces with .mean(-1): upstream gradients arrive expanded (stride 0).
+    p, f = _inputs((2, 4, 5, 12), torch.float32)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+    total, self_tok = neighbour_cosine(p, f, **kw)
+    ref_total, ref_self = oracle(p, f, **kw)
+    got = torch.autograd.grad(-total.mean(-1).sum() + 0.3 * self_tok.mean(-1).sum(), (p, f))
+    want = torch.autograd.grad(-ref_total.mean(-1).sum() + 0.3 * ref_self.mean(-1).sum(), (p, f))
+    for a, b in zip(got, want):
+        _assert_grad_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("used", ["total", "self"])
+def test_one_output_used(used):
+    p, f = _inputs((1, 4, 3, 10), torch.float32)
+    kw = dict(distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=False)
+    out = neighbour_cosine(p, f, **kw)[0 if used == "total" else 1]
+    ref = oracle(p, f, **kw)[0 if used == "total" else 1]
+    got = torch.autograd.grad(out.sum(), (p, f))
+    want = torch.autograd.grad(ref.sum(), (p, f))
+    for a, b in zip(got, want):
+        _assert_grad_close(a, b, 1e-4)
+
+
+def test_features_without_grad():
+    p, f = _inputs((1, 4, 3, 10), torch.float32, grad_f=False)
+    total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    (total.sum() + self_tok.sum()).backward()
+    assert f.grad is None and p.grad is not None
+    _check(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+
+
+def test_only_features_require_grad():
+    p, f = _inputs((1, 4, 3, 10), torch.float32)
+    p = p.detach()
+    _check(p, f, leaves=[f], distance=1, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_and_tiny_vectors(dtype):
+    p, f = _inputs((1, 3, 4, 6), dtype)
+    with torch.no_grad():
+        p[0, 1, 0].zero_()  # zero projected token
+        f[0, 2, 1].zero_()  # zero feature token, a neighbour of frame 1
+        p[0, 0, 2].mul_(1e-14)  # below eps: F.normalize is x / eps there (linear)
+        f[0, 1, 3].mul_(1e-14)
+    _check(p, f, dtype=dtype, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+
+
+def test_launchers_write_every_element():
+    # NaN-filled buffers: any element the kernels skip stays NaN and fails the comparison.
+    p, f = _inputs((2, 3, 5, 37), torch.float32)
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    B, T, N, D = p.shape
+    S = num_slots(1, T, True)
+    bufs = [torch.full((B, T, N), float("nan"), device=DEV) for _ in range(4)]
+    cos = torch.full((B, T, S, N), float("nan"), device=DEV)
+    ref_total, ref_self = oracle(p, f, **kw)
+    with torch.no_grad():
+        _launch_forward(p, f, *bufs, cos, block_d=16, **kw)
+        total, self_tok, pnorm, fnorm = bufs
+        torch.testing.assert_close(total, ref_total, rtol=0, atol=1e-5)
+        torch.testing.assert_close(self_tok, ref_self, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pnorm, p.norm(dim=-1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(fnorm, f.norm(dim=-1), rtol=1e-6, atol=0)
+        # Slot layout: 0 self, 1 = frame t-1, 2 = frame t+1; invalid edge slots hold 0.
+        ph, fh = F.normalize(p, dim=-1), F.normalize(f, dim=-1)
+        torch.testing.assert_close(cos[:, :, 0], ref_self, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cos[:, 1:, 1], (ph[:, 1:] * fh[:, :-1]).sum(-1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(cos[:, :-1, 2], (ph[:, :-1] * fh[:, 1:]).sum(-1), rtol=0, atol=1e-5)
+        assert (cos[:, 0, 1] == 0).all() and (cos[:, -1, 2] == 0).all()
+
+    g_total = torch.randn(B, T, N, device=DEV)
+    dp = torch.full_like(p, float("nan"))
+    df = torch.full_like(f, float("nan"))
+    _launch_backward(p.detach(), f.detach(), pnorm, fnorm, cos, g_total, None, dp, df, block_d=16, **kw)
+    want = torch.autograd.grad((ref_total * g_total).sum(), (p, f))
+    _assert_grad_close(dp, want[0], 1e-4)
+    _assert_grad_close(df, want[1], 1e-4)
+
+
+def test_gradients_not_written_into_inputs():
+    p, f = _inputs((1, 3, 2, 8), torch.float32)
+    p0, f0 = p.detach().clone(), f.detach().clone()
+    total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    (total.sum() + self_tok.sum()).backward()
+    assert torch.equal(p.detach(), p0) and torch.equal(f.detach(), f0)
+
+
+@pytest.mark.parametrize("cumulative, normalize", [(False, True), (True, False)])
+def test_gradcheck_fp64(cumulative, normalize):
+    p, f = _inputs((1, 3, 2, 3), torch.float64, seed=7)
+
+    def fn(p, f):
+        return neighbour_cosine(p, f, distance=2, tau=0.8, cumulative=cumulative,
+                                normalize_neighbour_sum=normalize)
+
+    assert torch.autograd.gradcheck(fn, (p, f), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_bitwise_deterministic():
+    p, f = _inputs((1, 4, 6, 20), torch.float32)
+    kw = dict(distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=True, block_d=8)
+    runs = []
+    for _ in range(2):
+        total, self_tok = neighbour_cosine(p, f, **kw)
+        grads = torch.autograd.grad(total.sum() + 0.5 * self_tok.sum(), (p, f))
+        runs.append((total, self_tok, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(p=torch.zeros(2, 3, 4)), ValueError, "projected must be 4-D"),
+        (dict(f=torch.zeros(1, 2, 3, 5)), ValueError, "same shape"),
+        (dict(p=torch.zeros(1, 2, 3, 4, dtype=torch.int32)), TypeError, "projected must be float16"),
+        (dict(f=[1.0]), TypeError, "features must be a torch.Tensor"),
+        (dict(distance=-1), ValueError, "distance must be a non-negative int"),
+        (dict(distance=1.5), ValueError, "distance must be a non-negative int"),
+        (dict(tau=0.0), ValueError, "tau must be a finite number > 0"),
+        (dict(tau=float("inf")), ValueError, "tau must be a finite number > 0"),
+        (dict(cumulative=1), TypeError, "cumulative must be a bool"),
+        (dict(block_d=24), ValueError, "block_d must be a power-of-two"),
+    ],
+)
+def test_validation(kwargs, exc, match):
+    args = dict(p=torch.zeros(1, 2, 3, 4), f=torch.zeros(1, 2, 3, 4), distance=1, tau=1.0, cumulative=False,
+                normalize_neighbour_sum=False, block_d=None)
+    args.update(kwargs)
+    p, f = args.pop("p"), args.pop("f")
+    p = p.to(DEV) if isinstance(p, torch.Tensor) else p
+    f = f.to(DEV) if isinstance(f, torch.Tensor) else f
+    with pytest.raises(exc, match=match):
+        neighbour_cosine(p, f, **args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tier 3: GPU only
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision(dtype):
+    p, f = _inputs((2, 6, 100, 200), dtype)
+    kw = dict(distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=False)
+    total, self_tok = neighbour_cosine(p, f, **kw)
+    assert total.dtype == torch.float32
+    # The kernel reads the same low-precision values and computes in fp32: the forward matches an
+    # fp32 oracle on the upcast inputs to fp32 rounding; gradients are rounded once to the input dtype.
+    p32 = p.detach().float().requires_grad_(True)
+    f32 = f.detach().float().requires_grad_(True)
+    ref_total, ref_self = oracle(p32, f32, **kw)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=1e-5)
+    torch.testing.assert_close(self_tok, ref_self, rtol=0, atol=1e-5)
+    g = torch.randn_like(total)
+    got = torch.autograd.grad((total * g).sum() + self_tok.sum(), (p, f))
+    want = torch.autograd.grad((ref_total * g).sum() + ref_self.sum(), (p32, f32))
+    rtol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_fp64_and_fp32():
+    for dtype in (torch.float32, torch.float64):
+        p, f = _inputs((2, 7, 33, 70), dtype)
+        _check(p, f, dtype=dtype, distance=3, tau=0.6, cumulative=True, normalize_neighbour_sum=True)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+
+    def loss_fn(p, f):
+        total, self_tok = neighbour_cosine(p, f, **kw)
+        return -total.mean(-1).sum() + 0.0 * self_tok.mean(-1).sum(), self_tok.mean(-1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    p, f = _inputs((2, 5, 64, 96), torch.float32)
+    loss_c, self_c = compiled(p, f)
+    gp_c, gf_c = torch.autograd.grad(loss_c, (p, f))
+    loss_e, self_e = loss_fn(p, f)
+    gp_e, gf_e = torch.autograd.grad(loss_e, (p, f))
+    ref_total, _ = oracle(p, f, **kw)
+    torch.testing.assert_close(loss_c, -ref_total.mean(-1).sum(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(self_c, self_e)
+    torch.testing.assert_close(gp_c, gp_e)
+    torch.testing.assert_close(gf_c, gf_e)
+
+
+@pytest.mark.gpu
+def test_gpu_bitwise_deterministic():
+    p, f = _inputs((1, 21, 1369, 256), torch.bfloat16)
+    kw = dict(distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
+    runs = []
+    for _ in range(2):
+        total, self_tok = neighbour_cosine(p, f, **kw)
+        grads = torch.autograd.grad(total.mean(-1).sum() + self_tok.mean(-1).sum(), (p, f))
+        runs.append((total, self_tok, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    # Each input has 1*8*16384*16400 = 2.15e9 > 2^31 elements (4.3 GB in bf16; 17 GB with gradients).
+    B, T, N, D = 1, 8, 16384, 16400
+    torch.manual_seed(0)
+    p = torch.randn(B, T, N, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    f = torch.randn(B, T, N, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    kw = dict(distance=2, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
+    total, self_tok = neighbour_cosine(p, f, **kw)
+    gp, gf = torch.autograd.grad(total.mean(-1).sum(), (p, f))
+    # Tokens are independent, so the oracle on a token subset (the highest offsets) is exact there.
+    sub = torch.arange(N - 24, N, device="cuda")
+    p32 = p.detach()[:, :, sub].float().requires_grad_(True)
+    f32 = f.detach()[:, :, sub].float().requires_grad_(True)
+    ref_total, ref_self = oracle(p32, f32, **kw)
+    torch.testing.assert_close(total[:, :, sub], ref_total, rtol=0, atol=1e-5)
+    torch.testing.assert_close(self_tok[:, :, sub], ref_self, rtol=0, atol=1e-5)
+    want_p, want_f = torch.autograd.grad(ref_total.sum() / N, (p32, f32))
+    for got, want in ((gp[:, :, sub], want_p), (gf[:, :, sub], want_f)):
+        torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item())
