@@ -1,0 +1,363 @@
+"""A disk cache of teacher features, so the encoder and the VAE can be skipped when features are fixed.
+
+Entries are safetensors files named by a key that hashes the sample id and everything that changes
+the features (`FeatureCache.make_key`). Writes are atomic: the bytes go to a uniquely named temp
+file in the entry's own directory, are flushed and fsynced, then `os.replace`d onto the entry name.
+A process that dies mid-write leaves at most a temp file, which `get` never reads (entries and temp
+files cannot share a name) and `cleanup_temp` removes. Several processes (one per GPU) may fill the
+same cache: concurrent writers of one key each publish a complete file and the last one wins.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["CachedFeatures", "FeatureCache", "PrecomputeResult", "precompute_features", "weights_fingerprint"]
+
+FORMAT = "crepa_kernels.feature_cache/1"  # part of every key: a format change invalidates old entries
+_SUFFIX = ".safetensors"
+_TMP_SUFFIX = ".tmp"
+_KEY_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")  # no leading dot: temp files start with one
+_TENSOR_NAME = "features"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CachedFeatures(NamedTuple):
+    features: torch.Tensor
+    grid: Optional[tuple[int, int]]
+
+
+class PrecomputeResult(NamedTuple):
+    computed: int
+    skipped: int
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_fingerprint(path: PathLike) -> str:
+    """SHA-256 of a weights file's content, memoised per (path, size, mtime) within the process."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: got {type(path).__name__}, expected a str or os.PathLike")
+    real = os.path.realpath(os.fspath(path))
+    if not os.path.isfile(real):
+        raise ValueError(f"path: {os.fspath(path)!r} is not a file")
+    st = os.stat(real)
+    memo = (real, st.st_size, st.st_mtime_ns)
+    if memo not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _FINGERPRINTS[memo] = "sha256:" + h.hexdigest()
+    return _FINGERPRINTS[memo]
+
+
+def _check_grid(grid: Any, name: str = "grid") -> Optional[tuple[int, int]]:
+    if grid is None:
+        return None
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise ValueError(f"{name}: got {grid!r}, expected None or a pair of positive ints (h, w)")
+    return int(grid[0]), int(grid[1])
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _json_value(name: str, value: Any) -> Any:
+    """Canonical JSON-able form of a key component; refuses what would not hash stably."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # repr round-trips exactly
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(name, v) for v in value]
+    raise TypeError(f"{name}: got {type(value).__name__}, expected str, int, float, bool, None, torch.dtype or a tuple of them")
+
+
+class FeatureCache:
+    """Teacher features on disk, one safetensors file per key.
+
+    Args:
+        directory: where entries live (created if missing). Entries are spread over 256
+            sub-directories named by the first two hex digits of a hash of the key.
+    """
+
+    def __init__(self, directory: PathLike) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory: got {type(directory).__name__}, expected a str or os.PathLike")
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"directory: {self.directory!r} exists and is not a directory")
+        os.makedirs(self.directory, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------------ keys
+    @staticmethod
+    def make_key(
+        sample_id: Union[str, int],
+        *,
+        encoder_name: str,
+        encoder_weights: PathLike,
+        image_size: Union[int, Sequence[int]],
+        frame_index: Union[int, Sequence[int], None] = None,
+        num_frames: Optional[int] = None,
+        vae: Optional[str] = None,
+        dtype: Union[torch.dtype, str, None] = None,
+        extra: Optional[Mapping[str, Any]] = None,
+    ) -> str:
+        """A hex key hashing the sample id and every setting that changes its features.
+
+        Args:
+            sample_id: the sample (a dataset path or id), str or int.
+            encoder_name: e.g. ``"vit_giant_patch14_dinov2"``.
+            encoder_weights: a weights file (hashed by content, see `weights_fingerprint`) or a
+                fingerprint string (hub id with revision, checksum).
+            image_size: the encoder resolution, an int or (h, w).
+            frame_index: the frame (or frames, in order) encoded, for per-frame entries.
+            num_frames: the clip length, for per-video entries. At least one of the two is needed.
+            vae: identity of the VAE that decoded the latents (name and revision or fingerprint),
+                None when features come from pixel frames.
+            dtype: the dtype the features were computed in.
+            extra: any other setting that changes the features (resize mode, token layout, ...),
+                a mapping from str to plain values.
+        """
+        if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+            raise TypeError(f"sample_id: got {type(sample_id).__name__}, expected a str or int")
+        if not isinstance(encoder_name, str) or not encoder_name:
+            raise TypeError(f"encoder_name: got {encoder_name!r}, expected a non-empty str")
+        if isinstance(encoder_weights, os.PathLike) or (isinstance(encoder_weights, str) and os.path.isfile(encoder_weights)):
+            weights = weights_fingerprint(encoder_weights)
+        elif isinstance(encoder_weights, str) and encoder_weights:
+            weights = "id:" + encoder_weights
+        else:
+            raise TypeError(f"encoder_weights: got {encoder_weights!r}, expected a weights file path or a fingerprint str")
+        if _is_int(image_size) and image_size > 0:
+            size = [image_size, image_size]
+        elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+              and all(_is_int(s) and s > 0 for s in image_size)):
+            size = [int(s) for s in image_size]
+        else:
+            raise ValueError(f"image_size: got {image_size!r}, expected a positive int or a pair (h, w)")
+        if frame_index is None and num_frames is None:
+            raise ValueError("frame_index / num_frames: both are None, expected at least one")
+        if frame_index is not None:
+            frames = [frame_index] if _is_int(frame_index) else frame_index
+            if not isinstance(frames, (list, tuple)) or not frames or not all(_is_int(f) and f >= 0 for f in frames):
+                raise ValueError(f"frame_index: got {frame_index!r}, expected a non-negative int or a non-empty sequence of them")
+            frame_index = [int(f) for f in frames] if not _is_int(frame_index) else int(frame_index)
+        if num_frames is not None and not (_is_int(num_frames) and num_frames > 0):
+            raise ValueError(f"num_frames: got {num_frames!r}, expected a positive int")
+        if vae is not None and (not isinstance(vae, str) or not vae):
+            raise TypeError(f"vae: got {vae!r}, expected None or a non-empty str naming the VAE")
+        if dtype is not None and not isinstance(dtype, (torch.dtype, str)):
+            raise TypeError(f"dtype: got {type(dtype).__name__}, expected a torch.dtype, str or None")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"extra: got {type(extra).__name__}, expected a mapping")
+        extras = {}
+        for k, v in (extra or {}).items():
+            if not isinstance(k, str):
+                raise TypeError(f"extra: key {k!r} is {type(k).__name__}, expected str")
+            extras[k] = _json_value(f"extra[{k!r}]", v)
+        payload = {
+            "format": FORMAT,
+            "sample_id": sample_id,
+            "encoder_name": encoder_name,
+            "encoder_weights": weights,
+            "image_size": size,
+            "frame_index": frame_index,
+            "num_frames": num_frames,
+            "vae": vae,
+            "dtype": None if dtype is None else str(dtype),
+            "extra": extras,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # ----------------------------------------------------------------------------------------- paths
+    @staticmethod
+    def _check_key(key: Any) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"key: got {type(key).__name__}, expected a str (see FeatureCache.make_key)")
+        if not _KEY_RE.fullmatch(key) or key.endswith(_TMP_SUFFIX):
+            raise ValueError(
+                f"key: got {key!r}, expected 1-200 characters of letters, digits, '_', '-', '.', "
+                f"not starting with '.' nor ending with {_TMP_SUFFIX!r}"
+            )
+        return key
+
+    def _shard(self, key: str) -> str:
+        return os.path.join(self.directory, hashlib.sha1(key.encode()).hexdigest()[:2])
+
+    def path(self, key: str) -> str:
+        """The file an entry lives in."""
+        key = self._check_key(key)
+        return os.path.join(self._shard(key), key + _SUFFIX)
+
+    # ------------------------------------------------------------------------------------ read/write
+    def __contains__(self, key: str) -> bool:
+        return os.path.isfile(self.path(key))
+
+    def put(self, key: str, features: torch.Tensor, grid: Optional[Sequence[int]] = None) -> str:
+        """Store `features` (copied to the CPU, contiguous) and their token `grid`; returns the path."""
+        key = self._check_key(key)
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features: got {type(features).__name__}, expected a torch.Tensor")
+        if features.layout != torch.strided:
+            raise ValueError(f"features: got a {features.layout} tensor, expected a dense one")
+        grid = _check_grid(grid)
+        from safetensors.torch import save
+
+        meta = {"format": FORMAT, "key": key}
+        if grid is not None:
+            meta["grid"] = f"{grid[0]},{grid[1]}"
+        data = save({_TENSOR_NAME: features.detach().to("cpu").contiguous()}, metadata=meta)
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        _write_atomic(final, data)
+        return final
+
+    def get(self, key: str, device: Union[str, torch.device] = "cpu") -> Optional[CachedFeatures]:
+        """The entry as (features, grid), or None when absent (or unreadable, with a warning)."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+            meta = _read_metadata(data)
+        except Exception as e:  # a file damaged outside our writes (disk fault, foreign tool)
+            warnings.warn(f"feature cache: unreadable entry {path} ({e}); treating it as absent", stacklevel=2)
+            return None
+        if meta.get("key") != key or _TENSOR_NAME not in tensors:
+            warnings.warn(f"feature cache: entry {path} does not hold key {key!r}; treating it as absent", stacklevel=2)
+            return None
+        grid = tuple(int(g) for g in meta["grid"].split(",")) if meta.get("grid") else None
+        return CachedFeatures(tensors[_TENSOR_NAME].to(device), grid)
+
+    def keys(self) -> Iterator[str]:
+        """Keys of the entries present (temp files excluded)."""
+        for shard in sorted(os.listdir(self.directory)):
+            sdir = os.path.join(self.directory, shard)
+            if not os.path.isdir(sdir):
+                continue
+            for name in sorted(os.listdir(sdir)):
+                if name.endswith(_SUFFIX) and not name.startswith("."):
+                    yield name[: -len(_SUFFIX)]
+
+    def cleanup_temp(self, max_age_s: float = 3600.0) -> int:
+        """Remove temp files older than `max_age_s` (left by writers that died); returns how many."""
+        if not isinstance(max_age_s, (int, float)) or isinstance(max_age_s, bool) or max_age_s < 0:
+            raise ValueError(f"max_age_s: got {max_age_s!r}, expected a non-negative number of seconds")
+        removed = 0
+        now = time.time()
+        for root, _dirs, files in os.walk(self.directory):
+            for name in files:
+                if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                    p = os.path.join(root, name)
+                    try:
+                        if now - os.stat(p).st_mtime >= max_age_s:
+                            os.unlink(p)
+                            removed += 1
+                    except FileNotFoundError:  # another process got there first
+                        pass
+        return removed
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.directory!r})"
+
+
+def _read_metadata(data: bytes) -> dict:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def _write_atomic(final: str, data: bytes) -> None:
+    """Publish `data` at `final` all at once: temp file in the same directory, fsync, rename."""
+    directory, name = os.path.split(final)
+    # pid + random suffix: unique across processes and across threads of one process
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; some file systems refuse to open directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def precompute_features(
+    items: Iterable[Any],
+    compute_fn: Callable[[Any], Any],
+    cache: FeatureCache,
+    key_fn: Callable[[Any], str],
+    progress: bool = True,
+) -> PrecomputeResult:
+    """Fill `cache` once: for each item whose key is absent, store ``compute_fn(item)``.
+
+    `compute_fn` returns the features tensor, or ``(features, grid)``. Entries already present
+    (from an earlier run or another process) are skipped, so an interrupted run resumes.
+    """
+    if not isinstance(cache, FeatureCache):
+        raise TypeError(f"cache: got {type(cache).__name__}, expected a FeatureCache")
+    if not callable(compute_fn):
+        raise TypeError(f"compute_fn: got {type(compute_fn).__name__}, expected a callable")
+    if not callable(key_fn):
+        raise TypeError(f"key_fn: got {type(key_fn).__name__}, expected a callable")
+    total = len(items) if hasattr(items, "__len__") else None
+    it: Iterable[Any] = items
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            it = bar = tqdm(items, total=total, desc="teacher features", unit="item")
+        except ImportError:  # progress display is optional
+            pass
+    computed = skipped = 0
+    try:
+        for item in it:
+            key = key_fn(item)
+            if key in cache:
+                skipped += 1
+                continue
+            out = compute_fn(item)
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+                cache.put(key, out[0], out[1])
+            else:
+                cache.put(key, out)
+            computed += 1
+    finally:
+        if bar is not None:
+            bar.close()
+    return PrecomputeResult(computed, skipped)

@@ -1,0 +1,575 @@
+"""Keep frozen teacher modules (DINOv2, the video VAE) in CPU RAM between uses, on the GPU while used.
+
+`OffloadManager` moves whole frozen modules between one persistent pinned host copy and the compute
+device. The three modes:
+
+- ``"resident"``: a module stays on the device after its first use (the manager only packs it once).
+- ``"offload"``: a module goes back to RAM as soon as its last ``use`` ends.
+- ``"auto"``: a module stays while the free device memory (the driver's free memory plus what
+  PyTorch's caching allocator holds unused) exceeds the module's size plus ``margin_bytes``, and goes
+  back otherwise. Bringing a module in first evicts idle resident ones when memory is short, and
+  a prefetch that would not fit is skipped (the copy then happens at ``use``).
+
+How it works, and why:
+
+- Host copy: on first contact every parameter and buffer of the module is packed into one flat
+  page-locked byte buffer (tensors are views into it, 256-byte aligned, dense layouts kept; tied
+  weights stay one tensor). The buffer is an anonymous mapping registered with the driver at its
+  page-rounded size, avoiding the power-of-two rounding PyTorch's pinned allocator applies (up to
+  2x for a 4.5 GB DINOv2-g). Releasing a module re-points its tensors at these views: nothing is
+  ever copied back, because the modules are frozen (trainable parameters are refused).
+- Device copy: one flat device buffer per module, filled by a single host-to-device copy on a
+  side stream. The buffer is allocated on the stream that is current at the prefetch (the compute
+  stream); the side stream first waits for that stream (the block may be memory the compute stream
+  has just freed), and every stream that uses the module waits for the copy's event. On release the
+  allocating stream waits for the copy and for an event recorded on each stream that used the
+  module, then the buffer is dropped. The caching allocator only reuses a block for work that is
+  queued after that point on the allocating stream, so the storage outlives its last use without
+  ``record_stream`` and without the host ever waiting; and freed weights are at once reusable by
+  the compute stream (activations, the next module), which a side-stream pool would not allow.
+- On a machine without CUDA (or ``device="cpu"``) every mode is a no-op: ``use`` yields the module
+  untouched. ``emulate_device=True`` runs the real bookkeeping (packing, copies into fresh CPU
+  buffers, re-pointing) on the CPU so it can be tested without a GPU.
+
+Intended order in a CREPA teacher step (``m`` a manager, ``vae`` and ``dino`` frozen modules)::
+
+    m.prefetch(vae)                  # early, e.g. before the DiT forward: the copy overlaps it
+    with m.use(vae):
+        m.prefetch(dino)             # before launching the decode, so the copy overlaps it
+        frames = decode(vae, latents)
+    m.release(vae)                   # before DINOv2 runs: its memory is free for DINOv2
+    with m.use(dino):
+        features = encode(dino, frames)
+
+``release`` follows the mode (a no-op in ``"resident"``); ``evict`` always drops the device copy.
+The ``"auto"`` rule counts the module's own bytes as used, so a module stays only when a second
+copy of it (the next module, activations) would still fit with the margin to spare.
+Prefetching DINOv2 while the VAE decodes keeps both weight sets on the device during the decode;
+when memory is that tight, skip that prefetch (``"auto"`` does so by itself) and the peak is the
+larger of the two steps, not their sum. The manager is not thread-safe: use one per process.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import mmap
+import sys
+import weakref
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["OFFLOAD_MODES", "DEFAULT_MARGIN_BYTES", "OffloadStats", "OffloadManager", "module_nbytes"]
+
+OFFLOAD_MODES = ("resident", "offload", "auto")
+DEFAULT_MARGIN_BYTES = 2 * 1024**3  # room left for activations when "auto" decides to keep a module
+_ALIGN = 256  # byte alignment of each tensor inside the packed buffers (vectorised loads, cuBLAS)
+_PAGE = mmap.PAGESIZE
+
+DeviceLike = Union[str, int, torch.device, None]
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _dense_layout(t: torch.Tensor) -> bool:
+    """Dense layouts we can recreate with `as_strided` over exactly numel elements."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Unique parameters then buffers (tied weights appear once)."""
+    seen: set[int] = set()
+    out: list[tuple[str, torch.Tensor]] = []
+    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes the packed copy of `module` takes (its unique parameters and buffers, aligned)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    total = 0
+    for _, t in _module_tensors(module):
+        total = _round_up(total + t.numel() * t.element_size(), _ALIGN)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadStats:
+    """A snapshot of what the manager moved. Copy time counts completed copies only."""
+
+    bytes_to_device: int  # host-to-device bytes enqueued
+    copies: int  # host-to-device copies enqueued (one per module bring-in)
+    copy_seconds: float  # summed duration of the completed copies (CUDA events on the copy stream)
+    pending_copies: int  # copies whose time is not known yet (still in flight)
+    bytes_to_host: int  # bytes read into the host copies when modules were first packed
+    prefetches: int
+    prefetches_skipped: int  # "auto" prefetches skipped for lack of memory
+    releases: int  # device copies dropped (by policy, release or evict)
+    evictions: int  # of those, dropped to make room for another module
+    resident_modules: int  # managed modules whose device copy exists now
+    resident_bytes: int
+    host_bytes: int  # packed host copies held
+    pinning: str  # how host copies are page-locked: "registered", "torch", "none" or "n/a"
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    tensor: torch.Tensor  # the module's own Parameter / buffer object, re-pointed in place
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: Optional[tuple[int, ...]]  # None: packed contiguous
+    offset: int  # byte offset in the packed buffer
+    nbytes: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """Per-module state: the packed host copy and, while resident, its device copy."""
+
+    name: str
+    entries: list[_Entry]
+    nbytes: int
+    host: torch.Tensor  # flat uint8, page-locked when a GPU is present
+    host_views: list[torch.Tensor]
+    device_buf: Optional[torch.Tensor] = None
+    ready: Optional[object] = None  # CUDA event recorded after the copy
+    alloc_stream: Optional[object] = None
+    use_streams: list = dataclasses.field(default_factory=list)
+    in_use: int = 0
+    last_used: int = 0
+    expected_ptr: int = 0  # data_ptr of the first entry, to notice modules moved behind our back
+    finalizer: Optional[weakref.finalize] = None
+
+
+def _unregister_host(ptr: int) -> None:
+    try:  # at interpreter exit the driver may already be gone; nothing useful to report then
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:
+        pass
+
+
+def _alloc_host(nbytes: int, pin: bool) -> tuple[torch.Tensor, Optional[int], str]:
+    """A flat uint8 host buffer of exactly `nbytes`; page-locked when `pin`.
+
+    Returns (buffer, registered pointer or None, pinning kind).
+    """
+    # Anonymous mmap: page-aligned, rounded to a page (not to a power of two), and its own pages,
+    # so a registration never overlaps another. The tensor's storage starts at the mapping, which
+    # is what `Tensor.is_pinned()` and the copy engine look at.
+    size = _round_up(max(nbytes, 1), _PAGE)
+    if hasattr(mmap, "MAP_PRIVATE"):  # private anonymous memory (Python's default is shared)
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # pragma: no cover - Windows
+        mapping = mmap.mmap(-1, size)
+    host = torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    if not pin:
+        return host[:nbytes], None, "none"
+    try:
+        cudart = torch.cuda.cudart()
+        err = int(cudart.cudaHostRegister(host.data_ptr(), size, 0))
+        if err == 0:
+            return host[:nbytes], host.data_ptr(), "registered"
+        getattr(cudart, "cudaGetLastError", lambda: None)()  # do not leave the error for torch to find
+    except Exception:
+        pass
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None, "torch"
+    except Exception:
+        return host[:nbytes], None, "none"
+
+
+class OffloadManager:
+    """Moves frozen modules between a pinned host copy and the compute device (see the module doc).
+
+    Args:
+        mode: ``"resident"``, ``"offload"`` or ``"auto"`` (the ``crepa_offload`` config key).
+        device: the compute device; default the current CUDA device, else the CPU (no-op).
+        margin_bytes: memory ``"auto"`` keeps free beyond a module's size.
+        memory_probe: zero-argument callable returning the free device bytes; default the driver's
+            free memory plus the caching allocator's reserved-but-unallocated bytes.
+        emulate_device: run the offload bookkeeping with CPU buffers (testing without a GPU).
+    """
+
+    def __init__(
+        self,
+        mode: str = "auto",
+        device: DeviceLike = None,
+        margin_bytes: int = DEFAULT_MARGIN_BYTES,
+        *,
+        memory_probe: Optional[Callable[[], int]] = None,
+        emulate_device: bool = False,
+    ) -> None:
+        if not isinstance(mode, str) or mode not in OFFLOAD_MODES:
+            raise ValueError(f"mode (crepa_offload): got {mode!r}, expected one of {', '.join(OFFLOAD_MODES)}")
+        if isinstance(margin_bytes, bool) or not isinstance(margin_bytes, int) or margin_bytes < 0:
+            raise ValueError(f"margin_bytes: got {margin_bytes!r}, expected a non-negative int")
+        if memory_probe is not None and not callable(memory_probe):
+            raise TypeError(f"memory_probe: got {type(memory_probe).__name__}, expected a callable returning free bytes")
+        if not isinstance(emulate_device, bool):
+            raise TypeError(f"emulate_device: got {emulate_device!r}, expected a bool")
+        self.mode = mode
+        self.margin_bytes = margin_bytes
+        self.device = self._resolve_device(device, emulate_device)
+        self._cuda = self.device.type == "cuda"
+        self._emulate = emulate_device
+        self._active = self._cuda or emulate_device  # False: every call is a no-op
+        self._probe = memory_probe if memory_probe is not None else self._default_probe
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._slots: "weakref.WeakKeyDictionary[nn.Module, _Slot]" = weakref.WeakKeyDictionary()
+        self._owned: dict[int, weakref.ref] = {}  # id(tensor) -> tensor, to refuse overlapping modules
+        self._clock = itertools.count(1)
+        self._timings: list[tuple[object, object]] = []  # (start, end) events of copies not yet timed
+        self._pinning = "registered" if self._cuda else ("none" if emulate_device else "n/a")
+        self._n = dict(bytes_to_device=0, copies=0, bytes_to_host=0, prefetches=0, prefetches_skipped=0,
+                       releases=0, evictions=0)
+        self._copy_seconds = 0.0
+
+    # ----------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _resolve_device(device: DeviceLike, emulate: bool) -> torch.device:
+        if emulate:
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"device: got {device!r}, but emulate_device=True runs on the CPU")
+            return torch.device("cpu")
+        if device is None:
+            if torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+            raise TypeError(f"device: got {type(device).__name__}, expected a str, int or torch.device")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device: got {device!r}, expected a device such as 'cuda:0' or 'cpu'") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: got {device!r}, but CUDA is not available")
+            return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        if dev.type != "cpu":
+            raise ValueError(f"device: got {device!r}, expected a CUDA device or 'cpu'")
+        return dev
+
+    def _default_probe(self) -> int:
+        if not self._cuda:
+            return sys.maxsize  # no device memory to run out of
+        free, _total = torch.cuda.mem_get_info(self.device)  # driver query, no device sync
+        unused_cache = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(free) + int(unused_cache)
+
+    def free_bytes(self) -> int:
+        """Free device memory as the mode logic sees it (the probe's answer)."""
+        free = self._probe()
+        if isinstance(free, bool) or not isinstance(free, int):
+            raise TypeError(f"memory_probe: returned {free!r}, expected an int number of bytes")
+        return free
+
+    def _slot_for(self, module: nn.Module) -> Optional[_Slot]:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        if not self._active:
+            return None
+        slot = self._slots.get(module)
+        if slot is None:
+            slot = self._register(module)
+            self._slots[module] = slot
+        elif slot.entries and slot.entries[0].tensor.data_ptr() != slot.expected_ptr:
+            raise RuntimeError(
+                f"module {slot.name}: its tensors were replaced after the offload manager packed it "
+                "(e.g. by .to()); call manager.unregister(module) before moving it"
+            )
+        return slot
+
+    def _register(self, module: nn.Module) -> _Slot:
+        name = type(module).__name__
+        tensors = _module_tensors(module)
+        for tname, t in tensors:
+            if isinstance(t, nn.Parameter) and t.requires_grad:
+                raise ValueError(
+                    f"module {name}: parameter {tname!r} requires grad; offloading assumes frozen weights "
+                    "(call module.requires_grad_(False))"
+                )
+            if t.layout != torch.strided or t.device.type not in ("cpu", self.device.type):
+                raise ValueError(
+                    f"module {name}: tensor {tname!r} is {t.layout} on {t.device}; expected dense tensors "
+                    f"on the CPU or {self.device}"
+                )
+            ref = self._owned.get(id(t))
+            if ref is not None and ref() is t:
+                raise ValueError(f"module {name}: tensor {tname!r} already belongs to another managed module")
+        entries: list[_Entry] = []
+        offset = 0
+        for _, t in tensors:
+            nb = t.numel() * t.element_size()
+            stride = tuple(t.stride()) if _dense_layout(t) else None
+            entries.append(_Entry(t, t.dtype, tuple(t.shape), stride, offset, nb))
+            offset = _round_up(offset + nb, _ALIGN)
+        nbytes = offset
+        host, reg_ptr, pinning = _alloc_host(nbytes, pin=self._cuda)
+        if self._cuda and pinning != "registered" and self._pinning != "none":
+            self._pinning = pinning  # report the weakest pinning in use
+        views = self._views(entries, host)
+        with torch.no_grad():
+            for e, v in zip(entries, views):
+                v.copy_(e.tensor.detach())
+        slot = _Slot(name=name, entries=entries, nbytes=nbytes, host=host, host_views=views)
+        if reg_ptr is not None:
+            slot.finalizer = weakref.finalize(slot, _unregister_host, reg_ptr)
+        self._point(slot, views)  # the module's original storage is released here
+        for e in entries:
+            self._owned[id(e.tensor)] = weakref.ref(e.tensor)
+        self._n["bytes_to_host"] += nbytes
+        return slot
+
+    # ------------------------------------------------------------------------------------- plumbing
+    @staticmethod
+    def _views(entries: list[_Entry], flat: torch.Tensor) -> list[torch.Tensor]:
+        views = []
+        for e in entries:
+            typed = flat[e.offset:e.offset + e.nbytes].view(e.dtype)
+            views.append(typed.view(e.shape) if e.stride is None else typed.as_strided(e.shape, e.stride))
+        return views
+
+    @staticmethod
+    def _point(slot: _Slot, views: list[torch.Tensor]) -> None:
+        for e, v in zip(slot.entries, views):
+            e.tensor.data = v
+        if slot.entries:
+            slot.expected_ptr = slot.entries[0].tensor.data_ptr()
+
+    def _reap_timings(self) -> None:
+        # event.query() never blocks; copies still in flight are timed at a later call
+        while self._timings and self._timings[0][1].query():
+            start, end = self._timings.pop(0)
+            self._copy_seconds += start.elapsed_time(end) / 1e3
+
+    def _idle_resident(self, exclude: _Slot) -> list[_Slot]:
+        slots = [s for s in self._slots.values() if s is not exclude and s.device_buf is not None and s.in_use == 0]
+        return sorted(slots, key=lambda s: s.last_used)  # least recently used first
+
+    def _make_room(self, slot: _Slot) -> None:
+        need = slot.nbytes + self.margin_bytes
+        if self.free_bytes() >= need:
+            return
+        for other in self._idle_resident(slot):
+            self._drop(other)
+            self._n["evictions"] += 1
+            if self.free_bytes() >= need:
+                return
+
+    def _allocate(self, slot: _Slot) -> torch.Tensor:
+        try:
+            return torch.empty(slot.nbytes, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            idle = self._idle_resident(slot)
+            if self.mode == "resident" or not idle:
+                raise
+            for other in idle:
+                self._drop(other)
+                self._n["evictions"] += 1
+            return torch.empty(slot.nbytes, dtype=torch.uint8, device=self.device)
+
+    def _bring_in(self, slot: _Slot) -> None:
+        """Start the copy of `slot` to the device (no-op if it is there or on its way)."""
+        if slot.device_buf is not None:
+            return
+        if self.mode == "auto":
+            self._make_room(slot)
+        # Everything that can fail happens before any state changes: an error leaves the module on the host.
+        buf = self._allocate(slot)
+        if self._cuda:
+            self._reap_timings()
+            alloc_stream = torch.cuda.current_stream(self.device)
+            side = self._copy_stream
+            side.wait_stream(alloc_stream)  # the new block may be memory that queued compute work still reads
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(side):
+                start.record(side)
+                buf.copy_(slot.host, non_blocking=True)
+                end.record(side)
+            self._timings.append((start, end))
+            slot.ready, slot.alloc_stream = end, alloc_stream
+        else:
+            buf.copy_(slot.host)
+        slot.device_buf = buf
+        slot.use_streams = []
+        self._point(slot, self._views(slot.entries, buf))
+        self._n["bytes_to_device"] += slot.nbytes
+        self._n["copies"] += 1
+
+    def _drop(self, slot: _Slot) -> None:
+        """Point the module back at its host copy and let the device copy go (no host wait)."""
+        if slot.device_buf is None:
+            return
+        if self._cuda:
+            alloc = slot.alloc_stream
+            alloc.wait_event(slot.ready)  # a prefetched, never used copy may still be writing the block
+            for s in slot.use_streams:
+                if s != alloc:
+                    ev = torch.cuda.Event()
+                    ev.record(s)
+                    alloc.wait_event(ev)
+        self._point(slot, slot.host_views)
+        slot.device_buf = None
+        slot.ready = slot.alloc_stream = None
+        slot.use_streams = []
+        self._n["releases"] += 1
+
+    def _keeps(self, slot: _Slot) -> bool:
+        if self.mode == "resident":
+            return True
+        if self.mode == "offload":
+            return False
+        return self.free_bytes() > slot.nbytes + self.margin_bytes
+
+    # ------------------------------------------------------------------------------------ public API
+    @contextlib.contextmanager
+    def use(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Yield `module` with its weights on the compute device; afterwards apply the mode."""
+        slot = self._slot_for(module)
+        if slot is None:
+            yield module
+            return
+        self._bring_in(slot)
+        if self._cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(slot.ready)  # the compute stream waits on the copy, the host does not
+            if cur not in slot.use_streams:
+                slot.use_streams.append(cur)
+        slot.in_use += 1
+        slot.last_used = next(self._clock)
+        try:
+            yield module
+        finally:
+            slot.in_use -= 1
+            if slot.in_use == 0 and not self._keeps(slot):
+                self._drop(slot)
+
+    def prefetch(self, module: nn.Module) -> bool:
+        """Start copying `module` to the device now; True if its device copy exists or is on its way.
+
+        In ``"auto"`` mode a prefetch that would leave less than ``margin_bytes`` free is skipped.
+        """
+        slot = self._slot_for(module)
+        if slot is None:
+            return False
+        self._n["prefetches"] += 1
+        if slot.device_buf is not None:
+            return True
+        if self.mode == "auto" and self.free_bytes() < slot.nbytes + self.margin_bytes:
+            self._n["prefetches_skipped"] += 1
+            return False
+        self._bring_in(slot)
+        slot.last_used = next(self._clock)
+        return True
+
+    def release(self, module: nn.Module) -> bool:
+        """Hand `module` back: drop its device copy unless the mode keeps it. True if it was dropped."""
+        slot = self._slot_for(module)
+        if slot is None or slot.device_buf is None:
+            return False
+        if slot.in_use:
+            raise RuntimeError(f"module {slot.name}: cannot release it inside manager.use()")
+        if self._keeps(slot):
+            return False
+        self._drop(slot)
+        return True
+
+    def evict(self, module: nn.Module) -> bool:
+        """Drop the device copy of `module` whatever the mode. True if there was one."""
+        slot = self._slot_for(module)
+        if slot is None or slot.device_buf is None:
+            return False
+        if slot.in_use:
+            raise RuntimeError(f"module {slot.name}: cannot evict it inside manager.use()")
+        self._drop(slot)
+        return True
+
+    def evict_all(self) -> None:
+        """Drop every idle device copy (modules inside ``use`` stay)."""
+        for slot in list(self._slots.values()):
+            if slot.in_use == 0:
+                self._drop(slot)
+
+    def unregister(self, module: nn.Module) -> None:
+        """Forget `module`: it ends on its host copy (plain CPU tensors) and may be moved freely."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        slot = self._slots.get(module)
+        if slot is None:
+            return
+        if slot.in_use:
+            raise RuntimeError(f"module {slot.name}: cannot unregister it inside manager.use()")
+        self._drop(slot)
+        if slot.finalizer is not None:
+            slot.finalizer()  # unpinned, the memory stays valid: the module keeps viewing it
+        for e in slot.entries:
+            self._owned.pop(id(e.tensor), None)
+        del self._slots[module]
+
+    def is_resident(self, module: nn.Module) -> bool:
+        """True when the device copy of `module` exists (possibly still being copied)."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        slot = self._slots.get(module)
+        return slot is not None and slot.device_buf is not None
+
+    def would_keep(self, module_or_nbytes: Union[nn.Module, int]) -> bool:
+        """Whether the mode would keep a module of this size on the device after use (probes memory now)."""
+        if isinstance(module_or_nbytes, nn.Module):
+            nbytes = module_nbytes(module_or_nbytes)
+        elif isinstance(module_or_nbytes, int) and not isinstance(module_or_nbytes, bool) and module_or_nbytes >= 0:
+            nbytes = module_or_nbytes
+        else:
+            raise TypeError(f"module_or_nbytes: got {module_or_nbytes!r}, expected an nn.Module or a byte count")
+        if self.mode == "resident":
+            return True
+        if self.mode == "offload":
+            return False
+        return self.free_bytes() > nbytes + self.margin_bytes
+
+    def synchronize(self) -> None:
+        """Wait for copies in flight (for benchmarks and stats; never needed for correctness)."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        if self._cuda:
+            self._reap_timings()
+
+    @property
+    def stats(self) -> OffloadStats:
+        if self._cuda:
+            self._reap_timings()
+        resident = [s for s in self._slots.values() if s.device_buf is not None]
+        return OffloadStats(
+            bytes_to_device=self._n["bytes_to_device"],
+            copies=self._n["copies"],
+            copy_seconds=self._copy_seconds,
+            pending_copies=len(self._timings),
+            bytes_to_host=self._n["bytes_to_host"],
+            prefetches=self._n["prefetches"],
+            prefetches_skipped=self._n["prefetches_skipped"],
+            releases=self._n["releases"],
+            evictions=self._n["evictions"],
+            resident_modules=len(resident),
+            resident_bytes=sum(s.nbytes for s in resident),
+            host_bytes=sum(s.host.numel() for s in self._slots.values()),
+            pinning=self._pinning,
+        )
+
+    def __repr__(self) -> str:
+        return (f"OffloadManager(mode={self.mode!r}, device={str(self.device)!r}, margin_bytes={self.margin_bytes}"
+                f", modules={len(self._slots)})")

@@ -1,0 +1,290 @@
+"""Tests of FeatureCache: round trip, key sensitivity, atomic writes, concurrent writers, precompute."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from crepa_kernels.teacher import cache as cache_mod
+from crepa_kernels.teacher.cache import FeatureCache, precompute_features, weights_fingerprint
+
+BASE = dict(encoder_name="vit_giant_patch14_dinov2", encoder_weights="timm/vit_giant_patch14_dinov2.lvd142m@abc",
+            image_size=518, num_frames=16, vae="Wan-AI/Wan2.1-T2V-1.3B/vae@def", dtype=torch.float32)
+
+
+@pytest.fixture
+def fc(tmp_path):
+    return FeatureCache(tmp_path / "cache")
+
+
+def temp_files(root):
+    return [os.path.join(r, n) for r, _, files in os.walk(root) for n in files if n.endswith(".tmp")]
+
+
+# -------------------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip(fc, dtype):
+    feats = torch.randn(2, 3, 37 * 37, 8).to(dtype)
+    fc.put("abc", feats, grid=(37, 37))
+    got = fc.get("abc")
+    assert got.features.dtype == dtype and torch.equal(got.features, feats)
+    assert got.grid == (37, 37)
+    features, grid = got  # unpacks as (features, grid)
+    assert grid == (37, 37)
+
+
+def test_round_trip_without_grid_and_non_contiguous(fc):
+    feats = torch.arange(24.0).reshape(4, 6).t()  # non-contiguous
+    fc.put("k", feats)
+    got = fc.get("k")
+    assert got.grid is None and torch.equal(got.features, feats)
+
+
+def test_absent_key_and_contains(fc):
+    assert fc.get("missing") is None
+    assert "missing" not in fc
+    fc.put("present", torch.ones(1))
+    assert "present" in fc and list(fc.keys()) == ["present"]
+
+
+def test_put_overwrites(fc):
+    fc.put("k", torch.zeros(3))
+    fc.put("k", torch.ones(3), grid=(1, 3))
+    got = fc.get("k")
+    assert torch.equal(got.features, torch.ones(3)) and got.grid == (1, 3)
+
+
+def test_entry_damaged_outside_our_writes_reads_as_absent(fc):
+    fc.put("k", torch.ones(100))
+    with open(fc.path("k"), "r+b") as f:
+        f.truncate(40)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert fc.get("k") is None
+
+
+# -------------------------------------------------------------------------------------------- keys
+def test_key_is_deterministic_hex_and_stable_across_processes():
+    k = FeatureCache.make_key("clip_0001.mp4", **BASE)
+    assert k == FeatureCache.make_key("clip_0001.mp4", **dict(reversed(list(BASE.items()))))
+    assert len(k) == 64 and int(k, 16) >= 0
+    code = ("import torch; from crepa_kernels.teacher.cache import FeatureCache as F; "
+            f"print(F.make_key('clip_0001.mp4', encoder_name={BASE['encoder_name']!r}, "
+            f"encoder_weights={BASE['encoder_weights']!r}, image_size=518, num_frames=16, "
+            f"vae={BASE['vae']!r}, dtype=torch.float32))")
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == k
+
+
+@pytest.mark.parametrize("change", [
+    dict(sample_id="clip_0002.mp4"),
+    dict(sample_id=1),
+    dict(encoder_name="vit_large_patch14_dinov2"),
+    dict(encoder_weights="timm/vit_giant_patch14_dinov2.lvd142m@abd"),
+    dict(image_size=224),
+    dict(image_size=(518, 520)),
+    dict(num_frames=17),
+    dict(frame_index=3),
+    dict(vae=None),
+    dict(vae="Wan-AI/Wan2.2-TI2V-5B/vae@def"),
+    dict(dtype=torch.bfloat16),
+    dict(dtype=None),
+    dict(extra={"resize": "bicubic"}),
+])
+def test_key_changes_with_every_setting(change):
+    kwargs = dict(BASE)
+    sample = change.pop("sample_id", "clip_0001.mp4")
+    kwargs.update(change)
+    assert FeatureCache.make_key(sample, **kwargs) != FeatureCache.make_key("clip_0001.mp4", **BASE)
+
+
+def test_key_distinguishes_frame_lists_and_types():
+    keys = {
+        FeatureCache.make_key("s", **{**BASE, "frame_index": 1}),
+        FeatureCache.make_key("s", **{**BASE, "frame_index": [1]}),
+        FeatureCache.make_key("s", **{**BASE, "frame_index": [1, 2]}),
+        FeatureCache.make_key("s", **{**BASE, "frame_index": [2, 1]}),
+        FeatureCache.make_key("1", **BASE),
+        FeatureCache.make_key(1, **BASE),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": 1}}),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": "1"}}),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": 1.0}}),
+    }
+    assert len(keys) == 9
+
+
+def test_key_follows_weights_file_content_not_path(tmp_path):
+    w1, w2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    w1.write_bytes(b"weights-v1" * 1000)
+    w2.write_bytes(b"weights-v1" * 1000)
+    k1 = FeatureCache.make_key("s", **{**BASE, "encoder_weights": str(w1)})
+    assert k1 == FeatureCache.make_key("s", **{**BASE, "encoder_weights": w2})  # same bytes, other path
+    time.sleep(0.01)
+    w1.write_bytes(b"weights-v2" * 1000)  # new content (and mtime) under the same path
+    assert FeatureCache.make_key("s", **{**BASE, "encoder_weights": str(w1)}) != k1
+    assert weights_fingerprint(w1).startswith("sha256:")
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(sample_id=1.5), TypeError, "sample_id"),
+    (dict(sample_id=True), TypeError, "sample_id"),
+    (dict(encoder_name=""), TypeError, "encoder_name"),
+    (dict(encoder_weights=None), TypeError, "encoder_weights"),
+    (dict(image_size=0), ValueError, "image_size"),
+    (dict(image_size=(518,)), ValueError, "image_size"),
+    (dict(num_frames=None, frame_index=None), ValueError, "frame_index / num_frames"),
+    (dict(num_frames=0), ValueError, "num_frames"),
+    (dict(frame_index=-1), ValueError, "frame_index"),
+    (dict(vae=3), TypeError, "vae"),
+    (dict(extra=[("a", 1)]), TypeError, "extra"),
+    (dict(extra={"a": object()}), TypeError, "extra"),
+])
+def test_make_key_rejects_bad_inputs(bad, exc, match):
+    kwargs = dict(BASE)
+    sample = bad.pop("sample_id", "s")
+    kwargs.update(bad)
+    with pytest.raises(exc, match=match):
+        FeatureCache.make_key(sample, **kwargs)
+
+
+@pytest.mark.parametrize("key,exc", [(12, TypeError), (b"ab", TypeError), ("", ValueError), ("a/b", ValueError),
+                                     ("../x", ValueError), (".hidden", ValueError), ("x.tmp", ValueError),
+                                     ("x" * 201, ValueError)])
+def test_bad_keys(fc, key, exc):
+    with pytest.raises(exc, match="key"):
+        fc.put(key, torch.ones(1))
+    with pytest.raises(exc, match="key"):
+        fc.get(key)
+
+
+def test_bad_put_arguments(fc, tmp_path):
+    with pytest.raises(TypeError, match="features.*torch.Tensor"):
+        fc.put("k", [1.0, 2.0])
+    with pytest.raises(ValueError, match="features"):
+        fc.put("k", torch.ones(2, 2).to_sparse())
+    for grid in [(0, 3), (3,), "37x37", (1.5, 2)]:
+        with pytest.raises(ValueError, match="grid"):
+            fc.put("k", torch.ones(1), grid=grid)
+    with pytest.raises(TypeError, match="directory"):
+        FeatureCache(42)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="directory"):
+        FeatureCache(f)
+    assert fc.get("k") is None  # nothing was written by the failed puts
+
+
+# ---------------------------------------------------------------------------------- atomic writes
+def test_torn_write_leaves_no_readable_entry(fc, monkeypatch):
+    fc.put("k", torch.zeros(1000))  # an older complete version
+    real_fsync = os.fsync
+
+    def die_mid_write(fd):
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)  # half the bytes reached the disk
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(cache_mod.os, "fsync", die_mid_write)
+    monkeypatch.setattr(cache_mod.os, "unlink", lambda p: None)  # a dead process cleans nothing up
+    with pytest.raises(OSError, match="simulated"):
+        fc.put("k", torch.ones(1000))
+    with pytest.raises(OSError, match="simulated"):
+        fc.put("new", torch.ones(1000))
+    monkeypatch.setattr(cache_mod.os, "fsync", real_fsync)
+    monkeypatch.undo()
+    leftovers = temp_files(fc.directory)
+    assert len(leftovers) == 2 and all(os.path.getsize(p) > 0 for p in leftovers)
+    assert torch.equal(fc.get("k").features, torch.zeros(1000))  # old version intact
+    assert fc.get("new") is None and "new" not in fc
+    assert sorted(fc.keys()) == ["k"]
+    assert fc.cleanup_temp(max_age_s=3600) == 0  # young temp files may belong to live writers
+    assert fc.cleanup_temp(max_age_s=0) == 2 and temp_files(fc.directory) == []
+    fc.put("new", torch.ones(1000))
+    assert torch.equal(fc.get("new").features, torch.ones(1000))
+
+
+def test_failed_write_cleans_its_temp_file(fc, monkeypatch):
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        fc.put("k", torch.ones(10))
+    monkeypatch.undo()
+    assert temp_files(fc.directory) == [] and fc.get("k") is None
+
+
+_WRITER = textwrap.dedent("""
+    import os, sys, time, torch
+    from crepa_kernels.teacher.cache import FeatureCache
+    directory, fill, sync = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    cache = FeatureCache(directory)
+    open(os.path.join(sync, f"ready_{fill}"), "w").close()
+    while not os.path.exists(os.path.join(sync, "go")):  # start together, after the imports
+        time.sleep(0.001)
+    for i in range(40):
+        cache.put("shared", torch.full((256, 1024), fill + i), grid=(16, 16))
+""")
+
+
+def test_concurrent_put_of_one_key_from_two_processes(fc, tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, fc.directory, str(fill), str(sync)])
+             for fill in (1000.0, 2000.0)]
+    deadline = time.time() + 120
+    while len(list(sync.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    (sync / "go").touch()
+    seen = 0
+    while any(p.poll() is None for p in procs):
+        got = fc.get("shared")
+        if got is not None:  # every read is one whole write: a single value, the right shape and grid
+            vals = got.features.unique()
+            assert got.features.shape == (256, 1024) and got.grid == (16, 16) and vals.numel() == 1
+            assert 1000 <= vals.item() < 1040 or 2000 <= vals.item() < 2040
+            seen += 1
+    assert [p.returncode for p in procs] == [0, 0]
+    assert seen > 0  # the reader really raced the writers
+    final = fc.get("shared").features.unique()
+    assert final.numel() == 1 and final.item() in (1039.0, 2039.0)
+    assert temp_files(fc.directory) == []
+
+
+# ---------------------------------------------------------------------------------------- precompute
+@pytest.mark.parametrize("progress", [False, True])
+def test_precompute_fills_once_and_skips_present(fc, progress):
+    items = [f"clip_{i}" for i in range(5)]
+    calls = []
+
+    def compute(item):
+        calls.append(item)
+        i = int(item.split("_")[1])
+        return (torch.full((2, 4), float(i)), (1, 4)) if i % 2 else torch.full((2, 4), float(i))
+
+    def key(item):
+        return FeatureCache.make_key(item, **BASE)
+
+    fc.put(key("clip_3"), torch.full((2, 4), 3.0))  # already there, e.g. from another process
+    res = precompute_features(items, compute, fc, key, progress=progress)
+    assert (res.computed, res.skipped) == (4, 1) and "clip_3" not in calls
+    for i, item in enumerate(items):
+        got = fc.get(key(item))
+        assert torch.equal(got.features, torch.full((2, 4), float(i)))
+        assert got.grid == ((1, 4) if i % 2 and i != 3 else None)
+    calls.clear()
+    res = precompute_features(iter(items), compute, fc, key, progress=progress)  # no len(): still fine
+    assert (res.computed, res.skipped) == (0, 5) and calls == []
+
+
+def test_precompute_rejects_bad_arguments(fc):
+    with pytest.raises(TypeError, match="cache"):
+        precompute_features([], lambda x: x, "dir", lambda x: x)
+    with pytest.raises(TypeError, match="compute_fn"):
+        precompute_features([], None, fc, lambda x: x)
+    with pytest.raises(TypeError, match="key_fn"):
+        precompute_features([], lambda x: x, fc, "k")
+    with pytest.raises(TypeError, match="features"):
+        precompute_features(["a"], lambda x: "not a tensor", fc, lambda x: "k_" + x, progress=False)
