@@ -1,0 +1,182 @@
+"""CrepaRegularizer: a drop-in for the common trainer's CREPA object, on our loss, teacher and offload.
+
+Swap the import and keep the calls: ``attach_to_model(model)``, ``wants_hidden_states()``,
+``compute_loss(hidden_states, latents, vae)``. The logged keys and values match the trainer's
+reference path to float32 rounding for the same inputs and projector weights. Two deliberate
+differences from that path, both documented in the README: the encoder contributes DINOv2 *patch*
+tokens (the paper's choice), and only the frames that temporal alignment keeps are encoded.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import CrepaConfig
+from ..module import CrepaLoss
+
+
+def _device_of(accelerator: Any) -> torch.device:
+    if accelerator is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(accelerator, (str, torch.device)):
+        return torch.device(accelerator)
+    device = getattr(accelerator, "device", None)
+    if device is None:
+        raise TypeError(f"accelerator must have a .device (an accelerate.Accelerator) or be a device, got {accelerator!r}")
+    return torch.device(device)
+
+
+class CrepaRegularizer:
+    """Drop-in CREPA regulariser for trainers written against the reference ``CrepaRegularizer``.
+
+    Args:
+        config: any object with ``crepa_*`` attributes (the trainer's argparse namespace / config).
+        accelerator: an ``accelerate.Accelerator`` (its ``.device`` is used) or a device.
+        hidden_size: the DiT's hidden size at ``crepa_block_index``.
+        model_foundation: the model family name (``wan``, ``ltxvideo``, ``sanavideo``, ``kandinsky5_video``),
+            used only to check the VAE family; None accepts any supported VAE.
+        max_train_steps: for schedules whose ``crepa_decay_steps`` is 0.
+        encoder: a ``DinoEncoder`` or a timm DINOv2 ViT to use instead of loading ``crepa_encoder``.
+    """
+
+    def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Optional[str] = None,
+                 max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
+        self.raw_config = config
+        self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
+        self.device = _device_of(accelerator)
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        self.hidden_size = hidden_size
+        self.model_foundation = model_foundation
+        self.max_train_steps = max_train_steps
+        self.enabled = self.config.enabled
+        self.block_index = self.config.block_index
+        self.encoder = self._wrap_encoder(encoder) if encoder is not None else None
+        self.loss: Optional[CrepaLoss] = None
+        self._offload = None
+        self._adapters: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ trainer API
+    @property
+    def projector(self) -> Optional[nn.Module]:
+        return None if self.loss is None else self.loss.projector
+
+    @property
+    def encoder_dim(self) -> Optional[int]:
+        if self.config.use_backbone_features:
+            return self.hidden_size
+        return None if self.encoder is None else self.encoder.embed_dim
+
+    def wants_hidden_states(self) -> bool:
+        return self.enabled
+
+    def attach_to_model(self, model: nn.Module) -> None:
+        """Create the projector (once) and register it on ``model`` as ``crepa_projector``."""
+        if not self.enabled:
+            return
+        if self.config.block_index is None:
+            raise ValueError("crepa_block_index must be set when CREPA is enabled")
+        if not self.config.use_backbone_features and self.encoder is None:
+            self.encoder = self._load_encoder()
+        if self.loss is None:
+            self.loss = CrepaLoss(self.config, self.hidden_size, self.encoder_dim, self.max_train_steps,
+                                  log_tensors=False)
+        self.loss.to(self.device)
+        setattr(model, "crepa_projector", self.loss.projector)
+
+    def compute_loss(self, hidden_states: Optional[torch.Tensor], latents: Optional[torch.Tensor],
+                     vae: Optional[nn.Module] = None, *, frame_features: Optional[torch.Tensor] = None,
+                     step: int = 0, hidden_grid: Optional[Sequence[int]] = None,
+                     feature_grid: Optional[Sequence[int]] = None, timestep: Any = None):
+        """``(loss or None, logs)`` for one step.
+
+        Encoder mode: decodes ``latents`` with ``vae`` and encodes the kept frames, unless
+        ``frame_features`` (e.g. from a FeatureCache) are given. Backbone mode: ``frame_features``
+        are the detached hidden states of ``crepa_teacher_block_index``. Without ``hidden_grid`` the
+        token alignment is the reference's (compatible mode); with it, grid mode.
+        """
+        if not self.enabled:
+            return None, None
+        if hidden_states is None:
+            raise ValueError("CREPA is enabled but no intermediate hidden_states were provided")
+        if self.loss is None:
+            raise RuntimeError("call attach_to_model(model) before compute_loss: the projector does not exist yet")
+        if frame_features is None:
+            if self.config.use_backbone_features:
+                raise ValueError("backbone mode needs frame_features: the detached hidden states of "
+                                 f"crepa_teacher_block_index={self.config.teacher_block_index}")
+            if latents is None:
+                raise ValueError("CREPA needs latents to decode (or frame_features) in encoder mode")
+            if vae is None:
+                raise ValueError("CREPA needs a VAE to decode latents to pixels (or frame_features)")
+            num_frames = hidden_states.shape[1]
+            frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
+            if hidden_grid is not None and feature_grid is None:
+                feature_grid = grid
+        return self.loss(hidden_states, frame_features, step=step, hidden_grid=hidden_grid,
+                         feature_grid=feature_grid)
+
+    # ------------------------------------------------------------------ teacher
+    def teacher_features(self, latents: torch.Tensor, vae: nn.Module, *, num_frames: int, timestep: Any = None):
+        """Decode, keep the aligned frames, encode; the VAE and encoder visit the device only while used."""
+        from ..teacher import adapter_for, latents_to_features
+
+        adapter = self._adapters.get(id(vae))
+        if adapter is None or adapter.vae is not vae:
+            adapter = adapter_for(vae, family=self._family())
+            if self.config.drop_vae_encoder:
+                adapter.drop_encoder()
+            self._adapters = {id(vae): adapter}
+        manager = self.offload
+        encoder = self.encoder
+
+        @contextlib.contextmanager
+        def vae_context():
+            manager.prefetch(vae)
+            with manager.use(vae):
+                manager.prefetch(encoder)  # the encoder's copy overlaps the decode
+                yield
+            manager.release(vae)  # before the encoder runs: its memory is free for DINOv2
+
+        def encoder_context():
+            return manager.use(encoder)
+
+        latents = latents.to(self.device)
+        features, grid = latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
+                                             vae_context=vae_context, encoder_context=encoder_context)
+        manager.release(encoder)
+        return features, grid
+
+    @property
+    def offload(self):
+        if self._offload is None:
+            from ..teacher.offload import OffloadManager
+
+            self._offload = OffloadManager(mode=self.config.offload, device=self.device)
+        return self._offload
+
+    def _family(self) -> Optional[str]:
+        return self.model_foundation
+
+    def _wrap_encoder(self, encoder: nn.Module):
+        from ..teacher import DinoEncoder
+
+        if isinstance(encoder, DinoEncoder):
+            return self._prepare_encoder(encoder)
+        return self._prepare_encoder(DinoEncoder(model=encoder, image_size=self.config.encoder_image_size,
+                                                 frames_batch_size=self.config.encoder_frames_batch_size))
+
+    def _load_encoder(self):
+        from ..teacher import DinoEncoder
+
+        return self._prepare_encoder(DinoEncoder(self.config.encoder, self.config.encoder_image_size,
+                                                 weights=self.config.encoder_weights,
+                                                 frames_batch_size=self.config.encoder_frames_batch_size))
+
+    def _prepare_encoder(self, encoder):
+        # Cast once to the dtype it computes in on our device, so offloading moves the final weights.
+        encoder.model.to(encoder.compute_dtype(self.device))
+        return encoder

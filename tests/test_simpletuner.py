@@ -1,0 +1,169 @@
+"""The CrepaRegularizer drop-in against a reimplementation of the reference trainer's semantics."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crepa_kernels.integrations.simpletuner import CrepaRegularizer
+
+timm = pytest.importorskip("timm")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference path, as the common trainer computes it (projector -> temporal pick -> token interpolation
+# to the smaller count -> F.normalize -> same/neighbour cosines -> frame and batch reduction).
+# ----------------------------------------------------------------------------------------------------------
+def reference_step(projector, hidden, feats, *, d=1, tau=1.0, cumulative=False, weight=0.5, by_frames=True):
+    if hidden.ndim == 3:
+        hidden = hidden.unsqueeze(2)
+    b, t, p, dh = hidden.shape
+    proj = projector(hidden.float().reshape(b * t * p, dh)).view(b, t, p, -1)
+    tp, tf = proj.shape[1], feats.shape[1]
+    if tf > tp:
+        feats = feats.index_select(1, torch.linspace(0, tf - 1, tp).long())
+    elif tp > tf:
+        proj = proj.index_select(1, torch.linspace(0, tp - 1, tf).long())
+
+    def interp(x, m):
+        if x.shape[2] == m:
+            return x
+        bb, tt, n, dd = x.shape
+        flat = x.reshape(bb * tt, n, dd).permute(0, 2, 1)
+        s, q = math.isqrt(n), math.isqrt(m)
+        if s * s == n and q * q == m:
+            out = F.interpolate(flat.reshape(bb * tt, dd, s, s), size=(q, q), mode="bilinear", align_corners=False)
+        else:
+            out = F.interpolate(flat, size=m, mode="linear", align_corners=False)
+        return out.reshape(bb * tt, dd, m).permute(0, 2, 1).reshape(bb, tt, m, dd)
+
+    if proj.shape[2] != feats.shape[2]:
+        m = min(proj.shape[2], feats.shape[2])
+        proj, feats = interp(proj, m), interp(feats, m)
+    proj, feats = F.normalize(proj, dim=-1), F.normalize(feats, dim=-1)
+    self_sim = (proj * feats).sum(-1).mean(-1)
+    total = self_sim.clone()
+    frames = total.shape[1]
+    dd = min(d, frames - 1)
+    for k in (range(1, dd + 1) if cumulative else [dd]) if dd > 0 else []:
+        w = math.exp(-k / tau)
+        total[:, :-k] += w * (proj[:, :-k] * feats[:, k:]).sum(-1).mean(-1)
+        total[:, k:] += w * (proj[:, k:] * feats[:, :-k]).sum(-1).mean(-1)
+    per_video = total.sum(1) / (frames if by_frames else 1)
+    loss = -per_video.mean() * weight
+    return loss, {"crepa_loss": loss.item(), "crepa_alignment_score": total.mean().item(),
+                  "crepa_similarity_self": self_sim.mean().item()}
+
+
+def namespace(**kw):
+    base = dict(crepa_enabled=True, crepa_block_index=1, crepa_lambda=0.5, crepa_adjacent_distance=1,
+                crepa_adjacent_tau=1.0, crepa_encoder_image_size=56, learning_rate=1e-4, crepa_offload="offload")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, depth=2,
+                              embed_dim=32, num_heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def test_backbone_mode_matches_reference():
+    torch.manual_seed(0)
+    cfg = namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3, crepa_adjacent_distance=2,
+                    crepa_cumulative_neighbors=True)
+    reg = CrepaRegularizer(cfg, SimpleNamespace(device=torch.device("cpu")), hidden_size=16)
+    model = nn.Module()
+    reg.attach_to_model(model)
+    assert model.crepa_projector is reg.projector
+    hidden = torch.randn(2, 5, 12, 16, requires_grad=True)
+    teacher = torch.randn(2, 5, 9, 16)  # a deeper block's tokens, other grid: compatible resampling
+    loss, logs = reg.compute_loss(hidden, None, None, frame_features=teacher)
+    ref_loss, ref_logs = reference_step(reg.projector, hidden.detach(), teacher, d=2, cumulative=True)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for key, value in ref_logs.items():
+        assert logs[key] == pytest.approx(value, abs=1e-5), key
+    loss.backward()
+    assert hidden.grad is not None and reg.projector[1].weight.grad is not None
+
+
+def test_encoder_mode_with_patch_tokens_matches_reference():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    vit = tiny_vit()
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=vit)
+    reg.attach_to_model(nn.Module())
+    latents = torch.randn(1, 4, 3, 4, 4)  # 3 latent frames -> 9 decoded frames of 32x32
+    hidden = torch.randn(1, 3, 4, 16)
+    loss, logs = reg.compute_loss(hidden, latents, vae)
+
+    # Reference: decode everything, encode every frame (patch tokens), then align.
+    with torch.no_grad():
+        mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1, 1)
+        std = torch.tensor([1.5, 0.5, 2.0, 1.0]).view(1, 4, 1, 1, 1)
+        video = vae.decode(latents * std + mean).sample.clamp(-1, 1)
+        video = ((video + 1) * 0.5).permute(0, 2, 1, 3, 4)
+        b, t = video.shape[:2]
+        frames = F.interpolate(video.reshape(b * t, 3, 32, 32), size=(56, 56), mode="bilinear", align_corners=False)
+        frames = (frames - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        tokens = vit.forward_features(frames)[:, vit.num_prefix_tokens:]
+        feats = tokens.reshape(b, t, tokens.shape[1], -1)
+    ref_loss, ref_logs = reference_step(reg.projector, hidden, feats)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for key, value in ref_logs.items():
+        assert logs[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_projector_state_dict_is_the_trainers():
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
+    model = nn.Module()
+    reg.attach_to_model(model)
+    trainer_projector = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32))
+    model.crepa_projector.load_state_dict(trainer_projector.state_dict())
+    assert "crepa_projector.1.weight" in model.state_dict()
+
+
+def test_disabled_is_inert():
+    reg = CrepaRegularizer(namespace(crepa_enabled=False), "cpu", hidden_size=8)
+    model = nn.Module()
+    reg.attach_to_model(model)
+    assert not hasattr(model, "crepa_projector") and not reg.wants_hidden_states()
+    assert reg.compute_loss(torch.randn(1, 2, 3, 8), None, None) == (None, None)
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda r: r.compute_loss(None, torch.ones(1), None), ValueError, "no intermediate hidden_states"),
+    (lambda r: r.compute_loss(torch.ones(1, 2, 3, 8), None, None), ValueError, "needs latents"),
+    (lambda r: r.compute_loss(torch.ones(1, 2, 3, 8), torch.ones(1, 4, 2, 2, 2), None), ValueError, "needs a VAE"),
+])
+def test_errors_after_attach(call, exc, msg):
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    with pytest.raises(exc, match=msg):
+        call(reg)
+
+
+def test_errors_before_attach_and_bad_arguments():
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
+    with pytest.raises(RuntimeError, match="call attach_to_model"):
+        reg.compute_loss(torch.ones(1, 2, 3, 8), None, None, frame_features=torch.ones(1, 2, 3, 32))
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        CrepaRegularizer(namespace(), "cpu", hidden_size=0)
+    with pytest.raises(TypeError, match="accelerator must have a .device"):
+        CrepaRegularizer(namespace(), object(), hidden_size=8)
+    with pytest.raises(ValueError, match="did you mean crepa_lambda"):
+        CrepaRegularizer(SimpleNamespace(crepa_lamda=1.0), "cpu", hidden_size=8)
+    backbone = CrepaRegularizer(namespace(crepa_feature_source="backbone", crepa_teacher_block_index=4), "cpu", 8)
+    backbone.attach_to_model(nn.Module())
+    with pytest.raises(ValueError, match="backbone mode needs frame_features"):
+        backbone.compute_loss(torch.ones(1, 2, 3, 8), torch.ones(1, 4, 2, 2, 2), None)
