@@ -1,0 +1,72 @@
+"""The GPU benchmark pass of bench/gpu_check.sh: kernel suite + offload figures into one results JSON.
+
+Usage: python3 bench/gpu_check.py --out DIR [--budget-s 300]
+Writes DIR/<gpu-name>.json (and .md, .png). Cases are ordered by importance and the run stops
+starting new ones when the time budget is spent, so a slow compile cannot cost the whole file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from crepa_kernels import benchmark as bm  # noqa: E402
+
+# (presets, dtypes, providers, modes): most important first.
+PLAN = [
+    (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"]),
+    (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"]),
+    (["small", "ltx768", "wan720"], ["fp32", "bf16"], ["torch", "triton"], ["full"]),
+    (["wan720"], ["bf16"], ["torch_compile"], ["full"]),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=300.0)
+
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA device", file=sys.stderr)
+        return 2
+    t_end = time.time() + args.budget_s
+    rows, skipped = [], []
+    for presets, dtypes, providers, modes in PLAN:
+        for preset in presets:
+            for dtype in dtypes:
+                for mode in modes:
+                    for provider in providers:
+                        if time.time() > t_end:
+                            skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
+                            continue
+                        part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
+                        row = part["results"][0]
+                        rows.append(row)
+                        brief = row.get("error") or f"{row['median_ms']:.3f} ms, {row['achieved_gbps']:.0f} GB/s"
+                        print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)
+    env = bm.environment("cuda")
+    bm.add_speedups(rows, env.get("bandwidth_bytes_per_s"))
+    report = {"environment": env, "presets": {n: bm.as_dict(p) for n, p in bm.PRESETS.items()},
+              "results": rows, "skipped_for_time": skipped}
+    try:
+        report["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        pass
+    name = env["device"].replace(" ", "_").replace("/", "_")
+    for path in bm.write_outputs(report, args.out, name):
+        print(f"wrote {path}")
+    print(bm.markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (no network; torch, triton and timm installed, diffusers optional):
+# the kernel benchmarks, the GPU test tier and the offload benchmark, into ${OUT:-bench/results}.
+# CHECK_BUDGET_S (default 420) bounds the whole run; the benchmark stops starting cases when its share
+# is spent. Run from the repository root. Wheels under .whl/ (e.g. diffusers) go to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-bench/results}
+BUDGET=${CHECK_BUDGET_S:-420}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+status=0
+bench_s=$(( BUDGET * 45 / 100 )); tests_s=$(( BUDGET * 35 / 100 )); offload_s=$(( BUDGET * 15 / 100 ))
+
+echo "== kernel benchmarks (budget ${bench_s}s)"
+timeout $(( bench_s + 60 )) python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$bench_s" || status=1
+
+echo "== GPU test tier (limit ${tests_s}s)"
+timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+test_rc=${PIPESTATUS[0]}
+[ "$test_rc" -eq 0 ] || status=1
+
+if [ -f bench/bench_offload.py ]; then
+  echo "== offload benchmark (limit ${offload_s}s)"
+  timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
+fi
+echo "gpu_check: tests rc=$test_rc, overall status=$status"
+exit $status
