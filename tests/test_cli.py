@@ -1,0 +1,52 @@
+"""The command line: the demo (the README's main job), bench --quick, info, and clear usage errors."""
+import json
+
+import pytest
+
+from crepa_kernels.cli import main
+
+pytest.importorskip("diffusers")
+
+
+def test_demo_trains_and_the_alignment_score_rises(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "10", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("steps", "seconds", "crepa_loss_first", "crepa_loss_last", "alignment_score_first",
+                "alignment_score_last"):
+        assert key in summary
+    assert summary["steps"] == 10 and len(summary["history"]) == 10
+    assert summary["alignment_score_last"] > summary["alignment_score_first"] + 0.1
+    assert "crepa_alignment_score" in capsys.readouterr().out
+
+
+def test_bench_quick_writes_results(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "t", "--no-plot", "--modes", "forward"]) == 0
+    report = json.loads((tmp_path / "t.json").read_text())
+    rows = report["results"]
+    assert {r["provider"] for r in rows} == {"torch", "triton"}
+    interp = [r for r in rows if r["provider"] == "triton"]
+    assert interp and all("not a performance figure" in r["note"] for r in interp)
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert report["environment"]["torch"]
+    assert "| small | fp32 | forward | torch |" in capsys.readouterr().out
+
+
+def test_info_prints_json(capsys):
+    assert main(["info"]) == 0
+    assert json.loads(capsys.readouterr().out)["crepa_kernels"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["bench", "--preset", "huge"], "--preset got huge"),
+    (["bench", "--providers", "jax"], "--providers got jax"),
+])
+def test_bench_bad_choices_exit_nonzero_with_one_line(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_demo_bad_steps():
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "many"])
+    with pytest.raises(ValueError, match="steps must be an int >= 2"):
+        main(["demo", "--steps", "1", "--no-progress"])
