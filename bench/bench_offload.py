@@ -139,7 +139,7 @@ def teacher_step(mgr, vae, enc, latents, args):
     return feats
 
 
-def train_step(mgr, vae, enc, latents, dit, args, sync):
+def train_step(mgr, vae, enc, latents, dit, args, sync, peaks=None):
     mgr.prefetch(vae)  # early: the copy overlaps the DiT forward
     saved = dit.forward()
     t0 = time.perf_counter()
@@ -151,7 +151,12 @@ def train_step(mgr, vae, enc, latents, dit, args, sync):
     if ev1 is not None:
         ev1.record()
     teacher_host_s = time.perf_counter() - t0
+    if peaks is not None:  # the DiT backward is where the teacher's weights must be gone
+        peaks["until_backward"] = max(peaks.get("until_backward", 0), torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
     dit.backward(saved)
+    if peaks is not None:
+        peaks["dit_backward"] = max(peaks.get("dit_backward", 0), torch.cuda.max_memory_allocated())
     del saved
     return feats, ev0, ev1, teacher_host_s
 
@@ -187,9 +192,10 @@ def run_mode(mode, vae, enc, latents, dit, args, device, emulate, probe=None):
     s0 = mgr.stats
     step_ms, teacher_ms, teacher_host_ms = [], [], []
     base = torch.cuda.memory_allocated() if cuda else 0
+    peaks = {} if cuda else None
     for _ in range(args.steps):
         t = time.perf_counter()
-        feats, ev0, ev1, th = train_step(mgr, vae, enc, latents, dit, args, sync)
+        feats, ev0, ev1, th = train_step(mgr, vae, enc, latents, dit, args, sync, peaks)
         if cuda:
             sync()
             teacher_ms.append(ev0.elapsed_time(ev1))
@@ -206,7 +212,8 @@ def run_mode(mode, vae, enc, latents, dit, args, device, emulate, probe=None):
         "teacher_ms_gpu": summary(teacher_ms) if teacher_ms else None,
         "teacher_ms_host": summary(teacher_host_ms),
         "first_step_s_including_packing": first_step_s,
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_allocated_bytes": max(peaks["until_backward"], peaks["dit_backward"]) if cuda else None,
+        "peak_allocated_dit_backward_bytes": peaks["dit_backward"] if cuda else None,
         "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "allocated_before_steps_bytes": base if cuda else None,
         "bytes_to_device_per_step": moved / args.steps,
@@ -282,7 +289,8 @@ def main(argv=None):
         feats[res["mode"]] = f.float().cpu()
         runs.append(res)
         print(f"{res['mode']:>16}: step {res['step_ms']['median']:.1f} ms, "
-              f"peak {(res['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB, "
+              f"peak {(res['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB "
+              f"(DiT backward {(res['peak_allocated_dit_backward_bytes'] or 0) / 2**30:.2f} GiB), "
               f"moved {res['bytes_to_device_per_step'] / 2**30:.2f} GiB/step, "
               f"copy {res['copy_ms_per_step']:.1f} ms/step", flush=True)
     ref = feats.get("resident", next(iter(feats.values())))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network; torch, triton and timm installed, diffusers optional):
-# the kernel benchmarks, the GPU test tier and the offload benchmark, into ${OUT:-bench/results}.
+# the kernel benchmarks, the GPU test tier, the offload and the CREPA-step benchmarks, into
+# ${OUT:-bench/results}. Set CREPA_COMMIT when the tree travels without its .git.
 # CHECK_BUDGET_S (default 420) bounds the whole run; the benchmark stops starting cases when its share
 # is spent. Run from the repository root. Wheels under .whl/ (e.g. diffusers) go to /tmp/site first.
 set -uo pipefail
@@ -15,7 +16,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
-bench_s=$(( BUDGET * 45 / 100 )); tests_s=$(( BUDGET * 35 / 100 )); offload_s=$(( BUDGET * 15 / 100 ))
+bench_s=$(( BUDGET * 40 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
+step_s=$(( BUDGET * 16 / 100 ))
 
 echo "== kernel benchmarks (budget ${bench_s}s)"
 timeout $(( bench_s + 60 )) python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$bench_s" || status=1
@@ -28,6 +30,13 @@ test_rc=${PIPESTATUS[0]}
 if [ -f bench/bench_offload.py ]; then
   echo "== offload benchmark (limit ${offload_s}s)"
   timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
+fi
+if python3 -c "import diffusers" 2>/dev/null; then
+  echo "== CREPA step benchmark (limit ${step_s}s; 6 latent frames = 21 video frames)"
+  timeout "$step_s" python3 bench/bench_step.py --latent-frames 6 --steps 3 --out "$OUT_DIR/step.json" 2>&1 \
+    | tail -n 20 || status=1
+else
+  echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"
 fi
 echo "gpu_check: tests rc=$test_rc, overall status=$status"
 exit $status

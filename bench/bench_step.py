@@ -1,0 +1,137 @@
+"""End-to-end CREPA step: decode + encode + loss forward/backward, our path against the reference path.
+
+Ours: the VAE decodes, only the frames temporal alignment keeps are encoded (DINOv2 in bf16 on a
+GPU), the fused loss runs in grid mode, and the VAE and encoder wait in pinned RAM between uses.
+Reference (the common trainer's order of work): the same decode, every decoded frame encoded in
+fp32, then the frames subsampled, and the eager PyTorch loss. Both use the same random weights
+(timm `vit_giant_patch14_dinov2` at 518 px, diffusers `AutoencoderKLWan` default config) and the
+same latents, at the wan480 preset (DiT grid 30x52, D = 1536). Needs diffusers. `--quick` runs tiny
+models on the CPU as a smoke test (not a performance figure).
+
+    python bench/bench_step.py --out bench/results/step.json [--latent-frames 21] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from crepa_kernels import crepa_loss  # noqa: E402
+from crepa_kernels.benchmark import environment  # noqa: E402
+from crepa_kernels.teacher import DinoEncoder, adapter_for, latents_to_features  # noqa: E402
+from crepa_kernels.teacher.offload import OffloadManager  # noqa: E402
+
+
+def build(quick: bool, device):
+    import diffusers
+    import timm
+
+    vae_kw = dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1) if quick else {}
+    vae = diffusers.AutoencoderKLWan(**vae_kw).eval().requires_grad_(False)
+    vae.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name, size = ("vit_small_patch14_dinov2", 56) if quick else ("vit_giant_patch14_dinov2", 518)
+    extra = dict(depth=2, embed_dim=48, num_heads=2) if quick else {}
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        vit = timm.create_model(name, pretrained=False, img_size=size, num_classes=0, **extra).eval()
+    return vae, vit, size
+
+
+def reference_step(vae_adapter, ref_encoder, latents, hidden):
+    """All frames decoded and encoded in fp32, subsampled afterwards, eager loss (compatible mode)."""
+    with torch.no_grad():
+        frames = vae_adapter.decode(latents).float()  # (B, T_pix, 3, H, W)
+        feats = ref_encoder.encode(frames)
+    out = crepa_loss(hidden, feats, weight=0.5, backend="torch")  # picks the kept frames itself
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def our_step(vae_adapter, encoder, manager, latents, hidden, grid):
+    vae = vae_adapter.vae
+
+    @contextlib.contextmanager
+    def vae_ctx():
+        with manager.use(vae):
+            manager.prefetch(encoder)
+            yield
+        manager.release(vae)
+
+    feats, fgrid = latents_to_features(latents, vae_adapter, encoder, num_frames=hidden.shape[1],
+                                       vae_context=vae_ctx, encoder_context=lambda: manager.use(encoder))
+    manager.release(encoder)
+    out = crepa_loss(hidden, feats, projected_grid=grid, features_grid=fgrid, weight=0.5)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def timed(fn, device, steps):
+    cuda = device.type == "cuda"
+    fn()  # warm-up: compiles kernels, packs the offloaded modules
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = sorted(times)
+    return {"median_ms": statistics.median(q), "p20_ms": q[int(0.2 * (len(q) - 1))],
+            "p80_ms": q[int(round(0.8 * (len(q) - 1)))], "steps": steps,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--latent-frames", type=int, default=21, help="21 latent frames = 81 video frames (wan480)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--frames-batch", type=int, default=8, help="encoder frames per pass, both paths")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    vae, vit, image_size = build(args.quick, device)
+    adapter = adapter_for(vae)
+    lat_hw = (4, 4) if args.quick else (60, 104)  # 480x832 pixels
+    grid = (2, 2) if args.quick else (30, 52)  # Wan's 1x2x2 patches
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, adapter.latent_channels, args.latent_frames, *lat_hw, generator=g).to(device)
+    dim = vit.embed_dim
+    hidden = torch.randn(1, args.latent_frames, grid[0] * grid[1], dim, generator=g).to(device).requires_grad_(True)
+
+    manager = OffloadManager("offload", device=device if device.type == "cuda" else None)
+    encoder = DinoEncoder(model=vit, image_size=image_size, frames_batch_size=args.frames_batch)
+    if device.type == "cuda":
+        vae.to(device)
+        vit.to(device)
+
+    rows = {}
+    ref_encoder = DinoEncoder(model=vit, image_size=image_size, dtype=torch.float32,
+                              frames_batch_size=args.frames_batch)
+    rows["reference"] = timed(lambda: reference_step(adapter, ref_encoder, latents, hidden), device, args.steps)
+    vit.to(encoder.compute_dtype(device))
+    rows["ours"] = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid), device, args.steps)
+    rows["speedup"] = rows["reference"]["median_ms"] / rows["ours"]["median_ms"]
+    report = {"benchmark": "crepa step (decode + encode + loss fwd/bwd)", "environment": environment(device),
+              "latent_shape": list(latents.shape), "pixel_frames": adapter.pixel_frames(args.latent_frames),
+              "encoded_frames": {"reference": adapter.pixel_frames(args.latent_frames), "ours": args.latent_frames},
+              "dit_grid": list(grid), "image_size": image_size, "quick": args.quick, "results": rows}
+    print(json.dumps({k: v for k, v in rows.items()}, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Smoke runs of the stand-alone GPU benchmark scripts in their --quick CPU mode, so they cannot rot."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytest.importorskip("diffusers")
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_bench_offload_quick(tmp_path):
+    out = tmp_path / "offload.json"
+    proc = _run("bench_offload.py", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {r["mode"] for r in report["runs"]} >= {"resident", "offload", "auto"}
+    assert all(r["features_max_abs_diff_vs_first"] == 0.0 for r in report["runs"])
+
+
+def test_bench_step_quick(tmp_path):
+    out = tmp_path / "step.json"
+    proc = _run("bench_step.py", "--quick", "--latent-frames", "3", "--steps", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["encoded_frames"] == {"reference": 9, "ours": 3}
+    assert report["results"]["ours"]["median_ms"] > 0 and report["results"]["reference"]["median_ms"] > 0
