@@ -32,6 +32,12 @@ class CrepaLoss(nn.Module):
 
     Host syncs: none per step unless ``crepa_similarity_threshold`` is set, in which case the step's
     alignment score is read once for the EMA.
+
+    Under ``torch.distributed`` (world size > 1) two things change so that every rank takes the same
+    decisions and DDP's gradient reduction stays in step: the score fed to the similarity EMA is the
+    mean over ranks (one all-reduce of a scalar, only when a threshold is set), and a step whose
+    weight is 0 returns a zero loss attached to the projector instead of None, so its parameters
+    still receive a (zero) gradient on every rank.
     """
 
     def __init__(self, config: CrepaConfig, hidden_size: int, encoder_dim: int, max_train_steps: int = 0,
@@ -79,10 +85,12 @@ class CrepaLoss(nn.Module):
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid)
         feature_grid = _spatial_grid("feature_grid", feature_grid)
         thresholded = c.similarity_threshold is not None
+        world = _world_size()
         if not thresholded or (c.threshold_mode == "permanent" and self.scheduler.is_cutoff()):
             weight = self.scheduler.get_weight(step)
             if weight == 0.0:
-                return None, self._logs(None, None, None, weight, True)
+                zero = self._zero_loss() if world > 1 else None
+                return zero, self._logs(zero, None, None, weight, True)
         projected = self.project(hidden_states)
         out = crepa_loss(
             projected, frame_features.detach() if self.detach_teacher else frame_features,
@@ -94,11 +102,20 @@ class CrepaLoss(nn.Module):
         )
         score = out.alignment.detach().mean()
         if thresholded:
-            weight = self.scheduler.get_weight(step, similarity=score)  # the one host sync
+            shared = score
+            if world > 1:  # every rank must feed the EMA the same number, or their weights diverge
+                shared = score.float().clone()
+                torch.distributed.all_reduce(shared)
+                shared = shared / world
+            weight = self.scheduler.get_weight(step, similarity=shared)  # the one host sync
             if weight == 0.0:
-                return None, self._logs(None, score, out.self_similarity.detach().mean(), weight, True)
+                zero = out.loss * 0.0 if world > 1 else None
+                return zero, self._logs(zero, score, out.self_similarity.detach().mean(), weight, True)
         loss = out.loss * weight
         return loss, self._logs(loss, score, out.self_similarity.detach().mean(), weight, False)
+
+    def _zero_loss(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.projector.parameters()) * 0.0
 
     def _logs(self, loss, score, self_sim, weight, cutoff) -> dict:
         logs = {
@@ -114,6 +131,13 @@ class CrepaLoss(nn.Module):
         if self.log_tensors:
             return logs
         return logs_to_floats(logs)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def logs_to_floats(logs: dict) -> dict:
