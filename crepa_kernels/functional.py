@@ -85,7 +85,8 @@ def crepa_loss(
     pgrid = check_grid("projected_grid", projected_grid, projected.shape[2])
     fgrid = check_grid("features_grid", features_grid, features.shape[2])
     chosen, reason = resolve_backend(backend, projected.device)
-    _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
+    if not torch.compiler.is_compiling():  # bookkeeping for info(); nothing for a compiled graph to keep
+        _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
     if check_finite:
         for name, t in (("projected", projected), ("features", features)):
             if not bool(torch.isfinite(t).all()):

@@ -1,21 +1,28 @@
 """Launch settings, interpreter detection and dtype helpers shared by the Triton ops."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
+_TRITON_IMPORTS: "bool | None" = None
 
-@functools.lru_cache(maxsize=None)
+
 def triton_available() -> bool:
-    """True when `triton` imports (it is absent on some platforms, e.g. macOS)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    """True when `triton` imports (it is absent on some platforms, e.g. macOS).
+
+    Cached in a module global rather than functools.lru_cache, which torch.compile warns about when
+    it traces a caller."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:  # pragma: no cover - depends on the platform
+            _TRITON_IMPORTS = False
+        else:
+            _TRITON_IMPORTS = True
+    return _TRITON_IMPORTS
 
 
 def interpreter_enabled() -> bool:
