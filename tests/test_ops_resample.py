@@ -57,6 +57,7 @@ GRID_CASES = [
     pytest.param((4, 5), (1, 3), id="out-h-1"),
     pytest.param((1, 1), (3, 2), id="in-1x1"),
     pytest.param((1, 4), (2, 3), id="in-h-1"),
+    pytest.param((3, 2), (12, 5), id="strong-up"),
 ]
 
 
@@ -80,7 +81,100 @@ def test_forward_and_grad_match_interpolate(in_grid, out_grid, dtype, nan_output
     assert_rel_close(gx, gr, 1e-4 if dtype == torch.float32 else 1e-10, "grad")
 
 
-@pytest.mark.parametrize("n,m", [(7, 3), (3, 8), (5, 5 + 1), (9, 4), (2, 11)])
+# ---------------------------------------------------------------------------------------------
+# The backward's per-axis contributor range, probed directly
+# ---------------------------------------------------------------------------------------------
+if rs.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _axis_probe_kernel(
+        n_ptr, m_ptr, j_ptr, lo_ptr, count_ptr, i0_ptr, i1_ptr, l0_ptr, l1_ptr, L,
+        IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One lane per (axis sizes, index): index j read as an input (its range) and as an output
+        # (its taps), through the helpers the kernels use.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < L
+        n = tl.load(n_ptr + offs, mask=mask, other=1)
+        m = tl.load(m_ptr + offs, mask=mask, other=1)
+        j = tl.load(j_ptr + offs, mask=mask, other=0)
+        scale = rs._axis_scale(n, m, IS_FP64)
+        lo, count = rs._axis_contributors(j, n, m, scale)
+        i0, i1, l0, l1 = rs._axis_taps(j, n, scale)
+        tl.store(lo_ptr + offs, lo, mask=mask)
+        tl.store(count_ptr + offs, count, mask=mask)
+        tl.store(i0_ptr + offs, i0, mask=mask)
+        tl.store(i1_ptr + offs, i1, mask=mask)
+        tl.store(l0_ptr + offs, l0, mask=mask)
+        tl.store(l1_ptr + offs, l1, mask=mask)
+
+
+def probe_axes(pairs, dtype):
+    """Per (n, m): the kernel's (lo, count) for each input index and its taps for each output index."""
+    sizes = [max(n, m) for n, m in pairs]
+    n_lane = torch.cat([torch.full((k,), n, dtype=torch.int32) for k, (n, _) in zip(sizes, pairs)])
+    m_lane = torch.cat([torch.full((k,), m, dtype=torch.int32) for k, (_, m) in zip(sizes, pairs)])
+    j_lane = torch.cat([torch.arange(k, dtype=torch.int32) for k in sizes])
+    n_lane, m_lane, j_lane = (t.to(DEVICE) for t in (n_lane, m_lane, j_lane))
+    L = j_lane.numel()
+    outs = [torch.full((L,), -7, dtype=torch.int32, device=DEVICE) for _ in range(4)]
+    outs += [torch.full((L,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2)]
+    block = 4096
+    _axis_probe_kernel[(triton.cdiv(L, block),)](
+        n_lane, m_lane, j_lane, *outs, L, IS_FP64=dtype == torch.float64, BLOCK=block
+    )
+    lo, count, i0, i1, l0, l1 = (t.cpu() for t in outs)
+    start = 0
+    for (n, m), k in zip(pairs, sizes):
+        sl = slice(start, start + k)
+        yield n, m, lo[sl][:n], count[sl][:n], (i0[sl][:m], i1[sl][:m], l0[sl][:m], l1[sl][:m])
+        start += k
+
+
+RANGE_PAIRS = [(n, m) for n in range(1, 71) for m in range(1, 71)] + [
+    (1, 1000), (1000, 1), (3, 1000), (1000, 3), (999, 1000), (1000, 999), (30, 37), (52, 37), (16, 37),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_range_is_exactly_the_contributors(dtype):
+    # Brute force: the 1-D weight matrix W[o, i] built from the forward's taps, checked against
+    # F.interpolate; the outputs with W[o, i] != 0 must be exactly [lo, lo + count) for every input
+    # i, and count must fit the loop bound, so a dropped (or extra) contributor fails here.
+    if not rs.triton_supports(torch.empty(0, device=DEVICE)):
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for n, m, lo, count, (i0, i1, l0, l1) in probe_axes(RANGE_PAIRS, dtype):
+        o = torch.arange(m)
+        W = torch.zeros(m, n, dtype=torch.float64)
+        W.index_put_((o, i0.long()), l0.double(), accumulate=True)
+        W.index_put_((o, i1.long()), l1.double(), accumulate=True)
+        ref = F.interpolate(torch.eye(n, dtype=dtype)[None], size=m, mode="linear", align_corners=False)
+        torch.testing.assert_close(W, ref[0].T.double(), atol=tol, rtol=0, msg=f"taps {n}->{m}")
+        in_range = (o[:, None] >= lo[None, :]) & (o[:, None] < (lo + count)[None, :])
+        assert torch.equal(in_range, W != 0), f"range {n}->{m}"
+        assert int(count.max()) <= rs._contributor_bound(n, m), f"bound {n}->{m}"
+
+
+def test_contributor_bound_values():
+    # The wan480 axes (30 -> 37, 52 -> 37) and 16 -> 37.
+    assert [rs._contributor_bound(n, 37) for n in (30, 52, 16)] == [3, 2, 5]
+    # Past n * m = 2^21 the bound keeps one output of margin for rounding.
+    assert rs._contributor_bound(2048, 2048) == 4
+
+
+def test_grid_side_limit():
+    if not rs.triton_supports(torch.empty(0, device=DEVICE)):
+        pytest.skip("the limit belongs to the Triton path")
+    x = torch.zeros(1, 1, rs._MAX_SIDE + 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="in_grid"):
+        resample_tokens(x, (1, rs._MAX_SIDE + 1), (1, 2))
+
+
+# (3, 30): input 1 has five zero-weight outputs (src clamped to 0) ahead of its real ones.
+@pytest.mark.parametrize("n,m", [(7, 3), (3, 8), (5, 5 + 1), (9, 4), (2, 11), (3, 30), (1, 12), (70, 2)])
 def test_row_grid_is_linear_interpolation(n, m):
     torch.manual_seed(1)
     B, T, D = 1, 2, 3

@@ -116,15 +116,51 @@ if triton_available():
         i0, i1, l0, l1 = _axis_taps(o, in_size, scale)
         valid = (o >= 0) & (o < out_size)
         w = tl.where(i0 == i, l0, 0.0) + tl.where(i1 == i, l1, 0.0)
-        return tl.where(valid, w, 0.0), valid
+        return tl.where(valid, w, 0.0)
 
     @triton.jit
-    def _axis_first_candidate(i, inv_scale):
-        # Output o touches input i only if floor(src(o)) is i - 1 or i (or i is the clamped last
-        # index, which the same window covers), i.e. o in [(i - 0.5) * m/n - 0.5, (i + 1.5) * m/n - 0.5).
-        # One index of margin below absorbs rounding; the host sizes the window with margin above.
-        lo = (i.to(tl.float32) - 0.5) * inv_scale - 0.5
-        return tl.floor(lo).to(tl.int32) - 1
+    def _axis_first_past(k, in_size, scale, inv_scale, STRICT: tl.constexpr):
+        # Smallest output o with src(o) > k (STRICT; 0 <= k <= n - 2) or src(o) >= k (1 <= k <= n - 1),
+        # src being the clamped coordinate of `_axis_taps`. For such k the taps decide it exactly:
+        # src >= k <=> i0 >= k; src > k <=> i0 > k or (i0 == k and l1 != 0). src is non-decreasing in
+        # o (every step of `_axis_taps` is monotone, rounding included; o < 0 gives src = 0, o >= m
+        # gives i0 = n - 1), so the answer is the window's start plus the count of window outputs
+        # still short of k, provided the answer lies in the window.
+        # Window: let E bound the rounding error of src and of the guess y, in output units. The
+        # answer is in [x - E, x + E + 1] for the exact threshold x = (k + 0.5) * m / n - 0.5, and
+        # c = floor(y) in (x - E - 1, x + E], so answer - c is in (-2E, 2E + 2): in [0, 2] once
+        # E < 1/2. src takes three fp32 roundings (scale, product, difference; fp64 taps take
+        # smaller ones) of values below n + 2s near x, y three of values below m: each is off by
+        # < 2^-22 * (m + 2) outputs. Sides are at most 2^20 (checked at the public boundary), so
+        # E < 0.26; the four outputs c - 1 .. c + 2 cover answers in [c - 1, c + 3], which would
+        # hold up to E < 1.
+        y = (k.to(tl.float32) + 0.5) * inv_scale - 0.5
+        start = tl.floor(y).to(tl.int32) - 1
+        first = start
+        for j in tl.static_range(4):
+            i0, _i1, _l0, l1 = _axis_taps(start + j, in_size, scale)
+            short = i0 < k
+            if STRICT:
+                short = short | ((i0 == k) & (l1 == 0.0))
+            first += short.to(tl.int32)
+        return first
+
+    @triton.jit
+    def _axis_contributors(i, in_size, out_size, scale):
+        # Outputs with a nonzero weight on input i along one axis: the interval [lo, lo + count).
+        # As i1 = min(i0 + 1, n - 1), output o touches i iff i0(o) is i - 1 or i (at i = n - 1 the
+        # clamp also sends i1 there when i0 = n - 1: the same set), and as i0 is non-decreasing in o
+        # that set is an interval. Its head may weigh l1 = 0 on i (src == i - 1 exactly): for i = 1
+        # every output whose src was clamped up to 0, which can outnumber the loop bound when
+        # upsampling (3 -> 30: five of them). So the interval is src in (i - 1, i + 1), where every
+        # weight is nonzero: lo = first o with src > i - 1 (0 for i = 0), hi = first o with
+        # src >= i + 1, i.e. i0 >= i + 1 (m when i + 1 >= n).
+        inv_scale = _axis_scale(out_size, in_size, False)
+        lo = _axis_first_past(i - 1, in_size, scale, inv_scale, True)
+        hi = _axis_first_past(i + 1, in_size, scale, inv_scale, False)
+        lo = tl.where(i <= 0, 0, tl.minimum(tl.maximum(lo, 0), out_size))
+        hi = tl.where(i + 1 >= in_size, out_size, tl.minimum(tl.maximum(hi, 0), out_size))
+        return lo, tl.maximum(hi - lo, 0)
 
     @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
     def _resample_bwd_kernel(
@@ -136,16 +172,14 @@ if triton_available():
         in_w,
         out_h,
         out_w,
-        inv_scale_h,
-        inv_scale_w,
         g_stride_b,
         g_stride_t,
         g_stride_n,
         g_stride_d,
         n_tok_blocks,
         IS_FP64: tl.constexpr,
-        K_H: tl.constexpr,
-        K_W: tl.constexpr,
+        R_H: tl.constexpr,
+        R_W: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -166,28 +200,29 @@ if triton_available():
         iw = (offs_n % in_w).to(tl.int32)
         scale_h = _axis_scale(in_h, out_h, IS_FP64)
         scale_w = _axis_scale(in_w, out_w, IS_FP64)
-        oh_first = _axis_first_candidate(ih, inv_scale_h)
-        ow_first = _axis_first_candidate(iw, inv_scale_w)
+        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
 
         base = grad_out_ptr + b * g_stride_b + t * g_stride_t
         d_off = (offs_d * g_stride_d)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=scale_h.dtype)
-        # Fixed candidate order (rows, then columns) makes the sum deterministic.
-        for kh in range(K_H):
-            oh = oh_first + kh
-            wh, vh = _axis_weight(oh, ih, in_h, out_h, scale_h)
-            for kw in range(K_W):
-                ow = ow_first + kw
-                ww, vw = _axis_weight(ow, iw, in_w, out_w, scale_w)
-                w = wh * ww
-                touch = mask_n & vh & vw & (w != 0.0)
+        # Fixed order (rows, then columns, ascending) makes the sum deterministic; R_H / R_W bound
+        # every token's contributor count, the masks trim each token to its own.
+        for kh in range(R_H):
+            oh = oh_lo + kh
+            wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
+            row_ok = mask_n & (kh < oh_count)
+            for kw in range(R_W):
+                ow = ow_lo + kw
+                ww = _axis_weight(ow, iw, in_w, out_w, scale_w)
+                touch = row_ok & (kw < ow_count)
                 tok = oh.to(tl.int64) * out_w + ow
                 g = tl.load(
                     base + (tok * g_stride_n)[:, None] + d_off,
                     mask=touch[:, None] & mask_d[None, :],
                     other=0.0,
                 ).to(acc.dtype)
-                acc += w[:, None] * g
+                acc += (wh * ww)[:, None] * g
 
         in_offs = (bt * n_in + offs_n)[:, None] * D + offs_d[None, :]
         tl.store(
@@ -208,10 +243,18 @@ def _token_block(n_tokens: int, block_d: int, budget: int) -> int:
     return max(1, min(next_power_of_2(n_tokens), budget // block_d))
 
 
-def _candidate_window(n_in: int, n_out: int) -> int:
-    # Outputs touching one input lie in a half-open interval of length 2 * m / n: at most
-    # floor(2m/n) + 1 integers, plus one index of margin on each side for rounding in the bound.
-    return (2 * n_out) // n_in + 4
+# Largest grid side the Triton path takes: keeps the backward's fp32 range guess within its proof.
+_MAX_SIDE = 1 << 20
+
+
+def _contributor_bound(n_in: int, n_out: int) -> int:
+    # Most outputs with a nonzero weight on one input along an axis (the backward's loop length).
+    # They have src in (i - 1, i + 1) (see `_axis_contributors`); their exact coordinates
+    # S(o) = (n * (2o + 1) - m) / (2m) are n/m apart. The fp32 src is off from S by < 3 * 2^-24 * n
+    # (fp64 by far less), so while n * m <= 2^21 the integer 2m * S stays in the closed
+    # [2m(i - 1), 2m(i + 1)]: at most floor(2m/n) + 1 outputs (the borders i = 0 and i = n - 1 span
+    # less). Larger axes keep one output of margin: there rounding widens the span by < 1 output.
+    return (2 * n_out) // n_in + (1 if n_in * n_out <= 1 << 21 else 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,12 +301,11 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     grid = (n_tok_blocks * B * T, triton.cdiv(D, block_d))
     torch.library.wrap_triton(_resample_bwd_kernel)[grid](
         grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
-        out_h / in_h, out_w / in_w,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         n_tok_blocks,
         IS_FP64=grad_out.dtype == torch.float64,
-        K_H=_candidate_window(in_h, out_h),
-        K_W=_candidate_window(in_w, out_w),
+        R_H=_contributor_bound(in_h, out_h),
+        R_W=_contributor_bound(in_w, out_w),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=num_warps_for(block_n * block_d),
@@ -345,7 +387,8 @@ def resample_tokens(
 
     When `in_grid == out_grid` the input is returned unchanged (the same tensor object), since
     bilinear resampling onto the same grid is the identity. Tensors the Triton kernels cannot take
-    (CPU without `TRITON_INTERPRET=1`) go through `F.interpolate` with the same result.
+    (CPU without `TRITON_INTERPRET=1`) go through `F.interpolate` with the same result; the Triton
+    kernels take grid sides up to 2**20.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -363,6 +406,11 @@ def resample_tokens(
         return x
     if not triton_supports(x):
         return _resample_tokens_torch(x, (in_h, in_w), (out_h, out_w))
+    if max(in_h, in_w, out_h, out_w) > _MAX_SIDE:
+        raise ValueError(
+            f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
+            f"got in_grid={in_grid}, out_grid={out_grid}"
+        )
     return _resample_fwd_op(x, in_h, in_w, out_h, out_w)
 
 
