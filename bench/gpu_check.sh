@@ -16,7 +16,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
-bench_s=$(( BUDGET * 40 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
+bench_s=$(( BUDGET * 36 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
 step_s=$(( BUDGET * 16 / 100 ))
 
 echo "== kernel benchmarks (budget ${bench_s}s)"
@@ -31,6 +31,10 @@ if [ -f bench/bench_offload.py ]; then
   echo "== offload benchmark (limit ${offload_s}s)"
   timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
 fi
+echo "== profile of the wan480 step (kernel table, host enqueue cost)"
+timeout 60 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 --out "$OUT_DIR/profile_wan480_fp32.txt" \
+  > /dev/null 2>&1 || status=1
+
 if python3 -c "import diffusers" 2>/dev/null; then
   echo "== CREPA step benchmark (limit ${step_s}s; 6 latent frames = 21 video frames)"
   timeout "$step_s" python3 bench/bench_step.py --latent-frames 6 --steps 3 --out "$OUT_DIR/step.json" 2>&1 \

@@ -1,0 +1,67 @@
+"""Where a crepa_loss step spends its time on a GPU: kernel table and host launch cost.
+
+For each backend it runs forward + backward at a preset under torch.profiler and writes the
+per-kernel CUDA-time table, plus two host figures: the wall time to *enqueue* one step (no sync;
+if it is close to the synced step time, the step is bound by the host, not the GPU) and the synced
+step time.
+
+    python bench/profile_loss.py --preset wan480 --dtype fp32 --out bench/results/profile.txt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from crepa_kernels import benchmark as bm  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="wan480", choices=sorted(bm.PRESETS))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(bm.DTYPES))
+    ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_loss.py needs a CUDA device", file=sys.stderr)
+        return 2
+    preset = bm.PRESETS[args.preset]
+    p, f = bm.make_inputs(preset, bm.DTYPES[args.dtype], "cuda")
+    lines = [f"crepa_loss forward+backward, preset {preset.name} {preset.shapes}, {args.dtype}, "
+             f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
+    for backend in args.backends.split(","):
+        run = bm.build_callable("triton" if backend == "triton" else "torch", "full", preset, p, f)
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            run()
+        enqueue_ms = (time.perf_counter() - t0) / args.iters * 1e3
+        torch.cuda.synchronize()
+        synced_ms = (time.perf_counter() - t0) / args.iters * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                run()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        lines += ["", f"== backend {backend}: host enqueue {enqueue_ms:.3f} ms/step, synced {synced_ms:.3f} ms/step "
+                      f"({args.iters} steps)", table]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
