@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network; torch, triton and timm installed, diffusers optional):
-# the kernel benchmarks, the GPU test tier, the offload and the CREPA-step benchmarks, into
-# ${OUT:-bench/results}. Set CREPA_COMMIT when the tree travels without its .git.
-# CHECK_BUDGET_S (default 420) bounds the whole run; the benchmark stops starting cases when its share
-# is spent. Run from the repository root. Wheels under .whl/ (e.g. diffusers) go to /tmp/site first.
+# the kernel benchmarks, the GPU test tier, a profile, the offload and the CREPA-step benchmarks,
+# into ${OUT:-bench/results}. Run from the repository root.
+#   CHECK_BUDGET_S  seconds for the whole run (default 420); each part gets a share and the kernel
+#                   benchmark stops starting cases when its share is spent
+#   CREPA_COMMIT    the commit to record when the checkout has no .git
+# Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
+# into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results}

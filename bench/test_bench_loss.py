@@ -41,5 +41,3 @@ def test_crepa_loss(benchmark, preset, dtype, provider, mode):
                                 io_bytes=bm.io_bytes(mode, p, f),
                                 interpreter=not CUDA and provider == "triton")
     benchmark.pedantic(timed, rounds=10 if CUDA else 2, warmup_rounds=1 if CUDA else 0)
-    if mode != "forward":
-        assert p.grad is None  # the benchmark differentiates a detached leaf, never the caller's tensor

@@ -36,30 +36,6 @@ class TokenPlan:
     pool: bool
     tokens: int  # token count of both sides after alignment
 
-    @property
-    def is_identity(self) -> bool:
-        return not self.pool and self.projected is None and self.features is None
-
-
-def temporal_plan(t_projected: int, t_features: int) -> tuple[str, int, int]:
-    """Which side is subsampled in time: ('none' | 'projected' | 'features', t_long, t_short)."""
-    if t_projected == t_features:
-        return "none", t_projected, t_projected
-    if t_features > t_projected:
-        return "features", t_features, t_projected
-    return "projected", t_projected, t_features
-
-
-def temporal_index_list(t_long: int, t_short: int) -> list[int]:
-    """floor(linspace(0, t_long - 1, t_short)) as Python ints, computed like torch.linspace in fp32.
-
-    Used where indices are needed on the host (frame pruning before the encoder); the loss path builds
-    the same indices on the device with torch.linspace to avoid a host-to-device copy.
-    """
-    import torch
-
-    return torch.linspace(0, t_long - 1, t_short, dtype=torch.float32).long().tolist()
-
 
 def _square_side(n: int) -> Optional[int]:
     s = math.isqrt(n)

@@ -10,6 +10,7 @@ SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
 FEATURE_SOURCES = ("encoder", "backbone")
 OFFLOAD_MODES = ("auto", "resident", "offload")
+ENCODER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "torch", "triton")
 ENCODER_PATCH_SIZE = 14
 
@@ -51,7 +52,7 @@ class CrepaConfig:
     backend: str = "auto"
     check_finite: bool = False
     encoder_weights: Optional[str] = None
-    feature_cache_dir: Optional[str] = None
+    encoder_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,7 +65,7 @@ class CrepaConfig:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """Every config key this class accepts (prefixed names), aliases included."""
-        return tuple(cls._key_of(f.name) for f in fields(cls)) + tuple(_ALIASES) + ("crepa_use_backbone_features",)
+        return tuple(cls._key_of(f.name) for f in fields(cls)) + tuple(_ALIASES) + tuple(_DERIVED)
 
     @classmethod
     def _field_for_key(cls, key: str) -> str:
@@ -82,35 +83,38 @@ class CrepaConfig:
         """Build from ``crepa_*`` keys (JSON / CLI names). Unknown ``crepa_*`` keys are errors."""
         if not isinstance(d, Mapping):
             raise TypeError(f"from_dict expects a mapping of crepa_* keys, got {type(d).__name__}")
-        kwargs: dict[str, Any] = {}
+        norm: dict[str, Any] = {}
         for key, value in d.items():
             if not isinstance(key, str):
                 raise TypeError(f"config keys must be strings, got {key!r}")
-            name = key[2:] if key.startswith("--") else key
-            name = name.replace("-", "_")
+            name = (key[2:] if key.startswith("--") else key).replace("-", "_")
             if not name.startswith("crepa_"):
                 raise ValueError(f"unknown CREPA config key {key!r}: every key starts with 'crepa_'")
-            if name == "crepa_use_backbone_features":
-                if value is not None:
-                    kwargs.setdefault("feature_source", "backbone" if _as_bool(key, value) else "encoder")
-                continue
-            field_name = cls._field_for_key(name)
-            if field_name == "encoder" and name == "crepa_model" and value is None:
-                continue
-            kwargs[field_name] = value
-        if "crepa_model" in d and "crepa_encoder" in d and d["crepa_model"] and d["crepa_encoder"]:
-            if d["crepa_model"] != d["crepa_encoder"]:
+            if name not in _DERIVED:
+                cls._field_for_key(name)  # unknown keys fail here, with a suggestion
+            norm[name] = value
+
+        kwargs: dict[str, Any] = {}
+        for name, value in norm.items():
+            if name not in _DERIVED and name not in _ALIASES:
+                kwargs[cls._field_for_key(name)] = value
+
+        # crepa_model is an alias of crepa_encoder: a None on either side means "not given".
+        model, encoder = norm.get("crepa_model"), norm.get("crepa_encoder")
+        if model is not None and encoder is not None and _encoder_key(model) != _encoder_key(encoder):
+            raise ValueError(f"crepa_model={model!r} and crepa_encoder={encoder!r} disagree; they are aliases, give one")
+        if encoder is None and model is not None:
+            kwargs["encoder"] = model
+
+        # crepa_use_backbone_features is the boolean form of crepa_feature_source.
+        use_backbone, source = norm.get("crepa_use_backbone_features"), norm.get("crepa_feature_source")
+        if use_backbone is not None:
+            want = "backbone" if _as_bool("crepa_use_backbone_features", use_backbone) else "encoder"
+            if source is not None and str(source).strip().lower() != want:
                 raise ValueError(
-                    f"crepa_model={d['crepa_model']!r} and crepa_encoder={d['crepa_encoder']!r} disagree; "
-                    "they are aliases, give one"
+                    f"crepa_use_backbone_features={use_backbone!r} and crepa_feature_source={source!r} disagree"
                 )
-        if "crepa_use_backbone_features" in d and "crepa_feature_source" in d:
-            want = "backbone" if _as_bool("crepa_use_backbone_features", d["crepa_use_backbone_features"]) else "encoder"
-            if d["crepa_feature_source"] not in (None, want):
-                raise ValueError(
-                    f"crepa_use_backbone_features={d['crepa_use_backbone_features']!r} and "
-                    f"crepa_feature_source={d['crepa_feature_source']!r} disagree"
-                )
+            kwargs["feature_source"] = want
         # None means "use the default" for keys users leave unset on a CLI namespace.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
         return cls(**kwargs)
@@ -200,16 +204,25 @@ class CrepaConfig:
 
         self.offload = _choice("crepa_offload", self.offload, OFFLOAD_MODES)
         self.backend = _choice("crepa_backend", self.backend, BACKENDS)
-        for name in ("encoder_weights", "feature_cache_dir"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                value = str(value)
-                setattr(self, name, value)
+        if self.encoder_weights is not None and not isinstance(self.encoder_weights, str):
+            self.encoder_weights = str(self.encoder_weights)  # a pathlib.Path is fine
+        self.encoder_dtype = _choice("crepa_encoder_dtype", self.encoder_dtype, ENCODER_DTYPES)
 
 
 _ALIASES = {"crepa_model": "crepa_encoder"}
+_DERIVED = {"crepa_use_backbone_features"}  # keys that set another field; handled in from_dict
 _NULLABLE = {"block_index", "teacher_block_index", "similarity_threshold", "encoder_frames_batch_size",
-             "encoder_weights", "feature_cache_dir"}
+             "encoder_weights"}
+
+
+def _encoder_key(name: Any) -> Any:
+    """Encoder names compared by the model they resolve to (dinov2_vits14 == vit_small_patch14_dinov2)."""
+    try:
+        from .teacher.encoders import resolve_encoder_name
+
+        return resolve_encoder_name(name)
+    except (ImportError, TypeError, ValueError):
+        return name
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

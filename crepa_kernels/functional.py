@@ -8,9 +8,8 @@ import torch
 
 from . import reference
 from .alignment import TokenPlan, check_grid, plan_tokens
+from .config import BACKENDS
 from .ops.utils import interpreter_enabled, triton_available
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 class CrepaOutput(NamedTuple):

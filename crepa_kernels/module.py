@@ -7,8 +7,22 @@ import torch
 from torch import nn
 
 from .config import CrepaConfig
+from .alignment import check_grid
 from .functional import crepa_loss
 from .schedule import CrepaScheduler
+
+
+class Float32Sequential(nn.Sequential):
+    """An nn.Sequential whose floating-point parameters and buffers stay float32 through ``.to()``,
+    ``.half()`` or ``.bfloat16()`` (device moves still apply), as SPEC requires of the projector even
+    when a parent model holding it as ``crepa_projector`` is cast to bf16."""
+
+    def _apply(self, fn, recurse=True):
+        def keep_fp32(t):
+            out = fn(t)
+            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+
+        return super()._apply(keep_fp32, recurse)
 
 
 def make_projector(hidden_size: int, encoder_dim: int) -> nn.Sequential:
@@ -17,7 +31,7 @@ def make_projector(hidden_size: int, encoder_dim: int) -> nn.Sequential:
     for name, v in (("hidden_size", hidden_size), ("encoder_dim", encoder_dim)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, encoder_dim)).float()
+    return Float32Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, encoder_dim)).float()
 
 
 class CrepaLoss(nn.Module):
@@ -82,8 +96,8 @@ class CrepaLoss(nn.Module):
             raise ValueError(
                 f"frame_features has D={frame_features.shape[-1]} but this CrepaLoss projects to encoder_dim={self.encoder_dim}"
             )
-        hidden_grid = _spatial_grid("hidden_grid", hidden_grid)
-        feature_grid = _spatial_grid("feature_grid", feature_grid)
+        hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
+        feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
         thresholded = c.similarity_threshold is not None
         world = _world_size()
         if not thresholded or (c.threshold_mode == "permanent" and self.scheduler.is_cutoff()):
@@ -101,6 +115,8 @@ class CrepaLoss(nn.Module):
             check_finite=c.check_finite,
         )
         score = out.alignment.detach().mean()
+        if not thresholded:
+            self.scheduler.update_ema(score)  # stays a device tensor: logged, never read here
         if thresholded:
             shared = score
             if world > 1:  # every rank must feed the EMA the same number, or their weights diverge
@@ -113,6 +129,14 @@ class CrepaLoss(nn.Module):
                 return zero, self._logs(zero, score, out.self_similarity.detach().mean(), weight, True)
         loss = out.loss * weight
         return loss, self._logs(loss, score, out.self_similarity.detach().mean(), weight, False)
+
+    # The schedule's state (EMA, cutoff latch) travels in CrepaLoss.state_dict(), so a resumed run
+    # does not switch CREPA back on after a permanent cutoff.
+    def get_extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state.get("scheduler", {}))
 
     def _zero_loss(self) -> torch.Tensor:
         return sum(p.sum() for p in self.projector.parameters()) * 0.0
@@ -151,12 +175,12 @@ def logs_to_floats(logs: dict) -> dict:
     return out
 
 
-def _spatial_grid(name, grid):
-    """Accept (h, w), or the capture helper's (T, H, W) latent grid, whose last two entries are spatial."""
+def _spatial_grid(name, grid, tensor):
+    """Accept (h, w), or the capture helper's (T, H, W) latent grid, whose last two entries are spatial;
+    checked here so an error names this method's argument."""
     if grid is None:
         return None
     if isinstance(grid, (tuple, list)) and len(grid) == 3:
         grid = tuple(grid[1:])
-    if isinstance(grid, (tuple, list)):
-        return tuple(int(v) if isinstance(v, int) else v for v in grid)
-    raise ValueError(f"{name} must be (h, w) or (T, H, W), got {grid!r}")
+    tokens = tensor.shape[2] if torch.is_tensor(tensor) and tensor.ndim == 4 else 1
+    return check_grid(name, grid, tokens)

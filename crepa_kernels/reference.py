@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import Resample, TokenPlan
+from .ops.resample import pick_frames, temporal_indices  # plain torch; fp32 linspace whatever the default dtype
 
 EPS = 1e-12
 
@@ -21,19 +22,14 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def temporal_indices(t_long: int, t_short: int, device=None) -> torch.Tensor:
-    """SPEC 1: floor(linspace(0, t_long - 1, t_short)), built on ``device`` (no host copy)."""
-    return torch.linspace(0, t_long - 1, t_short, device=device).long()
-
-
 def align_frames(projected: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 1: subsample the longer side in time to the shorter one's length."""
     tp, tf = projected.shape[1], features.shape[1]
     if tp == tf:
         return projected, features
     if tf > tp:
-        return projected, features.index_select(1, temporal_indices(tf, tp, features.device))
-    return projected.index_select(1, temporal_indices(tp, tf, projected.device)), features
+        return projected, pick_frames(features, temporal_indices(tf, tp, features.device))
+    return pick_frames(projected, temporal_indices(tp, tf, projected.device)), features
 
 
 def resample(x: torch.Tensor, plan: Optional[Resample]) -> torch.Tensor:

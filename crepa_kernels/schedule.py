@@ -16,8 +16,10 @@ class CrepaScheduler:
 
     ``get_weight(step, similarity)`` must be called once per step, in step order: it updates the
     similarity EMA first (SPEC 6.1), then applies the cutoffs and the schedule. ``similarity`` may be a
-    Python number or a 0-dim tensor; a tensor is read once (a single host sync), and only when a
-    similarity threshold is configured, because nothing else needs its value.
+    Python number or a one-element tensor. With a similarity threshold a tensor is read once (a single
+    host sync), because the cutoff decision needs its value; without one the EMA of a tensor stays a
+    0-dim tensor on its device (no sync) and is only there to be logged. A non-finite similarity
+    leaves the EMA unchanged, so one NaN step cannot poison the rest of the run.
     """
 
     def __init__(self, config: CrepaConfig, max_train_steps: int = 0):
@@ -36,10 +38,14 @@ class CrepaScheduler:
         return self._cut_off
 
     def state_dict(self) -> dict:
-        return {"similarity_ema": self.similarity_ema, "cut_off": self._cut_off}
+        ema = self.similarity_ema
+        if torch.is_tensor(ema):
+            ema = float(ema)  # checkpoints are rare: one read here is fine
+        return {"similarity_ema": ema, "cut_off": self._cut_off}
 
     def load_state_dict(self, state: dict) -> None:
-        self.similarity_ema = state.get("similarity_ema")
+        ema = state.get("similarity_ema")
+        self.similarity_ema = None if ema is None else float(ema)
         self._cut_off = bool(state.get("cut_off", False))
 
     # -------------------------------------------------------------- schedule
@@ -65,25 +71,36 @@ class CrepaScheduler:
         return (lam - c.lambda_end) * (1.0 - progress) ** c.power + c.lambda_end
 
     def update_ema(self, similarity: Optional[Union[Number, torch.Tensor]]) -> None:
+        similarity = _check_similarity(similarity)
         if similarity is None:
             return
-        value = float(similarity.detach().float().item()) if torch.is_tensor(similarity) else float(similarity)
+        d = self.config.similarity_ema_decay
+        if torch.is_tensor(similarity) and self.config.similarity_threshold is None:
+            x = similarity.detach().float().reshape(())
+            ema = self.similarity_ema
+            if ema is None:
+                self.similarity_ema = x.clone()
+                return
+            ema = torch.as_tensor(ema, dtype=torch.float32, device=x.device)
+            blended = torch.where(torch.isfinite(ema), d * ema + (1.0 - d) * x, x)  # first finite value as is
+            self.similarity_ema = torch.where(torch.isfinite(x), blended, ema)
+            return
+        value = float(similarity.detach().float().reshape(())) if torch.is_tensor(similarity) else float(similarity)
         if not math.isfinite(value):
-            return  # a NaN step must not poison the EMA for the rest of the run
-        if self.similarity_ema is None:
+            return
+        ema = self.similarity_ema
+        if torch.is_tensor(ema):
+            ema = float(ema)
+        if ema is None or not math.isfinite(ema):
             self.similarity_ema = value
         else:
-            d = self.config.similarity_ema_decay
-            self.similarity_ema = d * self.similarity_ema + (1.0 - d) * value
+            self.similarity_ema = d * ema + (1.0 - d) * value
 
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         c = self.config
-        if c.similarity_threshold is not None:
-            self.update_ema(similarity)
-        elif similarity is not None and not torch.is_tensor(similarity):
-            self.update_ema(similarity)  # a host value costs nothing; keep the EMA for the logs
+        self.update_ema(similarity)
         if c.threshold_mode == "permanent" and self._cut_off:
             return 0.0
         hit = c.cutoff_step > 0 and step >= c.cutoff_step
@@ -94,3 +111,15 @@ class CrepaScheduler:
             return 0.0
         self._cut_off = False  # recoverable mode clears its latch
         return self.base_weight(step)
+
+
+def _check_similarity(similarity):
+    if similarity is None:
+        return None
+    if torch.is_tensor(similarity):
+        if similarity.numel() != 1 or similarity.is_complex():
+            raise ValueError(f"similarity must be a number or a one-element tensor, got shape {tuple(similarity.shape)}")
+        return similarity
+    if isinstance(similarity, bool) or not isinstance(similarity, (int, float)):
+        raise ValueError(f"similarity must be a number or a one-element tensor, got {similarity!r}")
+    return similarity

@@ -28,15 +28,56 @@ def test_defaults_follow_spec():
     assert c.block_index is None and c.offload == "auto"
 
 
-def test_every_spec_key_is_accepted():
+def test_every_spec_key_is_accepted_and_takes_effect():
     known = set(CrepaConfig.keys())
     assert [k for k in SPEC_KEYS if k not in known] == []
-    for key in SPEC_KEYS:  # each key is really read, not only listed
-        value = {"crepa_enabled": False, "crepa_model": "dinov2_vits14", "crepa_encoder": "dinov2_vits14",
-                 "crepa_feature_source": "encoder", "crepa_scheduler": "linear",
-                 "crepa_threshold_mode": "recoverable", "crepa_encoder_image_size": 224,
-                 "crepa_similarity_ema_decay": 0.5}.get(key, 1)
-        CrepaConfig.from_dict({key: value})
+    # a non-default value for each key, and the field it must land in
+    values = {
+        "crepa_enabled": ("enabled", True), "crepa_block_index": ("block_index", 7), "crepa_lambda": ("lambda_", 0.3),
+        "crepa_adjacent_distance": ("adjacent_distance", 3), "crepa_adjacent_tau": ("adjacent_tau", 2.5),
+        "crepa_cumulative_neighbors": ("cumulative_neighbors", True),
+        "crepa_normalize_neighbour_sum": ("normalize_neighbour_sum", True),
+        "crepa_normalize_by_frames": ("normalize_by_frames", False), "crepa_spatial_align": ("spatial_align", False),
+        "crepa_encoder": ("encoder", "dinov2_vitl14"), "crepa_model": ("encoder", "dinov2_vits14"),
+        "crepa_encoder_image_size": ("encoder_image_size", 224),
+        "crepa_encoder_frames_batch_size": ("encoder_frames_batch_size", 8),
+        "crepa_use_backbone_features": ("feature_source", "backbone"),
+        "crepa_feature_source": ("feature_source", "backbone"),
+        "crepa_teacher_block_index": ("teacher_block_index", 9), "crepa_drop_vae_encoder": ("drop_vae_encoder", True),
+        "crepa_scheduler": ("scheduler", "cosine"), "crepa_warmup_steps": ("warmup_steps", 5),
+        "crepa_decay_steps": ("decay_steps", 50), "crepa_lambda_end": ("lambda_end", 0.1),
+        "crepa_power": ("power", 2.0), "crepa_cutoff_step": ("cutoff_step", 100),
+        "crepa_similarity_threshold": ("similarity_threshold", 0.9),
+        "crepa_similarity_ema_decay": ("similarity_ema_decay", 0.5),
+        "crepa_threshold_mode": ("threshold_mode", "recoverable"),
+    }
+    assert set(values) == set(SPEC_KEYS)
+    for key, (field, value) in values.items():
+        given = True if key == "crepa_use_backbone_features" else value
+        extra = {"crepa_block_index": 0} if key == "crepa_enabled" else {}
+        cfg = CrepaConfig.from_dict({key: given, **extra})
+        assert getattr(cfg, field) == value, key
+        assert getattr(CrepaConfig(), field) != value, f"{key}: pick a non-default value"
+
+
+@pytest.mark.parametrize("order", ["flag_first", "source_first"])
+def test_backbone_flag_is_not_lost_to_an_unset_feature_source(order):
+    items = [("crepa_use_backbone_features", True), ("crepa_feature_source", None)]
+    if order == "source_first":
+        items.reverse()
+    d = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_teacher_block_index": 3, **dict(items)}
+    assert CrepaConfig.from_dict(d).feature_source == "backbone"
+    assert CrepaConfig.from_namespace(argparse.Namespace(**d)).feature_source == "backbone"
+
+
+@pytest.mark.parametrize("d,want", [
+    ({"crepa_model": "dinov2_vits14", "crepa_encoder": None}, "dinov2_vits14"),
+    ({"crepa_encoder": None, "crepa_model": "dinov2_vits14"}, "dinov2_vits14"),
+    ({"crepa_model": None, "crepa_encoder": "dinov2_vitb14"}, "dinov2_vitb14"),
+    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "vit_small_patch14_dinov2"}, "vit_small_patch14_dinov2"),
+])
+def test_encoder_alias_with_unset_or_equivalent_values(d, want):
+    assert CrepaConfig.from_dict(d).encoder == want
 
 
 def test_from_dict_and_round_trip():
@@ -85,6 +126,7 @@ def test_unknown_key_suggests_closest():
     ({"crepa_lambda": -1}, "crepa_lambda must be >= 0"),
     ({"crepa_power": 0}, "crepa_power must be > 0"),
     ({"crepa_offload": "gpu"}, "crepa_offload must be one of auto, resident, offload"),
+    ({"crepa_encoder_dtype": "fp8"}, "crepa_encoder_dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"),
     ({"crepa_feature_source": "vae"}, "crepa_feature_source must be one of encoder, backbone"),
     ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone"},
      "crepa_teacher_block_index must be set"),

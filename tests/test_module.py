@@ -92,3 +92,45 @@ def test_constructor_errors():
         CrepaLoss({"crepa_lambda": 1}, 4, 4)
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         CrepaLoss(cfg(), 0, 4)
+
+
+def test_projector_stays_float32_when_cast_with_its_parent():
+    m = CrepaLoss(cfg(), 4, 4)
+    parent = nn.Module()
+    parent.crepa_projector = m.projector
+    parent.to(torch.bfloat16)
+    m.bfloat16()
+    assert all(p.dtype == torch.float32 for p in m.projector.parameters())
+    loss, _ = m(torch.randn(1, 2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 4))
+    assert loss.dtype == torch.float32
+
+
+def test_schedule_state_survives_a_checkpoint_round_trip():
+    m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
+    with torch.no_grad():
+        m.projector[1].weight.zero_()
+        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    loss, _ = m(torch.randn(1, 3, 2, 4), aligned, step=0)
+    assert loss is None and m.scheduler.is_cutoff()
+    resumed = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
+    resumed.load_state_dict(m.state_dict())
+    assert resumed.scheduler.is_cutoff()
+    assert resumed.scheduler.similarity_ema == pytest.approx(m.scheduler.similarity_ema)
+    loss, logs = resumed(torch.randn(1, 3, 2, 4), aligned, step=1)
+    assert loss is None and logs["crepa_cutoff"] is True
+
+
+def test_alignment_ema_is_kept_without_threshold_and_stays_on_the_device():
+    m = CrepaLoss(cfg(similarity_ema_decay=0.5), 4, 4)
+    feats = torch.randn(1, 3, 2, 4)
+    scores = []
+    for step in range(3):
+        _, logs = m(torch.randn(1, 3, 2, 4), feats, step=step)
+        scores.append(float(logs["crepa_alignment_score"]))
+        assert torch.is_tensor(logs["crepa_alignment_score_ema"])  # no host read was needed
+    ema = scores[0]
+    for s in scores[1:]:
+        ema = 0.5 * ema + 0.5 * s
+    assert float(logs["crepa_alignment_score_ema"]) == pytest.approx(ema, abs=1e-6)

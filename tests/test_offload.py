@@ -65,7 +65,7 @@ X = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
 
 # ------------------------------------------------------------------------------------------ inputs
 def test_bad_mode_names_argument_and_choices():
-    with pytest.raises(ValueError, match=r"mode.*'fast'.*resident, offload, auto"):
+    with pytest.raises(ValueError, match=r"mode.*'fast'.*auto, resident, offload"):
         OffloadManager("fast")
     with pytest.raises(ValueError, match="mode"):
         OffloadManager(None)

@@ -109,3 +109,20 @@ def test_constructor_errors(args, msg):
 def test_bad_step():
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         CrepaScheduler(CrepaConfig(), 10).get_weight(-1)
+
+
+def test_tensor_ema_without_threshold_skips_non_finite_steps_on_the_device():
+    s = CrepaScheduler(CrepaConfig(similarity_ema_decay=0.5), max_train_steps=10)
+    for step, x in enumerate([float("nan"), 0.4, float("inf"), 0.8]):
+        s.get_weight(step, similarity=torch.tensor(x))
+        assert torch.is_tensor(s.similarity_ema)
+    assert float(s.similarity_ema) == pytest.approx(0.5 * 0.4 + 0.5 * 0.8)
+    assert s.state_dict()["similarity_ema"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("bad", ["0.5", torch.ones(2), [0.5], True])
+def test_bad_similarity_names_the_argument(bad):
+    s = CrepaScheduler(CrepaConfig(), max_train_steps=10)
+    with pytest.raises(ValueError, match="similarity must be a number or a one-element tensor"):
+        s.get_weight(0, similarity=bad)
+    assert s.similarity_ema is None

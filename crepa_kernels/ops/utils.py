@@ -49,11 +49,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def block_d(d: int, cap: int = 256) -> int:
-    """Feature-dim block: a power of two covering `d`, capped (the kernels loop over blocks)."""
-    return min(next_power_of_2(d), cap)
-
-
 def num_warps_for(block_elems: int) -> int:
     if block_elems >= 8192:
         return 8

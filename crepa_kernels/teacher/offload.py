@@ -61,9 +61,10 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from ..config import OFFLOAD_MODES  # one list of modes for the config key and the manager
+
 __all__ = ["OFFLOAD_MODES", "DEFAULT_MARGIN_BYTES", "OffloadStats", "OffloadManager", "module_nbytes"]
 
-OFFLOAD_MODES = ("resident", "offload", "auto")
 DEFAULT_MARGIN_BYTES = 2 * 1024**3  # room left for activations when "auto" decides to keep a module
 _ALIGN = 256  # byte alignment of each tensor inside the packed buffers (vectorised loads, cuBLAS)
 _PAGE = mmap.PAGESIZE
