@@ -67,8 +67,8 @@ def run_demo(out_dir: str = "crepa-demo", steps: int = 100, seed: int = 0, devic
     os.makedirs(out_dir, exist_ok=True)
     vae, transformer, vit = _tiny_models(seed)
     transformer.to(device)
-    encoder = DinoEncoder(model=vit, frames_batch_size=8)
-    encoder.model.to(encoder.compute_dtype(device))
+    encoder = DinoEncoder(model=vit, frames_batch_size=8,
+                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     adapter = adapter_for(vae)
     offload = OffloadManager("offload", device=device if device.type == "cuda" else None)
 

@@ -476,3 +476,60 @@ def test_subclass_is_supported():
     with torch.no_grad(), capture_hidden_states(model, 1) as cap:
         _run_wan(model, 3, 4, 6)
     assert cap.grid == (3, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code is cached per code object, across model instances: start and end with none."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def _wan_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = LATENT["wan"]
+    return torch.randn(B, 4, f, h, w, generator=g), torch.tensor([10, 500]), torch.randn(B, 5, 16, generator=g)
+
+
+def test_compiled_model_with_capture_attached_before_first_call(fresh_dynamo):
+    case = CASES[0]
+    eager_model = _model(case)
+    with capture_hidden_states(eager_model, 1) as cap:
+        eager_model(*_wan_inputs(1))
+    eager_hidden = cap.hidden
+    eager_hidden.float().square().mean().backward()
+    eager_grads = [p.grad.clone() for p in eager_model.blocks[1].parameters()]
+
+    model = _model(case)
+    cap = capture_hidden_states(model, 1).attach()  # one capture for every forward, before the first compiled call
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        for seed in (2, 1):  # the last forward wins
+            compiled(*_wan_inputs(seed))
+            assert cap.grid == GRID
+        assert cap.num_forwards == 2
+        torch.testing.assert_close(cap.hidden, eager_hidden)
+        assert cap.hidden.requires_grad
+        cap.hidden.float().square().mean().backward()
+    finally:
+        cap.detach()
+    grads = [p.grad for p in model.blocks[1].parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_compiled_model_with_capture_registered_late_says_so(fresh_dynamo):
+    model = _model(CASES[0])
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        compiled(*_wan_inputs(1))  # traced without the block hooks
+        with capture_hidden_states(compiled, 1, teacher_block_index=2) as cap:
+            compiled(*_wan_inputs(1))
+    assert cap.num_forwards == 1 and cap.grid == GRID  # the transformer's own hooks still run
+    for read in (lambda: cap.hidden, lambda: cap.teacher):
+        with pytest.raises(RuntimeError, match=r"appears to be compiled \(torch.compile\) without the capture "
+                                               r"hooks.*\.attach\(\)"):
+            read()

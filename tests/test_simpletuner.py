@@ -167,3 +167,24 @@ def test_errors_before_attach_and_bad_arguments():
     backbone.attach_to_model(nn.Module())
     with pytest.raises(ValueError, match="backbone mode needs frame_features"):
         backbone.compute_loss(torch.ones(1, 2, 3, 8), torch.ones(1, 4, 2, 2, 2), None)
+
+
+@pytest.mark.parametrize("setting,want", [(None, torch.float32), ("float32", torch.float32),
+                                          ("bfloat16", torch.bfloat16)])
+def test_encoder_dtype_follows_the_config_and_is_set_before_offloading(setting, want):
+    extra = {} if setting is None else {"crepa_encoder_dtype": setting}
+    reg = CrepaRegularizer(namespace(**extra), "cpu", hidden_size=8, encoder=tiny_vit())
+    assert {p.dtype for p in reg.encoder.model.parameters()} == {want}  # auto on a CPU device: fp32
+
+
+def test_schedule_state_round_trips_through_the_dropin():
+    cfg = namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3, crepa_similarity_threshold=-10.0)
+    reg = CrepaRegularizer(cfg, "cpu", hidden_size=8)
+    reg.attach_to_model(nn.Module())
+    loss, logs = reg.compute_loss(torch.randn(1, 2, 3, 8), None, frame_features=torch.randn(1, 2, 3, 8))
+    assert loss is None and logs["crepa_cutoff"] is True  # every score is above -10: cut off
+    again = CrepaRegularizer(cfg, "cpu", hidden_size=8)
+    again.attach_to_model(nn.Module())
+    again.load_state_dict(reg.state_dict())
+    assert again.loss.scheduler.is_cutoff()
+    assert torch.equal(again.projector[1].weight, reg.projector[1].weight)

@@ -29,6 +29,14 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 TINY = dict(depth=2, embed_dim=32, num_heads=2)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_only_machine(request, monkeypatch):
+    """CPU tests see a machine without CUDA, so the encoder's default dtype (bf16 when CUDA is present) is
+    float32 wherever the suite runs and the expectations computed in float32 hold."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def _tiny_vit(arch="vit_small_patch14_dinov2", img_size=56, seed=0, **kw):
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, **{**TINY, **kw})
@@ -156,13 +164,94 @@ def test_frames_mini_batching_matches_one_batch():
         torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
 
 
+def _weights_dtypes(enc):
+    return {p.dtype for p in enc.model.parameters()}
+
+
+def _tensor_identities(module):
+    return [(name, id(t), t.data_ptr(), t.dtype, t.device)
+            for name, t in [*module.named_parameters(), *module.named_buffers()]]
+
+
 def test_explicit_dtype_casts_weights():
     enc = DinoEncoder(model=_tiny_vit(), dtype=torch.float64)
-    assert next(enc.model.parameters()).dtype == torch.float64
+    assert _weights_dtypes(enc) == {torch.float64}
     assert enc.compute_dtype(torch.device("cuda")) == torch.float64  # an explicit dtype wins everywhere
-    assert DinoEncoder(model=_tiny_vit()).compute_dtype(torch.device("cuda")) == torch.bfloat16
-    assert DinoEncoder(model=_tiny_vit()).compute_dtype(torch.device("cpu")) == torch.float32
+    assert enc.compute_dtype(torch.device("cpu")) == enc.compute_dtype() == torch.float64
     assert enc.encode(_frames(1, 1)).dtype == torch.float32
+
+
+def test_default_dtype_is_fixed_at_construction_by_target_device(monkeypatch):
+    # CPU-only machine: float32 weights, and that is the compute dtype whatever device is asked about.
+    enc = DinoEncoder(model=_tiny_vit())
+    assert _weights_dtypes(enc) == {torch.float32} and enc.dtype == torch.float32
+    assert enc.compute_dtype(torch.device("cuda")) == enc.compute_dtype(torch.device("cpu")) == torch.float32
+    assert _weights_dtypes(DinoEncoder(model=_tiny_vit(), dtype="auto")) == {torch.float32}
+    assert _weights_dtypes(DinoEncoder(model=_tiny_vit(), device="cpu")) == {torch.float32}
+    # With CUDA present the encoder is expected to run there: bf16 weights at once, not at the first encode.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    enc = DinoEncoder(model=_tiny_vit())
+    assert _weights_dtypes(enc) == {torch.bfloat16} and enc.compute_dtype() == torch.bfloat16
+    assert enc.pixel_mean.dtype == enc.pixel_std.dtype == torch.float32
+    # An explicit CPU device overrides the machine.
+    assert _weights_dtypes(DinoEncoder(model=_tiny_vit(), device="cpu")) == {torch.float32}
+    from crepa_kernels.teacher.encoders import _resolve_dtype
+
+    assert _resolve_dtype(None, torch.device("cuda", 1)) == torch.bfloat16
+    assert _resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                         ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_dtype_names_cast_weights_at_construction(name, dtype):
+    enc = DinoEncoder(model=_tiny_vit(), dtype=name)
+    assert _weights_dtypes(enc) == {dtype} and enc.compute_dtype() == dtype
+
+
+def test_bf16_encoder_outputs_float32_close_to_fp32():
+    frames = _frames(1, 2)
+    reference = DinoEncoder(model=_tiny_vit()).encode(frames)
+    enc = DinoEncoder(model=_tiny_vit(), dtype="bfloat16")
+    out = enc.encode(frames)
+    assert out.dtype == torch.float32 and _weights_dtypes(enc) == {torch.bfloat16}
+    cos = F.cosine_similarity(out.flatten(0, 2), reference.flatten(0, 2), dim=-1)
+    assert cos.min() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_encode_never_replaces_weights(dtype):
+    enc = DinoEncoder(model=_tiny_vit(), dtype=dtype)
+    before = _tensor_identities(enc)
+    first = enc.encode(_frames(1, 2))
+    for _ in range(3):
+        torch.testing.assert_close(enc.encode(_frames(1, 2)), first, rtol=0, atol=0)
+    assert _tensor_identities(enc) == before
+
+
+@pytest.mark.parametrize("mode", ["auto", "resident", "offload"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_encoder_survives_offload_manager_cycles(monkeypatch, mode, dtype):
+    from crepa_kernels.teacher.offload import OffloadManager
+
+    # A CUDA run asks for bf16 compute while the default weights are float32; report that on the CPU too,
+    # so `encode` is tempted the way it is on a GPU. It must run in the weights' dtype and leave them alone.
+    monkeypatch.setattr(DinoEncoder, "compute_dtype", lambda self, device=None: torch.bfloat16)
+    enc = DinoEncoder(model=_tiny_vit(), dtype=dtype)
+    weights_dtypes = _weights_dtypes(enc)
+    manager = OffloadManager(mode, emulate_device=True)
+    frames = _frames(1, 2)
+    outputs = []
+    for _ in range(3):
+        with manager.use(enc):
+            during = _tensor_identities(enc)  # the manager's device copy
+            outputs.append(enc.encode(frames))
+            assert _tensor_identities(enc) == during
+        manager.release(enc)
+    assert _weights_dtypes(enc) == weights_dtypes
+    assert manager.stats.copies == (3 if mode == "offload" else 1)
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=0, atol=0)
+    assert outputs[0].dtype == torch.float32
 
 
 def _to_original_dinov2(state, reg_tokens=False, swiglu=False, chunks=0):
@@ -284,6 +373,15 @@ def test_encoder_errors(tmp_path):
             DinoEncoder(model=model, frames_batch_size=bad)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         DinoEncoder(model=model, dtype=torch.int32)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype or one of 'auto', 'float32', "
+                                         "'bfloat16', 'float16', got 'fp8'"):
+        DinoEncoder(model=model, dtype="fp8")
+    with pytest.raises(ValueError, match="device must name a device .*got 'gpu0'"):
+        DinoEncoder(model=model, device="gpu0")
+    with pytest.raises(TypeError, match="device must be a str, int, torch.device or None, got float"):
+        DinoEncoder(model=model, device=1.5)
+    with pytest.raises(ValueError, match="device='cuda', but CUDA is not available"):
+        DinoEncoder(model=model, device="cuda")
     with pytest.raises(TypeError, match="weights must be a path, 'random' or None, got int"):
         DinoEncoder(model=model, weights=3)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -314,11 +412,15 @@ def test_encoder_errors(tmp_path):
 def test_cuda_runs_bf16_with_float32_output():
     model = _tiny_vit()
     frames = _frames(2, 3)
-    reference = DinoEncoder(model=_tiny_vit()).encode(frames)
-    enc = DinoEncoder(model=model).to("cuda")
+    reference = DinoEncoder(model=_tiny_vit(), dtype=torch.float32).encode(frames)
+    enc = DinoEncoder(model=model, device="cuda")
+    assert _weights_dtypes(enc) == {torch.bfloat16}  # cast at construction, before any encode
+    before = _tensor_identities(enc)
     out = enc.encode(frames.cuda())
-    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    assert _tensor_identities(enc) == before
     assert out.dtype == torch.float32 and out.device.type == "cuda"
+    # No device given on a CUDA machine: bf16 weights too, left on the CPU until moved.
+    assert _weights_dtypes(DinoEncoder(model=_tiny_vit())) == {torch.bfloat16}
     cos = F.cosine_similarity(out.cpu().flatten(0, 2), reference.flatten(0, 2), dim=-1)
     assert cos.min() > 0.98
 

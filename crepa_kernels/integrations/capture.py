@@ -21,6 +21,21 @@ Supported families and how each lays out its tokens (diffusers 0.42):
   the blocks see tokens in 8x8 spatial tiles; they are put back in raster order here.
 
 Subclasses of these classes are accepted; ``torch.compile`` and DDP wrappers are unwrapped.
+
+``torch.compile``: compiled code contains the block hooks that existed when it was traced, and
+torch does not recompile when hooks are added later. So the capture must be attached before the
+first compiled call and stay attached for every forward (a forward run without it, such as a
+validation pass, is compiled without the hooks and later captures miss the block)::
+
+    cap = capture_hidden_states(transformer, 8).attach()   # once, before the first compiled call
+    compiled = torch.compile(transformer)
+    for step, batch in enumerate(loader):
+        compiled(...)
+        loss, logs = crepa(cap.hidden, features, step=step, hidden_grid=cap.grid)  # the last forward's block
+    cap.detach()
+
+A capture registered after the model was already compiled and run sees the transformer's forward
+but not the block's; reading ``hidden`` then raises an error saying so.
 """
 from __future__ import annotations
 
@@ -189,6 +204,12 @@ class HiddenStateCapture:
     they hold, are released). Block calls outside a transformer forward, such as the recompute
     of gradient checkpointing during backward, are ignored. The results stay readable after the
     context exits; ``clear()`` drops them.
+
+    Instead of a ``with`` block per forward, a capture can stay attached across many forwards:
+    ``cap = capture_hidden_states(model, i).attach()`` once, read ``hidden`` / ``grid`` after each
+    forward, ``cap.detach()`` at the end. That is the way to use it with ``torch.compile``: attach
+    before compiling or before the first compiled call, so the compiled code includes the hooks
+    (see the module docstring).
     """
 
     def __init__(
@@ -292,7 +313,7 @@ class HiddenStateCapture:
                 "torch.utils.checkpoint with use_reentrant=False (diffusers' default)."
             )
         if self._hidden is None:
-            raise RuntimeError(f"block {self.block_index} did not run during the last forward (skipped by a cache?)")
+            raise self._block_missed(self.block_index)
         return self._hidden
 
     @property
@@ -302,10 +323,22 @@ class HiddenStateCapture:
             return None
         self._require_forward()
         if self._teacher is None:
-            raise RuntimeError(
-                f"block {self.teacher_block_index} did not run during the last forward (skipped by a cache?)"
-            )
+            raise self._block_missed(self.teacher_block_index)
         return self._teacher
+
+    def _block_missed(self, index: Optional[int]) -> RuntimeError:
+        # The transformer's hooks fired and the block's did not: typically compiled code traced before the
+        # block hook existed (torch does not recompile for hooks added later), rarely a block skipped by a cache.
+        name = type(self._transformer).__name__
+        teacher = "" if self.teacher_block_index is None else f", teacher_block_index={self.teacher_block_index}"
+        return RuntimeError(
+            f"block {index}'s hook did not fire during the last {name} forward, although the forward ran through "
+            "the capture: the model appears to be compiled (torch.compile) without the capture hooks, i.e. it was "
+            "traced before they were attached. Create the capture once and attach it before the first compiled "
+            f"call: cap = capture_hidden_states(model, {self.block_index}{teacher}).attach(), keep it attached and "
+            "read cap.hidden / cap.grid after each forward (or call torch.compiler.reset() after attaching, which "
+            "recompiles). If the model is not compiled, something skipped the block (a block cache?)."
+        )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -405,5 +438,9 @@ def capture_hidden_states(
     the body raises. ``grid`` overrides the latent patch grid derived from the inputs (needed for
     LTX-Video called with ``video_coords`` only). Indices count from 0 and must be below the
     model's block count; ``teacher_block_index`` must be deeper than ``block_index``.
+
+    To keep the capture across forwards (the way to use it with ``torch.compile``), skip the
+    ``with``: ``cap = capture_hidden_states(transformer, 8).attach()`` before the first (compiled)
+    forward, then read ``cap.hidden`` / ``cap.grid`` after each one and ``cap.detach()`` at the end.
     """
     return HiddenStateCapture(transformer, block_index, teacher_block_index, grid=grid)

@@ -44,7 +44,6 @@ class CrepaRegularizer:
 
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Optional[str] = None,
                  max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
-        self.raw_config = config
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
         self.device = _device_of(accelerator)
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
@@ -69,6 +68,15 @@ class CrepaRegularizer:
         if self.config.use_backbone_features:
             return self.hidden_size
         return None if self.encoder is None else self.encoder.embed_dim
+
+    def state_dict(self) -> dict:
+        """The projector's weights and the schedule's state (EMA, cutoff latch), for checkpoints."""
+        return {} if self.loss is None else self.loss.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loss is None:
+            raise RuntimeError("call attach_to_model(model) before load_state_dict: the projector does not exist yet")
+        self.loss.load_state_dict(state)
 
     def wants_hidden_states(self) -> bool:
         return self.enabled
@@ -161,22 +169,24 @@ class CrepaRegularizer:
     def _family(self) -> Optional[str]:
         return self.model_foundation
 
+    def _encoder_dtype(self) -> torch.dtype:
+        """crepa_encoder_dtype, with 'auto' meaning bf16 on a CUDA device and fp32 elsewhere."""
+        name = self.config.encoder_dtype
+        if name == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, name)
+
     def _wrap_encoder(self, encoder: nn.Module):
         from ..teacher import DinoEncoder
 
         if isinstance(encoder, DinoEncoder):
-            return self._prepare_encoder(encoder)
-        return self._prepare_encoder(DinoEncoder(model=encoder, image_size=self.config.encoder_image_size,
-                                                 frames_batch_size=self.config.encoder_frames_batch_size))
+            return encoder  # built by the caller, dtype included
+        # The weights get their compute dtype here, once, before the offload manager packs them.
+        return DinoEncoder(model=encoder, image_size=self.config.encoder_image_size, dtype=self._encoder_dtype(),
+                           frames_batch_size=self.config.encoder_frames_batch_size)
 
     def _load_encoder(self):
         from ..teacher import DinoEncoder
 
-        return self._prepare_encoder(DinoEncoder(self.config.encoder, self.config.encoder_image_size,
-                                                 weights=self.config.encoder_weights,
-                                                 frames_batch_size=self.config.encoder_frames_batch_size))
-
-    def _prepare_encoder(self, encoder):
-        # Cast once to the dtype it computes in on our device, so offloading moves the final weights.
-        encoder.model.to(encoder.compute_dtype(self.device))
-        return encoder
+        return DinoEncoder(self.config.encoder, self.config.encoder_image_size, weights=self.config.encoder_weights,
+                           dtype=self._encoder_dtype(), frames_batch_size=self.config.encoder_frames_batch_size)

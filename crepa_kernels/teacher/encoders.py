@@ -59,6 +59,41 @@ def resolve_encoder_name(name: str) -> str:
     raise ValueError(f"unknown encoder name {name!r}; expected one of: {valid} (or the `_reg` alias forms)")
 
 
+# `crepa_encoder_dtype` spellings; "auto" is the device rule in `_resolve_dtype`.
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_CHOICES = ", ".join(repr(n) for n in ("auto", *_DTYPE_NAMES))
+
+
+def _resolve_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a str, int, torch.device or None, got {type(device).__name__} ({device!r})")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must name a device such as 'cuda', 'cuda:1' or 'cpu', got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available")
+    return resolved
+
+
+def _resolve_dtype(dtype: Any, device: torch.device | None) -> torch.dtype:
+    """The fixed compute dtype: `dtype` if given, else bfloat16 when the encoder will run on CUDA, else float32."""
+    if isinstance(dtype, str):
+        if dtype in _DTYPE_NAMES:
+            return _DTYPE_NAMES[dtype]
+        if dtype != "auto":
+            raise ValueError(f"dtype must be a floating torch.dtype or one of {_DTYPE_CHOICES}, got {dtype!r}")
+        dtype = None
+    if dtype is None:
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, None or one of {_DTYPE_CHOICES}, got {dtype!r}")
+    return dtype
+
+
 def _check_image_size(image_size: Any) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size must be an int, got {type(image_size).__name__} ({image_size!r})")
@@ -150,8 +185,11 @@ class DinoEncoder(nn.Module):
         weights: path to a `.safetensors` / `.pth` file; None: the local HF-hub or torch-hub cache (an error if
             absent, never a download); "random": keep random initialisation (tests, benchmarks).
         model: an already-built timm DINOv2 ViT to wrap instead of building one from `name`.
-        dtype: compute dtype. None: bfloat16 for CUDA inputs (the weights are cast once, on first use),
-            the weights' dtype (float32) elsewhere.
+        dtype: compute dtype, a floating torch.dtype or "float32" / "bfloat16" / "float16" (the
+            `crepa_encoder_dtype` values). None or "auto": bfloat16 when the encoder will run on CUDA (`device`
+            is CUDA, or `device` is None and CUDA is available), float32 otherwise.
+        device: the device the encoder will run on; the weights are moved there. None: they stay where they
+            are (on the CPU for a named model), e.g. for an offload manager to move at each use.
         frames_batch_size: frames per forward pass; None: all frames at once.
         model_kwargs: extra `timm.create_model` arguments (depth, embed_dim, ...).
     """
@@ -163,13 +201,14 @@ class DinoEncoder(nn.Module):
         *,
         weights: str | os.PathLike | None = None,
         model: nn.Module | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | int | torch.device | None = None,
         frames_batch_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        device = _resolve_device(device)
+        dtype = _resolve_dtype(dtype, device)
         if frames_batch_size is not None and (
             isinstance(frames_batch_size, bool) or not isinstance(frames_batch_size, int) or frames_batch_size <= 0
         ):
@@ -239,8 +278,11 @@ class DinoEncoder(nn.Module):
                 module.fused_attn = True
         self.model.requires_grad_(False)
         self.model.eval()
-        if dtype is not None:
-            self.model.to(dtype)
+        # The weights take their compute dtype here, once, and `encode` never touches the module: an offload
+        # manager packs the module's tensors when it first sees it, and a later cast would replace them.
+        self.model.to(dtype)
+        if device is not None:
+            self.to(device)  # the pixel statistics too; they stay float32
 
     # The teacher never trains: a parent's .train() must not switch it out of eval.
     def train(self, mode: bool = True) -> "DinoEncoder":
@@ -271,14 +313,13 @@ class DinoEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.model.num_prefix_tokens)
 
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype `encode` runs in on `device` (an offload manager can cast the weights ahead of time)."""
-        if self.dtype is not None:
-            return self.dtype
-        if device.type == "cuda":
-            return torch.bfloat16
-        first = next(self.model.parameters(), None)
-        return torch.float32 if first is None else first.dtype
+    def compute_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        """The dtype `encode` runs in: fixed at construction (see `dtype`), the same on every device.
+
+        The weights already hold it, so `encoder.model.to(encoder.compute_dtype(device))` is a no-op; `device`
+        is accepted so such callers keep working.
+        """
+        return self.dtype
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -298,9 +339,8 @@ class DinoEncoder(nn.Module):
             raise ValueError(
                 f"frames are on {frames.device} but the encoder weights are on {first.device}; move one of them"
             )
-        compute_dtype = self.compute_dtype(frames.device)
-        if first is not None and first.dtype != compute_dtype:
-            self.model.to(compute_dtype)  # once (CUDA default bf16): the weights then stay in that dtype
+        # Run in the weights' dtype; casting them here would replace tensors an offload manager has packed.
+        compute_dtype = self.dtype if first is None else first.dtype
         flat = frames.reshape(n, c, h, w)
         out = torch.empty(n, self.num_patches, self.embed_dim, device=frames.device, dtype=torch.float32)
         step = n if self.frames_batch_size is None else self.frames_batch_size
