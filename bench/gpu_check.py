@@ -18,12 +18,14 @@ import torch  # noqa: E402
 
 from crepa_kernels import benchmark as bm  # noqa: E402
 
-# (presets, dtypes, providers, modes): most important first.
+# (presets, dtypes, providers, modes, environment): most important first. The ELEMS_PER_THREAD=32 row
+# is an A/B of the warps-per-program rule (32 = fewer warps, the rule the first H200 figures used).
 PLAN = [
-    (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"]),
-    (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"]),
-    (["small", "ltx768", "wan720"], ["fp32", "bf16"], ["torch", "triton"], ["full"]),
-    (["wan720"], ["bf16"], ["torch_compile"], ["full"]),
+    (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_ELEMS_PER_THREAD": "32"}),
+    (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
+    (["small", "ltx768", "wan720"], ["fp32", "bf16"], ["torch", "triton"], ["full"], {}),
+    (["wan720"], ["bf16"], ["torch_compile"], ["full"], {}),
 ]
 
 
@@ -38,7 +40,7 @@ def main() -> int:
         return 2
     t_end = time.time() + args.budget_s
     rows, skipped = [], []
-    for presets, dtypes, providers, modes in PLAN:
+    for presets, dtypes, providers, modes, env in PLAN:
         for preset in presets:
             for dtype in dtypes:
                 for mode in modes:
@@ -46,8 +48,20 @@ def main() -> int:
                         if time.time() > t_end:
                             skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
                             continue
-                        part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
+                        saved = {k: os.environ.get(k) for k in env}
+                        os.environ.update(env)
+                        try:
+                            part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
+                        finally:
+                            for k, v in saved.items():
+                                if v is None:
+                                    os.environ.pop(k, None)
+                                else:
+                                    os.environ[k] = v
                         row = part["results"][0]
+                        if env:
+                            row["environment_override"] = dict(env)
+                            row["provider"] = f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]"
                         rows.append(row)
                         brief = row.get("error") or f"{row['median_ms']:.3f} ms, {row['achieved_gbps']:.0f} GB/s"
                         print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op, wrap_triton
 
-from .utils import accumulation_dtype, next_power_of_2, triton_supports
+from .utils import accumulation_dtype, next_power_of_2, num_warps_for, triton_supports
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -296,8 +296,9 @@ def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.
 
     `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
     loop over D (forward 1; backward 1, or 2 when it also computes d features). Their total is
-    kept near 4096 fp32 elements with 4 warps: on an H200 at B=1, T=21, N=1369, D=1536, S=3, larger
-    tiles (BLOCK_D=128) made the backward 2-3x slower and did not help the forward. Token blocks
+    kept near 4096 fp32 elements, spread over warps by `num_warps_for`: on an H200 at B=1, T=21,
+    N=1369, D=1536, S=3, larger tiles (BLOCK_D=128, 4 warps) made the backward 2-3x slower and did
+    not help the forward, consistent with the register counts ptxas reports for them. Token blocks
     stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16)."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
@@ -312,8 +313,7 @@ def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.
         block_d = max(16, min(block_d, 256, next_power_of_2(D)))
         block_d = 1 << (block_d.bit_length() - 1)  # power of two
     elems = s_pad * block_n * block_d * tiles
-    num_warps = 8 if elems >= 16384 else 4 if elems >= 2048 else 2
-    return block_n, block_d, num_warps
+    return block_n, block_d, num_warps_for(elems)
 
 
 def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,

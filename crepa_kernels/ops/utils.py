@@ -49,9 +49,31 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+ELEMS_PER_THREAD_ENV = "CREPA_KERNELS_ELEMS_PER_THREAD"
+DEFAULT_ELEMS_PER_THREAD = 16
+
+
+def elements_per_thread() -> int:
+    """Tile elements each thread holds; the warps per program follow from it.
+
+    16 keeps the hot kernels near 100 registers per thread on sm_90 (ptxas, triton 3.6), where 32
+    took 200-250 and left room for only two 4-warp programs per SM: too few loads in flight for
+    memory-bound gathers. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32
+    reproduces the similarity kernels' and the resample forward's earlier settings)."""
+    value = os.environ.get(ELEMS_PER_THREAD_ENV)
+    if value is None:
+        return DEFAULT_ELEMS_PER_THREAD
+    try:
+        ept = int(value)
+    except ValueError:
+        raise ValueError(f"{ELEMS_PER_THREAD_ENV} must be a positive power-of-two int, got {value!r}") from None
+    if ept < 1 or ept & (ept - 1):
+        raise ValueError(f"{ELEMS_PER_THREAD_ENV} must be a positive power-of-two int, got {value!r}")
+    return ept
+
+
 def num_warps_for(block_elems: int) -> int:
-    if block_elems >= 8192:
-        return 8
-    if block_elems >= 2048:
-        return 4
-    return 2
+    """Warps for a program holding ``block_elems`` tile elements: 2 to 8, about
+    ``elements_per_thread()`` each (a function of the shape only, so launches are reproducible)."""
+    warps = next_power_of_2(max(1, int(block_elems) // (32 * elements_per_thread())))
+    return max(2, min(8, warps))
