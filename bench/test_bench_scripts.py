@@ -31,3 +31,14 @@ def test_bench_step_quick(tmp_path):
     report = json.loads(out.read_text())
     assert report["encoded_frames"] == {"reference": 9, "ours": 3}
     assert report["results"]["ours"]["median_ms"] > 0 and report["results"]["reference"]["median_ms"] > 0
+
+
+def test_kernel_registers_reports_every_hot_kernel_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "kernel_registers.py"), "--preset", "wan480"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if "registers=" in line]
+    assert len(rows) == 10
+    # the launch settings keep every kernel free of register spills at the flagship size
+    assert all(line.endswith("spill=0 B") for line in rows), proc.stdout
