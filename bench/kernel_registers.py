@@ -21,25 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from compile_kernels import FLOAT_SCALARS  # noqa: E402
+from compile_kernels import compile_one  # noqa: E402
 from crepa_kernels import benchmark as bm  # noqa: E402
 from crepa_kernels.ops import resample, similarity, utils  # noqa: E402
 
 
 def registers(kernel, pointers: dict, constexprs: dict, warps: int, sm: int) -> tuple[int, int]:
-    signature = {}
-    for p in kernel.params:
-        name = p.name
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + pointers.get(name, pointers["default"])
-        else:
-            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    out = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                         target=GPUTarget("cuda", sm, 32), options={"num_warps": warps})
+    out = compile_one(kernel, pointers, constexprs, GPUTarget("cuda", sm, 32), num_warps=warps)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
         fh.write(out.asm["ptx"])

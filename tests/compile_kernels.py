@@ -23,7 +23,7 @@ from crepa_kernels.ops import resample, similarity  # noqa: E402
 FLOAT_SCALARS = {"inv_tau_hi", "inv_tau_lo", "eps_hi", "eps_lo"}
 
 
-def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32"):
+def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32", num_warps=None):
     """pointers: name -> element type ("fp32", "bf16", ...); every other non-constexpr arg is an int
     (`int_type`, as Triton specialises large values to i64) or one of FLOAT_SCALARS."""
     signature = {}
@@ -38,7 +38,8 @@ def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32"
         else:
             signature[name] = int_type
     src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
-    return triton.compile(src, target=target)
+    options = {} if num_warps is None else {"num_warps": num_warps}
+    return triton.compile(src, target=target, options=options)
 
 
 def cases():
