@@ -1,5 +1,6 @@
 """Integrations with video-diffusion stacks: block hidden-state capture from diffusers transformers."""
-from .capture import (
+from . import capture as _capture
+from .capture import (  # noqa: F401  (the public names, listed once in capture.__all__)
     HiddenStateCapture,
     TransformerInfo,
     capture_hidden_states,
@@ -7,10 +8,4 @@ from .capture import (
     transformer_info,
 )
 
-__all__ = [
-    "HiddenStateCapture",
-    "TransformerInfo",
-    "capture_hidden_states",
-    "supported_transformers",
-    "transformer_info",
-]
+__all__ = list(_capture.__all__)

@@ -478,25 +478,28 @@ class OffloadManager:
         slot.last_used = next(self._clock)
         return True
 
-    def release(self, module: nn.Module) -> bool:
-        """Hand `module` back: drop its device copy unless the mode keeps it. True if it was dropped."""
+    def _resident_slot(self, module: nn.Module, verb: str) -> Optional["_Slot"]:
+        """The slot of a module that has a device copy (None if it has none); refused inside use()."""
         slot = self._slot_for(module)
         if slot is None or slot.device_buf is None:
-            return False
+            return None
         if slot.in_use:
-            raise RuntimeError(f"module {slot.name}: cannot release it inside manager.use()")
-        if self._keeps(slot):
+            raise RuntimeError(f"module {slot.name}: cannot {verb} it inside manager.use()")
+        return slot
+
+    def release(self, module: nn.Module) -> bool:
+        """Hand `module` back: drop its device copy unless the mode keeps it. True if it was dropped."""
+        slot = self._resident_slot(module, "release")
+        if slot is None or self._keeps(slot):
             return False
         self._drop(slot)
         return True
 
     def evict(self, module: nn.Module) -> bool:
         """Drop the device copy of `module` whatever the mode. True if there was one."""
-        slot = self._slot_for(module)
-        if slot is None or slot.device_buf is None:
+        slot = self._resident_slot(module, "evict")
+        if slot is None:
             return False
-        if slot.in_use:
-            raise RuntimeError(f"module {slot.name}: cannot evict it inside manager.use()")
         self._drop(slot)
         return True
 
