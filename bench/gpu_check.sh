@@ -34,6 +34,9 @@ if [ -f bench/bench_offload.py ]; then
   echo "== offload benchmark (limit ${offload_s}s)"
   timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
 fi
+echo "== host cost of a call, kernels stubbed (direct vs custom-op front end)"
+timeout 60 python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
+  --benchmark-json "$OUT_DIR/host_cost.json" --benchmark-columns=min,median,max 2>&1 | tail -n 12 || status=1
 echo "== profile of the wan480 step (kernel table, host enqueue cost)"
 timeout 60 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 --out "$OUT_DIR/profile_wan480_fp32.txt" \
   > /dev/null 2>&1 || status=1

@@ -5,6 +5,7 @@ Pure Python on shapes, shared by every backend, so the torch and Triton paths ca
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -60,6 +61,7 @@ def check_grid(name: str, grid: Optional[Sequence[int]], tokens: int) -> Optiona
     return (h, w)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of shapes, called every step
 def plan_tokens(
     n_projected: int,
     n_features: int,

@@ -123,11 +123,10 @@ def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumu
             projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
         if plan.features is not None:
             features = resample_tokens(features, plan.features.in_grid, plan.features.out_grid)
-    total_tok, self_tok = neighbour_cosine(
+    return neighbour_cosine(
         projected, features, distance=distance, tau=tau, cumulative=cumulative,
-        normalize_neighbour_sum=normalize_neighbour_sum,
+        normalize_neighbour_sum=normalize_neighbour_sum, token_mean=True,
     )
-    return total_tok.mean(dim=-1), self_tok.mean(dim=-1)
 
 
 def last_backend_choice() -> dict:

@@ -270,6 +270,81 @@ def test_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def custom_op_front_end(monkeypatch):
+    """Route eager calls through the registered custom ops (the path torch.compile captures)."""
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+
+
+@pytest.mark.parametrize("cumulative, normalize", [(False, False), (True, True)])
+def test_custom_op_front_end_matches_oracle(custom_op_front_end, cumulative, normalize):
+    p, f = _inputs((2, 4, 3, 20), torch.float32)
+    _check(p, f, distance=2, tau=0.7, cumulative=cumulative, normalize_neighbour_sum=normalize, block_d=8)
+
+
+@pytest.mark.parametrize("grad_f", [False, True])
+def test_front_ends_agree_bitwise(monkeypatch, grad_f):
+    """Eager calls launch the kernels from an autograd.Function; torch.compile goes through the custom
+    ops. Same kernels, same launch settings: the two must agree to the bit, gradients included, also
+    when only one output is used."""
+    from crepa_kernels.ops import similarity
+
+    kw = dict(distance=2, tau=0.9, cumulative=True, normalize_neighbour_sum=False, block_d=8)
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors, _d=direct: _d)
+        p, f = _inputs((1, 5, 3, 20), torch.float32, grad_f=grad_f)
+        leaves = (p, f) if grad_f else (p,)
+        total, self_tok = neighbour_cosine(p, f, **kw)
+        both = torch.autograd.grad(total.square().sum() + self_tok.sum(), leaves)
+        total_only = torch.autograd.grad(neighbour_cosine(p, f, **kw)[0].sum(), leaves)
+        mean_total, mean_self = neighbour_cosine(p, f, token_mean=True, **kw)
+        means = torch.autograd.grad((mean_total * torch.arange(5.0)).sum() + mean_self.sum(), leaves)
+        results.append((total, self_tok, *both, *total_only, mean_total, mean_self, *means))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_f", [False, True])
+def test_token_mean_is_the_mean_of_the_tokens(grad_f):
+    # token_mean=True folds the mean over tokens into the op: values and gradients of .mean(-1).
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True, block_d=8)
+    p, f = _inputs((2, 3, 5, 12), torch.float32, grad_f=grad_f)
+    leaves = (p, f) if grad_f else (p,)
+    g = torch.randn(2, 3)
+    total, self_tok = neighbour_cosine(p, f, **kw)
+    mean_total, mean_self = neighbour_cosine(p, f, token_mean=True, **kw)
+    assert mean_total.shape == mean_self.shape == (2, 3)
+    assert torch.equal(mean_total, total.mean(-1)) and torch.equal(mean_self, self_tok.mean(-1))
+    want = torch.autograd.grad((total.mean(-1) * g).sum() + self_tok.mean(-1).sum(), leaves)
+    got = torch.autograd.grad((mean_total * g).sum() + mean_self.sum(), leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)  # the same g / N per token reaches the same kernel
+
+
+def test_eager_calls_take_the_direct_front_end(monkeypatch):
+    # The custom op is not dispatched for plain eager tensors (that is the point of the direct path).
+    from crepa_kernels.ops import similarity
+
+    called = []
+    real = torch.ops.crepa_kernels.neighbour_cosine_fwd
+
+    class Spy:
+        def __call__(self, *args):
+            called.append(True)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.crepa_kernels, "neighbour_cosine_fwd", Spy())
+    p, f = _inputs((1, 3, 2, 8), torch.float32)
+    neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    assert not called
+    monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+    neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    assert called
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -283,6 +358,7 @@ def test_bitwise_deterministic():
         (dict(tau=float("inf")), ValueError, "tau must be a finite number > 0"),
         (dict(cumulative=1), TypeError, "cumulative must be a bool"),
         (dict(block_d=24), ValueError, "block_d must be a power-of-two"),
+        (dict(token_mean=1), TypeError, "token_mean must be a bool"),
     ],
 )
 def test_validation(kwargs, exc, match):

@@ -1,7 +1,10 @@
-"""Launch-setting helpers: warps follow the elements each thread holds, overridable for benchmarks."""
+"""Launch helpers: warps follow the elements each thread holds (overridable for benchmarks), and the
+choice between the direct and the custom-op front end."""
 import pytest
 
-from crepa_kernels.ops.utils import ELEMS_PER_THREAD_ENV, num_warps_for
+import torch
+
+from crepa_kernels.ops.utils import ELEMS_PER_THREAD_ENV, FRONT_END_ENV, cdiv, direct_launch_ok, num_warps_for
 
 
 @pytest.mark.parametrize("elems,want", [(1, 2), (512, 2), (1024, 2), (2048, 4), (4096, 8), (65536, 8)])
@@ -20,3 +23,65 @@ def test_bad_override_names_the_variable(monkeypatch, bad):
     monkeypatch.setenv(ELEMS_PER_THREAD_ENV, bad)
     with pytest.raises(ValueError, match=ELEMS_PER_THREAD_ENV):
         num_warps_for(4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which front end an eager call takes (the direct autograd.Function or the registered custom ops)
+# ---------------------------------------------------------------------------------------------
+def test_plain_eager_tensors_launch_directly(monkeypatch):
+    monkeypatch.delenv(FRONT_END_ENV, raising=False)
+    x = torch.zeros(2)
+    assert direct_launch_ok(x, torch.nn.Parameter(torch.zeros(2)))
+    assert cdiv(7, 2) == 4 and cdiv(8, 2) == 4 and cdiv(0, 3) == 0
+
+
+def test_subclasses_and_dispatch_modes_take_the_custom_ops(monkeypatch):
+    monkeypatch.delenv(FRONT_END_ENV, raising=False)
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.zeros(2)
+    assert not direct_launch_ok(x, x.as_subclass(Sub))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert not direct_launch_ok(x)
+    assert direct_launch_ok(x)
+
+
+def test_front_end_override(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setenv(FRONT_END_ENV, "custom_op")
+    assert not direct_launch_ok(x)
+    monkeypatch.setenv(FRONT_END_ENV, "auto")
+    assert direct_launch_ok(x)
+    monkeypatch.setenv(FRONT_END_ENV, "fast")
+    with pytest.raises(ValueError, match=FRONT_END_ENV):
+        direct_launch_ok(x)
+
+
+def test_loss_under_a_dispatch_mode_matches_plain_eager(monkeypatch):
+    # Under FlopCounterMode the call goes through the custom ops; the numbers must not change.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from crepa_kernels import crepa_loss
+
+    monkeypatch.delenv(FRONT_END_ENV, raising=False)
+    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p = torch.randn(1, 3, 6, 8, generator=g).to(dev).requires_grad_(True)
+    f = torch.randn(1, 3, 4, 8, generator=g).to(dev)
+    runs = []
+    for mode in (None, FlopCounterMode(display=False)):
+        p.grad = None
+        if mode is None:
+            out = crepa_loss(p, f, projected_grid=(2, 3), features_grid=(2, 2), backend="triton")
+            out.loss.backward()
+        else:
+            with mode:
+                out = crepa_loss(p, f, projected_grid=(2, 3), features_grid=(2, 2), backend="triton")
+                out.loss.backward()
+        runs.append((out.loss.detach(), out.alignment.detach(), p.grad.clone()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

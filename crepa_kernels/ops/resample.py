@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .utils import next_power_of_2, num_warps_for, triton_available, triton_supports
+from .utils import cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available, triton_supports
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -273,7 +273,13 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
+def _kernel(kernel, traceable: bool):
+    # Inside the custom ops the launch goes through wrap_triton, so torch.compile can capture it.
+    return torch.library.wrap_triton(kernel) if traceable else kernel
+
+
+def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
+                traceable: bool = False) -> torch.Tensor:
     B, T, _, D = x.shape
     m_out = out_h * out_w
     out = _empty((B, T, m_out, D), x)
@@ -281,9 +287,9 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -
         return out
     block_d = _feature_block(D)
     block_m = _token_block(m_out, block_d, _FWD_TILE)
-    n_tok_blocks = triton.cdiv(m_out, block_m)
-    grid = (n_tok_blocks * B * T, triton.cdiv(D, block_d))
-    torch.library.wrap_triton(_resample_fwd_kernel)[grid](
+    n_tok_blocks = cdiv(m_out, block_m)
+    grid = (n_tok_blocks * B * T, cdiv(D, block_d))
+    _kernel(_resample_fwd_kernel, traceable)[grid](
         x, out, T, D, in_h, in_w, out_h, out_w,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         n_tok_blocks,
@@ -295,7 +301,8 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -
     return out
 
 
-def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
+def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
+                traceable: bool = False) -> torch.Tensor:
     # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
     # is consumed in place without materialising it.
     B, T, _, D = grad_out.shape
@@ -305,9 +312,9 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
         return grad_in
     block_d = _feature_block(D)
     block_n = _token_block(n_in, block_d, _BWD_TILE)
-    n_tok_blocks = triton.cdiv(n_in, block_n)
-    grid = (n_tok_blocks * B * T, triton.cdiv(D, block_d))
-    torch.library.wrap_triton(_resample_bwd_kernel)[grid](
+    n_tok_blocks = cdiv(n_in, block_n)
+    grid = (n_tok_blocks * B * T, cdiv(D, block_d))
+    _kernel(_resample_bwd_kernel, traceable)[grid](
         grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
         n_tok_blocks,
@@ -325,13 +332,13 @@ if triton_available():
 
     @torch.library.triton_op("crepa_kernels::resample_tokens_fwd", mutates_args=())
     def _resample_fwd_op(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int) -> torch.Tensor:
-        return _launch_fwd(x, in_h, in_w, out_h, out_w)
+        return _launch_fwd(x, in_h, in_w, out_h, out_w, traceable=True)
 
     @torch.library.triton_op("crepa_kernels::resample_tokens_bwd", mutates_args=())
     def _resample_bwd_op(
         grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int
     ) -> torch.Tensor:
-        return _launch_bwd(grad_out, in_h, in_w, out_h, out_w)
+        return _launch_bwd(grad_out, in_h, in_w, out_h, out_w, traceable=True)
 
     def _setup_context(ctx, inputs, output):
         _, in_h, in_w, out_h, out_w = inputs
@@ -355,6 +362,30 @@ if triton_available():
     torch.library.register_autograd(
         "crepa_kernels::resample_tokens_bwd", _bwd_backward, setup_context=_bwd_setup_context
     )
+
+    class _Resample(torch.autograd.Function):
+        """The eager front end: the same kernels as the custom ops, launched directly (the custom-op
+        dispatch costs more host time than the kernels take at small shapes)."""
+
+        @staticmethod
+        def forward(ctx, x, in_h, in_w, out_h, out_w):
+            ctx.grids = (in_h, in_w, out_h, out_w)
+            return _launch_fwd(x, in_h, in_w, out_h, out_w)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return _ResampleTranspose.apply(grad_out, *ctx.grids), None, None, None, None
+
+    class _ResampleTranspose(torch.autograd.Function):
+        # The backward as a function of grad_out; linear, with the forward as its own gradient.
+        @staticmethod
+        def forward(ctx, grad_out, in_h, in_w, out_h, out_w):
+            ctx.grids = (in_h, in_w, out_h, out_w)
+            return _launch_bwd(grad_out, in_h, in_w, out_h, out_w)
+
+        @staticmethod
+        def backward(ctx, grad_grad_in):
+            return _Resample.apply(grad_grad_in, *ctx.grids), None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +450,8 @@ def resample_tokens(
             f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
             f"got in_grid={in_grid}, out_grid={out_grid}"
         )
+    if direct_launch_ok(x):
+        return _Resample.apply(x, in_h, in_w, out_h, out_w)
     return _resample_fwd_op(x, in_h, in_w, out_h, out_w)
 
 

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op, wrap_triton
 
-from .utils import accumulation_dtype, next_power_of_2, num_warps_for, triton_supports
+from .utils import (accumulation_dtype, cdiv, direct_launch_ok, elements_per_thread, next_power_of_2,
+                    num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -292,6 +293,15 @@ def _split(x: float) -> tuple[float, float]:
 
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
                    device: torch.device, tiles: int, block_d: int | None):
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    return _launch_config_for(B, T, N, D, s_pad, acc_dtype == torch.float64, sms, tiles, block_d,
+                              elements_per_thread())
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, sms: int, tiles: int,
+                       block_d: int | None, ept: int):
     """(BLOCK_N, BLOCK_D, num_warps) from the shape; no autotuning, so launches are reproducible.
 
     `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
@@ -300,11 +310,9 @@ def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.
     N=1369, D=1536, S=3, larger tiles (BLOCK_D=128, 4 warps) made the backward 2-3x slower and did
     not help the forward, consistent with the register counts ptxas reports for them. Token blocks
     stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
-    budget = (4096 if acc_dtype != torch.float64 else 2048) // tiles
+    budget = (2048 if fp64 else 4096) // tiles
     block_n = max(2, min(16, next_power_of_2(N)))
-    while block_n > 4 and B * T * triton.cdiv(N, block_n) < 4 * sms:
+    while block_n > 4 and B * T * cdiv(N, block_n) < 4 * sms:
         block_n //= 2
     while block_n > 2 and s_pad * block_n * 16 > budget:  # wide windows (cumulative, large d)
         block_n //= 2
@@ -313,27 +321,29 @@ def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.
         block_d = max(16, min(block_d, 256, next_power_of_2(D)))
         block_d = 1 << (block_d.bit_length() - 1)  # power of two
     elems = s_pad * block_n * block_d * tiles
-    return block_n, block_d, num_warps_for(elems)
+    return block_n, block_d, num_warps_for(elems, ept)
 
 
 def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,
                     tau: float, cumulative: bool, normalize_neighbour_sum: bool,
-                    block_d: int | None = None) -> None:
+                    block_d: int | None = None, traceable: bool = False) -> None:
     """Writes every element of total/self_tok/pnorm/fnorm (B, T, N) and cos (B, T, S, N), all
-    contiguous in the accumulation dtype. Inputs may have any strides."""
+    contiguous in the accumulation dtype. Inputs may have any strides. ``traceable`` launches through
+    ``wrap_triton`` (inside the custom ops, so torch.compile can capture the kernel)."""
     B, T, N, D = projected.shape
     d = max(0, min(int(distance), T - 1))
     S = num_slots(distance, T, cumulative)
     s_pad = next_power_of_2(S)
     acc = total.dtype
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d)
-    n_blocks = triton.cdiv(N, block_n)
+    n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0:
         return
     inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
     eps_hi, eps_lo = _split(EPS)
-    wrap_triton(_neighbour_cosine_fwd_kernel)[grid](
+    kernel = wrap_triton(_neighbour_cosine_fwd_kernel) if traceable else _neighbour_cosine_fwd_kernel
+    kernel[grid](
         projected, features, total, self_tok, pnorm, fnorm, cos,
         T, N, D, d, S, n_blocks,
         inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
@@ -346,7 +356,7 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
 
 def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
                      *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
-                     block_d: int | None = None) -> None:
+                     block_d: int | None = None, traceable: bool = False) -> None:
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
     skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None."""
     B, T, N, D = projected.shape
@@ -356,7 +366,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d)
-    n_blocks = triton.cdiv(N, block_n)
+    n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0 or (d_projected is None and d_features is None):
         return
@@ -367,7 +377,8 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     gs = g_self if g_self is not None else pnorm
     dp = d_projected if d_projected is not None else pnorm
     df = d_features if d_features is not None else pnorm
-    wrap_triton(_neighbour_cosine_bwd_kernel)[grid](
+    kernel = wrap_triton(_neighbour_cosine_bwd_kernel) if traceable else _neighbour_cosine_bwd_kernel
+    kernel[grid](
         projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
         T, N, D, d, S, n_blocks,
         inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
@@ -383,15 +394,14 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Custom ops (torch.compile-visible) and autograd
+# Two front ends over the same launchers: custom ops that torch.compile can capture, and an
+# autograd.Function that eager calls use (it skips the custom-op dispatch, whose host cost is larger
+# than the kernels' at small shapes). Both run the same kernels with the same launch settings.
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton_op("crepa_kernels::neighbour_cosine_fwd", mutates_args=())
-def _neighbour_cosine_fwd_op(
-    projected: torch.Tensor, features: torch.Tensor, distance: int, tau: float, cumulative: bool,
-    normalize_neighbour_sum: bool, block_d: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_impl(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
+                  traceable):
     B, T, N, _ = projected.shape
     acc = accumulation_dtype(torch.promote_types(projected.dtype, features.dtype))
     S = num_slots(distance, T, cumulative)
@@ -403,8 +413,32 @@ def _neighbour_cosine_fwd_op(
     cos = torch.empty((B, T, S, N), **kw)
     _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
                     cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
-                    block_d=block_d or None)
+                    block_d=block_d or None, traceable=traceable)
     return total, self_tok, pnorm, fnorm, cos
+
+
+def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
+                   normalize_neighbour_sum, need_projected, need_features, block_d, traceable):
+    # An unneeded gradient comes back as an empty tensor (custom ops cannot return None).
+    dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
+                     device=projected.device)
+    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype,
+                     device=features.device)
+    _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
+                     dp if need_projected else None, df if need_features else None,
+                     distance=distance, tau=tau, cumulative=cumulative,
+                     normalize_neighbour_sum=normalize_neighbour_sum, block_d=block_d or None,
+                     traceable=traceable)
+    return dp, df
+
+
+@triton_op("crepa_kernels::neighbour_cosine_fwd", mutates_args=())
+def _neighbour_cosine_fwd_op(
+    projected: torch.Tensor, features: torch.Tensor, distance: int, tau: float, cumulative: bool,
+    normalize_neighbour_sum: bool, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
+                         traceable=True)
 
 
 @triton_op("crepa_kernels::neighbour_cosine_bwd", mutates_args=())
@@ -414,16 +448,8 @@ def _neighbour_cosine_bwd_op(
     tau: float, cumulative: bool, normalize_neighbour_sum: bool, need_projected: bool,
     need_features: bool, block_d: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Custom ops cannot return None: an unneeded gradient comes back as an empty tensor.
-    dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
-                     device=projected.device)
-    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype,
-                     device=features.device)
-    _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
-                     dp if need_projected else None, df if need_features else None,
-                     distance=distance, tau=tau, cumulative=cumulative,
-                     normalize_neighbour_sum=normalize_neighbour_sum, block_d=block_d or None)
-    return dp, df
+    return _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
+                          normalize_neighbour_sum, need_projected, need_features, block_d, traceable=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -449,12 +475,45 @@ def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
 register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
 
 
+class _NeighbourCosine(torch.autograd.Function):
+    """The eager front end: the same kernels as the custom ops, launched directly."""
+
+    @staticmethod
+    def forward(ctx, projected, features, distance, tau, cumulative, normalize, block_d, token_mean):
+        total, self_tok, pnorm, fnorm, cos = _forward_impl(projected, features, distance, tau, cumulative,
+                                                           normalize, block_d, traceable=False)
+        ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
+        ctx.args = (distance, tau, cumulative, normalize, block_d)
+        ctx.token_mean = token_mean
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
+        if token_mean:
+            return total.mean(dim=-1), self_tok.mean(dim=-1)
+        return total, self_tok
+
+    @staticmethod
+    def backward(ctx, g_total, g_self):
+        need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_p or need_f) or (g_total is None and g_self is None):
+            return (None,) * 8
+        projected, features, pnorm, fnorm, cos = ctx.saved_tensors
+        distance, tau, cumulative, normalize, block_d = ctx.args
+        if ctx.token_mean:
+            # The mean's gradient, g / N for every token, as a stride-0 view the kernel reads in place
+            # (the same values autograd's mean backward would materialise).
+            g_total, g_self = (None if g is None else (g / projected.shape[2]).unsqueeze(-1).expand(pnorm.shape)
+                               for g in (g_total, g_self))
+        dp, df = _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
+                                cumulative, normalize, need_p, need_f, block_d, traceable=False)
+        return (dp if need_p else None, df if need_f else None, None, None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------
 
 
-def _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d) -> None:
+def _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
+              token_mean=False) -> None:
     for name, x in (("projected", projected), ("features", features)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -479,14 +538,16 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
     for name, flag in (("cumulative", cumulative), ("normalize_neighbour_sum", normalize_neighbour_sum)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not isinstance(token_mean, bool):
+        raise TypeError(f"token_mean must be a bool, got {token_mean!r}")
     if block_d is not None and (isinstance(block_d, bool) or not isinstance(block_d, int) or block_d < 1
                                 or block_d & (block_d - 1)):
         raise ValueError(f"block_d must be a power-of-two int or None, got {block_d!r}")
 
 
 def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distance: int, tau: float,
-                     cumulative: bool, normalize_neighbour_sum: bool,
-                     block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cumulative: bool, normalize_neighbour_sum: bool, block_d: int | None = None,
+                     token_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token distance-decayed neighbour cosine and self cosine of L2-normalised inputs.
 
     projected, features: (B, T, N, D), raw, same shape and device; fp16/bf16/fp32/fp64; any strides.
@@ -497,8 +558,14 @@ def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distanc
       den[t] = 1 + the weights used at frame t when normalize_neighbour_sum, else 1.
     Differentiable w.r.t. projected, and w.r.t. features when it requires grad.
     `block_d` overrides the feature-dim block (a power of two; tests use it to force several blocks).
+    `token_mean=True` returns the means over tokens instead, each (B, T): the values and gradients of
+    ``total_tok.mean(-1)``, ``self_tok.mean(-1)``, with fewer autograd nodes on the eager path.
     """
-    _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d)
-    total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(
-        projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum, block_d or 0)
+    _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d, token_mean)
+    args = (projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum, block_d or 0)
+    if direct_launch_ok(projected, features):
+        return _NeighbourCosine.apply(*args, token_mean)
+    total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(*args)
+    if token_mean:
+        return total.mean(dim=-1), self_tok.mean(dim=-1)
     return total, self_tok

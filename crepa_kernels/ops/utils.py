@@ -44,6 +44,33 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints (plain Python: cheaper on the launch path than triton.cdiv)."""
+    return -(-int(a) // int(b))
+
+
+FRONT_END_ENV = "CREPA_KERNELS_FRONT_END"
+FRONT_ENDS = ("auto", "custom_op")
+
+
+def direct_launch_ok(*tensors: torch.Tensor) -> bool:
+    """Whether an eager call may launch the kernels directly through an autograd.Function.
+
+    True for plain tensors outside torch.compile / torch.export tracing and with no
+    TorchDispatchMode active. Anything else (fake or functional tensors while tracing, tensor
+    subclasses, dispatch modes such as FlopCounterMode) goes through the registered custom ops,
+    which those tools understand; the kernels and launch settings are the same either way.
+    ``CREPA_KERNELS_FRONT_END=custom_op`` sends every call through the custom ops (for comparison)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    front_end = os.environ.get(FRONT_END_ENV)
+    if front_end is not None and front_end != "auto":
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"{FRONT_END_ENV} must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
+        return False
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
 def next_power_of_2(n: int) -> int:
     n = int(n)
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -72,8 +99,9 @@ def elements_per_thread() -> int:
     return ept
 
 
-def num_warps_for(block_elems: int) -> int:
-    """Warps for a program holding ``block_elems`` tile elements: 2 to 8, about
-    ``elements_per_thread()`` each (a function of the shape only, so launches are reproducible)."""
-    warps = next_power_of_2(max(1, int(block_elems) // (32 * elements_per_thread())))
+def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:
+    """Warps for a program holding ``block_elems`` tile elements: 2 to 8, about ``ept`` (default
+    ``elements_per_thread()``) each (a function of the shape only, so launches are reproducible)."""
+    ept = elements_per_thread() if ept is None else ept
+    warps = next_power_of_2(max(1, int(block_elems) // (32 * ept)))
     return max(2, min(8, warps))
