@@ -20,13 +20,15 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 
 # (presets, dtypes, providers, modes, environment): most important first. The ELEMS_PER_THREAD=32 row
 # is an A/B of the warps-per-program rule (32 = fewer warps, the rule the first H200 figures used);
-# the FRONT_END=custom_op rows time eager calls through the custom ops instead of the direct
+# FUSED_RESAMPLE=0 resamples the projected side in its own pass instead of inside the similarity
+# kernels; the FRONT_END=custom_op rows time eager calls through the custom ops instead of the direct
 # autograd.Function (the host cost the direct front end removes).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
+    (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "forward"], {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_ELEMS_PER_THREAD": "32"}),
     (["wan480", "small"], ["fp32"], ["triton"], ["full"], {"CREPA_KERNELS_FRONT_END": "custom_op"}),
-    (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
     (["small", "ltx768", "wan720"], ["fp32", "bf16"], ["torch", "triton"], ["full"], {}),
     (["wan720"], ["bf16"], ["torch_compile"], ["full"], {}),
 ]

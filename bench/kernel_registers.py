@@ -54,17 +54,20 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, sm_{args.sm}, preset {pr.name}, elements per thread "
           f"{utils.elements_per_thread()}")
     for dt in ("fp32", "bf16"):
-        for name, tiles, df in (("similarity fwd", 1, False), ("similarity bwd", 1, False),
-                                ("similarity bwd +df", 2, True)):
+        for name, tiles, df, fused in (("similarity fwd", 1, False, False), ("similarity bwd", 1, False, False),
+                                       ("similarity bwd +df", 2, True, False),
+                                       ("similarity fwd fused", 1, False, True),
+                                       ("similarity bwd fused", 1, False, True)):
             bn, bd, w = similarity._launch_config(pr.batch, pr.frames, n, pr.dim, 4, torch.float32,
-                                                  torch.device("cpu"), tiles, None)
-            if name == "similarity fwd":
+                                                  torch.device("cpu"), tiles, None, fused=fused)
+            taps = dict(RESAMPLE_P=fused, TAPS_FP64=False)
+            if name.startswith("similarity fwd"):
                 kernel = similarity._neighbour_cosine_fwd_kernel
-                c = dict(S_PAD=4, BLOCK_N=bn, BLOCK_D=bd, IS_FP64=False, CUMULATIVE=False, NORMALIZE=False)
+                c = dict(S_PAD=4, BLOCK_N=bn, BLOCK_D=bd, IS_FP64=False, CUMULATIVE=False, NORMALIZE=False, **taps)
             else:
                 kernel = similarity._neighbour_cosine_bwd_kernel
                 c = dict(S_PAD=4, BLOCK_N=bn, BLOCK_D=bd, CUMULATIVE=False, NORMALIZE=False, HAS_GT=True,
-                         HAS_GS=True, COMPUTE_DP=True, COMPUTE_DF=df)
+                         HAS_GS=True, COMPUTE_DP=True, COMPUTE_DF=df, **taps)
             ptrs = {"default": "fp32", "p_ptr": dt, "f_ptr": dt, "dp_ptr": dt, "df_ptr": dt}
             r, s = registers(kernel, ptrs, c, w, args.sm)
             print(f"{name:20s} {dt}: BLOCK_N={bn:3d} BLOCK_D={bd:3d} warps={w} registers={r:3d} spill={s} B")

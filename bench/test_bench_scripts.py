@@ -39,6 +39,6 @@ def test_kernel_registers_reports_every_hot_kernel_without_spills():
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if "registers=" in line]
-    assert len(rows) == 10
+    assert len(rows) == 14  # 7 kernel variants (2 of them with the fused resample) x fp32, bf16
     # the launch settings keep every kernel free of register spills at the flagship size
     assert all(line.endswith("spill=0 B") for line in rows), proc.stdout

@@ -5,7 +5,6 @@ Pure Python on shapes, shared by every backend, so the torch and Triton paths ca
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -61,7 +60,6 @@ def check_grid(name: str, grid: Optional[Sequence[int]], tokens: int) -> Optiona
     return (h, w)
 
 
-@functools.lru_cache(maxsize=256)  # a pure function of shapes, called every step
 def plan_tokens(
     n_projected: int,
     n_features: int,

@@ -9,7 +9,7 @@ import torch
 from . import reference
 from .alignment import TokenPlan, check_grid, plan_tokens
 from .config import BACKENDS
-from .ops.utils import interpreter_enabled, triton_available
+from .ops.utils import fused_resample_enabled, interpreter_enabled, triton_available
 
 
 class CrepaOutput(NamedTuple):
@@ -116,16 +116,22 @@ def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumu
     from .ops.resample import resample_tokens
     from .ops.similarity import neighbour_cosine
 
+    projected_resample = None
     if plan.pool:
         projected, features = projected.mean(dim=2, keepdim=True), features.mean(dim=2, keepdim=True)
     else:
-        if plan.projected is not None:
-            projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
         if plan.features is not None:
             features = resample_tokens(features, plan.features.in_grid, plan.features.out_grid)
+        if plan.projected is not None:
+            # The similarity kernels read the resampled tokens through their taps (the switch is an
+            # environment lookup, kept out of torch.compile's graph tracing).
+            if torch.compiler.is_compiling() or fused_resample_enabled():
+                projected_resample = (plan.projected.in_grid, plan.projected.out_grid)
+            else:
+                projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
     return neighbour_cosine(
         projected, features, distance=distance, tau=tau, cumulative=cumulative,
-        normalize_neighbour_sum=normalize_neighbour_sum, token_mean=True,
+        normalize_neighbour_sum=normalize_neighbour_sum, token_mean=True, projected_resample=projected_resample,
     )
 
 

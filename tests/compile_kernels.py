@@ -45,19 +45,29 @@ def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32"
 def cases():
     fwd, bwd = similarity._neighbour_cosine_fwd_kernel, similarity._neighbour_cosine_bwd_kernel
     base = dict(CUMULATIVE=False, NORMALIZE=False)
-    yield "similarity fwd fp32", fwd, {"default": "fp32"}, dict(S_PAD=4, BLOCK_N=16, BLOCK_D=64, IS_FP64=False, **base)
+    plain = dict(RESAMPLE_P=False, TAPS_FP64=False)
+    yield ("similarity fwd fp32", fwd, {"default": "fp32"},
+           dict(S_PAD=4, BLOCK_N=16, BLOCK_D=64, IS_FP64=False, **base, **plain))
     yield ("similarity fwd bf16 cumulative", fwd, {"default": "fp32", "p_ptr": "bf16", "f_ptr": "bf16"},
-           dict(S_PAD=8, BLOCK_N=8, BLOCK_D=64, IS_FP64=False, CUMULATIVE=True, NORMALIZE=True))
-    yield "similarity fwd fp64", fwd, {"default": "fp64"}, dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, IS_FP64=True, **base)
+           dict(S_PAD=8, BLOCK_N=8, BLOCK_D=64, IS_FP64=False, CUMULATIVE=True, NORMALIZE=True, **plain))
+    yield ("similarity fwd fp64", fwd, {"default": "fp64"},
+           dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, IS_FP64=True, **base, **plain))
+    for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
+        ptrs = {"default": "fp64" if fp64 else "fp32", "p_ptr": dt, "f_ptr": dt}
+        yield (f"similarity fwd {dt} fused resample", fwd, ptrs,
+               dict(S_PAD=4, BLOCK_N=16, BLOCK_D=64, IS_FP64=fp64, RESAMPLE_P=True, TAPS_FP64=fp64, **base))
+        yield (f"similarity bwd {dt} fused resample", bwd, dict(ptrs, dp_ptr=dt, df_ptr=dt),
+               dict(S_PAD=4, BLOCK_N=16, BLOCK_D=64, CUMULATIVE=False, NORMALIZE=False, HAS_GT=True, HAS_GS=True,
+                    COMPUTE_DP=True, COMPUTE_DF=False, RESAMPLE_P=True, TAPS_FP64=fp64))
     flags = dict(HAS_GT=True, HAS_GS=True, COMPUTE_DP=True, COMPUTE_DF=True)
     yield ("similarity bwd fp32 both grads", bwd, {"default": "fp32"},
-           dict(S_PAD=4, BLOCK_N=16, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=True, **flags))
+           dict(S_PAD=4, BLOCK_N=16, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=True, **flags, **plain))
     yield ("similarity bwd bf16 projected only", bwd,
            {"default": "fp32", "p_ptr": "bf16", "f_ptr": "bf16", "dp_ptr": "bf16", "df_ptr": "bf16"},
            dict(S_PAD=4, BLOCK_N=16, BLOCK_D=64, CUMULATIVE=True, NORMALIZE=False, HAS_GT=True, HAS_GS=False,
-                COMPUTE_DP=True, COMPUTE_DF=False))
+                COMPUTE_DP=True, COMPUTE_DF=False, **plain))
     yield ("similarity bwd fp64", bwd, {"default": "fp64"},
-           dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=False, **flags))
+           dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=False, **flags, **plain))
     rf, rb = resample._resample_fwd_kernel, resample._resample_bwd_kernel
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)

@@ -401,6 +401,28 @@ def test_gpu_low_precision(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_resample_matches_separate_at_wan480(dtype):
+    # The wan480 shape (30x52 -> 37x37, D 1536). On the GPU the compiler may contract the blend into
+    # FMAs differently in the two kernels, so equality is to rounding, not to the bit.
+    from crepa_kernels.ops.resample import resample_tokens
+
+    g = torch.Generator().manual_seed(9)
+    p = torch.randn(1, 21, 30 * 52, 1536, generator=g).to(DEV, dtype).requires_grad_(True)
+    f = torch.randn(1, 21, 37 * 37, 1536, generator=g).to(DEV, dtype)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False, token_mean=True)
+    fused_total, fused_self = neighbour_cosine(p, f, projected_resample=((30, 52), (37, 37)), **kw)
+    sep_total, sep_self = neighbour_cosine(resample_tokens(p, (30, 52), (37, 37)), f, **kw)
+    torch.testing.assert_close(fused_total, sep_total, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused_self, sep_self, rtol=0, atol=1e-5)
+    up = torch.randn(1, 21, device=DEV)
+    got = torch.autograd.grad((fused_total * up).sum(), p)[0].float()
+    want = torch.autograd.grad((sep_total * up).sum(), p)[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.gpu
 def test_gpu_fp64_and_fp32():
     for dtype in (torch.float32, torch.float64):
         p, f = _inputs((2, 7, 33, 70), dtype)
@@ -462,3 +484,176 @@ def test_gpu_int64_offsets():
     want_p, want_f = torch.autograd.grad(ref_total.sum() / N, (p32, f32))
     for got, want in ((gp[:, :, sub], want_p), (gf[:, :, sub], want_f)):
         torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The projected side resampled inside the kernels (projected_resample)
+# ----------------------------------------------------------------------------------------------------
+FUSED_CASES = [  # (in grid, out grid, dtype, front end)
+    pytest.param((3, 5), (2, 2), torch.float32, "direct", id="down-both"),
+    pytest.param((2, 3), (3, 4), torch.float64, "direct", id="up-both-fp64"),
+    pytest.param((3, 5), (4, 4), torch.float32, "direct", id="mixed-like-30x52-to-37x37"),
+    pytest.param((3, 5), (4, 4), torch.float64, "custom_op", id="mixed-fp64-custom-op"),
+    pytest.param((1, 7), (1, 3), torch.float32, "custom_op", id="1d-down-custom-op"),
+    pytest.param((1, 1), (2, 3), torch.float32, "direct", id="in-1x1"),
+]
+
+
+def _assert_same(a, b):
+    # Bit-equal through the interpreter; a GPU compiler may contract the blend into FMAs differently
+    # in the two kernels, so there the check is to fp32 rounding.
+    if a.is_cuda:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * max(b.abs().max().item(), 1e-6))
+    else:
+        assert torch.equal(a, b)
+
+
+def _separate(p, f, in_grid, out_grid, **kw):
+    from crepa_kernels.ops.resample import resample_tokens
+
+    return neighbour_cosine(resample_tokens(p, in_grid, out_grid), f, **kw)
+
+
+@pytest.mark.parametrize("in_grid, out_grid, dtype, front_end", FUSED_CASES)
+def test_fused_resample_equals_resample_then_similarity(monkeypatch, in_grid, out_grid, dtype, front_end):
+    """Reading the resampled tokens through their taps gives the bits of resampling first: the same
+    taps, weights, order and rounding, then the same similarity; the gradient goes through the same
+    resample backward."""
+    from crepa_kernels.ops import similarity
+
+    if front_end == "custom_op":
+        monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+    g = torch.Generator().manual_seed(3)
+    T, D = 4, 20
+    p = torch.randn(2, T, in_grid[0] * in_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    p.requires_grad_(True)
+    f = torch.randn(2, T, out_grid[0] * out_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    kw = dict(distance=2, tau=0.8, cumulative=True, normalize_neighbour_sum=True, block_d=8)
+    up = torch.randn(2, T, generator=g, dtype=torch.float64).to(DEV, dtype)
+    results = []
+    for fused in (True, False):
+        if fused:
+            total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), token_mean=True, **kw)
+        else:
+            total, self_tok = _separate(p, f, in_grid, out_grid, token_mean=True, **kw)
+        grad = torch.autograd.grad((total * up).sum() + self_tok.sum(), p)[0]
+        results.append((total, self_tok, grad))
+    for a, b in zip(*results):
+        _assert_same(a, b)
+    assert results[0][2].shape == p.shape
+
+
+@pytest.mark.parametrize("dim", [160, 40])
+def test_fused_resample_keeps_the_default_summation_order(dim):
+    """With default launch settings the fused forward must sum over D in the same blocks as the
+    separate path (D = 160: one 256-wide block each; a smaller block for the fused kernel would
+    change the rounding)."""
+    g = torch.Generator().manual_seed(10)
+    p = torch.randn(1, 3, 15, dim, generator=g).to(DEV).requires_grad_(True)
+    f = torch.randn(1, 3, 4, dim, generator=g).to(DEV)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    fused = neighbour_cosine(p, f, projected_resample=((3, 5), (2, 2)), **kw)
+    separate = _separate(p, f, (3, 5), (2, 2), **kw)
+    for a, b in zip(fused, separate):
+        _assert_same(a, b)
+    grads = [torch.autograd.grad(out[0].sum() + out[1].sum(), p)[0] for out in (fused, separate)]
+    _assert_same(*grads)
+
+
+def test_double_backward_through_the_kernels_raises():
+    # The backward kernels have no derivative: a second-order gradient must fail loudly, not drop terms.
+    p, f = _inputs((1, 3, 2, 8), torch.float32, grad_f=False)
+    total, _ = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    (g,) = torch.autograd.grad(total.sum(), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad((g * g).sum() + (p * p).sum(), p)
+
+
+def test_fused_resample_against_the_oracle():
+    # Independent of the resample kernel: F.interpolate, then the plain torch oracle.
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(1, 3, 15, 12, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 16, 12, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)
+    img = p.reshape(3, 3, 5, 12).permute(0, 3, 1, 2)
+    p_res = F.interpolate(img, size=(4, 4), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    ref_total, ref_self = oracle(p_res.reshape(1, 3, 16, 12), f, **kw)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=1e-12)
+    torch.testing.assert_close(self_tok, ref_self, rtol=0, atol=1e-12)
+    got = torch.autograd.grad((total * torch.arange(16.0, dtype=torch.float64)).sum(), p)[0]
+    want = torch.autograd.grad((ref_total * torch.arange(16.0, dtype=torch.float64)).sum(), p)[0]
+    _assert_grad_close(got, want, 1e-9)
+
+
+def test_fused_resample_gradcheck_fp64():
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64, device=DEV)
+
+    def fn(p):
+        return neighbour_cosine(p, f, distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True,
+                                projected_resample=((2, 3), (2, 2)))
+
+    # fast_mode checks random projections of the Jacobian: a few kernel runs instead of one per element.
+    assert torch.autograd.gradcheck(fn, (p,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_fused_resample_with_features_requiring_grad_resamples_first():
+    # The fused kernels compute d projected only; a teacher that requires grad gets both gradients.
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(1, 3, 6, 8, generator=g, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 4, 8, generator=g, device=DEV, requires_grad=True)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    total, _ = neighbour_cosine(p, f, projected_resample=((2, 3), (2, 2)), **kw)
+    ref, _ = _separate(p, f, (2, 3), (2, 2), **kw)
+    _assert_same(total, ref)
+    got = torch.autograd.grad(total.sum(), (p, f))
+    want = torch.autograd.grad(ref.sum(), (p, f))
+    for a, b in zip(got, want):
+        _assert_same(a, b)
+
+
+def test_fused_resample_keeps_no_resampled_copy_for_backward():
+    """What the loss holds between forward and backward (it lives through the rest of the step's
+    backward): the inputs, per-token norms and cosines, not a resampled (B, T, N, D) copy."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(1, 4, 15, 64, generator=g, device=DEV, requires_grad=True)
+    f = torch.randn(1, 4, 16, 64, generator=g, device=DEV)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False, token_mean=True)
+
+    def saved_bytes(fn):
+        held = {}
+
+        def pack(t):
+            if t.data_ptr() not in (p.data_ptr(), f.data_ptr()):
+                held[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return sum(held.values()), out
+
+    fused, _ = saved_bytes(lambda: neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw))
+    separate, _ = saved_bytes(lambda: _separate(p, f, (3, 5), (4, 4), **kw))
+    copy = 4 * 16 * 64 * 4  # the resampled projected, fp32
+    assert separate >= copy > fused
+    assert fused <= 4 * 4 * 16 * 4 * 3  # norms and cosines: a few (B, T, N) fp32 buffers
+
+
+@pytest.mark.parametrize(
+    "grids, match",
+    [
+        (((3, 5), (4, 4), (1, 1)), "projected_resample must be"),
+        (((3, 5), (4, 0)), "projected_resample must be"),
+        (((3, 5), (4, True)), "projected_resample must be"),
+        (((3, 4), (4, 4)), "projected must be"),  # the in grid does not hold projected's 15 tokens
+        (((3, 5), (3, 5)), "projected must be"),  # the out grid does not hold features' 16 tokens
+    ],
+)
+def test_fused_resample_validation(grids, match):
+    p = torch.zeros(1, 2, 15, 4, device=DEV)
+    f = torch.zeros(1, 2, 16, 4, device=DEV)
+    with pytest.raises(ValueError, match=match):
+        neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
+                         projected_resample=grids)

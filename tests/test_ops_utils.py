@@ -4,7 +4,8 @@ import pytest
 
 import torch
 
-from crepa_kernels.ops.utils import ELEMS_PER_THREAD_ENV, FRONT_END_ENV, cdiv, direct_launch_ok, num_warps_for
+from crepa_kernels.ops.utils import (ELEMS_PER_THREAD_ENV, FRONT_END_ENV, FUSED_RESAMPLE_ENV, cdiv, direct_launch_ok,
+                                     fused_resample_enabled, num_warps_for)
 
 
 @pytest.mark.parametrize("elems,want", [(1, 2), (512, 2), (1024, 2), (2048, 4), (4096, 8), (65536, 8)])
@@ -85,3 +86,44 @@ def test_loss_under_a_dispatch_mode_matches_plain_eager(monkeypatch):
         runs.append((out.loss.detach(), out.alignment.detach(), p.grad.clone()))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_fused_resample_switch(monkeypatch):
+    monkeypatch.delenv(FUSED_RESAMPLE_ENV, raising=False)
+    assert fused_resample_enabled()
+    monkeypatch.setenv(FUSED_RESAMPLE_ENV, "0")
+    assert not fused_resample_enabled()
+    monkeypatch.setenv(FUSED_RESAMPLE_ENV, "yes")
+    with pytest.raises(ValueError, match=FUSED_RESAMPLE_ENV):
+        fused_resample_enabled()
+
+
+@pytest.mark.parametrize("grids", [((2, 3), (2, 2)), ((3, 3), (2, 2))])  # projected side resampled
+def test_loss_is_the_same_with_the_resample_fused_or_separate(monkeypatch, grids):
+    from crepa_kernels import crepa_loss
+
+    g = torch.Generator().manual_seed(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    (ph, pw), (fh, fw) = grids
+    p = torch.randn(2, 4, ph * pw, 8, generator=g).to(dev).requires_grad_(True)
+    f = torch.randn(2, 4, fh * fw, 8, generator=g).to(dev)
+    from crepa_kernels.ops import resample
+
+    resample_passes = []
+    real_launch = resample._launch_fwd
+    monkeypatch.setattr(resample, "_launch_fwd", lambda *a, **k: resample_passes.append(1) or real_launch(*a, **k))
+    runs = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv(FUSED_RESAMPLE_ENV, fused)
+        resample_passes.clear()
+        p.grad = None
+        out = crepa_loss(p, f, projected_grid=grids[0], features_grid=grids[1], adjacent_distance=2,
+                         cumulative_neighbors=True, backend="triton")
+        out.loss.backward()
+        assert len(resample_passes) == (0 if fused == "1" else 1)  # the switch really changes the path
+        runs.append((out.loss.detach(), out.alignment.detach(), out.self_similarity.detach(), p.grad.clone()))
+    for a, b in zip(*runs):
+        if a.is_cuda:  # the GPU compiler may contract the blend into FMAs differently in two kernels
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b)

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op, wrap_triton
 
+from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
+from .resample import _launch_bwd as _launch_resample_bwd
 from .utils import (accumulation_dtype, cdiv, direct_launch_ok, elements_per_thread, next_power_of_2,
                     num_warps_for, triton_supports)
 
@@ -57,15 +59,50 @@ def _split_scalar(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def _resampled_rows(offs_n, in_h, in_w, out_h, out_w, stride_n, TAPS_FP64: tl.constexpr):
+    """For tokens ``offs_n`` of the resampled (out) grid: the offsets (token index * stride_n) of their
+    four source tokens on the in grid and the bilinear weights, exactly as the resample kernel
+    computes them (align_corners=False; fp64 taps for fp64 inputs, fp32 otherwise)."""
+    oh = (offs_n // out_w).to(tl.int32)
+    ow = (offs_n % out_w).to(tl.int32)
+    h0, h1, lh0, lh1 = _axis_taps(oh, in_h, _axis_scale(in_h, out_h, TAPS_FP64))
+    w0, w1, lw0, lw1 = _axis_taps(ow, in_w, _axis_scale(in_w, out_w, TAPS_FP64))
+    row0 = h0.to(tl.int64) * in_w
+    row1 = h1.to(tl.int64) * in_w
+    return ((row0 + w0) * stride_n, (row0 + w1) * stride_n, (row1 + w0) * stride_n, (row1 + w1) * stride_n,
+            lh0, lh1, lw0, lw1)
+
+
+@triton.jit
+def _load_resampled(frame_ptr, o00, o01, o10, o11, col_off, mask, lh0, lh1, lw0, lw1,
+                    OUT: tl.constexpr, ACC: tl.constexpr):
+    """One (BLOCK_N, BLOCK_D) tile of resampled tokens from their four taps (token offsets o**,
+    column offsets col_off). In the taps' precision, width first, then height (the resample kernel's
+    order), rounded to the input dtype as the resampled copy would be stored, then widened."""
+    tap = lh0.dtype
+    v00 = tl.load(frame_ptr + o00[:, None] + col_off[None, :], mask=mask, other=0.0).to(tap)
+    v01 = tl.load(frame_ptr + o01[:, None] + col_off[None, :], mask=mask, other=0.0).to(tap)
+    v10 = tl.load(frame_ptr + o10[:, None] + col_off[None, :], mask=mask, other=0.0).to(tap)
+    v11 = tl.load(frame_ptr + o11[:, None] + col_off[None, :], mask=mask, other=0.0).to(tap)
+    top = lw0[:, None] * v00 + lw1[:, None] * v01
+    bottom = lw0[:, None] * v10 + lw1[:, None] * v11
+    return (lh0[:, None] * top + lh1[:, None] * bottom).to(OUT).to(ACC)
+
+
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
 def _neighbour_cosine_fwd_kernel(
     p_ptr, f_ptr, total_ptr, self_ptr, pnorm_ptr, fnorm_ptr, cos_ptr,
     T, N, D, d, S, NUM_N_BLOCKS,
     inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
+    in_h, in_w, out_h, out_w,
     S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr,
+    RESAMPLE_P: tl.constexpr, TAPS_FP64: tl.constexpr,
 ):
+    """RESAMPLE_P: ``p`` is on the (in_h, in_w) token grid and is resampled bilinearly to the
+    (out_h, out_w) grid of ``f`` (N = out_h * out_w tokens) as it is loaded; no resampled copy."""
     ACC = total_ptr.dtype.element_ty
     # Frames vary fastest so the programs sharing neighbour frames run together (L2 reuse).
     pid = tl.program_id(0).to(tl.int64)
@@ -90,7 +127,13 @@ def _neighbour_cosine_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     step_p = tl.full([], BLOCK_D, tl.int64) * sp_d  # int64: BLOCK_D * stride can pass 2^31
     step_f = tl.full([], BLOCK_D, tl.int64) * sf_d
-    p_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_d
+    if RESAMPLE_P:
+        o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(offs_n, in_h, in_w, out_h, out_w, sp_n,
+                                                                 TAPS_FP64)
+        p_frame = p_ptr + b * sp_b + t * sp_t
+        p_col = cols.to(tl.int64) * sp_d
+    else:
+        p_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_d
     f_ptrs = (f_ptr + b * sf_b + u[:, None, None] * sf_t + offs_n[None, :, None] * sf_n
               + cols[None, None, :].to(tl.int64) * sf_d)
     acc_pp = tl.zeros([BLOCK_N], dtype=ACC)
@@ -98,12 +141,17 @@ def _neighbour_cosine_fwd_kernel(
     acc_ff = tl.zeros([S_PAD, BLOCK_N], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         pd_mask = n_mask[:, None] & ((d0 + cols) < D)[None, :]
-        p = tl.load(p_ptrs, mask=pd_mask, other=0.0).to(ACC)
+        if RESAMPLE_P:
+            p = _load_resampled(p_frame, o00, o01, o10, o11, p_col, pd_mask, lh0, lh1, lw0, lw1,
+                                p_ptr.dtype.element_ty, ACC)
+            p_col += step_p
+        else:
+            p = tl.load(p_ptrs, mask=pd_mask, other=0.0).to(ACC)
+            p_ptrs += step_p
         f = tl.load(f_ptrs, mask=valid[:, None, None] & pd_mask[None, :, :], other=0.0).to(ACC)
         acc_pp += tl.sum(p * p, axis=1)
         acc_pf += tl.sum(p[None, :, :] * f, axis=2)
         acc_ff += tl.sum(f * f, axis=2)
-        p_ptrs += step_p
         f_ptrs += step_f
 
     if IS_FP64:
@@ -161,7 +209,7 @@ def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
 def _neighbour_cosine_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
     T, N, D, d, S, NUM_N_BLOCKS,
@@ -170,17 +218,22 @@ def _neighbour_cosine_bwd_kernel(
     sf_b, sf_t, sf_n, sf_d,
     sgt_b, sgt_t, sgt_n,
     sgs_b, sgs_t, sgs_n,
+    in_h, in_w, out_h, out_w,
     S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_GT: tl.constexpr, HAS_GS: tl.constexpr,
     COMPUTE_DP: tl.constexpr, COMPUTE_DF: tl.constexpr,
+    RESAMPLE_P: tl.constexpr, TAPS_FP64: tl.constexpr,
 ):
     """Gather form: program (t, n-block, b) owns d projected[t] and d features[t] for its tokens.
 
     d p[t]  = sum_j alpha_j f[t + o_j] - beta p[t]   (alpha_j = g_cos[t, j] / (|p_t| |f_{t+o_j}|))
     d f[u]  = sum_j gamma_j p[u - o_j] - delta f[u]  (the (t, j) pairs with t + o_j == u)
     with the norms clamped at eps, and beta / delta (the projections onto p^ / f^) zero below eps,
-    where F.normalize is linear."""
+    where F.normalize is linear.
+    RESAMPLE_P (as in the forward; d features not supported with it): p[t] is read through its
+    bilinear taps and d p is written on the resampled grid, for the resample backward to scatter."""
+    tl.static_assert(not (RESAMPLE_P and COMPUTE_DF), "RESAMPLE_P computes d projected only")
     ACC = pnorm_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     t = pid % T
@@ -241,7 +294,13 @@ def _neighbour_cosine_bwd_kernel(
     step_f = tl.full([], BLOCK_D, tl.int64) * sf_d
     out_ptrs = row_t[:, None] * D + cols64[None, :]  # offsets into the contiguous gradients
     if COMPUTE_DP:
-        p_t_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols64[None, :] * sp_d
+        if RESAMPLE_P:
+            o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(offs_n, in_h, in_w, out_h, out_w, sp_n,
+                                                                     TAPS_FP64)
+            p_frame = p_ptr + b * sp_b + t * sp_t
+            p_col = cols64 * sp_d
+        else:
+            p_t_ptrs = p_ptr + b * sp_b + t * sp_t + offs_n[:, None] * sp_n + cols64[None, :] * sp_d
         f_u_ptrs = (f_ptr + b * sf_b + u[:, None, None] * sf_t + offs_n[None, :, None] * sf_n
                     + cols64[None, None, :] * sf_d)
     if COMPUTE_DF:
@@ -251,11 +310,16 @@ def _neighbour_cosine_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         nd_mask = n_mask[:, None] & ((d0 + cols) < D)[None, :]
         if COMPUTE_DP:
-            p_t = tl.load(p_t_ptrs, mask=nd_mask, other=0.0).to(ACC)
+            if RESAMPLE_P:
+                p_t = _load_resampled(p_frame, o00, o01, o10, o11, p_col, nd_mask, lh0, lh1, lw0, lw1,
+                                      p_ptr.dtype.element_ty, ACC)
+                p_col += step_p
+            else:
+                p_t = tl.load(p_t_ptrs, mask=nd_mask, other=0.0).to(ACC)
+                p_t_ptrs += step_p
             f_u = tl.load(f_u_ptrs, mask=valid_p[:, None, None] & nd_mask[None, :, :], other=0.0).to(ACC)
             dp = tl.sum(alpha[:, :, None] * f_u, axis=0) - beta[:, None] * p_t
             tl.store(dp_ptr + out_ptrs, dp.to(dp_ptr.dtype.element_ty), mask=nd_mask)
-            p_t_ptrs += step_p
             f_u_ptrs += step_f
         if COMPUTE_DF:
             f_t = tl.load(f_t_ptrs, mask=nd_mask, other=0.0).to(ACC)
@@ -292,20 +356,21 @@ def _split(x: float) -> tuple[float, float]:
 
 
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
-                   device: torch.device, tiles: int, block_d: int | None):
+                   device: torch.device, tiles: int, block_d: int | None, fused: bool = False):
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
     return _launch_config_for(B, T, N, D, s_pad, acc_dtype == torch.float64, sms, tiles, block_d,
-                              elements_per_thread())
+                              elements_per_thread(), fused)
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, sms: int, tiles: int,
-                       block_d: int | None, ept: int):
+                       block_d: int | None, ept: int, fused: bool):
     """(BLOCK_N, BLOCK_D, num_warps) from the shape; no autotuning, so launches are reproducible.
 
     `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
-    loop over D (forward 1; backward 1, or 2 when it also computes d features). Their total is
+    loop over D (forward 1; backward 1, or 2 when it also computes d features); `fused` adds the
+    taps of a fused resample. Their total is
     kept near 4096 fp32 elements, spread over warps by `num_warps_for`: on an H200 at B=1, T=21,
     N=1369, D=1536, S=3, larger tiles (BLOCK_D=128, 4 warps) made the backward 2-3x slower and did
     not help the forward, consistent with the register counts ptxas reports for them. Token blocks
@@ -320,22 +385,33 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
         block_d = budget // (s_pad * block_n)
         block_d = max(16, min(block_d, 256, next_power_of_2(D)))
         block_d = 1 << (block_d.bit_length() - 1)  # power of two
+    if fused:
+        # The four tap tiles of a fused resample weigh about one more neighbour tile: at the unfused
+        # tile size ptxas (sm_90) gave the fused forward 213 registers per thread. Halving the token
+        # block (not BLOCK_D, which sets the forward's summation order over D, so the fused and the
+        # separate paths keep the same bits) brings it near the unfused kernels' 100-130.
+        block_n = max(2, block_n // 2)
+        tiles += 1
     elems = s_pad * block_n * block_d * tiles
     return block_n, block_d, num_warps_for(elems, ept)
 
 
 def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,
                     tau: float, cumulative: bool, normalize_neighbour_sum: bool,
-                    block_d: int | None = None, traceable: bool = False) -> None:
+                    block_d: int | None = None, traceable: bool = False,
+                    resample_p: tuple[int, int, int, int] | None = None) -> None:
     """Writes every element of total/self_tok/pnorm/fnorm (B, T, N) and cos (B, T, S, N), all
     contiguous in the accumulation dtype. Inputs may have any strides. ``traceable`` launches through
-    ``wrap_triton`` (inside the custom ops, so torch.compile can capture the kernel)."""
-    B, T, N, D = projected.shape
+    ``wrap_triton`` (inside the custom ops, so torch.compile can capture the kernel).
+    ``resample_p = (in_h, in_w, out_h, out_w)``: projected is (B, T, in_h * in_w, D) and is resampled
+    to features' N = out_h * out_w tokens as it is read."""
+    B, T, N, D = features.shape
     d = max(0, min(int(distance), T - 1))
     S = num_slots(distance, T, cumulative)
     s_pad = next_power_of_2(S)
     acc = total.dtype
-    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d)
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d,
+                                            fused=resample_p is not None)
     n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0:
@@ -348,24 +424,32 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
         T, N, D, d, S, n_blocks,
         inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
         *projected.stride(), *features.stride(),
+        *(resample_p or (1, 1, 1, 1)),
         S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
         CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
-        IS_FP64=acc == torch.float64, num_warps=num_warps,
+        IS_FP64=acc == torch.float64, RESAMPLE_P=resample_p is not None,
+        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps,
     )
 
 
 def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
                      *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
-                     block_d: int | None = None, traceable: bool = False) -> None:
+                     block_d: int | None = None, traceable: bool = False,
+                     resample_p: tuple[int, int, int, int] | None = None) -> None:
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
-    skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None."""
-    B, T, N, D = projected.shape
+    skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None.
+    With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
+    the resampled projected, on features' N tokens."""
+    B, T, N, D = features.shape
+    if resample_p is not None and d_features is not None:
+        raise ValueError("the fused resample computes d projected only; resample first when features need grad")
     d = max(0, min(int(distance), T - 1))
     S = num_slots(distance, T, cumulative)
     s_pad = next_power_of_2(S)
     acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
-    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d)
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
+                                            fused=resample_p is not None)
     n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0 or (d_projected is None and d_features is None):
@@ -385,10 +469,12 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
         *projected.stride(), *features.stride(),
         *(g_total.stride() if g_total is not None else (0, 0, 0)),
         *(g_self.stride() if g_self is not None else (0, 0, 0)),
+        *(resample_p or (1, 1, 1, 1)),
         S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
         CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
         HAS_GT=g_total is not None, HAS_GS=g_self is not None,
         COMPUTE_DP=d_projected is not None, COMPUTE_DF=d_features is not None,
+        RESAMPLE_P=resample_p is not None, TAPS_FP64=projected.dtype == torch.float64,
         num_warps=num_warps,
     )
 
@@ -400,9 +486,17 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward_impl(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
+_NO_RESAMPLE = (0, 0, 0, 0)
+
+
+def _resample_arg(grids):
+    # (in_h, in_w, out_h, out_w) with zeros for "no resample" (custom-op schemas take plain ints).
+    return None if grids[0] == 0 else tuple(grids)
+
+
+def _forward_impl(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d, grids,
                   traceable):
-    B, T, N, _ = projected.shape
+    B, T, N, _ = features.shape
     acc = accumulation_dtype(torch.promote_types(projected.dtype, features.dtype))
     S = num_slots(distance, T, cumulative)
     kw = dict(dtype=acc, device=projected.device)
@@ -413,32 +507,34 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     cos = torch.empty((B, T, S, N), **kw)
     _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
                     cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
-                    block_d=block_d or None, traceable=traceable)
+                    block_d=block_d or None, traceable=traceable, resample_p=_resample_arg(grids))
     return total, self_tok, pnorm, fnorm, cos
 
 
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
-                   normalize_neighbour_sum, need_projected, need_features, block_d, traceable):
-    # An unneeded gradient comes back as an empty tensor (custom ops cannot return None).
-    dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
-                     device=projected.device)
+                   normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
+    """(d projected, d features); with a fused resample, d projected is on the resampled grid (the
+    caller applies the resample backward). An unneeded gradient comes back as an empty tensor
+    (custom ops cannot return None)."""
+    dp = torch.empty(features.shape[:3] + projected.shape[3:] if need_projected else (0,),
+                     dtype=projected.dtype, device=projected.device)
     df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype,
                      device=features.device)
     _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
                      dp if need_projected else None, df if need_features else None,
                      distance=distance, tau=tau, cumulative=cumulative,
                      normalize_neighbour_sum=normalize_neighbour_sum, block_d=block_d or None,
-                     traceable=traceable)
+                     traceable=traceable, resample_p=_resample_arg(grids))
     return dp, df
 
 
 @triton_op("crepa_kernels::neighbour_cosine_fwd", mutates_args=())
 def _neighbour_cosine_fwd_op(
     projected: torch.Tensor, features: torch.Tensor, distance: int, tau: float, cumulative: bool,
-    normalize_neighbour_sum: bool, block_d: int,
+    normalize_neighbour_sum: bool, block_d: int, in_h: int, in_w: int, out_h: int, out_w: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
-                         traceable=True)
+                         (in_h, in_w, out_h, out_w), traceable=True)
 
 
 @triton_op("crepa_kernels::neighbour_cosine_bwd", mutates_args=())
@@ -446,30 +542,37 @@ def _neighbour_cosine_bwd_op(
     projected: torch.Tensor, features: torch.Tensor, pnorm: torch.Tensor, fnorm: torch.Tensor,
     cos: torch.Tensor, g_total: torch.Tensor | None, g_self: torch.Tensor | None, distance: int,
     tau: float, cumulative: bool, normalize_neighbour_sum: bool, need_projected: bool,
-    need_features: bool, block_d: int,
+    need_features: bool, block_d: int, in_h: int, in_w: int, out_h: int, out_w: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
-                          normalize_neighbour_sum, need_projected, need_features, block_d, traceable=True)
+                          normalize_neighbour_sum, need_projected, need_features, block_d,
+                          (in_h, in_w, out_h, out_w), traceable=True)
+
+
+_N_ARGS = 11  # inputs of the forward op
 
 
 def _setup_context(ctx, inputs, output):
-    projected, features, distance, tau, cumulative, normalize, block_d = inputs
+    projected, features = inputs[:2]
     _, _, pnorm, fnorm, cos = output
     ctx.mark_non_differentiable(pnorm, fnorm, cos)
     ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
-    ctx.args = (distance, tau, cumulative, normalize, block_d)
+    ctx.args = tuple(inputs[2:7])
+    ctx.grids = tuple(inputs[7:])
 
 
 def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
     projected, features, pnorm, fnorm, cos = ctx.saved_tensors
-    distance, tau, cumulative, normalize, block_d = ctx.args
     need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_p or need_f):
-        return (None,) * 7
+        return (None,) * _N_ARGS
+    distance, tau, cumulative, normalize, block_d = ctx.args
     dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
         projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
-        need_p, need_f, block_d)
-    return (dp if need_p else None, df if need_f else None, None, None, None, None, None)
+        need_p, need_f, block_d, *ctx.grids)
+    if need_p and ctx.grids[0]:
+        dp = torch.ops.crepa_kernels.resample_tokens_bwd(dp, *ctx.grids)
+    return (dp if need_p else None, df if need_f else None) + (None,) * (_N_ARGS - 2)
 
 
 register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
@@ -479,11 +582,12 @@ class _NeighbourCosine(torch.autograd.Function):
     """The eager front end: the same kernels as the custom ops, launched directly."""
 
     @staticmethod
-    def forward(ctx, projected, features, distance, tau, cumulative, normalize, block_d, token_mean):
+    def forward(ctx, projected, features, distance, tau, cumulative, normalize, block_d, grids, token_mean):
         total, self_tok, pnorm, fnorm, cos = _forward_impl(projected, features, distance, tau, cumulative,
-                                                           normalize, block_d, traceable=False)
+                                                           normalize, block_d, grids, traceable=False)
         ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
         ctx.args = (distance, tau, cumulative, normalize, block_d)
+        ctx.grids = grids
         ctx.token_mean = token_mean
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
         if token_mean:
@@ -494,17 +598,29 @@ class _NeighbourCosine(torch.autograd.Function):
     def backward(ctx, g_total, g_self):
         need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_p or need_f) or (g_total is None and g_self is None):
-            return (None,) * 8
+            return (None,) * 9
         projected, features, pnorm, fnorm, cos = ctx.saved_tensors
-        distance, tau, cumulative, normalize, block_d = ctx.args
         if ctx.token_mean:
             # The mean's gradient, g / N for every token, as a stride-0 view the kernel reads in place
             # (the same values autograd's mean backward would materialise).
-            g_total, g_self = (None if g is None else (g / projected.shape[2]).unsqueeze(-1).expand(pnorm.shape)
+            g_total, g_self = (None if g is None else (g / pnorm.shape[2]).unsqueeze(-1).expand(pnorm.shape)
                                for g in (g_total, g_self))
+        distance, tau, cumulative, normalize, block_d = ctx.args
+        if torch.is_grad_enabled():
+            # create_graph=True: through the custom ops, so that differentiating this gradient again
+            # fails with autograd's error (the backward kernel has no derivative) instead of silently
+            # dropping the second-order term.
+            dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
+                projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
+                need_p, need_f, block_d, *ctx.grids)
+            if need_p and ctx.grids[0]:
+                dp = torch.ops.crepa_kernels.resample_tokens_bwd(dp, *ctx.grids)
+            return (dp if need_p else None, df if need_f else None) + (None,) * 7
         dp, df = _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
-                                cumulative, normalize, need_p, need_f, block_d, traceable=False)
-        return (dp if need_p else None, df if need_f else None, None, None, None, None, None, None)
+                                cumulative, normalize, need_p, need_f, block_d, ctx.grids, traceable=False)
+        if need_p and ctx.grids[0]:
+            dp = _launch_resample_bwd(dp, *ctx.grids)
+        return (dp if need_p else None, df if need_f else None) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -513,7 +629,7 @@ class _NeighbourCosine(torch.autograd.Function):
 
 
 def _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
-              token_mean=False) -> None:
+              token_mean=False, projected_resample=None) -> None:
     for name, x in (("projected", projected), ("features", features)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -521,9 +637,26 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
             raise ValueError(f"{name} must be 4-D (B, T, N, D), got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if projected.shape != features.shape:
-        raise ValueError(f"projected and features must have the same shape, got {tuple(projected.shape)} "
-                         f"and {tuple(features.shape)}")
+    if projected_resample is None:
+        if projected.shape != features.shape:
+            raise ValueError(f"projected and features must have the same shape, got {tuple(projected.shape)} "
+                             f"and {tuple(features.shape)}")
+    else:
+        grids_ok = (isinstance(projected_resample, (tuple, list)) and len(projected_resample) == 2
+                    and all(isinstance(g, (tuple, list)) and len(g) == 2 for g in projected_resample)
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                            for g in projected_resample for v in g))
+        if not grids_ok:
+            raise ValueError(f"projected_resample must be ((in_h, in_w), (out_h, out_w)) with positive ints, "
+                             f"got {projected_resample!r}")
+        (ih, iw), (oh, ow) = projected_resample
+        want_p = (*features.shape[:2], ih * iw, features.shape[3])
+        if tuple(projected.shape) != want_p or features.shape[2] != oh * ow:
+            raise ValueError(f"with projected_resample={projected_resample!r} projected must be {want_p} and "
+                             f"features (B, T, {oh * ow}, D); got {tuple(projected.shape)} and "
+                             f"{tuple(features.shape)}")
+        if max(ih, iw, oh, ow) > _MAX_SIDE:
+            raise ValueError(f"grid sides above {_MAX_SIDE} are not supported, got {projected_resample!r}")
     if projected.device != features.device:
         raise ValueError(f"projected and features must be on the same device, got {projected.device} "
                          f"and {features.device}")
@@ -547,7 +680,7 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
 
 def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distance: int, tau: float,
                      cumulative: bool, normalize_neighbour_sum: bool, block_d: int | None = None,
-                     token_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     token_mean: bool = False, projected_resample=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token distance-decayed neighbour cosine and self cosine of L2-normalised inputs.
 
     projected, features: (B, T, N, D), raw, same shape and device; fp16/bf16/fp32/fp64; any strides.
@@ -560,12 +693,26 @@ def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distanc
     `block_d` overrides the feature-dim block (a power of two; tests use it to force several blocks).
     `token_mean=True` returns the means over tokens instead, each (B, T): the values and gradients of
     ``total_tok.mean(-1)``, ``self_tok.mean(-1)``, with fewer autograd nodes on the eager path.
+    `projected_resample=((in_h, in_w), (out_h, out_w))`: projected is (B, T, in_h * in_w, D) on that
+    grid and is first resampled bilinearly to features' (out_h, out_w) grid: the result and gradients
+    of ``resample_tokens(projected, in_grid, out_grid)`` passed in, but the kernels read the resampled
+    tokens through their taps, so the resampled copy is never stored (less memory held between
+    forward and backward, one pass over it fewer). When features require grad the resampled copy is
+    made as before (the fused kernels compute d projected only).
     """
-    _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d, token_mean)
+    _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d, token_mean,
+              projected_resample)
+    grids = _NO_RESAMPLE
+    if projected_resample is not None:
+        (ih, iw), (oh, ow) = projected_resample
+        if (ih, iw) != (oh, ow):
+            grids = (ih, iw, oh, ow)
+        if features.requires_grad and torch.is_grad_enabled():
+            projected, grids = resample_tokens(projected, (ih, iw), (oh, ow)), _NO_RESAMPLE
     args = (projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum, block_d or 0)
     if direct_launch_ok(projected, features):
-        return _NeighbourCosine.apply(*args, token_mean)
-    total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(*args)
+        return _NeighbourCosine.apply(*args, grids, token_mean)
+    total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(*args, *grids)
     if token_mean:
         return total.mean(dim=-1), self_tok.mean(dim=-1)
     return total, self_tok

@@ -71,6 +71,21 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+FUSED_RESAMPLE_ENV = "CREPA_KERNELS_FUSED_RESAMPLE"
+
+
+def fused_resample_enabled() -> bool:
+    """Whether crepa_loss resamples the projected side inside the similarity kernels (default) rather
+    than through a separate resample pass; ``CREPA_KERNELS_FUSED_RESAMPLE=0`` turns it off (for
+    comparison; both give the same numbers)."""
+    value = os.environ.get(FUSED_RESAMPLE_ENV)
+    if value is None or value == "1":
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"{FUSED_RESAMPLE_ENV} must be 0 or 1, got {value!r}")
+
+
 def next_power_of_2(n: int) -> int:
     n = int(n)
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
