@@ -459,3 +459,16 @@ def test_gpu_temporal_indices_match_cpu():
         for t_short in range(1, t_long + 1, 3):
             assert torch.equal(temporal_indices(t_long, t_short, device="cuda").cpu(),
                                torch.linspace(0, t_long - 1, t_short).long()), (t_long, t_short)
+
+
+def test_backward_into_a_frame_slice():
+    # The launcher can write each frame window of a larger gradient in place (frames stay dense).
+    torch.manual_seed(9)
+    g = torch.randn(2, 5, 7 * 7, 6, device=DEVICE)
+    whole = rs._launch_bwd(g, 6, 10, 7, 7)
+    into = torch.full_like(whole, float("nan"))
+    rs._launch_bwd(g[:, :2], 6, 10, 7, 7, out=into[:, :2])
+    rs._launch_bwd(g[:, 2:], 6, 10, 7, 7, out=into[:, 2:])
+    assert torch.equal(into, whole)
+    with pytest.raises(ValueError, match="dense frames"):
+        rs._launch_bwd(g, 6, 10, 7, 7, out=torch.empty(2, 5, 6, 60, device=DEVICE).transpose(2, 3))

@@ -657,3 +657,45 @@ def test_fused_resample_validation(grids, match):
     with pytest.raises(ValueError, match=match):
         neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
                          projected_resample=grids)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
+    """The fused backward works through frame windows (to bound its resampled-grid buffer); windows
+    of 2 frames over T = 5 (2, 2, 1), with B = 2 so each window's input-grid slice is strided, give
+    the bits of one window and of resampling first."""
+    from crepa_kernels.ops import similarity
+
+    g = torch.Generator().manual_seed(11)
+    T, D = 5, 12
+    p = torch.randn(batch, T, 15, D, generator=g).to(DEV).requires_grad_(True)
+    f = torch.randn(batch, T, 16, D, generator=g).to(DEV)
+    up = torch.randn(batch, T, generator=g).to(DEV)
+    kw = dict(distance=2, tau=0.7, cumulative=True, normalize_neighbour_sum=True, token_mean=True, block_d=8)
+
+    def grad_of(fn):
+        total, self_tok = fn()
+        return torch.autograd.grad((total * up).sum() + self_tok.sum(), p)[0]
+
+    fused = lambda: neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)  # noqa: E731
+    whole = grad_of(fused)
+    window_bytes = 2 * batch * 16 * D * 4  # two frames of resampled-grid gradient
+    sizes = []
+    real_empty = torch.empty
+
+    def spy_empty(*shape, **kwargs):
+        out = real_empty(*shape, **kwargs)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(similarity, "_BWD_WINDOW_BYTES", window_bytes)
+    total, self_tok = fused()
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    windowed = torch.autograd.grad((total * up).sum() + self_tok.sum(), p)[0]
+    monkeypatch.setattr(torch, "empty", real_empty)
+    separate = grad_of(lambda: _separate(p, f, (3, 5), (4, 4), **kw))
+    _assert_same(windowed, whole)
+    _assert_same(windowed, separate)
+    # Besides the input-grid gradient itself, no buffer larger than the window was allocated.
+    grad_bytes = p.numel() * 4
+    assert max(n for n in sizes if n != grad_bytes) <= window_bytes

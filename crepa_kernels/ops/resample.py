@@ -176,6 +176,8 @@ if triton_available():
         g_stride_t,
         g_stride_n,
         g_stride_d,
+        o_stride_b,
+        o_stride_t,
         n_tok_blocks,
         IS_FP64: tl.constexpr,
         R_H: tl.constexpr,
@@ -224,7 +226,8 @@ if triton_available():
                 ).to(acc.dtype)
                 acc += (wh * ww)[:, None] * g
 
-        in_offs = (bt * n_in + offs_n)[:, None] * D + offs_d[None, :]
+        # grad_in: tokens and features dense within a frame; frames at (o_stride_b, o_stride_t).
+        in_offs = b * o_stride_b + t * o_stride_t + offs_n[:, None] * D + offs_d[None, :]
         tl.store(
             grad_in_ptr + in_offs,
             acc.to(grad_in_ptr.dtype.element_ty),
@@ -302,12 +305,20 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
 
 
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
-                traceable: bool = False) -> torch.Tensor:
+                traceable: bool = False, out: "torch.Tensor | None" = None) -> torch.Tensor:
     # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
-    # is consumed in place without materialising it.
+    # is consumed in place without materialising it. `out`: a (B, T, n_in, D) destination whose
+    # frames are dense (e.g. a frame slice of a larger gradient); by default a new tensor.
     B, T, _, D = grad_out.shape
     n_in = in_h * in_w
-    grad_in = _empty((B, T, n_in, D), grad_out)
+    if out is None:
+        grad_in = _empty((B, T, n_in, D), grad_out)
+    else:
+        grad_in = out
+        if (tuple(out.shape) != (B, T, n_in, D) or out.dtype != grad_out.dtype
+                or (n_in * D and (out.stride(3) != 1 or out.stride(2) != D))):
+            raise ValueError(f"out must be a {(B, T, n_in, D)} {grad_out.dtype} tensor with dense frames, got "
+                             f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if grad_in.numel() == 0:
         return grad_in
     block_d = _feature_block(D)
@@ -317,6 +328,7 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     _kernel(_resample_bwd_kernel, traceable)[grid](
         grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+        grad_in.stride(0), grad_in.stride(1),
         n_tok_blocks,
         IS_FP64=grad_out.dtype == torch.float64,
         R_H=_contributor_bound(in_h, out_h),

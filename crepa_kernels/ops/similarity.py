@@ -212,7 +212,7 @@ def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
 @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
 def _neighbour_cosine_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
-    T, N, D, d, S, NUM_N_BLOCKS,
+    T, N, D, d, S, NUM_N_BLOCKS, T0, TC,
     inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
@@ -225,7 +225,8 @@ def _neighbour_cosine_bwd_kernel(
     COMPUTE_DP: tl.constexpr, COMPUTE_DF: tl.constexpr,
     RESAMPLE_P: tl.constexpr, TAPS_FP64: tl.constexpr,
 ):
-    """Gather form: program (t, n-block, b) owns d projected[t] and d features[t] for its tokens.
+    """Gather form: program (t, n-block, b) owns d projected[t] and d features[t] for its tokens,
+    for the frames t of the window T0 .. T0 + TC - 1 (the gradient buffers hold only that window).
 
     d p[t]  = sum_j alpha_j f[t + o_j] - beta p[t]   (alpha_j = g_cos[t, j] / (|p_t| |f_{t+o_j}|))
     d f[u]  = sum_j gamma_j p[u - o_j] - delta f[u]  (the (t, j) pairs with t + o_j == u)
@@ -236,8 +237,9 @@ def _neighbour_cosine_bwd_kernel(
     tl.static_assert(not (RESAMPLE_P and COMPUTE_DF), "RESAMPLE_P computes d projected only")
     ACC = pnorm_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
-    t = pid % T
-    rest = pid // T
+    t_local = pid % TC  # the programs cover frames T0 .. T0 + TC - 1 (all of them unless chunked)
+    t = T0 + t_local
+    rest = pid // TC
     n_block = rest % NUM_N_BLOCKS
     b = rest // NUM_N_BLOCKS
 
@@ -292,7 +294,8 @@ def _neighbour_cosine_bwd_kernel(
     cols64 = cols.to(tl.int64)
     step_p = tl.full([], BLOCK_D, tl.int64) * sp_d  # int64: BLOCK_D * stride can pass 2^31
     step_f = tl.full([], BLOCK_D, tl.int64) * sf_d
-    out_ptrs = row_t[:, None] * D + cols64[None, :]  # offsets into the contiguous gradients
+    # offsets into the contiguous (B, TC, N, D) gradients of the frame window
+    out_ptrs = ((b * TC + t_local) * N + offs_n)[:, None] * D + cols64[None, :]
     if COMPUTE_DP:
         if RESAMPLE_P:
             o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(offs_n, in_h, in_w, out_h, out_w, sp_n,
@@ -435,12 +438,15 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
 def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
                      *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                      block_d: int | None = None, traceable: bool = False,
-                     resample_p: tuple[int, int, int, int] | None = None) -> None:
+                     resample_p: tuple[int, int, int, int] | None = None,
+                     frames: tuple[int, int] | None = None) -> None:
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
     skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None.
     With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
-    the resampled projected, on features' N tokens."""
+    the resampled projected, on features' N tokens. ``frames = (t0, tc)`` computes only frames
+    t0 .. t0 + tc - 1: the gradient buffers are then (B, tc, N, D)."""
     B, T, N, D = features.shape
+    t0, tc = frames if frames is not None else (0, T)
     if resample_p is not None and d_features is not None:
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
     d = max(0, min(int(distance), T - 1))
@@ -448,11 +454,11 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     s_pad = next_power_of_2(S)
     acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
-    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
+    block_n, bd, num_warps = _launch_config(B, tc, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
                                             fused=resample_p is not None)
     n_blocks = cdiv(N, block_n)
-    grid = (B * T * n_blocks,)
-    if B * T * N == 0 or (d_projected is None and d_features is None):
+    grid = (B * tc * n_blocks,)
+    if B * tc * N == 0 or (d_projected is None and d_features is None):
         return
     inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
     eps_hi, eps_lo = _split(EPS)
@@ -464,7 +470,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     kernel = wrap_triton(_neighbour_cosine_bwd_kernel) if traceable else _neighbour_cosine_bwd_kernel
     kernel[grid](
         projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
-        T, N, D, d, S, n_blocks,
+        T, N, D, d, S, n_blocks, t0, tc,
         inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
         *projected.stride(), *features.stride(),
         *(g_total.stride() if g_total is not None else (0, 0, 0)),
@@ -511,20 +517,45 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     return total, self_tok, pnorm, fnorm, cos
 
 
+# A fused resample's backward runs in frame windows of at most this many bytes of resampled-grid
+# gradient, each scattered to the input grid before the next: at wan480 fp32 the whole window would be
+# 168 MiB, alive next to the 192 MiB input-grid gradient at the backward's memory peak.
+_BWD_WINDOW_BYTES = 64 << 20
+
+
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
                    normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
-    """(d projected, d features); with a fused resample, d projected is on the resampled grid (the
-    caller applies the resample backward). An unneeded gradient comes back as an empty tensor
-    (custom ops cannot return None)."""
-    dp = torch.empty(features.shape[:3] + projected.shape[3:] if need_projected else (0,),
-                     dtype=projected.dtype, device=projected.device)
-    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype,
-                     device=features.device)
-    _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
-                     dp if need_projected else None, df if need_features else None,
-                     distance=distance, tau=tau, cumulative=cumulative,
-                     normalize_neighbour_sum=normalize_neighbour_sum, block_d=block_d or None,
-                     traceable=traceable, resample_p=_resample_arg(grids))
+    """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
+    input grid: each frame window's resampled-grid gradient goes through the resample backward. An
+    unneeded gradient comes back as an empty tensor (custom ops cannot return None)."""
+    kw = dict(distance=distance, tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
+              block_d=block_d or None, traceable=traceable)
+    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype, device=features.device)
+    resample_p = _resample_arg(grids)
+    if resample_p is None or not need_projected:
+        dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
+                         device=projected.device)
+        _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
+                         dp if need_projected else None, df if need_features else None, **kw)
+        return dp, df
+    B, T, N, D = features.shape
+    if traceable:  # one window: inside a compiled graph the compiler plans the memory
+        window = T
+    else:
+        window = max(1, _BWD_WINDOW_BYTES // max(1, B * N * D * projected.element_size()))
+    if window >= T:
+        dp_res = torch.empty((B, T, N, D), dtype=projected.dtype, device=projected.device)
+        _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,
+                         resample_p=resample_p, **kw)
+        return _launch_resample_bwd(dp_res, *resample_p, traceable=traceable), df
+    dp = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
+    for t0 in range(0, T, window):
+        tc = min(window, T - t0)
+        dp_res = torch.empty((B, tc, N, D), dtype=projected.dtype, device=projected.device)
+        _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,
+                         resample_p=resample_p, frames=(t0, tc), **kw)
+        _launch_resample_bwd(dp_res, *resample_p, out=dp[:, t0:t0 + tc])
+        del dp_res  # the next window reuses its memory
     return dp, df
 
 
@@ -570,8 +601,6 @@ def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
     dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
         projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
         need_p, need_f, block_d, *ctx.grids)
-    if need_p and ctx.grids[0]:
-        dp = torch.ops.crepa_kernels.resample_tokens_bwd(dp, *ctx.grids)
     return (dp if need_p else None, df if need_f else None) + (None,) * (_N_ARGS - 2)
 
 
@@ -613,13 +642,9 @@ class _NeighbourCosine(torch.autograd.Function):
             dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
                 projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
                 need_p, need_f, block_d, *ctx.grids)
-            if need_p and ctx.grids[0]:
-                dp = torch.ops.crepa_kernels.resample_tokens_bwd(dp, *ctx.grids)
             return (dp if need_p else None, df if need_f else None) + (None,) * 7
         dp, df = _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
                                 cumulative, normalize, need_p, need_f, block_d, ctx.grids, traceable=False)
-        if need_p and ctx.grids[0]:
-            dp = _launch_resample_bwd(dp, *ctx.grids)
         return (dp if need_p else None, df if need_f else None) + (None,) * 7
 
 
