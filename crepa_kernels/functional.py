@@ -114,7 +114,7 @@ def crepa_loss(
 
 def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumulative, normalize_neighbour_sum):
     from .ops.resample import resample_tokens
-    from .ops.similarity import neighbour_cosine
+    from .ops.similarity import _neighbour_cosine
 
     projected_resample = None
     if plan.pool:
@@ -129,10 +129,9 @@ def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumu
                 projected_resample = (plan.projected.in_grid, plan.projected.out_grid)
             else:
                 projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
-    return neighbour_cosine(
-        projected, features, distance=distance, tau=tau, cumulative=cumulative,
-        normalize_neighbour_sum=normalize_neighbour_sum, token_mean=True, projected_resample=projected_resample,
-    )
+    # crepa_loss validated the arguments and plan_tokens the grids: the op's own checks are skipped.
+    return _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_neighbour_sum, None,
+                             True, projected_resample)
 
 
 def last_backend_choice() -> dict:

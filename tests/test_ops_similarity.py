@@ -699,3 +699,15 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
     # Besides the input-grid gradient itself, no buffer larger than the window was allocated.
     grad_bytes = p.numel() * 4
     assert max(n for n in sizes if n != grad_bytes) <= window_bytes
+
+
+def test_fused_resample_grid_side_limit():
+    # The resample backward's exact-contributor proof covers sides up to 2**20; the fused path says so.
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops.resample import _MAX_SIDE
+
+    n = _MAX_SIDE + 1
+    p = torch.zeros(1, 1, n, 1, device=DEV)
+    f = torch.zeros(1, 1, 2, 1, device=DEV)
+    with pytest.raises(ValueError, match="grid sides above"):
+        crepa_loss(p, f, projected_grid=(1, n), features_grid=(1, 2), backend="triton")

@@ -680,8 +680,7 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
             raise ValueError(f"with projected_resample={projected_resample!r} projected must be {want_p} and "
                              f"features (B, T, {oh * ow}, D); got {tuple(projected.shape)} and "
                              f"{tuple(features.shape)}")
-        if max(ih, iw, oh, ow) > _MAX_SIDE:
-            raise ValueError(f"grid sides above {_MAX_SIDE} are not supported, got {projected_resample!r}")
+
     if projected.device != features.device:
         raise ValueError(f"projected and features must be on the same device, got {projected.device} "
                          f"and {features.device}")
@@ -727,14 +726,24 @@ def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distanc
     """
     _validate(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d, token_mean,
               projected_resample)
+    return _neighbour_cosine(projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum,
+                             block_d, token_mean, projected_resample)
+
+
+def _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
+                      token_mean, projected_resample):
+    """`neighbour_cosine` without the argument checks, for callers that validated them already."""
     grids = _NO_RESAMPLE
     if projected_resample is not None:
         (ih, iw), (oh, ow) = projected_resample
+        if max(ih, iw, oh, ow) > _MAX_SIDE:  # the resample backward's range proof stops there
+            raise ValueError(f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
+                             f"got projected_resample={projected_resample!r}")
         if (ih, iw) != (oh, ow):
             grids = (ih, iw, oh, ow)
         if features.requires_grad and torch.is_grad_enabled():
             projected, grids = resample_tokens(projected, (ih, iw), (oh, ow)), _NO_RESAMPLE
-    args = (projected, features, int(distance), float(tau), cumulative, normalize_neighbour_sum, block_d or 0)
+    args = (projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d or 0)
     if direct_launch_ok(projected, features):
         return _NeighbourCosine.apply(*args, grids, token_mean)
     total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(*args, *grids)
