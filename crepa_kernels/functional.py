@@ -12,6 +12,9 @@ from .config import BACKENDS
 from .ops.utils import fused_resample_enabled, interpreter_enabled, triton_available
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class CrepaOutput(NamedTuple):
     loss: torch.Tensor  # scalar: -weight * mean_b(per_video)
     alignment: torch.Tensor  # (B, T): total[b, t] (SPEC 4), after alignment
@@ -142,7 +145,7 @@ def last_backend_choice() -> dict:
 def _check_tensor(name: str, t) -> torch.Tensor:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
+    if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
     if t.ndim == 3:
         t = t.unsqueeze(2)  # (B, T, D): one token per frame

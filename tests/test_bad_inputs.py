@@ -51,6 +51,8 @@ CASES = [
     ("crepa_loss", lambda m: crepa_loss(T4, T4, adjacent_tau=-1.0), ValueError, ["adjacent_tau", "-1.0", "positive"]),
     ("crepa_loss", lambda m: crepa_loss(T4, T4, backend="xla"), ValueError, ["backend", "'xla'", "auto, torch, triton"]),
     ("crepa_loss", lambda m: crepa_loss(T4.long(), T4), TypeError, ["projected", "torch.int64", "floating-point"]),
+    ("crepa_loss", lambda m: crepa_loss(T4, T4.to(torch.float8_e4m3fn), backend="triton"), TypeError,
+     ["features", "float8_e4m3fn", "fp16, bf16, fp32 or fp64"]),
     ("CrepaConfig.from_dict", lambda m: CrepaConfig.from_dict({"crepa_lambda": "x"}), ValueError,
      ["crepa_lambda", "'x'", "number"]),
     ("CrepaConfig.from_dict", lambda m: CrepaConfig.from_dict({"crepa_adjacent_distnce": 1}), ValueError,

@@ -696,9 +696,25 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
     separate = grad_of(lambda: _separate(p, f, (3, 5), (4, 4), **kw))
     _assert_same(windowed, whole)
     _assert_same(windowed, separate)
-    # Besides the input-grid gradient itself, no buffer larger than the window was allocated.
+    # Besides the input-grid gradient itself (allocated once), no buffer larger than the window.
     grad_bytes = p.numel() * 4
+    assert sizes.count(grad_bytes) == 1
     assert max(n for n in sizes if n != grad_bytes) <= window_bytes
+
+
+def test_fused_backward_refuses_features_gradients():
+    # The fused kernels compute d projected only; asked for d features they say so (public calls
+    # resample first instead, see above).
+    from crepa_kernels.ops import similarity
+
+    p = torch.randn(1, 3, 15, 4, device=DEV)
+    f = torch.randn(1, 3, 16, 4, device=DEV)
+    small = torch.zeros(1, 3, 16, device=DEV)
+    cos = torch.zeros(1, 3, 3, 16, device=DEV)
+    for need_p in (False, True):
+        with pytest.raises(ValueError, match="d projected only"):
+            similarity._backward_impl(p, f, small, small, cos, small, None, 1, 1.0, False, False, need_p, True, 0,
+                                      (3, 5, 4, 4), False)
 
 
 def test_fused_resample_grid_side_limit():

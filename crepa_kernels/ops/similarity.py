@@ -209,7 +209,7 @@ def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
     return g
 
 
-@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+@triton.jit(do_not_specialize=["T0", "TC", "in_h", "in_w", "out_h", "out_w"])
 def _neighbour_cosine_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
     T, N, D, d, S, NUM_N_BLOCKS, T0, TC,
@@ -454,7 +454,8 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     s_pad = next_power_of_2(S)
     acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
-    block_n, bd, num_warps = _launch_config(B, tc, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
+    # Launch settings from the whole clip, so every window runs the same compiled kernel.
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
                                             fused=resample_p is not None)
     n_blocks = cdiv(N, block_n)
     grid = (B * tc * n_blocks,)
@@ -530,8 +531,10 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
     unneeded gradient comes back as an empty tensor (custom ops cannot return None)."""
     kw = dict(distance=distance, tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
               block_d=block_d or None, traceable=traceable)
-    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype, device=features.device)
     resample_p = _resample_arg(grids)
+    if resample_p is not None and need_features:
+        raise ValueError("the fused resample computes d projected only; resample first when features need grad")
+    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype, device=features.device)
     if resample_p is None or not need_projected:
         dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
                          device=projected.device)
@@ -539,8 +542,8 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
                          dp if need_projected else None, df if need_features else None, **kw)
         return dp, df
     B, T, N, D = features.shape
-    if traceable:  # one window: inside a compiled graph the compiler plans the memory
-        window = T
+    if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (projected, pnorm)):
+        window = T  # traced into a graph (fake tensors): one window, the compiler plans the memory
     else:
         window = max(1, _BWD_WINDOW_BYTES // max(1, B * N * D * projected.element_size()))
     if window >= T:
@@ -554,7 +557,7 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
         dp_res = torch.empty((B, tc, N, D), dtype=projected.dtype, device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,
                          resample_p=resample_p, frames=(t0, tc), **kw)
-        _launch_resample_bwd(dp_res, *resample_p, out=dp[:, t0:t0 + tc])
+        _launch_resample_bwd(dp_res, *resample_p, out=dp[:, t0:t0 + tc], traceable=traceable)
         del dp_res  # the next window reuses its memory
     return dp, df
 
