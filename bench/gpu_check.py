@@ -84,7 +84,23 @@ def main() -> int:
     for path in bm.write_outputs(report, args.out, name):
         print(f"wrote {path}")
     print(bm.markdown_table(rows))
+    for line in ab_summary(rows):
+        print(line)
     return 0
+
+
+def ab_summary(rows: list[dict]) -> list[str]:
+    """One line per environment-override row: its time against the default settings' row for the same
+    preset, dtype and mode (a ratio above 1 means the default is faster)."""
+    base = {(r["preset"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
+            if r["provider"] == "triton" and "median_ms" in r}
+    out = []
+    for r in rows:
+        key = (r["preset"], r["dtype"], r["mode"])
+        if r.get("environment_override") and "median_ms" in r and key in base:
+            out.append(f"A/B {'/'.join(key)} {r['provider']}: {r['median_ms']:.3f} ms vs default "
+                       f"{base[key]:.3f} ms (override / default = {r['median_ms'] / base[key]:.2f})")
+    return out
 
 
 if __name__ == "__main__":

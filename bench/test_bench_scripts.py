@@ -42,3 +42,20 @@ def test_kernel_registers_reports_every_hot_kernel_without_spills():
     assert len(rows) == 14  # 7 kernel variants (2 of them with the fused resample) x fp32, bf16
     # the launch settings keep every kernel free of register spills at the flagship size
     assert all(line.endswith("spill=0 B") for line in rows), proc.stdout
+
+
+def test_gpu_check_ab_summary_pairs_overrides_with_defaults():
+    sys.path.insert(0, HERE)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(HERE)
+    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider="triton", median_ms=2.0),
+            dict(preset="wan480", dtype="fp32", mode="full", provider="torch", median_ms=4.0),
+            dict(preset="wan480", dtype="fp32", mode="full", provider="triton[CREPA_KERNELS_FUSED_RESAMPLE=0]",
+                 median_ms=2.5, environment_override={"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
+            dict(preset="small", dtype="fp32", mode="full", provider="triton[X=1]", error="failed",
+                 environment_override={"X": "1"})]
+    lines = gpu_check.ab_summary(rows)
+    assert len(lines) == 1  # the failed override row has nothing to compare
+    assert "wan480/fp32/full" in lines[0] and "2.500 ms vs default 2.000 ms" in lines[0] and "= 1.25" in lines[0]
