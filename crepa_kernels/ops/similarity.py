@@ -595,16 +595,23 @@ def _setup_context(ctx, inputs, output):
     ctx.grids = tuple(inputs[7:])
 
 
+def _input_grads(ctx, g_total, g_self, need_p, need_f, through_op):
+    """(d projected, d features) from the saved tensors, None where not needed; shared by both front
+    ends. ``through_op`` runs the backward custom op (autograd can see it) instead of the launchers."""
+    distance, tau, cumulative, normalize, block_d = ctx.args
+    args = (*ctx.saved_tensors, g_total, g_self, distance, tau, cumulative, normalize, need_p, need_f, block_d)
+    if through_op:
+        dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(*args, *ctx.grids)
+    else:
+        dp, df = _backward_impl(*args, ctx.grids, traceable=False)
+    return dp if need_p else None, df if need_f else None
+
+
 def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
-    projected, features, pnorm, fnorm, cos = ctx.saved_tensors
     need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_p or need_f):
         return (None,) * _N_ARGS
-    distance, tau, cumulative, normalize, block_d = ctx.args
-    dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
-        projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
-        need_p, need_f, block_d, *ctx.grids)
-    return (dp if need_p else None, df if need_f else None) + (None,) * (_N_ARGS - 2)
+    return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op=True) + (None,) * (_N_ARGS - 2)
 
 
 register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
@@ -621,6 +628,7 @@ class _NeighbourCosine(torch.autograd.Function):
         ctx.args = (distance, tau, cumulative, normalize, block_d)
         ctx.grids = grids
         ctx.token_mean = token_mean
+        ctx.token_shape = total.shape  # (B, T, N)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
         if token_mean:
             return total.mean(dim=-1), self_tok.mean(dim=-1)
@@ -631,24 +639,16 @@ class _NeighbourCosine(torch.autograd.Function):
         need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_p or need_f) or (g_total is None and g_self is None):
             return (None,) * 9
-        projected, features, pnorm, fnorm, cos = ctx.saved_tensors
         if ctx.token_mean:
             # The mean's gradient, g / N for every token, as a stride-0 view the kernel reads in place
             # (the same values autograd's mean backward would materialise).
-            g_total, g_self = (None if g is None else (g / pnorm.shape[2]).unsqueeze(-1).expand(pnorm.shape)
+            shape = ctx.token_shape
+            g_total, g_self = (None if g is None else (g / shape[2]).unsqueeze(-1).expand(shape)
                                for g in (g_total, g_self))
-        distance, tau, cumulative, normalize, block_d = ctx.args
-        if torch.is_grad_enabled():
-            # create_graph=True: through the custom ops, so that differentiating this gradient again
-            # fails with autograd's error (the backward kernel has no derivative) instead of silently
-            # dropping the second-order term.
-            dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(
-                projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative, normalize,
-                need_p, need_f, block_d, *ctx.grids)
-            return (dp if need_p else None, df if need_f else None) + (None,) * 7
-        dp, df = _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
-                                cumulative, normalize, need_p, need_f, block_d, ctx.grids, traceable=False)
-        return (dp if need_p else None, df if need_f else None) + (None,) * 7
+        # create_graph=True (grad mode on): through the custom op, so that differentiating this gradient
+        # again fails with autograd's error (the backward kernel has no derivative) instead of silently
+        # dropping the second-order term.
+        return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op=torch.is_grad_enabled()) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------------
