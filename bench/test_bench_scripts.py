@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from crepa_kernels import benchmark as bm
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytest.importorskip("diffusers")
 
@@ -59,3 +61,17 @@ def test_gpu_check_ab_summary_pairs_overrides_with_defaults():
     lines = gpu_check.ab_summary(rows)
     assert len(lines) == 1  # the failed override row has nothing to compare
     assert "wan480/fp32/full" in lines[0] and "2.500 ms vs default 2.000 ms" in lines[0] and "= 1.25" in lines[0]
+
+
+def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider=prov, median_ms=ms, p20_ms=ms, p80_ms=ms,
+                peak_extra_bytes=2**20, achieved_gbps=1.0, speedup=1.0)
+            for prov, ms in (("triton[CREPA_KERNELS_FRONT_END=custom_op]", 1.6), ("torch", 4.8),
+                             ("triton", 1.4), ("triton[CREPA_KERNELS_FUSED_RESAMPLE=0]", 1.3))]
+    report = {"environment": dict(device="test device", torch="t", triton="t", commit="c",
+                                  triton_interpreter=True), "results": rows}
+    written = bm.write_outputs(report, str(tmp_path), "ab")
+    assert [os.path.basename(p) for p in written] == ["ab.json", "ab.md", "ab.png"]
+    assert os.path.getsize(tmp_path / "ab.png") > 0
+    assert "triton[CREPA_KERNELS_FUSED_RESAMPLE=0]" in (tmp_path / "ab.md").read_text()

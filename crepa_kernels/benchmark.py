@@ -289,7 +289,9 @@ def _plot(report: dict, path: str) -> Optional[str]:
         return None
     labels = [f"{r['preset']}/{r['dtype']}/{r['mode']}" for r in rows]
     groups = sorted(set(labels), key=labels.index)
-    providers = sorted({r["provider"] for r in rows}, key=list(PROVIDERS).index)
+    # A/B rows carry their overrides in the label ("triton[NAME=value]"): order them after their base.
+    providers = sorted({r["provider"] for r in rows},
+                       key=lambda prov: (list(PROVIDERS).index(prov.split("[")[0]), prov))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(groups) + 4), 4.5))
     width = 0.8 / max(len(providers), 1)
     for i, prov in enumerate(providers):
