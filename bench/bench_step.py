@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     dim = vit.embed_dim
     hidden = torch.randn(1, args.latent_frames, grid[0] * grid[1], dim, generator=g).to(device).requires_grad_(True)
 
-    manager = OffloadManager("offload", device=device if device.type == "cuda" else None)
+    # On the CPU (--quick) the manager emulates a device, so the offload bookkeeping runs there too.
+    manager = OffloadManager("offload", device=device if device.type == "cuda" else None,
+                             emulate_device=device.type != "cuda")
     if device.type == "cuda":
         vae.to(device)
         vit.to(device)
@@ -125,8 +127,11 @@ def main(argv=None) -> int:
                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows["ours"] = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid), device, args.steps)
     # Features from a FeatureCache: the teacher is skipped and the step costs only the loss.
+    # The modules sit in host RAM after our step: place them for this one pass too.
     with torch.no_grad():
-        cached, cached_grid = latents_to_features(latents, adapter, encoder, num_frames=hidden.shape[1])
+        cached, cached_grid = latents_to_features(latents, adapter, encoder, num_frames=hidden.shape[1],
+                                                  vae_context=lambda: manager.use(vae),
+                                                  encoder_context=lambda: manager.use(encoder))
     manager.evict_all()
 
     def cached_step():
