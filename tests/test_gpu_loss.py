@@ -17,10 +17,10 @@ def _inputs(dtype, frames=21, dim=1536, seed=0):
     return p, f
 
 
-def _loss_and_grad(p, f, backend, **kw):
+def _loss_and_grad(p, f, backend, scale=1.0, **kw):
     leaf = p.detach().requires_grad_(True)
     out = crepa_loss(leaf, f, weight=0.5, backend=backend, **kw)
-    (grad,) = torch.autograd.grad(out.loss, leaf)
+    (grad,) = torch.autograd.grad(out.loss * scale, leaf)
     return out, grad
 
 
@@ -39,8 +39,13 @@ def test_triton_matches_torch_at_wan480_fp32(kw):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_half_precision_inputs_against_fp32_reference(dtype, tol):
     p, f = _inputs(dtype)
-    ref, g_ref = _loss_and_grad(p.float(), f.float(), "torch", **WAN480)
-    got, g_got = _loss_and_grad(p, f, "triton", **WAN480)
+    # At this size the loss's gradients are ~1e-8 (a mean over 32760 tokens of terms ~1/|p|^2), below
+    # fp16's smallest subnormal: the exact fp32 gradient rounded to fp16 keeps a cosine of only ~0.4
+    # with itself. fp16 training scales the loss for that reason (torch.amp.GradScaler starts at 2^16),
+    # and so does this test; bf16 has fp32's exponent range and needs no scale.
+    scale = 2.0**16 if dtype == torch.float16 else 1.0
+    ref, g_ref = _loss_and_grad(p.float(), f.float(), "torch", scale=scale, **WAN480)
+    got, g_got = _loss_and_grad(p, f, "triton", scale=scale, **WAN480)
     # Inputs are rounded once; the kernels accumulate in fp32, so the loss error stays near one rounding.
     assert abs(got.loss.item() - ref.loss.item()) <= tol * max(abs(ref.loss.item()), 1e-3)
     assert g_got.dtype == dtype
