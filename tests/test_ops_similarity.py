@@ -688,7 +688,7 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
         sizes.append(out.numel() * out.element_size())
         return out
 
-    monkeypatch.setattr(similarity, "_BWD_WINDOW_BYTES", window_bytes)
+    monkeypatch.setattr(similarity, "bwd_window_bytes", lambda: window_bytes)
     total, self_tok = fused()
     monkeypatch.setattr(torch, "empty", spy_empty)
     windowed = torch.autograd.grad((total * up).sum() + self_tok.sum(), p)[0]

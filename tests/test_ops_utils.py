@@ -4,8 +4,9 @@ import pytest
 
 import torch
 
-from crepa_kernels.ops.utils import (ELEMS_PER_THREAD_ENV, FRONT_END_ENV, FUSED_RESAMPLE_ENV, cdiv, direct_launch_ok,
-                                     fused_resample_enabled, num_warps_for)
+from crepa_kernels.ops.utils import (BWD_WINDOW_ENV, ELEMS_PER_THREAD_ENV, FRONT_END_ENV, FUSED_RESAMPLE_ENV,
+                                     bwd_window_bytes, cdiv, direct_launch_ok, fused_resample_enabled,
+                                     num_warps_for)
 
 
 @pytest.mark.parametrize("elems,want", [(1, 2), (512, 2), (1024, 2), (2048, 4), (4096, 8), (65536, 8)])
@@ -127,3 +128,17 @@ def test_loss_is_the_same_with_the_resample_fused_or_separate(monkeypatch, grids
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(a, b)
+
+
+def test_backward_window_defaults_to_64_mib_and_takes_an_override(monkeypatch):
+    monkeypatch.delenv(BWD_WINDOW_ENV, raising=False)
+    assert bwd_window_bytes() == 64 * 2**20
+    monkeypatch.setenv(BWD_WINDOW_ENV, "1024")
+    assert bwd_window_bytes() == 2**30
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5", "big", ""])
+def test_bad_backward_window_names_the_variable(monkeypatch, bad):
+    monkeypatch.setenv(BWD_WINDOW_ENV, bad)
+    with pytest.raises(ValueError, match=BWD_WINDOW_ENV):
+        bwd_window_bytes()

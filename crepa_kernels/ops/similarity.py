@@ -23,8 +23,8 @@ from torch.library import register_autograd, triton_op, wrap_triton
 
 from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
 from .resample import _launch_bwd as _launch_resample_bwd
-from .utils import (accumulation_dtype, cdiv, direct_launch_ok, elements_per_thread, next_power_of_2,
-                    num_warps_for, triton_supports)
+from .utils import (accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
+                    next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -518,12 +518,6 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     return total, self_tok, pnorm, fnorm, cos
 
 
-# A fused resample's backward runs in frame windows of at most this many bytes of resampled-grid
-# gradient, each scattered to the input grid before the next: at wan480 fp32 the whole window would be
-# 168 MiB, alive next to the 192 MiB input-grid gradient at the backward's memory peak.
-_BWD_WINDOW_BYTES = 64 << 20
-
-
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
                    normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
@@ -541,11 +535,14 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
                          dp if need_projected else None, df if need_features else None, **kw)
         return dp, df
+    # The resampled-grid gradient is produced and scattered to the input grid in frame windows of at
+    # most bwd_window_bytes() (64 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to
+    # the 192 MiB input-grid gradient at the backward's memory peak.
     B, T, N, D = features.shape
     if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (projected, pnorm)):
         window = T  # traced into a graph (fake tensors): one window, the compiler plans the memory
     else:
-        window = max(1, _BWD_WINDOW_BYTES // max(1, B * N * D * projected.element_size()))
+        window = max(1, bwd_window_bytes() // max(1, B * N * D * projected.element_size()))
     if window >= T:
         dp_res = torch.empty((B, T, N, D), dtype=projected.dtype, device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,

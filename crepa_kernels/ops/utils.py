@@ -86,6 +86,26 @@ def fused_resample_enabled() -> bool:
     raise ValueError(f"{FUSED_RESAMPLE_ENV} must be 0 or 1, got {value!r}")
 
 
+BWD_WINDOW_ENV = "CREPA_KERNELS_BWD_WINDOW_MIB"
+DEFAULT_BWD_WINDOW_MIB = 64
+
+
+def bwd_window_bytes() -> int:
+    """Most bytes of resampled-grid gradient a fused-resample backward holds at once (it runs in frame
+    windows of this size). Smaller windows lower the backward's memory peak; each window costs two
+    kernel launches. ``CREPA_KERNELS_BWD_WINDOW_MIB`` overrides the default of 64 MiB for benchmarking."""
+    value = os.environ.get(BWD_WINDOW_ENV)
+    if value is None:
+        return DEFAULT_BWD_WINDOW_MIB << 20
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise ValueError(f"{BWD_WINDOW_ENV} must be a positive int (MiB), got {value!r}")
+    return mib << 20
+
+
 def next_power_of_2(n: int) -> int:
     n = int(n)
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
