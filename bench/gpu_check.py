@@ -22,10 +22,13 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 # is an A/B of the warps-per-program rule (32 = fewer warps, the rule the first H200 figures used);
 # FUSED_RESAMPLE=0 resamples the projected side in its own pass instead of inside the similarity
 # kernels; the FRONT_END=custom_op rows time eager calls through the custom ops instead of the direct
-# autograd.Function (the host cost the direct front end removes).
+# autograd.Function (the host cost the direct front end removes); BWD_WINDOW_MIB sets the frame
+# windows of the fused resample's backward (128 MiB: 2 windows at wan480 fp32, 1 in bf16; 1024: one).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
     (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "128"}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "1024"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "forward"], {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_ELEMS_PER_THREAD": "32"}),
     (["wan480", "small"], ["fp32"], ["triton"], ["full"], {"CREPA_KERNELS_FRONT_END": "custom_op"}),
@@ -68,7 +71,8 @@ def main() -> int:
                             row["environment_override"] = dict(env)
                             row["provider"] = f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]"
                         rows.append(row)
-                        brief = row.get("error") or f"{row['median_ms']:.3f} ms, {row['achieved_gbps']:.0f} GB/s"
+                        brief = row.get("error") or (f"{row['median_ms']:.3f} ms (queued {row['queued_ms']:.3f}), "
+                                                     f"{row['achieved_gbps']:.0f} GB/s")
                         print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)
     env = bm.environment("cuda")
     bm.add_speedups(rows, env.get("bandwidth_bytes_per_s"))
@@ -92,14 +96,18 @@ def main() -> int:
 def ab_summary(rows: list[dict]) -> list[str]:
     """One line per environment-override row: its time against the default settings' row for the same
     preset, dtype and mode (a ratio above 1 means the default is faster)."""
-    base = {(r["preset"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
+    base = {(r["preset"], r["dtype"], r["mode"]): r for r in rows
             if r["provider"] == "triton" and "median_ms" in r}
     out = []
     for r in rows:
         key = (r["preset"], r["dtype"], r["mode"])
         if r.get("environment_override") and "median_ms" in r and key in base:
-            out.append(f"A/B {'/'.join(key)} {r['provider']}: {r['median_ms']:.3f} ms vs default "
-                       f"{base[key]:.3f} ms (override / default = {r['median_ms'] / base[key]:.2f})")
+            b = base[key]
+            line = (f"A/B {'/'.join(key)} {r['provider']}: {r['median_ms']:.3f} ms vs default "
+                    f"{b['median_ms']:.3f} ms (override / default = {r['median_ms'] / b['median_ms']:.2f})")
+            if r.get("peak_extra_bytes") is not None and b.get("peak_extra_bytes") is not None:
+                line += f"; peak extra {r['peak_extra_bytes'] / 2**20:.1f} vs {b['peak_extra_bytes'] / 2**20:.1f} MiB"
+            out.append(line)
     return out
 
 

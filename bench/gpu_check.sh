@@ -5,6 +5,7 @@
 #   CHECK_BUDGET_S  seconds for the whole run (default 420); each part gets a share and the kernel
 #                   benchmark stops starting cases when its share is spent
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
+#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,offload,host,profile,step
 # Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -18,32 +19,46 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+PARTS=",${CHECK_PARTS:-bench,tests,offload,host,profile,step},"
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 status=0
+test_rc=skipped
 bench_s=$(( BUDGET * 36 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
 step_s=$(( BUDGET * 16 / 100 ))
 
-echo "== kernel benchmarks (budget ${bench_s}s)"
-timeout $(( bench_s + 60 )) python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$bench_s" || status=1
+if want bench; then
+  echo "== kernel benchmarks (budget ${bench_s}s)"
+  timeout $(( bench_s + 60 )) python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$bench_s" || status=1
+fi
 
-echo "== GPU test tier (limit ${tests_s}s)"
-timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
-test_rc=${PIPESTATUS[0]}
-[ "$test_rc" -eq 0 ] || status=1
+if want tests; then
+  echo "== GPU test tier (limit ${tests_s}s)"
+  timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+  test_rc=${PIPESTATUS[0]}
+  [ "$test_rc" -eq 0 ] || status=1
+fi
 
-if [ -f bench/bench_offload.py ]; then
+if want offload; then
   echo "== offload benchmark (limit ${offload_s}s)"
   timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
 fi
-echo "== host cost of a call, kernels stubbed (direct vs custom-op front end)"
-timeout 60 python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
-  --benchmark-json "$OUT_DIR/host_cost.json" --benchmark-columns=min,median,max 2>&1 | tail -n 12 || status=1
-echo "== profile of the wan480 step (kernel table, host enqueue cost)"
-timeout 60 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 --out "$OUT_DIR/profile_wan480_fp32.txt" \
-  > /dev/null 2>&1 || status=1
+if want host; then
+  echo "== host cost of a call, kernels stubbed (direct vs custom-op front end)"
+  timeout 60 python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
+    --benchmark-json "$OUT_DIR/host_cost.json" --benchmark-columns=min,median,max 2>&1 | tail -n 12 || status=1
+fi
+if want profile; then
+  echo "== profile of the wan480 step (kernel table, host enqueue cost)"
+  timeout 60 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
+    --out "$OUT_DIR/profile_wan480_fp32.txt" > /dev/null 2>&1 || status=1
+fi
 
-if python3 -c "import diffusers" 2>/dev/null; then
+if ! want step; then
+  :
+elif python3 -c "import diffusers" 2>/dev/null; then
   echo "== CREPA step benchmark (limit ${step_s}s; 6 latent frames = 21 video frames)"
   timeout "$step_s" python3 bench/bench_step.py --latent-frames 6 --steps 3 --out "$OUT_DIR/step.json" 2>&1 \
+    | tee "$OUT_DIR/step.log" \
     | tail -n 20 || status=1
 else
   echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"

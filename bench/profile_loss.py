@@ -38,7 +38,7 @@ def main(argv=None) -> int:
              f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
     for backend in args.backends.split(","):
         run = bm.build_callable("triton" if backend == "triton" else "torch", "full", preset, p, f)
-        for _ in range(3):
+        for _ in range(10):
             run()
         torch.cuda.synchronize()
         t0 = time.perf_counter()

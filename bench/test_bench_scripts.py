@@ -52,15 +52,18 @@ def test_gpu_check_ab_summary_pairs_overrides_with_defaults():
         import gpu_check
     finally:
         sys.path.remove(HERE)
-    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider="triton", median_ms=2.0),
+    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider="triton", median_ms=2.0,
+                 peak_extra_bytes=2**20),
             dict(preset="wan480", dtype="fp32", mode="full", provider="torch", median_ms=4.0),
             dict(preset="wan480", dtype="fp32", mode="full", provider="triton[CREPA_KERNELS_FUSED_RESAMPLE=0]",
-                 median_ms=2.5, environment_override={"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
+                 median_ms=2.5, environment_override={"CREPA_KERNELS_FUSED_RESAMPLE": "0"},
+                 peak_extra_bytes=3 * 2**20),
             dict(preset="small", dtype="fp32", mode="full", provider="triton[X=1]", error="failed",
                  environment_override={"X": "1"})]
     lines = gpu_check.ab_summary(rows)
     assert len(lines) == 1  # the failed override row has nothing to compare
     assert "wan480/fp32/full" in lines[0] and "2.500 ms vs default 2.000 ms" in lines[0] and "= 1.25" in lines[0]
+    assert lines[0].endswith("peak extra 3.0 vs 1.0 MiB")
 
 
 def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
