@@ -78,3 +78,23 @@ def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
     assert [os.path.basename(p) for p in written] == ["ab.json", "ab.md", "ab.png"]
     assert os.path.getsize(tmp_path / "ab.png") > 0
     assert "triton[CREPA_KERNELS_FUSED_RESAMPLE=0]" in (tmp_path / "ab.md").read_text()
+
+
+def test_ab_settings_quick(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "2", "--warmup", "1",
+                "--synced", "1", "--queued", "1", "--variant", "default=",
+                "--variant", "unfused=CREPA_KERNELS_FUSED_RESAMPLE=0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["default", "unfused"]
+    assert rows[1]["environment_override"] == {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}
+    assert all(len(r["rounds"]) == 2 and r["queued_ms"] > 0 for r in rows)
+    assert "| tiny | fp32 | unfused |" in proc.stdout
+    assert os.environ.get("CREPA_KERNELS_FUSED_RESAMPLE") is None
+
+
+@pytest.mark.parametrize("spec", ["nameonly", "=X=1", "bad=PATH=/tmp", "bad=CREPA_KERNELS_X"])
+def test_ab_settings_rejects_bad_variants(spec):
+    proc = _run("ab_settings.py", "--variant", spec)
+    assert proc.returncode == 2 and "--variant" in proc.stderr

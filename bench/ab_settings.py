@@ -1,0 +1,177 @@
+"""Interleaved A/B of the Triton backend's environment switches at one preset, in one process.
+
+Each round runs every variant once, in turn, so a drift of the machine (clocks, a busy host) falls
+on all variants alike; a variant's figure is its median over the rounds. Per variant and round:
+``queued_ms`` (calls queued back to back, one sync at the end: the GPU's cost of a call when the
+host keeps ahead, as in a training step) and ``synced_ms`` (the median of single synced calls: adds
+the host's latency before the first kernel), both for forward + backward of the whole crepa_loss,
+plus the allocator's peak above the inputs. The switches are read at call time, so one process
+serves every variant.
+
+    python bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \\
+        --variant default= --variant win128=CREPA_KERNELS_BWD_WINDOW_MIB=128 --out ab.json
+
+On a CPU (Triton's interpreter, use the ``tiny`` preset) it runs as a smoke test: perf_counter
+timings, no memory figure, not a performance figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from crepa_kernels import benchmark as bm  # noqa: E402
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``name=KEY=VALUE[,KEY=VALUE...]`` or ``name=`` (the default settings)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--variant: got {spec!r}, expected NAME= or NAME=KEY=VALUE[,KEY=VALUE]")
+    env = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("CREPA_KERNELS_"):
+            raise ValueError(f"--variant {name}: got {item!r}, expected CREPA_KERNELS_<NAME>=VALUE")
+        env[key] = value
+    return name, env
+
+
+class _Env:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _one_round(run, cuda: bool, synced: int, queued: int) -> dict:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(synced):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        peak = torch.cuda.max_memory_allocated() - base
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(queued):
+            run()
+        stop.record()
+        stop.synchronize()
+        return {"synced_ms": statistics.median(times), "queued_ms": start.elapsed_time(stop) / queued,
+                "peak_extra_bytes": int(peak)}
+    times = []
+    for _ in range(synced):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    for _ in range(queued):
+        run()
+    return {"synced_ms": statistics.median(times), "queued_ms": (time.perf_counter() - t0) * 1e3 / queued,
+            "peak_extra_bytes": None}
+
+
+def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, rounds: int, warmup: int,
+           synced: int, queued: int, device) -> list[dict]:
+    pr = bm.PRESETS[preset]
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    for dtype in dtypes:
+        p, f = bm.make_inputs(pr, bm.DTYPES[dtype], device)
+        run = bm.build_callable("triton", "full", pr, p, f)
+        per = {name: [] for name, _ in variants}
+        for name, env in variants:  # warm-up: compiles each variant's kernels outside the timed rounds
+            with _Env(env):
+                for _ in range(warmup):
+                    run()
+        for _ in range(rounds):
+            for name, env in variants:
+                with _Env(env):
+                    per[name].append(_one_round(run, cuda, synced, queued))
+        for name, env in variants:
+            r = per[name]
+            q = [x["queued_ms"] for x in r]
+            peaks = [x["peak_extra_bytes"] for x in r if x["peak_extra_bytes"] is not None]
+            rows.append({"preset": preset, "dtype": dtype, "variant": name, "environment_override": env,
+                         "queued_ms": statistics.median(q), "queued_min_ms": min(q), "queued_max_ms": max(q),
+                         "synced_ms": statistics.median(x["synced_ms"] for x in r),
+                         "peak_extra_bytes": max(peaks) if peaks else None, "rounds": r})
+        del run, p, f
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown, each variant against the first variant of its dtype."""
+    lines = ["| preset | dtype | variant | queued ms (min-max) | vs first | synced ms | vs first | peak extra MiB |",
+             "|" + "---|" * 8]
+    first = {}
+    for r in rows:
+        ref = first.setdefault(r["dtype"], r)
+        mem = "" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
+        lines.append(f"| {r['preset']} | {r['dtype']} | {r['variant']} | {r['queued_ms']:.3f} "
+                     f"({r['queued_min_ms']:.3f}-{r['queued_max_ms']:.3f}) | {r['queued_ms'] / ref['queued_ms']:.2f} | "
+                     f"{r['synced_ms']:.3f} | {r['synced_ms'] / ref['synced_ms']:.2f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="wan480", choices=sorted(bm.PRESETS))
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--variant", action="append", default=[], help="NAME= or NAME=KEY=VALUE[,KEY=VALUE]")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--synced", type=int, default=10, help="single synced calls per round")
+    ap.add_argument("--queued", type=int, default=30, help="calls queued back to back per round")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    try:
+        variants = [parse_variant(v) for v in (args.variant or ["default="])]
+        dtypes = [d for d in args.dtypes.split(",") if d]
+        bad = [d for d in dtypes if d not in bm.DTYPES]
+        if bad or not dtypes:
+            raise ValueError(f"--dtypes: got {args.dtypes!r}, expected a comma list of {', '.join(bm.DTYPES)}")
+        for name, value in (("--rounds", args.rounds), ("--synced", args.synced), ("--queued", args.queued)):
+            if value < 1:
+                raise ValueError(f"{name}: got {value}, expected a positive int")
+    except ValueError as e:
+        ap.error(str(e))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_ab(args.preset, dtypes, variants, rounds=args.rounds, warmup=args.warmup, synced=args.synced,
+                  queued=args.queued, device=device)
+    text = table(rows)
+    print(text)
+    if args.out:
+        report = {"benchmark": "interleaved A/B of environment switches, crepa_loss forward + backward",
+                  "environment": bm.environment(device), "rounds": args.rounds, "synced_calls": args.synced,
+                  "queued_calls": args.queued, "results": rows}
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
