@@ -23,11 +23,12 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 # FUSED_RESAMPLE=0 resamples the projected side in its own pass instead of inside the similarity
 # kernels; the FRONT_END=custom_op rows time eager calls through the custom ops instead of the direct
 # autograd.Function (the host cost the direct front end removes); BWD_WINDOW_MIB sets the frame
-# windows of the fused resample's backward (128 MiB: 2 windows at wan480 fp32, 1 in bf16; 1024: one).
+# windows of the fused resample's backward (default 128 MiB: 2 windows at wan480 fp32, 1 in bf16;
+# 64: 3 and 2; 1024: one).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
     (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
-    (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "128"}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "64"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "1024"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "forward"], {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_ELEMS_PER_THREAD": "32"}),

@@ -659,15 +659,19 @@ def test_fused_resample_validation(grids, match):
                          projected_resample=grids)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
-    """The fused backward works through frame windows (to bound its resampled-grid buffer); windows
-    of 2 frames over T = 5 (2, 2, 1), with B = 2 so each window's input-grid slice is strided, give
-    the bits of one window and of resampling first."""
+@pytest.mark.parametrize("batch, T, per_window, windows", [
+    (1, 5, 2, [(0, 2), (2, 2), (4, 1)]),
+    (2, 5, 2, [(0, 2), (2, 2), (4, 1)]),
+    (1, 7, 3, [(0, 3), (3, 2), (5, 2)]),  # balanced: 3 windows of 3 + 2 + 2 frames, not 3 + 3 + 1
+])
+def test_fused_resample_backward_in_frame_windows(monkeypatch, batch, T, per_window, windows):
+    """The fused backward works through frame windows (to bound its resampled-grid buffer); with B = 2
+    each window's input-grid slice is strided. The windows give the bits of one window and of
+    resampling first."""
     from crepa_kernels.ops import similarity
 
     g = torch.Generator().manual_seed(11)
-    T, D = 5, 12
+    D = 12
     p = torch.randn(batch, T, 15, D, generator=g).to(DEV).requires_grad_(True)
     f = torch.randn(batch, T, 16, D, generator=g).to(DEV)
     up = torch.randn(batch, T, generator=g).to(DEV)
@@ -679,27 +683,59 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch):
 
     fused = lambda: neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)  # noqa: E731
     whole = grad_of(fused)
-    window_bytes = 2 * batch * 16 * D * 4  # two frames of resampled-grid gradient
-    sizes = []
-    real_empty = torch.empty
+    frame_bytes = batch * 16 * D * 4  # one frame of resampled-grid gradient
+    window_bytes = per_window * frame_bytes + frame_bytes // 2
+    sizes, launched = [], []
+    real_empty, real_launch = torch.empty, similarity._launch_backward
 
     def spy_empty(*shape, **kwargs):
         out = real_empty(*shape, **kwargs)
         sizes.append(out.numel() * out.element_size())
         return out
 
+    def spy_launch(*args, **kwargs):
+        launched.append(kwargs.get("frames"))
+        return real_launch(*args, **kwargs)
+
     monkeypatch.setattr(similarity, "bwd_window_bytes", lambda: window_bytes)
+    monkeypatch.setattr(similarity, "_launch_backward", spy_launch)
     total, self_tok = fused()
     monkeypatch.setattr(torch, "empty", spy_empty)
     windowed = torch.autograd.grad((total * up).sum() + self_tok.sum(), p)[0]
     monkeypatch.setattr(torch, "empty", real_empty)
+    assert launched == windows
     separate = grad_of(lambda: _separate(p, f, (3, 5), (4, 4), **kw))
     _assert_same(windowed, whole)
     _assert_same(windowed, separate)
-    # Besides the input-grid gradient itself (allocated once), no buffer larger than the window.
+    # Besides the input-grid gradient itself (allocated once), no buffer larger than the largest window.
     grad_bytes = p.numel() * 4
     assert sizes.count(grad_bytes) == 1
-    assert max(n for n in sizes if n != grad_bytes) <= window_bytes
+    assert max(n for n in sizes if n != grad_bytes) == max(tc for _, tc in windows) * frame_bytes
+
+
+@pytest.mark.parametrize("frames, frame_bytes, limit, want", [
+    (21, 1369 * 1536 * 4, 128 << 20, [(0, 11), (11, 10)]),  # wan480 fp32: 15 frames fit; 2 windows
+    (21, 1369 * 1536 * 2, 128 << 20, [(0, 21)]),  # wan480 bf16: one window
+    (21, 1369 * 1536 * 4, 64 << 20, [(0, 7), (7, 7), (14, 7)]),
+    (3, 100, 10, [(0, 1), (1, 1), (2, 1)]),  # a frame above the limit still makes a window
+    (1, 100, 1000, [(0, 1)]),
+])
+def test_frame_windows(frames, frame_bytes, limit, want):
+    from crepa_kernels.ops.similarity import frame_windows
+
+    assert frame_windows(frames, frame_bytes, limit) == want
+
+
+def test_frame_windows_cover_the_clip_with_the_fewest_balanced_windows():
+    from crepa_kernels.ops.similarity import frame_windows
+
+    for frames in range(1, 40):
+        for per in range(1, 12):
+            got = frame_windows(frames, 10, per * 10 + 5)
+            sizes = [tc for _, tc in got]
+            assert [t0 for t0, _ in got] == [sum(sizes[:i]) for i in range(len(sizes))]
+            assert sum(sizes) == frames and max(sizes) <= per and max(sizes) - min(sizes) <= 1
+            assert len(got) == -(-frames // per)
 
 
 def test_fused_backward_refuses_features_gradients():

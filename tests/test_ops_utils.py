@@ -130,9 +130,9 @@ def test_loss_is_the_same_with_the_resample_fused_or_separate(monkeypatch, grids
             assert torch.equal(a, b)
 
 
-def test_backward_window_defaults_to_64_mib_and_takes_an_override(monkeypatch):
+def test_backward_window_defaults_to_128_mib_and_takes_an_override(monkeypatch):
     monkeypatch.delenv(BWD_WINDOW_ENV, raising=False)
-    assert bwd_window_bytes() == 64 * 2**20
+    assert bwd_window_bytes() == 128 * 2**20
     monkeypatch.setenv(BWD_WINDOW_ENV, "1024")
     assert bwd_window_bytes() == 2**30
 

@@ -518,6 +518,21 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     return total, self_tok, pnorm, fnorm, cos
 
 
+def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple[int, int]]:
+    """(first frame, frame count) of the fewest windows of at most ``limit_bytes`` (at least one frame
+    each) covering ``frames``, their sizes differing by at most one: the buffer a window needs is as
+    small as that number of windows allows (21 frames of 8 MiB under 128 MiB: 11 + 10, not 15 + 6)."""
+    per = max(1, limit_bytes // max(1, frame_bytes))
+    count = cdiv(frames, per)
+    size, extra = divmod(frames, count)
+    out, t0 = [], 0
+    for i in range(count):
+        tc = size + (i < extra)
+        out.append((t0, tc))
+        t0 += tc
+    return out
+
+
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
                    normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
@@ -536,21 +551,20 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
                          dp if need_projected else None, df if need_features else None, **kw)
         return dp, df
     # The resampled-grid gradient is produced and scattered to the input grid in frame windows of at
-    # most bwd_window_bytes() (64 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to
+    # most bwd_window_bytes() (128 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to
     # the 192 MiB input-grid gradient at the backward's memory peak.
     B, T, N, D = features.shape
     if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (projected, pnorm)):
-        window = T  # traced into a graph (fake tensors): one window, the compiler plans the memory
+        windows = [(0, T)]  # traced into a graph (fake tensors): one window, the compiler plans the memory
     else:
-        window = max(1, bwd_window_bytes() // max(1, B * N * D * projected.element_size()))
-    if window >= T:
+        windows = frame_windows(T, B * N * D * projected.element_size(), bwd_window_bytes())
+    if len(windows) == 1:
         dp_res = torch.empty((B, T, N, D), dtype=projected.dtype, device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,
                          resample_p=resample_p, **kw)
         return _launch_resample_bwd(dp_res, *resample_p, traceable=traceable), df
     dp = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
-    for t0 in range(0, T, window):
-        tc = min(window, T - t0)
+    for t0, tc in windows:
         dp_res = torch.empty((B, tc, N, D), dtype=projected.dtype, device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,
                          resample_p=resample_p, frames=(t0, tc), **kw)

@@ -87,13 +87,15 @@ def fused_resample_enabled() -> bool:
 
 
 BWD_WINDOW_ENV = "CREPA_KERNELS_BWD_WINDOW_MIB"
-DEFAULT_BWD_WINDOW_MIB = 64
+DEFAULT_BWD_WINDOW_MIB = 128
 
 
 def bwd_window_bytes() -> int:
     """Most bytes of resampled-grid gradient a fused-resample backward holds at once (it runs in frame
-    windows of this size). Smaller windows lower the backward's memory peak; each window costs two
-    kernel launches. ``CREPA_KERNELS_BWD_WINDOW_MIB`` overrides the default of 64 MiB for benchmarking."""
+    windows of at most this size). Smaller windows lower the backward's memory peak; each window costs
+    two kernel launches and a tail of idle SMs. 128 MiB: one window at wan480 bf16, two at fp32 (an
+    interleaved H100 A/B timed 64 MiB windows 20-30% slower, 32 MiB slower still).
+    ``CREPA_KERNELS_BWD_WINDOW_MIB`` overrides it for benchmarking."""
     value = os.environ.get(BWD_WINDOW_ENV)
     if value is None:
         return DEFAULT_BWD_WINDOW_MIB << 20
