@@ -56,21 +56,63 @@ def reference_step(vae_adapter, ref_encoder, latents, hidden):
     return out.loss.detach()
 
 
-def our_step(vae_adapter, encoder, manager, latents, hidden, grid):
+class Phases:
+    """Start/end marks of named phases per call: CUDA events on a GPU (read after the step's sync),
+    perf_counter on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.calls = cuda, []
+
+    def new_call(self) -> dict:
+        self.calls.append({})
+        return self.calls[-1]
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def medians(self, skip: int) -> dict:
+        """Median ms per phase over the calls after the first ``skip`` (the warm-up)."""
+        calls = self.calls[skip:]
+        return {name: statistics.median(self._ms(*c[name]) for c in calls) for name in (calls[0] if calls else {})}
+
+
+def our_step(vae_adapter, encoder, manager, latents, hidden, grid, phases=None):
     vae = vae_adapter.vae
+    marks = phases.new_call() if phases is not None else None
 
     @contextlib.contextmanager
     def vae_ctx():
         with manager.use(vae):
             manager.prefetch(encoder)
+            start = phases.mark() if marks is not None else None
             yield
+            if marks is not None:
+                marks["decode_ms"] = (start, phases.mark())
         manager.release(vae)
 
+    @contextlib.contextmanager
+    def encoder_ctx():
+        with manager.use(encoder):
+            start = phases.mark() if marks is not None else None
+            yield
+            if marks is not None:
+                marks["encode_ms"] = (start, phases.mark())
+
     feats, fgrid = latents_to_features(latents, vae_adapter, encoder, num_frames=hidden.shape[1],
-                                       vae_context=vae_ctx, encoder_context=lambda: manager.use(encoder))
+                                       vae_context=vae_ctx, encoder_context=encoder_ctx)
     manager.release(encoder)
+    start = phases.mark() if marks is not None else None
     out = crepa_loss(hidden, feats, projected_grid=grid, features_grid=fgrid, weight=0.5)
     out.loss.backward()
+    if marks is not None:
+        marks["loss_fwd_bwd_ms"] = (start, phases.mark())
     return out.loss.detach()
 
 
@@ -125,7 +167,12 @@ def main(argv=None) -> int:
     rows["reference"] = timed(lambda: reference_step(adapter, ref_encoder, latents, hidden), device, args.steps)
     encoder = DinoEncoder(model=vit, image_size=image_size, frames_batch_size=args.frames_batch,
                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rows["ours"] = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid), device, args.steps)
+    phases = Phases(device.type == "cuda")
+    rows["ours"] = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid, phases), device,
+                         args.steps)
+    # Where our step's time goes: the decode (its weights already copied in), the encode of the kept
+    # frames, the loss; the rest of the step is waiting for copies and host work between them.
+    rows["ours"]["phases_ms"] = phases.medians(skip=1)
     # Features from a FeatureCache: the teacher is skipped and the step costs only the loss.
     # The modules sit in host RAM after our step: place them for this one pass too.
     with torch.no_grad():

@@ -33,6 +33,9 @@ def test_bench_step_quick(tmp_path):
     report = json.loads(out.read_text())
     assert report["encoded_frames"] == {"reference": 9, "ours": 3}
     assert report["results"]["ours"]["median_ms"] > 0 and report["results"]["reference"]["median_ms"] > 0
+    phases = report["results"]["ours"]["phases_ms"]
+    assert set(phases) == {"decode_ms", "encode_ms", "loss_fwd_bwd_ms"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= report["results"]["ours"]["p80_ms"] * 1.5
 
 
 def test_kernel_registers_reports_every_hot_kernel_without_spills():
