@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,54 +43,15 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-class _Env:
-    def __init__(self, env: dict[str, str]):
-        self.env = env
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _one_round(run, cuda: bool, synced: int, queued: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(synced):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        peak = torch.cuda.max_memory_allocated() - base
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(queued):
-            run()
-        stop.record()
-        stop.synchronize()
-        return {"synced_ms": statistics.median(times), "queued_ms": start.elapsed_time(stop) / queued,
-                "peak_extra_bytes": int(peak)}
-    times = []
-    for _ in range(synced):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    t0 = time.perf_counter()
-    for _ in range(queued):
-        run()
-    return {"synced_ms": statistics.median(times), "queued_ms": (time.perf_counter() - t0) * 1e3 / queued,
-            "peak_extra_bytes": None}
+    times = [bm.time_one_call(run, cuda) for _ in range(synced)]
+    peak = int(torch.cuda.max_memory_allocated() - base) if cuda else None
+    return {"synced_ms": statistics.median(times), "queued_ms": bm.time_queued(run, queued, cuda),
+            "peak_extra_bytes": peak}
 
 
 def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, rounds: int, warmup: int,
@@ -104,12 +64,12 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
         run = bm.build_callable("triton", "full", pr, p, f)
         per = {name: [] for name, _ in variants}
         for name, env in variants:  # warm-up: compiles each variant's kernels outside the timed rounds
-            with _Env(env):
+            with bm.environment_override(env):
                 for _ in range(warmup):
                     run()
         for _ in range(rounds):
             for name, env in variants:
-                with _Env(env):
+                with bm.environment_override(env):
                     per[name].append(_one_round(run, cuda, synced, queued))
         for name, env in variants:
             r = per[name]

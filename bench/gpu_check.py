@@ -57,16 +57,8 @@ def main() -> int:
                         if time.time() > t_end:
                             skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
                             continue
-                        saved = {k: os.environ.get(k) for k in env}
-                        os.environ.update(env)
-                        try:
+                        with bm.environment_override(env):
                             part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
-                        finally:
-                            for k, v in saved.items():
-                                if v is None:
-                                    os.environ.pop(k, None)
-                                else:
-                                    os.environ[k] = v
                         row = part["results"][0]
                         if env:
                             row["environment_override"] = dict(env)

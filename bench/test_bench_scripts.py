@@ -101,3 +101,22 @@ def test_ab_settings_quick(tmp_path):
 def test_ab_settings_rejects_bad_variants(spec):
     proc = _run("ab_settings.py", "--variant", spec)
     assert proc.returncode == 2 and "--variant" in proc.stderr
+
+
+def test_environment_override_restores_even_after_an_error(monkeypatch):
+    monkeypatch.setenv("CREPA_KERNELS_FUSED_RESAMPLE", "1")
+    monkeypatch.delenv("CREPA_KERNELS_BWD_WINDOW_MIB", raising=False)
+    with pytest.raises(RuntimeError):
+        with bm.environment_override({"CREPA_KERNELS_FUSED_RESAMPLE": "0", "CREPA_KERNELS_BWD_WINDOW_MIB": "8"}):
+            assert os.environ["CREPA_KERNELS_FUSED_RESAMPLE"] == "0"
+            assert os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] == "8"
+            raise RuntimeError("boom")
+    assert os.environ["CREPA_KERNELS_FUSED_RESAMPLE"] == "1"
+    assert "CREPA_KERNELS_BWD_WINDOW_MIB" not in os.environ
+
+
+def test_queued_timer_runs_every_call_and_reports_per_call():
+    calls = []
+    ms = bm.time_queued(lambda: calls.append(1), 7, cuda=False)
+    assert len(calls) == 7 and ms >= 0
+    assert bm.time_one_call(lambda: calls.append(1), cuda=False) >= 0 and len(calls) == 8

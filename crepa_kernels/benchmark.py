@@ -5,6 +5,7 @@ every figure in bench/results/ comes from the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -109,6 +110,43 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def time_one_call(run: Callable[[], None], cuda: bool) -> float:
+    """ms of one call, synced: CUDA events around it on a GPU (the host's time before the first
+    kernel counts), perf_counter on the CPU."""
+    if cuda:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop)
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_queued(run: Callable[[], None], calls: int, cuda: bool) -> float:
+    """ms per call of ``calls`` calls queued back to back with one sync at the end: the host prepares
+    the next call while the GPU runs this one, as in a training step whose GPU work is queued ahead of
+    the host. Near the synced time when the GPU bounds a call; lower when the host does."""
+    return time_one_call(lambda: [run() for _ in range(calls)], cuda) / calls
+
+
+@contextlib.contextmanager
+def environment_override(env: dict):
+    """Set environment variables for the duration (the backend's switches are read at call time)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20, max_seconds: float = 20.0) -> dict:
     """Time ``run``: CUDA events on a GPU, perf_counter on the CPU. Returns ms quantiles of single
     synced calls and, on a GPU, the peak memory and ``queued_ms`` (calls queued back to back)."""
@@ -122,34 +160,14 @@ def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20,
     times = []
     t_end = time.perf_counter() + max_seconds
     for _ in range(reps):
-        if is_cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_one_call(run, is_cuda))
         if time.perf_counter() > t_end and len(times) >= 3:
             break
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
     out = {"p20_ms": q[0], "median_ms": q[1], "p80_ms": q[2], "reps": len(times)}
     if is_cuda:
         out["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated() - base)
-        # Calls queued back to back, one sync at the end: the host prepares the next call while the GPU
-        # runs this one, as in a training step whose GPU work is queued ahead of the host. Near
-        # median_ms when the GPU bounds a call; lower when the host does.
-        n = max(3, min(len(times), 10))
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            run()
-        stop.record()
-        stop.synchronize()
-        out["queued_ms"] = start.elapsed_time(stop) / n
+        out["queued_ms"] = time_queued(run, max(3, min(len(times), 10)), cuda=True)
     return out
 
 
