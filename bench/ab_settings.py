@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in (args.variant or ["default="])]
+        names = [name for name, _ in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--variant: names must differ, got {', '.join(names)}")
         dtypes = [d for d in args.dtypes.split(",") if d]
         bad = [d for d in dtypes if d not in bm.DTYPES]
         if bad or not dtypes:

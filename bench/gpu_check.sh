@@ -5,13 +5,24 @@
 #   CHECK_BUDGET_S  seconds for the whole run (default 420); each part gets a share and the kernel
 #                   benchmark stops starting cases when its share is spent
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
-#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,offload,host,profile,step
+#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,offload,host,profile,step;
+#                   each part keeps its share of CHECK_BUDGET_S when others are left out
 # Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
 # into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results}
 BUDGET=${CHECK_BUDGET_S:-420}
+ALL_PARTS="bench,tests,offload,host,profile,step"
+PARTS=",${CHECK_PARTS:-$ALL_PARTS},"
+PARTS=${PARTS// /}
+for part in ${PARTS//,/ }; do
+  if [[ ",$ALL_PARTS," != *",$part,"* ]]; then
+    echo "CHECK_PARTS: unknown part '$part' (expected a comma-separated subset of $ALL_PARTS)" >&2
+    exit 2
+  fi
+done
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -19,8 +30,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-PARTS=",${CHECK_PARTS:-bench,tests,offload,host,profile,step},"
-want() { [[ "$PARTS" == *",$1,"* ]]; }
 status=0
 test_rc=skipped
 bench_s=$(( BUDGET * 36 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))

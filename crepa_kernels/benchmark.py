@@ -136,8 +136,8 @@ def time_queued(run: Callable[[], None], calls: int, cuda: bool) -> float:
 def environment_override(env: dict):
     """Set environment variables for the duration (the backend's switches are read at call time)."""
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
+        os.environ.update(env)
         yield
     finally:
         for k, v in saved.items():

@@ -713,12 +713,22 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch, T, per_win
     assert max(n for n in sizes if n != grad_bytes) == max(tc for _, tc in windows) * frame_bytes
 
 
+def test_fused_resample_backward_of_an_empty_clip():
+    p = torch.zeros(1, 0, 15, 4, device=DEV, requires_grad=True)
+    f = torch.zeros(1, 0, 16, 4, device=DEV)
+    total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
+                                       projected_resample=((3, 5), (4, 4)), token_mean=True)
+    (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), p)
+    assert grad.shape == p.shape
+
+
 @pytest.mark.parametrize("frames, frame_bytes, limit, want", [
     (21, 1369 * 1536 * 4, 128 << 20, [(0, 11), (11, 10)]),  # wan480 fp32: 15 frames fit; 2 windows
     (21, 1369 * 1536 * 2, 128 << 20, [(0, 21)]),  # wan480 bf16: one window
     (21, 1369 * 1536 * 4, 64 << 20, [(0, 7), (7, 7), (14, 7)]),
     (3, 100, 10, [(0, 1), (1, 1), (2, 1)]),  # a frame above the limit still makes a window
     (1, 100, 1000, [(0, 1)]),
+    (0, 100, 1000, [(0, 0)]),  # an empty clip: one empty window, as the unwindowed path has
 ])
 def test_frame_windows(frames, frame_bytes, limit, want):
     from crepa_kernels.ops.similarity import frame_windows

@@ -521,9 +521,10 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
 def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple[int, int]]:
     """(first frame, frame count) of the fewest windows of at most ``limit_bytes`` (at least one frame
     each) covering ``frames``, their sizes differing by at most one: the buffer a window needs is as
-    small as that number of windows allows (21 frames of 8 MiB under 128 MiB: 11 + 10, not 15 + 6)."""
+    small as that number of windows allows (wan480 fp32, 21 frames of ~8.02 MiB under 128 MiB:
+    11 + 10, not 15 + 6). No frames: one empty window."""
     per = max(1, limit_bytes // max(1, frame_bytes))
-    count = cdiv(frames, per)
+    count = max(1, cdiv(frames, per))
     size, extra = divmod(frames, count)
     out, t0 = [], 0
     for i in range(count):

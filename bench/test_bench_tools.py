@@ -1,0 +1,108 @@
+"""The benchmark scripts' helpers and argument checks, and the register report: none needs diffusers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from crepa_kernels import benchmark as bm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_kernel_registers_reports_every_hot_kernel_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "kernel_registers.py"), "--preset", "wan480"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if "registers=" in line]
+    assert len(rows) == 14  # 7 kernel variants (2 of them with the fused resample) x fp32, bf16
+    # the launch settings keep every kernel free of register spills at the flagship size
+    assert all(line.endswith("spill=0 B") for line in rows), proc.stdout
+
+
+def test_gpu_check_ab_summary_pairs_overrides_with_defaults():
+    sys.path.insert(0, HERE)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(HERE)
+    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider="triton", median_ms=2.0,
+                 peak_extra_bytes=2**20),
+            dict(preset="wan480", dtype="fp32", mode="full", provider="torch", median_ms=4.0),
+            dict(preset="wan480", dtype="fp32", mode="full", provider="triton[CREPA_KERNELS_FUSED_RESAMPLE=0]",
+                 median_ms=2.5, environment_override={"CREPA_KERNELS_FUSED_RESAMPLE": "0"},
+                 peak_extra_bytes=3 * 2**20),
+            dict(preset="small", dtype="fp32", mode="full", provider="triton[X=1]", error="failed",
+                 environment_override={"X": "1"})]
+    lines = gpu_check.ab_summary(rows)
+    assert len(lines) == 1  # the failed override row has nothing to compare
+    assert "wan480/fp32/full" in lines[0] and "2.500 ms vs default 2.000 ms" in lines[0] and "= 1.25" in lines[0]
+    assert lines[0].endswith("peak extra 3.0 vs 1.0 MiB")
+
+
+def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(preset="wan480", dtype="fp32", mode="full", provider=prov, median_ms=ms, p20_ms=ms, p80_ms=ms,
+                peak_extra_bytes=2**20, achieved_gbps=1.0, speedup=1.0)
+            for prov, ms in (("triton[CREPA_KERNELS_FRONT_END=custom_op]", 1.6), ("torch", 4.8),
+                             ("triton", 1.4), ("triton[CREPA_KERNELS_FUSED_RESAMPLE=0]", 1.3))]
+    report = {"environment": dict(device="test device", torch="t", triton="t", commit="c",
+                                  triton_interpreter=True), "results": rows}
+    written = bm.write_outputs(report, str(tmp_path), "ab")
+    assert [os.path.basename(p) for p in written] == ["ab.json", "ab.md", "ab.png"]
+    assert os.path.getsize(tmp_path / "ab.png") > 0
+    assert "triton[CREPA_KERNELS_FUSED_RESAMPLE=0]" in (tmp_path / "ab.md").read_text()
+
+
+def test_ab_settings_quick(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "2", "--warmup", "1",
+                "--synced", "1", "--queued", "1", "--variant", "default=",
+                "--variant", "unfused=CREPA_KERNELS_FUSED_RESAMPLE=0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["default", "unfused"]
+    assert rows[1]["environment_override"] == {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}
+    assert all(len(r["rounds"]) == 2 and r["queued_ms"] > 0 for r in rows)
+    assert "| tiny | fp32 | unfused |" in proc.stdout
+
+
+@pytest.mark.parametrize("specs", [["nameonly"], ["=X=1"], ["bad=PATH=/tmp"], ["bad=CREPA_KERNELS_X"],
+                                   ["a=", "a=CREPA_KERNELS_FUSED_RESAMPLE=0"]])
+def test_ab_settings_rejects_bad_variants(specs):
+    proc = _run("ab_settings.py", *[arg for spec in specs for arg in ("--variant", spec)])
+    assert proc.returncode == 2 and "--variant" in proc.stderr
+
+
+@pytest.mark.parametrize("parts", ["bench,bogus", "testz"])
+def test_gpu_check_refuses_unknown_parts_before_doing_anything(parts, tmp_path):
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CHECK_PARTS": parts, "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 2 and "CHECK_PARTS: unknown part" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing installed, nothing written
+
+
+def test_environment_override_restores_even_after_an_error(monkeypatch):
+    monkeypatch.setenv("CREPA_KERNELS_FUSED_RESAMPLE", "1")
+    monkeypatch.delenv("CREPA_KERNELS_BWD_WINDOW_MIB", raising=False)
+    with pytest.raises(RuntimeError):
+        with bm.environment_override({"CREPA_KERNELS_FUSED_RESAMPLE": "0", "CREPA_KERNELS_BWD_WINDOW_MIB": "8"}):
+            assert os.environ["CREPA_KERNELS_FUSED_RESAMPLE"] == "0"
+            assert os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] == "8"
+            raise RuntimeError("boom")
+    assert os.environ["CREPA_KERNELS_FUSED_RESAMPLE"] == "1"
+    assert "CREPA_KERNELS_BWD_WINDOW_MIB" not in os.environ
+
+
+def test_queued_timer_runs_every_call_and_reports_per_call():
+    calls = []
+    ms = bm.time_queued(lambda: calls.append(1), 7, cuda=False)
+    assert len(calls) == 7 and ms >= 0
+    assert bm.time_one_call(lambda: calls.append(1), cuda=False) >= 0 and len(calls) == 8
