@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._plotting import headless_pyplot
 from .functional import crepa_loss
 
 
@@ -310,12 +311,8 @@ def write_outputs(report: dict, out_dir: str, name: str, plot: bool = True) -> l
 
 
 def _plot(report: dict, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     rows = [r for r in report["results"] if "median_ms" in r]
     if not rows:

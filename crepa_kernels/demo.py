@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._plotting import headless_pyplot
+
 
 def moving_clip(frames: int = 9, size: int = 64, seed: int = 0) -> torch.Tensor:
     """(1, 3, frames, size, size) in [-1, 1]: a bright disk crossing a striped, tinted background."""
@@ -129,12 +131,8 @@ def run_demo(out_dir: str = "crepa-demo", steps: int = 100, seed: int = 0, devic
 
 
 def _plot(history: list, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

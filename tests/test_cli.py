@@ -1,4 +1,5 @@
 """The command line: the demo (the README's main job), bench --quick, info, and clear usage errors."""
+import importlib.util
 import json
 
 import pytest
@@ -17,6 +18,8 @@ def test_demo_trains_and_the_alignment_score_rises(tmp_path, capsys):
     assert summary["steps"] == 10 and len(summary["history"]) == 10
     assert summary["alignment_score_last"] > summary["alignment_score_first"] + 0.1
     assert "crepa_alignment_score" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot extra
+        assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_bench_quick_writes_results(tmp_path, capsys):
