@@ -20,7 +20,11 @@ class Float32Sequential(nn.Sequential):
     def _apply(self, fn, recurse=True):
         def keep_fp32(t):
             out = fn(t)
-            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+            if t.is_floating_point() and out.dtype != torch.float32:
+                # A cast away from float32: convert the original (converting the cast copy back would
+                # round the values through bf16/fp16) and apply only the device move, if any.
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
 
         return super()._apply(keep_fp32, recurse)
 

@@ -96,11 +96,14 @@ def test_constructor_errors():
 
 def test_projector_stays_float32_when_cast_with_its_parent():
     m = CrepaLoss(cfg(), 4, 4)
+    before = [p.detach().clone() for p in m.projector.parameters()]
     parent = nn.Module()
     parent.crepa_projector = m.projector
     parent.to(torch.bfloat16)
     m.bfloat16()
     assert all(p.dtype == torch.float32 for p in m.projector.parameters())
+    # the values too: not rounded through bf16 on the way
+    assert all(torch.equal(p, q) for p, q in zip(m.projector.parameters(), before))
     loss, _ = m(torch.randn(1, 2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 4))
     assert loss.dtype == torch.float32
 
