@@ -106,3 +106,19 @@ def test_queued_timer_runs_every_call_and_reports_per_call():
     ms = bm.time_queued(lambda: calls.append(1), 7, cuda=False)
     assert len(calls) == 7 and ms >= 0
     assert bm.time_one_call(lambda: calls.append(1), cuda=False) >= 0 and len(calls) == 8
+
+
+def test_cli_bench_runs_the_triton_rows_on_a_fresh_cpu_process(tmp_path):
+    # Without TRITON_INTERPRET in the environment (a fresh shell), `crepa-kernels bench` must set it
+    # before anything imports triton: importing crepa_kernels may not import the kernel modules.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    probe = subprocess.run([sys.executable, "-c", "import sys, crepa_kernels, crepa_kernels.cli; "
+                            "print('triton' in sys.modules)"], capture_output=True, text=True, timeout=120, env=env)
+    assert probe.stdout.strip() == "False", probe.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "crepa_kernels.cli", "bench", "--quick", "--preset", "tiny",
+                           "--modes", "forward", "--out", str(tmp_path), "--name", "t", "--no-plot"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert any(r["provider"] == "triton" and "median_ms" in r for r in rows)

@@ -12,9 +12,45 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import Resample, TokenPlan
-from .ops.resample import pick_frames, temporal_indices  # plain torch; fp32 linspace whatever the default dtype
 
 EPS = 1e-12
+
+
+def temporal_indices(t_long: int, t_short: int, device=None) -> torch.Tensor:
+    """Frames kept when `t_long` frames are subsampled to `t_short` (SPEC section 1).
+
+    `floor(linspace(0, t_long - 1, t_short))` as int64, computed as `torch.linspace(...).long()` in
+    fp32 (the compatible rounding) directly on `device`, so no host sync is needed.
+    """
+    for name, value in (("t_long", t_long), ("t_short", t_short)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if t_short > t_long:
+        raise ValueError(f"t_short must be <= t_long, got t_short={t_short}, t_long={t_long}")
+    return torch.linspace(0, t_long - 1, t_short, dtype=torch.float32, device=device).long()
+
+
+def pick_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[:, index]` for `x` of shape `(B, T, ...)`: keep the frames `index` along dim 1, in order.
+
+    Differentiable through `index_select`; with distinct indices (as `temporal_indices` makes when
+    `t_short <= t_long`) its backward writes each frame once, so it is deterministic.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a frame dim (B, T, ...), got shape {tuple(x.shape)}")
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"index must be a 1-D int64/int32 tensor, got shape {tuple(index.shape)} dtype {index.dtype}"
+        )
+    if index.device != x.device:
+        raise ValueError(f"index is on {index.device} but x is on {x.device}")
+    return x.index_select(1, index)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

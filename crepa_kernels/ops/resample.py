@@ -6,13 +6,15 @@ token-major layout: no permute copies. Forward: each output token reads its <= 4
 the gather formulation, each input token sums the output tokens whose taps touch it, with the same
 weights the forward used, so it is deterministic and needs no atomics.
 
-`temporal_indices` / `pick_frames` implement the temporal subsampling of SPEC section 1.
+`temporal_indices` / `pick_frames` (the temporal subsampling of SPEC section 1, plain torch) live in
+`crepa_kernels.reference` and are re-exported here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .utils import cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available, triton_supports
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
@@ -465,40 +467,3 @@ def resample_tokens(
     if direct_launch_ok(x):
         return _Resample.apply(x, in_h, in_w, out_h, out_w)
     return _resample_fwd_op(x, in_h, in_w, out_h, out_w)
-
-
-def temporal_indices(t_long: int, t_short: int, device=None) -> torch.Tensor:
-    """Frames kept when `t_long` frames are subsampled to `t_short` (SPEC section 1).
-
-    `floor(linspace(0, t_long - 1, t_short))` as int64, computed as `torch.linspace(...).long()` in
-    fp32 (the compatible rounding) directly on `device`, so no host sync is needed.
-    """
-    for name, value in (("t_long", t_long), ("t_short", t_short)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if t_short > t_long:
-        raise ValueError(f"t_short must be <= t_long, got t_short={t_short}, t_long={t_long}")
-    return torch.linspace(0, t_long - 1, t_short, dtype=torch.float32, device=device).long()
-
-
-def pick_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`x[:, index]` for `x` of shape `(B, T, ...)`: keep the frames `index` along dim 1, in order.
-
-    Differentiable through `index_select`; with distinct indices (as `temporal_indices` makes when
-    `t_short <= t_long`) its backward writes each frame once, so it is deterministic.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x must have a frame dim (B, T, ...), got shape {tuple(x.shape)}")
-    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"index must be a 1-D int64/int32 tensor, got shape {tuple(index.shape)} dtype {index.dtype}"
-        )
-    if index.device != x.device:
-        raise ValueError(f"index is on {index.device} but x is on {x.device}")
-    return x.index_select(1, index)
