@@ -129,7 +129,9 @@ class CrepaLoss(nn.Module):
                 shared = shared / world
             weight = self.scheduler.get_weight(step, similarity=shared)  # the one host sync
             if weight == 0.0:
-                zero = out.loss * 0.0 if world > 1 else None
+                # Attached to the projector only: no backward through the loss's graph (whose loss may
+                # even be NaN, and NaN * 0 would reach every rank's gradients).
+                zero = self._zero_loss() if world > 1 else None
                 return zero, self._logs(zero, score, out.self_similarity.detach().mean(), weight, True)
         loss = out.loss * weight
         return loss, self._logs(loss, score, out.self_similarity.detach().mean(), weight, False)

@@ -137,3 +137,26 @@ def test_alignment_ema_is_kept_without_threshold_and_stays_on_the_device():
     for s in scores[1:]:
         ema = 0.5 * ema + 0.5 * s
     assert float(logs["crepa_alignment_score_ema"]) == pytest.approx(ema, abs=1e-6)
+
+
+def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector(monkeypatch):
+    # Under torch.distributed a thresholded step that cuts off returns a zero term so DDP sees every
+    # projector parameter; it must not backpropagate through the loss's graph, where a NaN loss
+    # would turn into NaN gradients (NaN * 0) on every rank.
+    import crepa_kernels.module as module
+
+    monkeypatch.setattr(module, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.mul_(2))  # 2 equal ranks
+    m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0, threshold_mode="recoverable"), 4, 4)
+    with torch.no_grad():
+        m.projector[1].weight.zero_()
+        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    m(torch.randn(1, 3, 2, 4), aligned, step=0)  # score 1 > 0.5: the EMA cuts CREPA off
+    hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
+    loss, logs = m(hidden, torch.full((1, 3, 2, 4), float("nan")), step=1)  # a NaN loss on this step
+    assert logs["crepa_cutoff"] is True and loss is not None and loss.item() == 0.0
+    loss.backward()
+    assert hidden.grad is None  # nothing flowed back through the CREPA graph
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in m.projector.parameters())
