@@ -144,6 +144,12 @@ class CrepaLoss(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state.get("scheduler", {}))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
+        # the schedule travelled with it) loads strictly too, with a fresh schedule.
+        state_dict.setdefault(prefix + "_extra_state", {})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _zero_loss(self) -> torch.Tensor:
         return sum(p.sum() for p in self.projector.parameters()) * 0.0
 

@@ -160,3 +160,14 @@ def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector
     loss.backward()
     assert hidden.grad is None  # nothing flowed back through the CREPA graph
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in m.projector.parameters())
+
+
+def test_state_dict_without_the_schedule_entry_loads_strictly():
+    m = CrepaLoss(cfg(), 4, 4)
+    state = {k: v for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = CrepaLoss(cfg(), 4, 4)
+    fresh.load_state_dict(state)  # strict by default
+    assert all(torch.equal(a, b) for a, b in zip(fresh.projector.parameters(), m.projector.parameters()))
+    parent = nn.Module()
+    parent.crepa = CrepaLoss(cfg(), 4, 4)
+    parent.load_state_dict({"crepa." + k: v for k, v in state.items()})  # nested under a prefix
