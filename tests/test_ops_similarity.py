@@ -713,6 +713,26 @@ def test_fused_resample_backward_in_frame_windows(monkeypatch, batch, T, per_win
     assert max(n for n in sizes if n != grad_bytes) == max(tc for _, tc in windows) * frame_bytes
 
 
+def test_fused_resample_backward_windows_a_parameter_too(monkeypatch):
+    # A Parameter is a real tensor: its backward keeps the memory cap (only traced tensors take one window).
+    from crepa_kernels.ops import similarity
+
+    p = torch.nn.Parameter(torch.randn(1, 4, 15, 8, device=DEV))
+    f = torch.randn(1, 4, 16, 8, device=DEV)
+    launched, real_launch = [], similarity._launch_backward
+
+    def spy_launch(*args, **kwargs):
+        launched.append(kwargs.get("frames"))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(similarity, "bwd_window_bytes", lambda: 2 * 16 * 8 * 4)  # two frames
+    monkeypatch.setattr(similarity, "_launch_backward", spy_launch)
+    total, _ = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
+                                projected_resample=((3, 5), (4, 4)), token_mean=True)
+    total.sum().backward()
+    assert launched == [(0, 2), (2, 2)]
+
+
 def test_fused_resample_backward_of_an_empty_clip():
     p = torch.zeros(1, 0, 15, 4, device=DEV, requires_grad=True)
     f = torch.zeros(1, 0, 16, 4, device=DEV)

@@ -24,7 +24,7 @@ from torch.library import register_autograd, triton_op, wrap_triton
 from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
 from .resample import _launch_bwd as _launch_resample_bwd
 from .utils import (accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
-                    next_power_of_2, num_warps_for, triton_supports)
+                    is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -555,7 +555,7 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
     # most bwd_window_bytes() (128 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to
     # the 192 MiB input-grid gradient at the backward's memory peak.
     B, T, N, D = features.shape
-    if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (projected, pnorm)):
+    if torch.compiler.is_compiling() or not (is_plain_tensor(projected) and is_plain_tensor(pnorm)):
         windows = [(0, T)]  # traced into a graph (fake tensors): one window, the compiler plans the memory
     else:
         windows = frame_windows(T, B * N * D * projected.element_size(), bwd_window_bytes())

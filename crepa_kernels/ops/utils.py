@@ -68,7 +68,12 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
         if front_end not in FRONT_ENDS:
             raise ValueError(f"{FRONT_END_ENV} must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
         return False
-    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+    return all(is_plain_tensor(t) for t in tensors)
+
+
+def is_plain_tensor(t) -> bool:
+    """A real tensor (or Parameter), not a subclass such as the fake tensors of graph tracing."""
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
 FUSED_RESAMPLE_ENV = "CREPA_KERNELS_FUSED_RESAMPLE"
