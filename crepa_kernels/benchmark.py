@@ -206,7 +206,9 @@ def run_case(preset: Preset, dtype_name: str, provider: str, mode: str, device, 
     dtype = DTYPES[dtype_name]
     p, f = make_inputs(preset, dtype, device)
     run = build_callable(provider, mode, preset, p, f)
-    stats = measure(run, device, **measure_kw)
+    # Events, syncs and memory statistics act on the current CUDA device: make it the inputs' one.
+    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+        stats = measure(run, device, **measure_kw)
     nbytes = io_bytes(mode, p, f)
     row = {"preset": preset.name, "dtype": dtype_name, "provider": provider, "mode": mode,
            "shapes": {k: list(v) for k, v in preset.shapes.items()}, "grids": {
