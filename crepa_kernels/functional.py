@@ -9,10 +9,9 @@ import torch
 from . import reference
 from .alignment import TokenPlan, check_grid, plan_tokens
 from .config import BACKENDS
-from .ops.utils import fused_resample_enabled, interpreter_enabled, triton_available
+from .ops.utils import FLOAT_DTYPES, fused_resample_enabled, interpreter_enabled, triton_available
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CrepaOutput(NamedTuple):
@@ -145,7 +144,7 @@ def last_backend_choice() -> dict:
 def _check_tensor(name: str, t) -> torch.Tensor:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
     if t.ndim == 3:
         t = t.unsqueeze(2)  # (B, T, D): one token per frame

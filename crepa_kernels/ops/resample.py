@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
-from .utils import cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available, triton_supports
+from .utils import (FLOAT_DTYPES, cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available,
+                    triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,17 +353,13 @@ if triton_available():
     ) -> torch.Tensor:
         return _launch_bwd(grad_out, in_h, in_w, out_h, out_w, traceable=True)
 
-    def _setup_context(ctx, inputs, output):
+    def _setup_context(ctx, inputs, output):  # both ops: (tokens, in_h, in_w, out_h, out_w)
         _, in_h, in_w, out_h, out_w = inputs
         ctx.grids = (in_h, in_w, out_h, out_w)
 
     def _backward(ctx, grad_out):
         # Routed through the op, so double backward is again the (linear) forward op's job.
         return _resample_bwd_op(grad_out, *ctx.grids), None, None, None, None
-
-    def _bwd_setup_context(ctx, inputs, output):
-        _, in_h, in_w, out_h, out_w = inputs
-        ctx.grids = (in_h, in_w, out_h, out_w)
 
     def _bwd_backward(ctx, grad_grad_in):
         # The backward is linear in grad_out with the forward's transpose, so its gradient is the forward.
@@ -374,7 +369,7 @@ if triton_available():
         "crepa_kernels::resample_tokens_fwd", _backward, setup_context=_setup_context
     )
     torch.library.register_autograd(
-        "crepa_kernels::resample_tokens_bwd", _bwd_backward, setup_context=_bwd_setup_context
+        "crepa_kernels::resample_tokens_bwd", _bwd_backward, setup_context=_setup_context
     )
 
     class _Resample(torch.autograd.Function):
@@ -449,7 +444,7 @@ def resample_tokens(
     out_h, out_w = _check_grid("out_grid", out_grid)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, T, N, D), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be fp16, bf16, fp32 or fp64, got dtype {x.dtype}")
     if x.shape[2] != in_h * in_w:
         raise ValueError(

@@ -23,13 +23,12 @@ from torch.library import register_autograd, triton_op, wrap_triton
 
 from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
 from .resample import _launch_bwd as _launch_resample_bwd
-from .utils import (accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
+from ..reference import EPS  # F.normalize's default, as the oracle uses
+from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
                     is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
-EPS = 1e-12  # F.normalize's default
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -675,7 +674,7 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D (B, T, N, D), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if projected_resample is None:
         if projected.shape != features.shape:

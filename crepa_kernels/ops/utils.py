@@ -39,6 +39,9 @@ def triton_supports(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and interpreter_enabled()
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the ops accept
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 inputs keep fp64 (gradcheck); every other float dtype accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
