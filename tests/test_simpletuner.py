@@ -188,3 +188,23 @@ def test_schedule_state_round_trips_through_the_dropin():
     again.load_state_dict(reg.state_dict())
     assert again.loss.scheduler.is_cutoff()
     assert torch.equal(again.projector[1].weight, reg.projector[1].weight)
+
+
+def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
+    # Leaving manager.use() applies the mode: with crepa_offload=offload neither the VAE nor the
+    # encoder keeps a device copy after the teacher step (an emulated device on the CPU).
+    diffusers = pytest.importorskip("diffusers")
+    from crepa_kernels.teacher.offload import OffloadManager
+
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    manager = reg._offload = OffloadManager("offload", emulate_device=True)
+    features, _ = reg.teacher_features(torch.randn(1, 4, 3, 4, 4), vae, num_frames=3)
+    assert features.shape[1] == 3
+    assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
+    stats = manager.stats
+    assert stats.copies == 2 and stats.releases == 2  # one trip to the device and back each

@@ -141,22 +141,21 @@ class CrepaRegularizer:
         manager = self.offload
         encoder = self.encoder
 
+        # Leaving manager.use() applies the offload mode, so the VAE's device copy is gone (unless the
+        # mode keeps it) before the encoder runs, and the encoder's after it.
         @contextlib.contextmanager
         def vae_context():
             manager.prefetch(vae)
             with manager.use(vae):
                 manager.prefetch(encoder)  # the encoder's copy overlaps the decode
                 yield
-            manager.release(vae)  # before the encoder runs: its memory is free for DINOv2
 
         def encoder_context():
             return manager.use(encoder)
 
         latents = latents.to(self.device)
-        features, grid = latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
-                                             vae_context=vae_context, encoder_context=encoder_context)
-        manager.release(encoder)
-        return features, grid
+        return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
+                                   vae_context=vae_context, encoder_context=encoder_context)
 
     @property
     def offload(self):
@@ -171,10 +170,9 @@ class CrepaRegularizer:
 
     def _encoder_dtype(self) -> torch.dtype:
         """crepa_encoder_dtype, with 'auto' meaning bf16 on a CUDA device and fp32 elsewhere."""
-        name = self.config.encoder_dtype
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return getattr(torch, name)
+        from ..teacher.encoders import _resolve_dtype
+
+        return _resolve_dtype(self.config.encoder_dtype, self.device)
 
     def _wrap_encoder(self, encoder: nn.Module):
         from ..teacher import DinoEncoder
