@@ -132,10 +132,9 @@ def teacher_step(mgr, vae, enc, latents, args):
     with mgr.use(vae):
         mgr.prefetch(enc)  # before the decode is launched, so the copy overlaps it
         frames = decode(vae, latents)
-    mgr.release(vae)  # before DINOv2 runs: its memory is free for the encoder
+    # leaving use() applied the mode: unless it keeps the VAE, its memory is free for DINOv2
     with mgr.use(enc):
         feats = encode(enc, frames, args.image_size, args.frames_batch)
-    mgr.release(enc)
     return feats
 
 

@@ -95,7 +95,7 @@ def our_step(vae_adapter, encoder, manager, latents, hidden, grid, phases=None):
             yield
             if marks is not None:
                 marks["decode_ms"] = (start, phases.mark())
-        manager.release(vae)
+        # leaving use() applied the offload mode: the VAE's device copy is gone before the encoder runs
 
     @contextlib.contextmanager
     def encoder_ctx():
@@ -107,7 +107,6 @@ def our_step(vae_adapter, encoder, manager, latents, hidden, grid, phases=None):
 
     feats, fgrid = latents_to_features(latents, vae_adapter, encoder, num_frames=hidden.shape[1],
                                        vae_context=vae_ctx, encoder_context=encoder_ctx)
-    manager.release(encoder)
     start = phases.mark() if marks is not None else None
     out = crepa_loss(hidden, feats, projected_grid=grid, features_grid=fgrid, weight=0.5)
     out.loss.backward()
