@@ -232,24 +232,24 @@ class FeatureCache:
     def get(self, key: str, device: Union[str, torch.device] = "cpu") -> Optional[CachedFeatures]:
         """The entry as (features, grid), or None when absent (or unreadable, with a warning)."""
         path = self.path(key)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        from safetensors.torch import load
+        from safetensors import safe_open
 
         try:
-            tensors = load(data)
-            meta = _read_metadata(data)
+            # One open file (memory-mapped): a writer renaming a new entry into place meanwhile
+            # cannot mix two versions, and the features are copied once.
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensor = fh.get_tensor(_TENSOR_NAME) if _TENSOR_NAME in fh.keys() else None
+        except FileNotFoundError:
+            return None
         except Exception as e:  # a file damaged outside our writes (disk fault, foreign tool)
             warnings.warn(f"feature cache: unreadable entry {path} ({e}); treating it as absent", stacklevel=2)
             return None
-        if meta.get("key") != key or _TENSOR_NAME not in tensors:
+        if meta.get("key") != key or tensor is None:
             warnings.warn(f"feature cache: entry {path} does not hold key {key!r}; treating it as absent", stacklevel=2)
             return None
         grid = tuple(int(g) for g in meta["grid"].split(",")) if meta.get("grid") else None
-        return CachedFeatures(tensors[_TENSOR_NAME].to(device), grid)
+        return CachedFeatures(tensor.to(device), grid)
 
     def keys(self) -> Iterator[str]:
         """Keys of the entries present (temp files excluded)."""
@@ -281,12 +281,6 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.directory!r})"
-
-
-def _read_metadata(data: bytes) -> dict:
-    # safetensors layout: 8-byte little-endian header length, then the JSON header
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
 
 
 def _write_atomic(final: str, data: bytes) -> None:
