@@ -98,23 +98,30 @@ def crepa_loss(
         projected_grid=pgrid, features_grid=fgrid,
     )
     projected, features = reference.align_frames(projected, features)
+    loss = None
     if chosen == "triton":
-        total, self_sim = _similarity_triton(projected, features, plan, distance, tau,
-                                             bool(cumulative_neighbors), bool(normalize_neighbour_sum))
+        # -weight * mean_b(sum_t total / T) is -weight * mean_{b,t}(total) (times T without the division):
+        # with a float weight the kernels' autograd node computes it (fewer small ops and nodes per step).
+        scale = None if torch.is_tensor(weight) else -weight * (1 if normalize_by_frames else projected.shape[1])
+        total, self_sim, loss = _similarity_triton(projected, features, plan, distance, tau,
+                                                   bool(cumulative_neighbors), bool(normalize_neighbour_sum), scale)
     else:
         projected, features = reference.align_tokens(projected, features, plan)
         total, self_sim = reference.similarity(
             projected, features, distance=distance, tau=tau,
             cumulative=bool(cumulative_neighbors), normalize_neighbour_sum=bool(normalize_neighbour_sum),
         )
-    per_video = total.sum(dim=1)
-    if normalize_by_frames:
-        per_video = per_video / total.shape[1]
-    loss = -weight * per_video.mean()
+    if loss is None:
+        per_video = total.sum(dim=1)
+        if normalize_by_frames:
+            per_video = per_video / total.shape[1]
+        loss = -weight * per_video.mean()
     return CrepaOutput(loss, total, self_sim)
 
 
-def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumulative, normalize_neighbour_sum):
+def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumulative, normalize_neighbour_sum,
+                       loss_scale=None):
+    """(total, self_sim, loss): loss = loss_scale * mean(total) when computed with them, else None."""
     from .ops.resample import resample_tokens
     from .ops.similarity import _neighbour_cosine
 
@@ -132,8 +139,9 @@ def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumu
             else:
                 projected = resample_tokens(projected, plan.projected.in_grid, plan.projected.out_grid)
     # crepa_loss validated the arguments and plan_tokens the grids: the op's own checks are skipped.
-    return _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_neighbour_sum, None,
-                             True, projected_resample)
+    out = _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_neighbour_sum, None,
+                            True, projected_resample, loss_scale)
+    return out if loss_scale is not None else (*out, None)
 
 
 def last_backend_choice() -> dict:

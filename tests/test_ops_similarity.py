@@ -324,6 +324,44 @@ def test_token_mean_is_the_mean_of_the_tokens(grad_f):
         assert torch.equal(a, b)  # the same g / N per token reaches the same kernel
 
 
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("normalize_by_frames", [True, False])
+def test_crepa_loss_reduction_in_the_kernels_node(monkeypatch, direct, normalize_by_frames):
+    """With a float weight the eager Triton path computes -weight * mean(total) (times T without
+    normalize_by_frames) inside the kernels' autograd node. Value and gradients must be those of the
+    plain torch reduction of the returned alignment, alone and mixed with the alignment and
+    self-similarity outputs; the custom-op front end (torch.compile's) reduces in torch."""
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: direct)
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 4, 6, 12, generator=g).to(DEV).requires_grad_(True)
+    f = torch.randn(2, 4, 9, 12, generator=g).to(DEV)
+    kw = dict(projected_grid=(2, 3), features_grid=(3, 3), weight=0.7, adjacent_distance=2,
+              normalize_by_frames=normalize_by_frames, backend="triton")
+    out = crepa_loss(p, f, **kw)
+    fused = out.loss.grad_fn is not None and "NeighbourCosine" in out.loss.grad_fn.name()
+    assert fused == direct
+    per_video = out.alignment.sum(1) / (4 if normalize_by_frames else 1)
+    want = -0.7 * per_video.mean()
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)
+    mix = torch.arange(8.0, device=DEV).reshape(2, 4)
+    for objective in (lambda loss: loss,
+                      lambda loss: loss + (out.alignment * mix).sum() - 0.3 * out.self_similarity.sum()):
+        got = torch.autograd.grad(objective(out.loss), p, retain_graph=True)[0]
+        expected = torch.autograd.grad(objective(want), p, retain_graph=True)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # A tensor weight (which may require grad) keeps the torch reduction outside the node.
+    w = torch.tensor(0.7, device=DEV, requires_grad=True)
+    out_w = crepa_loss(p, f, **dict(kw, weight=w))
+    assert out_w.loss.grad_fn.name().startswith("Mul")
+    torch.testing.assert_close(out_w.loss, out.loss, rtol=1e-6, atol=0)
+    grad_p, grad_w = torch.autograd.grad(out_w.loss, (p, w))
+    torch.testing.assert_close(grad_p, torch.autograd.grad(out.loss, p)[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_w, out_w.loss.detach() / 0.7, rtol=1e-6, atol=0)
+
+
 def test_eager_calls_take_the_direct_front_end(monkeypatch):
     # The custom op is not dispatched for plain eager tensors (that is the point of the direct path).
     from crepa_kernels.ops import similarity

@@ -629,10 +629,15 @@ register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_contex
 
 
 class _NeighbourCosine(torch.autograd.Function):
-    """The eager front end: the same kernels as the custom ops, launched directly."""
+    """The eager front end: the same kernels as the custom ops, launched directly.
+
+    With ``token_mean`` the outputs are the (B, T) means over tokens; with ``loss_scale`` as well, a
+    third output is ``loss_scale * mean(total)`` over (B, T), so that crepa_loss's reduction is one
+    autograd node whose backward hands the kernel a stride-0 gradient (fewer small ops per step)."""
 
     @staticmethod
-    def forward(ctx, projected, features, distance, tau, cumulative, normalize, block_d, grids, token_mean):
+    def forward(ctx, projected, features, distance, tau, cumulative, normalize, block_d, grids, token_mean,
+                loss_scale=None):
         total, self_tok, pnorm, fnorm, cos = _forward_impl(projected, features, distance, tau, cumulative,
                                                            normalize, block_d, grids, traceable=False)
         ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
@@ -640,26 +645,33 @@ class _NeighbourCosine(torch.autograd.Function):
         ctx.grids = grids
         ctx.token_mean = token_mean
         ctx.token_shape = total.shape  # (B, T, N)
+        ctx.loss_scale = loss_scale
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
-        if token_mean:
-            return total.mean(dim=-1), self_tok.mean(dim=-1)
-        return total, self_tok
+        if not token_mean:
+            return total, self_tok, None
+        total, self_tok = total.mean(dim=-1), self_tok.mean(dim=-1)
+        loss = None if loss_scale is None else total.mean() * loss_scale
+        return total, self_tok, loss
 
     @staticmethod
-    def backward(ctx, g_total, g_self):
+    def backward(ctx, g_total, g_self, g_loss):
         need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_p or need_f) or (g_total is None and g_self is None):
-            return (None,) * 9
+        if not (need_p or need_f) or (g_total is None and g_self is None and g_loss is None):
+            return (None,) * 10
         if ctx.token_mean:
-            # The mean's gradient, g / N for every token, as a stride-0 view the kernel reads in place
-            # (the same values autograd's mean backward would materialise).
-            shape = ctx.token_shape
-            g_total, g_self = (None if g is None else (g / shape[2]).unsqueeze(-1).expand(shape)
-                               for g in (g_total, g_self))
+            # The means' gradients, g / N for every token (and g_loss * scale / (B T N) for the loss),
+            # as stride-0 views the kernel reads in place: the values autograd's mean and mul backward
+            # would materialise.
+            B, T, N = ctx.token_shape
+            g_total, g_self = (None if g is None else g / N for g in (g_total, g_self))
+            if g_loss is not None:
+                g_loss = g_loss * (ctx.loss_scale / (B * T * N))  # 0-dim: the same for every token
+                g_total = g_loss if g_total is None else g_total + g_loss
+            g_total, g_self = (None if g is None else g.unsqueeze(-1).expand(B, T, N) for g in (g_total, g_self))
         # create_graph=True (grad mode on): through the custom op, so that differentiating this gradient
         # again fails with autograd's error (the backward kernel has no derivative) instead of silently
         # dropping the second-order term.
-        return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op=torch.is_grad_enabled()) + (None,) * 7
+        return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op=torch.is_grad_enabled()) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,8 +757,11 @@ def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distanc
 
 
 def _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d,
-                      token_mean, projected_resample):
-    """`neighbour_cosine` without the argument checks, for callers that validated them already."""
+                      token_mean, projected_resample, loss_scale=None):
+    """`neighbour_cosine` without the argument checks, for callers that validated them already.
+
+    With ``token_mean`` and a float ``loss_scale`` it returns (total, self, loss), ``loss`` =
+    ``loss_scale * total.mean()`` (None when the custom ops run: the caller reduces)."""
     grids = _NO_RESAMPLE
     if projected_resample is not None:
         (ih, iw), (oh, ow) = projected_resample
@@ -758,9 +773,11 @@ def _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_
         if features.requires_grad and torch.is_grad_enabled():
             projected, grids = resample_tokens(projected, (ih, iw), (oh, ow)), _NO_RESAMPLE
     args = (projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d or 0)
+    with_loss = token_mean and loss_scale is not None
     if direct_launch_ok(projected, features):
-        return _NeighbourCosine.apply(*args, grids, token_mean)
+        out = _NeighbourCosine.apply(*args, grids, token_mean, loss_scale if with_loss else None)
+        return out if with_loss else out[:2]
     total, self_tok, _, _, _ = torch.ops.crepa_kernels.neighbour_cosine_fwd(*args, *grids)
     if token_mean:
-        return total.mean(dim=-1), self_tok.mean(dim=-1)
-    return total, self_tok
+        total, self_tok = total.mean(dim=-1), self_tok.mean(dim=-1)
+    return (total, self_tok, None) if with_loss else (total, self_tok)
