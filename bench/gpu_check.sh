@@ -5,7 +5,7 @@
 #   CHECK_BUDGET_S  seconds for the whole run (default 420); each part gets a share and the kernel
 #                   benchmark stops starting cases when its share is spent
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
-#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,offload,host,profile,step;
+#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,ab,offload,host,profile,step;
 #                   each part keeps its share of CHECK_BUDGET_S when others are left out
 # Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
 # into /tmp/site first.
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results}
 BUDGET=${CHECK_BUDGET_S:-420}
-ALL_PARTS="bench,tests,offload,host,profile,step"
+ALL_PARTS="bench,tests,ab,offload,host,profile,step"
 PARTS=",${CHECK_PARTS:-$ALL_PARTS},"
 PARTS=${PARTS// /}
 for part in ${PARTS//,/ }; do
@@ -45,6 +45,13 @@ if want tests; then
   timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
   test_rc=${PIPESTATUS[0]}
   [ "$test_rc" -eq 0 ] || status=1
+fi
+
+if want ab; then
+  echo "== interleaved A/B at wan480: default launch vs CREPA_KERNELS_FAST_LAUNCH=1"
+  timeout 90 python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+    --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 --out "$OUT_DIR/ab_fast_launch.json" \
+    2>&1 | tail -n 12 || status=1
 fi
 
 if want offload; then

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
+from .launch import launcher
 from .utils import (FLOAT_DTYPES, cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available,
                     triton_supports)
 
@@ -279,7 +280,7 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 def _kernel(kernel, traceable: bool):
     # Inside the custom ops the launch goes through wrap_triton, so torch.compile can capture it.
-    return torch.library.wrap_triton(kernel) if traceable else kernel
+    return torch.library.wrap_triton(kernel) if traceable else launcher(kernel)
 
 
 def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,

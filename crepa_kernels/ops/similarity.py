@@ -23,6 +23,7 @@ from torch.library import register_autograd, triton_op, wrap_triton
 
 from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
 from .resample import _launch_bwd as _launch_resample_bwd
+from .launch import launcher
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
                     is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
@@ -420,7 +421,7 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
         return
     inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
     eps_hi, eps_lo = _split(EPS)
-    kernel = wrap_triton(_neighbour_cosine_fwd_kernel) if traceable else _neighbour_cosine_fwd_kernel
+    kernel = wrap_triton(_neighbour_cosine_fwd_kernel) if traceable else launcher(_neighbour_cosine_fwd_kernel)
     kernel[grid](
         projected, features, total, self_tok, pnorm, fnorm, cos,
         T, N, D, d, S, n_blocks,
@@ -467,7 +468,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     gs = g_self if g_self is not None else pnorm
     dp = d_projected if d_projected is not None else pnorm
     df = d_features if d_features is not None else pnorm
-    kernel = wrap_triton(_neighbour_cosine_bwd_kernel) if traceable else _neighbour_cosine_bwd_kernel
+    kernel = wrap_triton(_neighbour_cosine_bwd_kernel) if traceable else launcher(_neighbour_cosine_bwd_kernel)
     kernel[grid](
         projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
         T, N, D, d, S, n_blocks, t0, tc,

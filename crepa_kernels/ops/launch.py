@@ -1,0 +1,161 @@
+"""Launching compiled kernels with less host work per call (opt-in: ``CREPA_KERNELS_FAST_LAUNCH=1``).
+
+Every ``kernel[grid](*args, **meta)`` call through Triton binds the arguments to the signature,
+specialises each one, formats a cache key and looks the compiled kernel up, then builds launch
+metadata for the launch hooks. At our launch sites (about 30 arguments) that costs tens of
+microseconds of host time per launch, several times per step, while the step is host-bound.
+
+``launcher(kernel)[grid](*args, **meta)`` does the same launch with a cheaper lookup:
+
+- the first call of each key goes through Triton (which compiles or finds the kernel and launches it)
+  and the compiled kernel it returns is kept under that key;
+- the key is at least as fine as Triton's specialisation: the device, each tensor's dtype and
+  whether its address is 16-byte aligned, every other positional value itself (ints exactly, so
+  Triton's int classes - equal to 1, divisible by 16, 32 or 64 bits - follow from it; floats by type,
+  which Triton never specialises), the keyword values, and Triton's debug and instrumentation
+  settings;
+- later calls with the key hand the compiled kernel's launcher the arguments Triton would pass it
+  (every signature value in order, constexprs included), with no launch metadata.
+
+Calls fall back to Triton's own launch while a launch hook or pre-run hook is installed (profilers
+use them), for kernels that are not compiled ``JITFunction``s (the interpreter, test stubs), and for
+Triton versions this was not checked against. Off by default until measured on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAST_LAUNCH_ENV = "CREPA_KERNELS_FAST_LAUNCH"
+# Versions whose JITFunction.run / CompiledKernel.run call convention this reproduces.
+CHECKED_TRITON = ("3.6.", "3.7.", "3.8.")
+MAX_ENTRIES = 256  # keys kept per kernel; beyond that calls take Triton's launch
+
+
+def fast_launch_enabled() -> bool:
+    """Whether ``CREPA_KERNELS_FAST_LAUNCH=1`` is set (``0`` or unset: Triton's own launch)."""
+    value = os.environ.get(FAST_LAUNCH_ENV)
+    if value is None or value == "0":
+        return False
+    if value == "1":
+        return True
+    raise ValueError(f"{FAST_LAUNCH_ENV} must be 0 or 1, got {value!r}")
+
+
+_SUPPORTED: "bool | None" = None
+
+
+def _supported() -> bool:
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        try:
+            import triton.runtime.jit  # the JITFunction and its launch this reproduces
+        except Exception:  # pragma: no cover - depends on the platform
+            _SUPPORTED = False
+        else:
+            _SUPPORTED = triton.__version__.startswith(CHECKED_TRITON)
+    return _SUPPORTED
+
+
+def _idle(hook) -> bool:
+    """True for an unset launch hook: None, or an empty hook chain (Triton 3.6+)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+class FastLauncher:
+    """``FastLauncher(kernel)[grid](*args, **meta)`` launches like ``kernel[grid](*args, **meta)``."""
+
+    def __init__(self, kernel):
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        self.kernel = kernel
+        self._knobs = knobs
+        self._driver = driver
+        self._cache: dict = {}
+        self.hits = 0  # launches that skipped Triton's binder (for tests)
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def _key(self, device, args, meta):
+        """The cache key of a call, or None when an argument is of a kind we do not key on."""
+        parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode,
+                 tuple(meta.items())]
+        append = parts.append
+        for a in args:
+            kind = type(a)
+            if kind is int:
+                append(a)
+            elif kind is float:
+                append(float)
+            elif isinstance(a, torch.Tensor):
+                append(a.dtype)
+                append(a.data_ptr() & 15 == 0)
+            elif kind is bool or a is None:  # bools are typed apart from the ints 0 and 1
+                append((kind, a))
+            else:
+                return None
+        return tuple(parts)
+
+    def launch(self, grid, args: tuple, meta: dict):
+        runtime = self._knobs.runtime
+        if not (_idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
+                and getattr(runtime, "add_stages_inspection_hook", None) is None and not self.kernel.pre_run_hooks):
+            return self.kernel[grid](*args, **meta)  # a profiler is listening: Triton's launch feeds it
+        active = self._driver.active
+        device = active.get_current_device()
+        key = self._key(device, args, meta)
+        hit = None if key is None else self._cache.get(key)
+        if hit is None:
+            compiled = self.kernel[grid](*args, **meta)
+            if hasattr(compiled, "result"):  # an asynchronous compile's future
+                compiled = compiled.result()
+            tail = self._tail(len(args), meta)
+            if key is not None and compiled is not None and tail is not None and len(self._cache) < MAX_ENTRIES:
+                self._cache[key] = (compiled, tail)
+            return compiled
+        compiled, tail = hit
+        grid_size = len(grid)
+        # What JITFunction.run passes, without the launch metadata its (idle) hooks would receive.
+        compiled.run(grid[0], grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1,
+                     active.get_current_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *tail)
+        self.hits += 1
+        return compiled
+
+    def _tail(self, n_positional: int, meta: dict):
+        """Values of the signature parameters after the positional ones, as Triton binds them (passed,
+        else the default); None when one is neither (Triton would have refused the call). The key
+        holds ``meta``, so they are the same for every call with that key."""
+        import inspect
+
+        tail = []
+        for name, param in list(self.kernel.signature.parameters.items())[n_positional:]:
+            if name in meta:
+                tail.append(meta[name])
+            elif param.default is not inspect.Parameter.empty:
+                tail.append(param.default)
+            else:
+                return None
+        return tuple(tail)
+
+
+_LAUNCHERS: dict = {}
+
+
+def launcher(kernel):
+    """``kernel`` itself, or its FastLauncher when fast launches are on and apply to it."""
+    if not fast_launch_enabled() or not _supported():
+        return kernel
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is not None and entry[0] is kernel:
+        return entry[1]
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):  # interpreted kernels, stand-ins in tests
+        return kernel
+    fast = FastLauncher(kernel)
+    _LAUNCHERS[id(kernel)] = (kernel, fast)
+    return fast

@@ -1,0 +1,263 @@
+"""Compare the fast launch path with Triton's own launch on a machine without a GPU.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_launch.py does): a stand-in Triton driver
+reports an sm_90 target, so the kernels compile for real (ptxas bundled with triton), while
+"loading" a binary and launching it only record what the launcher was handed. Each case is launched
+through Triton (`CREPA_KERNELS_FAST_LAUNCH=0`) and then twice through the fast path; the script
+prints JSON: per case, whether every fast launch handed the same compiled kernel's launcher the same
+arguments as Triton's launch, and how many fast launches skipped Triton's binder.
+`python tests/fake_driver_launch.py time` prints the host time per call of each package launch site
+both ways instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels this script launches")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver as driver_config  # noqa: E402
+
+CALLS: list = []
+
+
+class RecordingLauncher:
+    """Stands in for the compiled kernel's launcher (one per compiled kernel): records each call."""
+
+    def __init__(self, src, metadata):
+        self.src = src
+
+    def __call__(self, *args):
+        CALLS.append((self, args))
+        metadata, enter_hook = args[6], args[7]
+        if enter_hook is not None:  # as the real launcher does before the launch
+            enter_hook(metadata)
+
+
+class StandInUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return object(), f"function:{name}", 32, 0, 1024  # module, function, regs, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+
+class StandInDriver:
+    def __init__(self):
+        self.utils = StandInUtils()
+        self.launcher_cls = RecordingLauncher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 1234
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver_config.set_active(StandInDriver())
+
+from crepa_kernels.ops import launch, resample, similarity  # noqa: E402
+
+
+@triton.jit
+def scale_add_kernel(x_ptr, y_ptr, out_ptr, n, scale, stride, flag, BLOCK: tl.constexpr, DOUBLE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    r = tl.load(x_ptr + offs * stride, mask=mask) * scale + tl.load(y_ptr + offs, mask=mask)
+    if flag:
+        r = r + 1
+    if DOUBLE:
+        r = r * 2
+    tl.store(out_ptr + offs, r, mask=mask)
+
+
+def _same(a, b) -> bool:
+    """Equal launch arguments: the same value and type, or tensors alike in everything the launch
+    reads (outputs are allocated anew on every call, so identity cannot be asked of them)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() % 16 == b.data_ptr() % 16)
+    return type(a) is type(b) and a == b
+
+
+def _compare(triton_calls, fast_calls, must_skip_binder: bool) -> list[str]:
+    """Differences between Triton's launches and the fast path's, beyond the launch metadata and hook
+    slots (Triton passes its idle hook chains; a launch that skipped its binder passes None)."""
+    problems = []
+    if len(triton_calls) != len(fast_calls):
+        return [f"{len(triton_calls)} launches through Triton, {len(fast_calls)} through the fast path"]
+    for i, ((l1, a1), (l2, a2)) in enumerate(zip(triton_calls, fast_calls)):
+        if l1 is not l2:
+            problems.append(f"launch {i}: a different compiled kernel")
+        if not all(_same(u, v) for u, v in zip(a1[:6], a2[:6])):  # grid x3, stream, function, packed metadata
+            problems.append(f"launch {i}: grid/stream/function differ: {a1[:5]} vs {a2[:5]}")
+        if must_skip_binder and a2[6:9] != (None, None, None):
+            problems.append(f"launch {i}: went through Triton's launch, not the fast path")
+        k1, k2 = a1[9:], a2[9:]
+        if len(k1) != len(k2) or not all(_same(u, v) for u, v in zip(k1, k2)):
+            problems.append(f"launch {i}: kernel arguments differ")
+    return problems
+
+
+def run_case(fn) -> dict:
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    CALLS.clear()
+    fn()
+    reference = list(CALLS)
+    os.environ[launch.FAST_LAUNCH_ENV] = "1"
+    hits_before = sum(entry[1].hits for entry in launch._LAUNCHERS.values())
+    problems = []
+    for round_ in range(2):  # the first may fill the cache (through Triton), the second must hit it
+        CALLS.clear()
+        fn()
+        problems += _compare(reference, list(CALLS), must_skip_binder=round_ == 1)
+    hits = sum(entry[1].hits for entry in launch._LAUNCHERS.values()) - hits_before
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    return {"launches": len(reference), "fast_hits": hits, "problems": problems,
+            "compiled_kernels": sorted({id(l) for l, _ in reference})}
+
+
+def tiny_cases():
+    x = torch.arange(64, dtype=torch.float32)
+    y = torch.ones(64)
+    out = torch.empty(64)
+    kern = scale_add_kernel
+
+    def call(xs, n, stride, flag=False, block=16, double=False, dtype=None, warps=2):
+        xs = xs if dtype is None else xs.to(dtype)
+        ys = y if dtype is None else y.to(dtype)
+        os_ = out if dtype is None else out.to(dtype)
+        return lambda: launch.launcher(kern)[(4,)](xs, ys, os_, n, 0.5, stride, flag, BLOCK=block, DOUBLE=double,
+                                                   num_warps=warps)
+
+    yield "aligned", call(x, 60, 1)
+    yield "unaligned pointer", call(x[1:], 60, 1)  # 4-byte offset: no 16-byte alignment
+    yield "int equal to 1 vs 2", call(x, 30, 2)
+    yield "int divisible by 16", call(x, 48, 1)
+    yield "int wider than 32 bits", call(x, 2 ** 33, 1)
+    yield "bool argument", call(x, 60, 1, flag=True)
+    yield "other constexpr", call(x, 60, 1, double=True)
+    yield "other num_warps", call(x, 60, 1, warps=4)
+    yield "fp64 pointers", call(x, 60, 1, dtype=torch.float64)
+
+
+def package_cases():
+    """The package's launch sites: fused-resample forward, windowed backward, resample kernels."""
+    similarity._sm_count = lambda index: 132  # no device properties without a GPU
+
+    def launch_config(B, T, N, D, s_pad, acc, device, tiles, block_d, fused=False):
+        return similarity._launch_config_for(B, T, N, D, s_pad, acc == torch.float64, 132, tiles, block_d,
+                                             similarity.elements_per_thread(), fused)
+
+    similarity._launch_config = launch_config
+    g = torch.Generator().manual_seed(0)
+    # D = 14999: a frame of the backward's window buffer exceeds half of the smallest window (1 MiB),
+    # so each frame is a window, and frame slices of the gradient start at addresses that are only
+    # 8-byte aligned for odd frames (what Triton specialises on). Nothing runs: sizes cost nothing.
+    B, T, D = 1, 5, 14999
+    p = torch.randn(B, T, 6, D, generator=g)
+    f = torch.randn(B, T, 9, D, generator=g)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False)
+    acc = dict(dtype=torch.float32)
+    outs = [torch.empty(B, T, 9, **acc) for _ in range(4)]
+    cos = torch.empty(B, T, 3, 9, **acc)
+    grids = ((2, 3), (3, 3))
+
+    def forward():
+        similarity._launch_forward(p, f, *outs, cos, resample_p=(2, 3, 3, 3), **kw)
+
+    def backward():
+        g_total = torch.ones(B, T, 1).expand(B, T, 9)
+        os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] = "1"
+        try:
+            similarity._backward_impl(p, f, outs[2], outs[3], cos, g_total, None, 1, 1.0, False, False, True, False,
+                                      0, (2, 3, 3, 3), False)
+        finally:
+            del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
+
+    def resample_fwd():
+        resample._launch_fwd(p, *grids[0], *grids[1])
+
+    yield "similarity forward (fused resample)", forward
+    yield "similarity + resample backward", backward
+    yield "resample forward", resample_fwd
+
+
+def with_launch_hook() -> dict:
+    """A launch hook installed (as profilers do): every launch must go through Triton, which calls it."""
+    from triton import knobs
+
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    name, fn = next(tiny_cases())
+    os.environ[launch.FAST_LAUNCH_ENV] = "1"
+    fn()  # fills the fast path's cache
+    hits_before = sum(entry[1].hits for entry in launch._LAUNCHERS.values())
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        CALLS.clear()
+        fn()
+        fn()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+        os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    hits = sum(entry[1].hits for entry in launch._LAUNCHERS.values()) - hits_before
+    return {"launches": len(CALLS), "hook_calls": len(seen), "fast_hits": hits}
+
+
+def host_time_us(calls: int = 3000) -> dict:
+    """Host microseconds per call of each package launch site, Triton's launch against the fast path
+    (the stand-in launcher records instead of launching: a CPU figure of the work around a launch)."""
+    import time
+
+    out = {}
+    for name, fn in package_cases():
+        row = {}
+        for value in ("0", "1", "0", "1"):  # interleaved, the second of each pair kept
+            os.environ[launch.FAST_LAUNCH_ENV] = value
+            fn()
+            start = time.perf_counter()
+            for _ in range(calls):
+                CALLS.clear()
+                fn()
+            row["fast" if value == "1" else "triton"] = round((time.perf_counter() - start) / calls * 1e6, 1)
+        out[name] = row
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    return out
+
+
+def main() -> int:
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "time":
+        print(json.dumps(host_time_us()))
+        return 0
+    results = {"triton": triton.__version__, "cases": {}}
+    if which in ("all", "tiny"):
+        results["cases"].update({name: run_case(fn) for name, fn in tiny_cases()})
+        results["launch hook"] = with_launch_hook()
+    if which in ("all", "package"):
+        results["cases"].update({name: run_case(fn) for name, fn in package_cases()})
+    results["cache_keys_hold_tensors"] = any(
+        isinstance(part, torch.Tensor) for _, fast in launch._LAUNCHERS.values() for key in fast._cache for part in key)
+    results["cache_entries"] = sum(len(fast._cache) for _, fast in launch._LAUNCHERS.values())
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

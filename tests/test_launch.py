@@ -1,0 +1,91 @@
+"""The opt-in fast launch path (crepa_kernels/ops/launch.py).
+
+Its promise: the same compiled kernel and the same launcher arguments as Triton's own launch, with
+less host work. Checked without a GPU by tests/fake_driver_launch.py, which compiles real kernels for
+sm_90 under a stand-in driver and records what each launch hands the compiled kernel's launcher.
+The GPU tier (tests/test_gpu_loss.py) checks results with it on against results with it off.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crepa_kernels.ops import launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Cases whose arguments Triton specialises differently from the "aligned" case: each must have got
+# a compiled kernel of its own, or the comparison would not show that the fast path's key tells
+# them apart.
+SPECIALISED = ["unaligned pointer", "int equal to 1 vs 2", "int divisible by 16", "int wider than 32 bits",
+               "other constexpr", "other num_warps", "fp64 pointers"]
+
+
+@pytest.mark.parametrize("value, expected", [(None, False), ("0", False), ("1", True)])
+def test_switch(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(launch.FAST_LAUNCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.FAST_LAUNCH_ENV, value)
+    assert launch.fast_launch_enabled() is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "2", ""])
+def test_switch_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, value)
+    with pytest.raises(ValueError, match="CREPA_KERNELS_FAST_LAUNCH must be 0 or 1"):
+        launch.fast_launch_enabled()
+
+
+def test_interpreted_kernels_and_stand_ins_launch_as_they_are(monkeypatch):
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "1")
+    stand_in = object()
+    assert launch.launcher(stand_in) is stand_in
+    kernel = similarity._neighbour_cosine_fwd_kernel
+    if not torch.cuda.is_available():  # under the interpreter the kernels are not compiled JITFunctions
+        assert launch.launcher(kernel) is kernel
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "0")
+    assert launch.launcher(kernel) is kernel
+
+
+@pytest.fixture(scope="module")
+def fake_driver_results():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fake_driver_launch.py")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_fast_launch_hands_the_launcher_what_triton_does(fake_driver_results):
+    cases = fake_driver_results["cases"]
+    assert "similarity + resample backward" in cases and "aligned" in cases
+    for name, case in cases.items():
+        assert case["problems"] == [], (name, case["problems"])
+        # the second of the two fast rounds skipped Triton's binder on every launch
+        assert case["fast_hits"] >= case["launches"] > 0, (name, case)
+
+
+def test_the_key_tells_specialisations_apart(fake_driver_results):
+    cases = fake_driver_results["cases"]
+    base = set(cases["aligned"]["compiled_kernels"])
+    for name in SPECIALISED:
+        assert not base & set(cases[name]["compiled_kernels"]), name
+    # The windowed backward: the similarity kernel, and the resample backward twice (frame slices of
+    # the gradient that are and are not 16-byte aligned)
+    assert len(cases["similarity + resample backward"]["compiled_kernels"]) == 3
+
+
+def test_launch_hooks_get_triton_launches(fake_driver_results):
+    hooked = fake_driver_results["launch hook"]
+    assert hooked == {"launches": 2, "hook_calls": 2, "fast_hits": 0}
+
+
+def test_cache_keys_hold_no_tensors(fake_driver_results):
+    assert fake_driver_results["cache_keys_hold_tensors"] is False
+    assert 0 < fake_driver_results["cache_entries"] <= 64
