@@ -7,8 +7,10 @@ the step is the loss alone.
 Reference (the common trainer's order of work): the same decode, every decoded frame encoded in
 fp32, then the frames subsampled, and the eager PyTorch loss. Both use the same random weights
 (timm `vit_giant_patch14_dinov2` at 518 px, diffusers `AutoencoderKLWan` default config) and the
-same latents, at the wan480 preset (DiT grid 30x52, D = 1536). Needs diffusers. `--quick` runs tiny
-models on the CPU as a smoke test (not a performance figure).
+same latents, at the wan480 preset (DiT grid 30x52, D = 1536). Then the decode alone, the largest
+part of both paths, under other cuDNN and memory-format settings (`decode_settings`), to see whether
+our teacher path could decode faster. Needs diffusers. `--quick` runs tiny models on the CPU as a
+smoke test (not a performance figure).
 
     python bench/bench_step.py --out bench/results/step.json [--latent-frames 21] [--steps 3]
 """
@@ -115,6 +117,62 @@ def our_step(vae_adapter, encoder, manager, latents, hidden, grid, phases=None):
     return out.loss.detach()
 
 
+@contextlib.contextmanager
+def decode_setting(vae, name: str):
+    """One way of running the decode: ``default`` (as configured), ``cudnn_benchmark`` (cuDNN times
+    its convolution algorithms per shape and keeps the fastest), ``channels_last_3d`` (the VAE's
+    weights and the latents in NDHWC, cuDNN's native layout for half-precision 3-D convolutions), or
+    both. Every setting is undone on exit."""
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                 allow_tf32=cudnn.allow_tf32)
+    if "cudnn_benchmark" in name:
+        flags["benchmark"] = True
+    channels_last = "channels_last_3d" in name
+    # Only the 5-D (Conv3d) weights: the VAE's 2-D convolutions cannot take a 3-D layout.
+    weights = [p for p in vae.parameters() if p.dim() == 5] if channels_last else []
+    with cudnn.flags(**flags):
+        for w in weights:
+            w.data = w.data.contiguous(memory_format=torch.channels_last_3d)
+        try:
+            yield channels_last
+        finally:
+            for w in weights:
+                w.data = w.data.contiguous()
+
+
+DECODE_SETTINGS = ("default", "cudnn_benchmark", "channels_last_3d", "channels_last_3d+cudnn_benchmark")
+
+
+def decode_settings(adapter, latents, device, reps: int = 2) -> dict:
+    """Median ms of the decode alone under each of DECODE_SETTINGS (after one warm-up decode, which
+    includes cuDNN's algorithm search where it applies), and the largest difference of its frames from
+    the default setting's: a faster decode our teacher path could adopt must give the same frames up
+    to the VAE dtype's rounding."""
+    cuda = device.type == "cuda"
+    rows, first = {}, None
+    for name in DECODE_SETTINGS:
+        with decode_setting(adapter.vae, name) as channels_last:
+            z = latents.contiguous(memory_format=torch.channels_last_3d) if channels_last else latents
+            frames = adapter.decode(z)  # warm-up
+            times = []
+            for _ in range(reps):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                frames = adapter.decode(z)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+        frames = frames.float()
+        if first is None:
+            first = frames
+        rows[name] = {"median_ms": statistics.median(times), "reps": reps,
+                      "max_abs_diff_vs_default": (frames - first).abs().max().item()}
+        del frames
+    return rows
+
+
 def timed(fn, device, steps):
     cuda = device.type == "cuda"
     fn()  # warm-up: compiles kernels, packs the offloaded modules
@@ -141,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-frames", type=int, default=21, help="21 latent frames = 81 video frames (wan480)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--frames-batch", type=int, default=8, help="encoder frames per pass, both paths")
+    ap.add_argument("--no-decode-settings", action="store_true",
+                    help="skip timing the decode alone under other cuDNN / memory-format settings")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     vae, vit, image_size = build(args.quick, device)
@@ -185,6 +245,14 @@ def main(argv=None) -> int:
         out.loss.backward()
 
     rows["ours_cached_features"] = timed(cached_step, device, args.steps)
+    # The decode is the largest part of both paths; how much faster it can run, measured on its own.
+    if not args.no_decode_settings:
+        try:
+            with manager.use(vae):
+                rows["decode_settings"] = decode_settings(adapter, latents, device)
+        except Exception as exc:  # keep the step figures above: they are the benchmark's point
+            rows["decode_settings"] = {"error": f"{type(exc).__name__}: {exc}"}
+        manager.evict_all()
     rows["speedup"] = rows["reference"]["median_ms"] / rows["ours"]["median_ms"]
     rows["speedup_cached"] = rows["reference"]["median_ms"] / rows["ours_cached_features"]["median_ms"]
     report = {"benchmark": "crepa step (decode + encode + loss fwd/bwd)", "environment": environment(device),
