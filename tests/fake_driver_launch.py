@@ -241,10 +241,47 @@ def host_time_us(calls: int = 3000) -> dict:
     return out
 
 
+def step_host_time_us(calls: int = 1000) -> dict:
+    """Host microseconds of one crepa_loss forward + backward on the Triton backend at wan480's grids
+    (30x52 onto 37x37; T = 4, D = 80 with 1 MiB windows: two backward windows, the five launches of
+    wan480 fp32), everything real but the launch itself. Triton's launch against the fast path."""
+    import time
+
+    from crepa_kernels import crepa_loss, functional
+
+    list(package_cases())  # the launch-setting stand-ins (no device properties without a GPU)
+    functional.interpreter_enabled = lambda: True  # let the Triton backend take CPU tensors
+    os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] = "1"
+    p = torch.randn(1, 4, 30 * 52, 80, requires_grad=True)
+    f = torch.randn(1, 4, 37 * 37, 80)
+
+    def step():
+        p.grad = None
+        crepa_loss(p, f, projected_grid=(30, 52), features_grid=(37, 37), weight=0.5,
+                   backend="triton").loss.backward()
+
+    out = {}
+    for value in ("0", "1", "0", "1"):  # interleaved, the second of each pair kept
+        os.environ[launch.FAST_LAUNCH_ENV] = value
+        for _ in range(20):
+            step()
+        CALLS.clear()
+        step()
+        launches = len(CALLS)
+        start = time.perf_counter()
+        for _ in range(calls):
+            CALLS.clear()
+            step()
+        out["fast" if value == "1" else "triton"] = round((time.perf_counter() - start) / calls * 1e6, 1)
+    out["launches_per_step"] = launches
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    return out
+
+
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     if which == "time":
-        print(json.dumps(host_time_us()))
+        print(json.dumps({"per_launch_site": host_time_us(), "crepa_loss_step": step_host_time_us()}))
         return 0
     results = {"triton": triton.__version__, "cases": {}}
     if which in ("all", "tiny"):
