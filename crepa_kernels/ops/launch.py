@@ -23,39 +23,27 @@ Triton versions this was not checked against. Off by default until measured on a
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .utils import env_flag, triton_available
 
 FAST_LAUNCH_ENV = "CREPA_KERNELS_FAST_LAUNCH"
 # Versions whose JITFunction.run / CompiledKernel.run call convention this reproduces.
-CHECKED_TRITON = ("3.6.", "3.7.", "3.8.")
+CHECKED_TRITON = ("3.6.", "3.8.")
 MAX_ENTRIES = 256  # keys kept per kernel; beyond that calls take Triton's launch
 
 
 def fast_launch_enabled() -> bool:
     """Whether ``CREPA_KERNELS_FAST_LAUNCH=1`` is set (``0`` or unset: Triton's own launch)."""
-    value = os.environ.get(FAST_LAUNCH_ENV)
-    if value is None or value == "0":
-        return False
-    if value == "1":
-        return True
-    raise ValueError(f"{FAST_LAUNCH_ENV} must be 0 or 1, got {value!r}")
-
-
-_SUPPORTED: "bool | None" = None
+    return env_flag(FAST_LAUNCH_ENV, False)
 
 
 def _supported() -> bool:
-    global _SUPPORTED
-    if _SUPPORTED is None:
-        try:
-            import triton.runtime.jit  # the JITFunction and its launch this reproduces
-        except Exception:  # pragma: no cover - depends on the platform
-            _SUPPORTED = False
-        else:
-            _SUPPORTED = triton.__version__.startswith(CHECKED_TRITON)
-    return _SUPPORTED
+    if not triton_available():
+        return False
+    import triton
+
+    return triton.__version__.startswith(CHECKED_TRITON)
 
 
 def _idle(hook) -> bool:

@@ -86,12 +86,17 @@ def fused_resample_enabled() -> bool:
     """Whether crepa_loss resamples the projected side inside the similarity kernels (default) rather
     than through a separate resample pass; ``CREPA_KERNELS_FUSED_RESAMPLE=0`` turns it off (for
     comparison; both give the same numbers)."""
-    value = os.environ.get(FUSED_RESAMPLE_ENV)
-    if value is None or value == "1":
-        return True
-    if value == "0":
-        return False
-    raise ValueError(f"{FUSED_RESAMPLE_ENV} must be 0 or 1, got {value!r}")
+    return env_flag(FUSED_RESAMPLE_ENV, True)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A 0/1 switch read from the environment at call time; unset gives ``default``."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"{name} must be 0 or 1, got {value!r}")
 
 
 BWD_WINDOW_ENV = "CREPA_KERNELS_BWD_WINDOW_MIB"
