@@ -32,8 +32,8 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
 test_rc=skipped
-bench_s=$(( BUDGET * 36 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
-step_s=$(( BUDGET * 16 / 100 ))
+bench_s=$(( BUDGET * 32 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
+step_s=$(( BUDGET * 20 / 100 ))
 
 if want bench; then
   echo "== kernel benchmarks (budget ${bench_s}s)"
