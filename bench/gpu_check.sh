@@ -48,10 +48,12 @@ if want tests; then
 fi
 
 if want ab; then
-  echo "== interleaved A/B at wan480: default launch vs CREPA_KERNELS_FAST_LAUNCH=1"
-  timeout 90 python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
-    --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 --out "$OUT_DIR/ab_fast_launch.json" \
-    2>&1 | tail -n 12 || status=1
+  echo "== interleaved A/B at wan480: defaults vs the fast launch, the full fused token block, both"
+  timeout 120 python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+    --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 \
+    --variant full_block=CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
+    --variant both=CREPA_KERNELS_FAST_LAUNCH=1,CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
+    --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 14 || status=1
 fi
 
 if want offload; then

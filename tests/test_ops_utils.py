@@ -99,6 +99,50 @@ def test_fused_resample_switch(monkeypatch):
         fused_resample_enabled()
 
 
+def test_fused_half_token_block_switch(monkeypatch):
+    from crepa_kernels.ops.utils import FUSED_HALF_BLOCK_N_ENV, fused_halves_token_block
+
+    monkeypatch.delenv(FUSED_HALF_BLOCK_N_ENV, raising=False)
+    assert fused_halves_token_block()
+    monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, "0")
+    assert not fused_halves_token_block()
+    monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, "half")
+    with pytest.raises(ValueError, match=FUSED_HALF_BLOCK_N_ENV):
+        fused_halves_token_block()
+
+
+def test_fused_token_block_changes_the_launch_not_the_bits(monkeypatch):
+    """CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 gives the fused kernels the unfused token block: another
+    launch shape, the same numbers (bits under the interpreter, where the block over tokens enters no
+    sum's order)."""
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import similarity
+    from crepa_kernels.ops.utils import FUSED_HALF_BLOCK_N_ENV
+
+    g = torch.Generator().manual_seed(2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p = torch.randn(1, 3, 12, 40, generator=g).to(dev).requires_grad_(True)
+    f = torch.randn(1, 3, 9, 40, generator=g).to(dev)
+    seen, runs = [], []
+    real = similarity._launch_config_for
+    monkeypatch.setattr(similarity, "_launch_config_for", lambda *a: seen.append(real(*a)) or seen[-1])
+    for half in ("1", "0"):
+        monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, half)
+        seen.clear()
+        p.grad = None
+        out = crepa_loss(p, f, projected_grid=(3, 4), features_grid=(3, 3), backend="triton")
+        out.loss.backward()
+        runs.append(((out.loss.detach(), out.alignment.detach(), p.grad.clone()), list(seen)))
+    (bits_half, blocks_half), (bits_full, blocks_full) = runs
+    assert [b[0] for b in blocks_full] == [2 * b[0] for b in blocks_half]  # BLOCK_N doubled, fwd and bwd
+    assert [b[1] for b in blocks_full] == [b[1] for b in blocks_half]  # BLOCK_D, the summation order, kept
+    for a, b in zip(bits_half, bits_full):
+        if a.is_cuda:  # another tile layout may sum a block's lanes in another tree order on a GPU
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("grids", [((2, 3), (2, 2)), ((3, 3), (2, 2))])  # projected side resampled
 def test_loss_is_the_same_with_the_resample_fused_or_separate(monkeypatch, grids):
     from crepa_kernels import crepa_loss

@@ -26,7 +26,7 @@ from .resample import _launch_bwd as _launch_resample_bwd
 from .launch import launcher
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
-                    is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
+                    fused_halves_token_block, is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -363,12 +363,12 @@ def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
     return _launch_config_for(B, T, N, D, s_pad, acc_dtype == torch.float64, sms, tiles, block_d,
-                              elements_per_thread(), fused)
+                              elements_per_thread(), fused, fused_halves_token_block() if fused else True)
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, sms: int, tiles: int,
-                       block_d: int | None, ept: int, fused: bool):
+                       block_d: int | None, ept: int, fused: bool, halve_fused: bool = True):
     """(BLOCK_N, BLOCK_D, num_warps) from the shape; no autotuning, so launches are reproducible.
 
     `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
@@ -389,11 +389,16 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
         block_d = max(16, min(block_d, 256, next_power_of_2(D)))
         block_d = 1 << (block_d.bit_length() - 1)  # power of two
     if fused:
-        # The four tap tiles of a fused resample weigh about one more neighbour tile: at the unfused
-        # tile size ptxas (sm_90) gave the fused forward 213 registers per thread. Halving the token
-        # block (not BLOCK_D, which sets the forward's summation order over D, so the fused and the
-        # separate paths keep the same bits) brings it near the unfused kernels' 100-130.
-        block_n = max(2, block_n // 2)
+        # The four tap tiles of a fused resample weigh about one more neighbour tile. Compiled with
+        # every int argument unspecialised, ptxas (sm_90) gave the fused forward 213 registers per
+        # thread at the unfused tile size, so the token block is halved (not BLOCK_D, which sets the
+        # forward's summation order over D: the fused and the separate paths keep the same bits).
+        # As crepa_loss really launches it at wan480 (strides of 1 and divisibility by 16
+        # specialised; bench/kernel_registers.py) the fused kernels take 57-64 registers either way,
+        # and the full block gives each thread 16-byte instead of 8-byte tap loads in fp32. Whether
+        # that is faster is for a GPU A/B: CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 keeps the full block.
+        if halve_fused:
+            block_n = max(2, block_n // 2)
         tiles += 1
     elems = s_pad * block_n * block_d * tiles
     return block_n, block_d, num_warps_for(elems, ept)

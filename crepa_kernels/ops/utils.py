@@ -89,6 +89,16 @@ def fused_resample_enabled() -> bool:
     return env_flag(FUSED_RESAMPLE_ENV, True)
 
 
+FUSED_HALF_BLOCK_N_ENV = "CREPA_KERNELS_FUSED_HALF_BLOCK_N"
+
+
+def fused_halves_token_block() -> bool:
+    """Whether the similarity kernels with a fused resample use half the token block of the unfused
+    ones (default), to make room for the resample's tap tiles; ``CREPA_KERNELS_FUSED_HALF_BLOCK_N=0``
+    keeps the full block (for comparison; the same numbers either way)."""
+    return env_flag(FUSED_HALF_BLOCK_N_ENV, True)
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A 0/1 switch read from the environment at call time; unset gives ``default``."""
     value = os.environ.get(name)
