@@ -143,10 +143,13 @@ DEFAULT_ELEMS_PER_THREAD = 16
 def elements_per_thread() -> int:
     """Tile elements each thread holds; the warps per program follow from it.
 
-    16 keeps the hot kernels near 100 registers per thread on sm_90 (ptxas, triton 3.6), where 32
-    took 200-250 and left room for only two 4-warp programs per SM: too few loads in flight for
-    memory-bound gathers. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32
-    reproduces the similarity kernels' and the resample forward's earlier settings)."""
+    16 was chosen when an unspecialised compile (every int argument a plain i32) put the hot kernels
+    near 100 registers per thread on sm_90 at 16 and 200-250 at 32. Compiled as crepa_loss really
+    launches them at wan480 (bench/kernel_registers.py: strides of 1 and divisibility by 16
+    specialised) they take 40-80 registers at 16 on triton 3.6 and 56-95 at 32 on triton 3.8, so
+    registers no longer decide between the two; an interleaved H100 A/B did not clearly separate
+    them either. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the
+    similarity kernels' and the resample forward's earlier settings)."""
     value = os.environ.get(ELEMS_PER_THREAD_ENV)
     if value is None:
         return DEFAULT_ELEMS_PER_THREAD
