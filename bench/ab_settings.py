@@ -123,16 +123,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run_ab(args.preset, dtypes, variants, rounds=args.rounds, warmup=args.warmup, synced=args.synced,
-                  queued=args.queued, device=device)
-    text = table(rows)
-    print(text)
-    if args.out:
-        report = {"benchmark": "interleaved A/B of environment switches, crepa_loss forward + backward",
-                  "environment": bm.environment(device), "rounds": args.rounds, "synced_calls": args.synced,
-                  "queued_calls": args.queued, "results": rows}
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    report = {"benchmark": "interleaved A/B of environment switches, crepa_loss forward + backward",
+              "environment": bm.environment(device), "rounds": args.rounds, "synced_calls": args.synced,
+              "queued_calls": args.queued, "results": []}
+    for dtype in dtypes:  # the file is rewritten after each dtype: a time limit keeps what finished
+        report["results"] += run_ab(args.preset, [dtype], variants, rounds=args.rounds, warmup=args.warmup,
+                                    synced=args.synced, queued=args.queued, device=device)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(report, fh, indent=2)
+    print(table(report["results"]))
     return 0
 
 

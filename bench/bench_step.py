@@ -129,7 +129,9 @@ def decode_setting(vae, name: str):
     if "cudnn_benchmark" in name:
         flags["benchmark"] = True
     channels_last = "channels_last_3d" in name
-    # Only the 5-D (Conv3d) weights: the VAE's 2-D convolutions cannot take a 3-D layout.
+    # Only the 5-D (Conv3d) weights: the VAE's 2-D convolutions cannot take a 3-D layout. Run inside
+    # the offload manager's use(): the re-laid-out weights are new device tensors outside its buffer
+    # until exit restores contiguous copies and leaving use() points every weight back at host RAM.
     weights = [p for p in vae.parameters() if p.dim() == 5] if channels_last else []
     with cudnn.flags(**flags):
         for w in weights:

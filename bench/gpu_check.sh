@@ -2,8 +2,9 @@
 # One command for a GPU machine (no network; torch, triton and timm installed, diffusers optional):
 # the kernel benchmarks, the GPU test tier, a profile, the offload and the CREPA-step benchmarks,
 # into ${OUT:-bench/results}. Run from the repository root.
-#   CHECK_BUDGET_S  seconds for the whole run (default 420); each part gets a share and the kernel
-#                   benchmark stops starting cases when its share is spent
+#   CHECK_BUDGET_S  seconds for the parts with a share (default 420; host and profile add at most
+#                   60 s each); the kernel benchmark stops starting cases when its share is spent,
+#                   the A/B writes its JSON after each dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,ab,offload,host,profile,step;
 #                   each part keeps its share of CHECK_BUDGET_S when others are left out
@@ -32,8 +33,9 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
 test_rc=skipped
-bench_s=$(( BUDGET * 32 / 100 )); tests_s=$(( BUDGET * 28 / 100 )); offload_s=$(( BUDGET * 12 / 100 ))
-step_s=$(( BUDGET * 20 / 100 ))
+# Shares of the budget; host and profile take at most 60 s each on top.
+bench_s=$(( BUDGET * 26 / 100 )); tests_s=$(( BUDGET * 26 / 100 )); ab_s=$(( BUDGET * 16 / 100 ))
+offload_s=$(( BUDGET * 12 / 100 )); step_s=$(( BUDGET * 20 / 100 ))
 
 if want bench; then
   echo "== kernel benchmarks (budget ${bench_s}s)"
@@ -49,7 +51,7 @@ fi
 
 if want ab; then
   echo "== interleaved A/B at wan480: defaults vs the fast launch, the full fused token block, both"
-  timeout 120 python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+  timeout "$ab_s" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
     --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 \
     --variant full_block=CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
     --variant both=CREPA_KERNELS_FAST_LAUNCH=1,CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \

@@ -45,10 +45,13 @@ def ptxas_report(ptx: str, sm: int) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
         fh.write(ptx)
     try:
-        text = subprocess.run([exe, "-v", f"--gpu-name=sm_{sm}a", fh.name, "-o", os.devnull],
+        arch = f"sm_{sm}a" if sm >= 90 else f"sm_{sm}"  # Triton targets the arch-specific sm_90a
+        text = subprocess.run([exe, "-v", f"--gpu-name={arch}", fh.name, "-o", os.devnull],
                               capture_output=True, text=True).stderr
     finally:
         os.unlink(fh.name)
+    if "Used " not in text or "bytes spill stores" not in text:
+        raise RuntimeError(f"ptxas -v for sm_{sm} gave no register report:\n{text}")
     regs = int(text.split("Used ")[1].split(" registers")[0])
     spill = int(text.split("bytes spill stores")[0].split(",")[-1].strip())
     return regs, spill
@@ -117,6 +120,10 @@ def main(argv=None) -> int:
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {', '.join(unknown)} (expected a subset of {', '.join(CONFIGS)})")
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        ap.error(f"--dtypes: unknown {', '.join(bad)} (expected a subset of {', '.join(DTYPES)})")
+    stand_in.TARGET_SM = args.sm  # the kernels compile for the target the stand-in driver reports
     pr = bm.PRESETS[args.preset]
     print(f"triton {triton.__version__}, sm_{args.sm}, preset {pr.name}, elements per thread "
           f"{utils.elements_per_thread()}, backward window {utils.bwd_window_bytes() >> 20} MiB")

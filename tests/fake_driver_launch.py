@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver as driver_config  # noqa: E402
 
 CALLS: list = []
+TARGET_SM = 90  # the compute capability the stand-in driver reports (H100, H200)
 
 
 class RecordingLauncher:
@@ -60,7 +61,7 @@ class StandInDriver:
         return 1234
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", TARGET_SM, 32)
 
     def get_device_interface(self):
         return torch.cuda
@@ -84,6 +85,13 @@ def scale_add_kernel(x_ptr, y_ptr, out_ptr, n, scale, stride, flag, BLOCK: tl.co
     if DOUBLE:
         r = r * 2
     tl.store(out_ptr + offs, r, mask=mask)
+
+
+@triton.jit
+def scale_kernel(x_ptr, out_ptr, n, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * SCALE, mask=mask)
 
 
 def _same(a, b) -> bool:
@@ -154,6 +162,10 @@ def tiny_cases():
     yield "other constexpr", call(x, 60, 1, double=True)
     yield "other num_warps", call(x, 60, 1, warps=4)
     yield "fp64 pointers", call(x, 60, 1, dtype=torch.float64)
+    # A float constexpr passed positionally is specialised on its value: 2.0 must not reuse 0.5's kernel.
+    for value in (0.5, 2.0):
+        yield f"positional constexpr {value}", (
+            lambda v=value: launch.launcher(scale_kernel)[(4,)](x, out, 60, v, 16, num_warps=2))
 
 
 def package_cases():
@@ -242,6 +254,7 @@ def step_host_time_us(calls: int = 1000) -> dict:
 
     from crepa_kernels import crepa_loss, functional
 
+    real_interpreter_enabled = functional.interpreter_enabled
     functional.interpreter_enabled = lambda: True  # let the Triton backend take CPU tensors
     os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] = "1"
     p = torch.randn(1, 4, 30 * 52, 80, requires_grad=True)
@@ -267,7 +280,30 @@ def step_host_time_us(calls: int = 1000) -> dict:
         out["fast" if value == "1" else "triton"] = round((time.perf_counter() - start) / calls * 1e6, 1)
     out["launches_per_step"] = launches
     os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
+    functional.interpreter_enabled = real_interpreter_enabled
     return out
+
+
+def keyword_tensor() -> dict:
+    """A tensor passed by keyword is not keyed on: such calls take Triton's launch, and nothing is kept."""
+    x = torch.arange(64, dtype=torch.float32)
+    out = torch.empty(64)
+    os.environ[launch.FAST_LAUNCH_ENV] = "1"
+    entries = lambda: sum(len(fast._cache) for _, fast in launch._LAUNCHERS.values())  # noqa: E731
+    before, hits_before = entries(), sum(entry[1].hits for entry in launch._LAUNCHERS.values())
+    CALLS.clear()
+    for _ in range(2):
+        launch.launcher(scale_kernel)[(4,)](x, out_ptr=out, n=60, SCALE=1.5, BLOCK=16, num_warps=2)
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    hits = sum(entry[1].hits for entry in launch._LAUNCHERS.values()) - hits_before
+    return {"launches": len(CALLS), "fast_hits": hits, "new_cache_entries": entries() - before}
+
+
+def _holds_tensor(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    return isinstance(obj, tuple) and any(_holds_tensor(x) for x in obj)
 
 
 def main() -> int:
@@ -279,10 +315,11 @@ def main() -> int:
     if which in ("all", "tiny"):
         results["cases"].update({name: run_case(fn) for name, fn in tiny_cases()})
         results["launch hook"] = with_launch_hook()
+        results["keyword tensor"] = keyword_tensor()
     if which in ("all", "package"):
         results["cases"].update({name: run_case(fn) for name, fn in package_cases()})
     results["cache_keys_hold_tensors"] = any(
-        isinstance(part, torch.Tensor) for _, fast in launch._LAUNCHERS.values() for key in fast._cache for part in key)
+        _holds_tensor(key) for _, fast in launch._LAUNCHERS.values() for key in fast._cache)
     results["cache_entries"] = sum(len(fast._cache) for _, fast in launch._LAUNCHERS.values())
     print(json.dumps(results))
     return 0

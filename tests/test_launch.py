@@ -81,6 +81,16 @@ def test_the_key_tells_specialisations_apart(fake_driver_results):
     assert len(cases["similarity + resample backward"]["compiled_kernels"]) == 3
 
 
+def test_positional_constexpr_floats_are_keyed_by_value(fake_driver_results):
+    cases = fake_driver_results["cases"]
+    assert not set(cases["positional constexpr 0.5"]["compiled_kernels"]) & set(
+        cases["positional constexpr 2.0"]["compiled_kernels"])
+
+
+def test_keyword_tensors_take_tritons_launch(fake_driver_results):
+    assert fake_driver_results["keyword tensor"] == {"launches": 2, "fast_hits": 0, "new_cache_entries": 0}
+
+
 def test_launch_hooks_get_triton_launches(fake_driver_results):
     hooked = fake_driver_results["launch hook"]
     assert hooked == {"launches": 2, "hook_calls": 2, "fast_hits": 0}

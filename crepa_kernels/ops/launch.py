@@ -9,19 +9,21 @@ microseconds of host time per launch, several times per step, while the step is 
 
 - the first call of each key goes through Triton (which compiles or finds the kernel and launches it)
   and the compiled kernel it returns is kept under that key;
-- the key is at least as fine as Triton's specialisation: the device, each tensor's dtype and
-  whether its address is 16-byte aligned, every other positional value itself (ints exactly, so
-  Triton's int classes - equal to 1, divisible by 16, 32 or 64 bits - follow from it; floats by type,
-  which Triton never specialises), the keyword values, and Triton's debug and instrumentation
-  settings;
+- the key is at least as fine as Triton's specialisation on CUDA: the device, each tensor's dtype
+  and whether its address is 16-byte aligned, every other positional value itself with its type
+  (ints exactly, so Triton's int classes - equal to 1, divisible by 16, 32 or 64 bits - follow from
+  it), the keyword values with their types, and Triton's debug and instrumentation settings;
 - later calls with the key hand the compiled kernel's launcher the arguments Triton would pass it
   (every signature value in order, constexprs included), with no launch metadata.
 
 Calls fall back to Triton's own launch while a launch hook or pre-run hook is installed (profilers
-use them), for kernels that are not compiled ``JITFunction``s (the interpreter, test stubs), and for
+use them), for kernels that are not compiled ``JITFunction``s (the interpreter, test stubs), for
+arguments of other kinds, on ROCm (where Triton also specialises on a tensor's storage size) and for
 Triton versions this was not checked against. Off by default until measured on a GPU.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,6 +33,7 @@ FAST_LAUNCH_ENV = "CREPA_KERNELS_FAST_LAUNCH"
 # Versions whose JITFunction.run / CompiledKernel.run call convention this reproduces.
 CHECKED_TRITON = ("3.6.", "3.8.")
 MAX_ENTRIES = 256  # keys kept per kernel; beyond that calls take Triton's launch
+_SCALARS = (int, bool, float, str, type(None))
 
 
 def fast_launch_enabled() -> bool:
@@ -38,8 +41,11 @@ def fast_launch_enabled() -> bool:
     return env_flag(FAST_LAUNCH_ENV, False)
 
 
+@functools.lru_cache(maxsize=None)
 def _supported() -> bool:
-    if not triton_available():
+    """Triton imports, is a checked version, and targets CUDA: on ROCm Triton also specialises a
+    tensor on its storage size (32-bit buffer offsets), which the key here does not hold."""
+    if not triton_available() or torch.version.hip is not None:
         return False
     import triton
 
@@ -68,21 +74,23 @@ class FastLauncher:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
     def _key(self, device, args, meta):
-        """The cache key of a call, or None when an argument is of a kind we do not key on."""
-        parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode,
-                 tuple(meta.items())]
+        """The cache key of a call, or None when an argument is of a kind we do not key on (the call
+        then takes Triton's launch)."""
+        parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode]
         append = parts.append
+        for name, value in meta.items():  # constexprs and options: by type and value
+            if type(value) not in _SCALARS:
+                return None
+            append((name, type(value), value))
         for a in args:
             kind = type(a)
             if kind is int:
                 append(a)
-            elif kind is float:
-                append(float)
             elif isinstance(a, torch.Tensor):
                 append(a.dtype)
                 append(a.data_ptr() & 15 == 0)
-            elif kind is bool or a is None:  # bools are typed apart from the ints 0 and 1
-                append((kind, a))
+            elif kind in _SCALARS:  # floats by value too: a constexpr float is specialised on it
+                append((kind, a))  # typed apart from equal ints (True == 1 == 1.0)
             else:
                 return None
         return tuple(parts)
@@ -100,9 +108,10 @@ class FastLauncher:
             compiled = self.kernel[grid](*args, **meta)
             if hasattr(compiled, "result"):  # an asynchronous compile's future
                 compiled = compiled.result()
-            tail = self._tail(len(args), meta)
-            if key is not None and compiled is not None and tail is not None and len(self._cache) < MAX_ENTRIES:
-                self._cache[key] = (compiled, tail)
+            if key is not None and compiled is not None and len(self._cache) < MAX_ENTRIES:
+                tail = self._tail(len(args), meta)
+                if tail is not None:
+                    self._cache[key] = (compiled, tail)
             return compiled
         compiled, tail = hit
         grid_size = len(grid)

@@ -146,9 +146,9 @@ def elements_per_thread() -> int:
     16 was chosen when an unspecialised compile (every int argument a plain i32) put the hot kernels
     near 100 registers per thread on sm_90 at 16 and 200-250 at 32. Compiled as crepa_loss really
     launches them at wan480 (bench/kernel_registers.py: strides of 1 and divisibility by 16
-    specialised) they take 40-80 registers at 16 on triton 3.6 and 56-95 at 32 on triton 3.8, so
-    registers no longer decide between the two; an interleaved H100 A/B did not clearly separate
-    them either. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the
+    specialised; all seven kernel variants, fp32 and bf16, no spills), the similarity kernels take
+    40-80 registers at 16 and 48-127 at 32 on triton 3.6 (40-61 and 48-95 on 3.8), the resample
+    kernels 42-62 and 56-133 on either. An interleaved H100 A/B did not clearly separate 16 and 32. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the
     similarity kernels' and the resample forward's earlier settings)."""
     value = os.environ.get(ELEMS_PER_THREAD_ENV)
     if value is None:
