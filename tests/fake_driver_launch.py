@@ -225,33 +225,40 @@ def with_launch_hook() -> dict:
     return {"launches": len(CALLS), "hook_calls": len(seen), "fast_hits": hits}
 
 
-def host_time_us(calls: int = 3000) -> dict:
-    """Host microseconds per call of each package launch site, Triton's launch against the fast path
-    (the stand-in launcher records instead of launching: a CPU figure of the work around a launch)."""
+def _interleaved(fn, rounds: int, calls: int) -> dict:
+    """Host µs per call of ``fn`` through Triton's launch and the fast path: rounds alternate the
+    two, each timing ``calls`` calls; the fastest and the median round of each are kept."""
     import time
 
-    out = {}
-    for name, fn in package_cases():
-        row = {}
-        for value in ("0", "1", "0", "1"):  # interleaved, the second of each pair kept
+    per = {"triton": [], "fast": []}
+    for _ in range(rounds):
+        for value, name in (("0", "triton"), ("1", "fast")):
             os.environ[launch.FAST_LAUNCH_ENV] = value
             fn()
             start = time.perf_counter()
             for _ in range(calls):
                 CALLS.clear()
                 fn()
-            row["fast" if value == "1" else "triton"] = round((time.perf_counter() - start) / calls * 1e6, 1)
-        out[name] = row
+            per[name].append((time.perf_counter() - start) / calls * 1e6)
     os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    out = {}
+    for name, times in per.items():
+        times.sort()
+        out[f"{name}_min"] = round(times[0], 1)
+        out[f"{name}_median"] = round(times[len(times) // 2], 1)
     return out
 
 
-def step_host_time_us(calls: int = 1000) -> dict:
-    """Host microseconds of one crepa_loss forward + backward on the Triton backend at wan480's grids
-    (30x52 onto 37x37; T = 4, D = 80 with 1 MiB windows: two backward windows, the five launches of
-    wan480 fp32), everything real but the launch itself. Triton's launch against the fast path."""
-    import time
+def host_time_us(rounds: int = 15, calls: int = 1000) -> dict:
+    """Each package launch site (the stand-in launcher records instead of launching: a CPU figure of
+    the host work around a launch)."""
+    return {name: _interleaved(fn, rounds, calls) for name, fn in package_cases()}
 
+
+def step_host_time_us(rounds: int = 11, calls: int = 300) -> dict:
+    """One crepa_loss forward + backward on the Triton backend at wan480's grids (30x52 onto 37x37;
+    T = 4, D = 80 with 1 MiB windows: two backward windows, the five launches of wan480 fp32),
+    everything real but the launch itself."""
     from crepa_kernels import crepa_loss, functional
 
     real_interpreter_enabled = functional.interpreter_enabled
@@ -265,23 +272,15 @@ def step_host_time_us(calls: int = 1000) -> dict:
         crepa_loss(p, f, projected_grid=(30, 52), features_grid=(37, 37), weight=0.5,
                    backend="triton").loss.backward()
 
-    out = {}
-    for value in ("0", "1", "0", "1"):  # interleaved, the second of each pair kept
-        os.environ[launch.FAST_LAUNCH_ENV] = value
-        for _ in range(20):
-            step()
+    try:
         CALLS.clear()
         step()
         launches = len(CALLS)
-        start = time.perf_counter()
-        for _ in range(calls):
-            CALLS.clear()
-            step()
-        out["fast" if value == "1" else "triton"] = round((time.perf_counter() - start) / calls * 1e6, 1)
+        out = _interleaved(step, rounds, calls)
+    finally:
+        del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
+        functional.interpreter_enabled = real_interpreter_enabled
     out["launches_per_step"] = launches
-    os.environ[launch.FAST_LAUNCH_ENV] = "0"
-    del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
-    functional.interpreter_enabled = real_interpreter_enabled
     return out
 
 

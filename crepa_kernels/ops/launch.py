@@ -33,7 +33,7 @@ FAST_LAUNCH_ENV = "CREPA_KERNELS_FAST_LAUNCH"
 # Versions whose JITFunction.run / CompiledKernel.run call convention this reproduces.
 CHECKED_TRITON = ("3.6.", "3.8.")
 MAX_ENTRIES = 256  # keys kept per kernel; beyond that calls take Triton's launch
-_SCALARS = (int, bool, float, str, type(None))
+_SCALARS = frozenset((int, bool, float, str, type(None)))
 
 
 def fast_launch_enabled() -> bool:
@@ -76,12 +76,14 @@ class FastLauncher:
     def _key(self, device, args, meta):
         """The cache key of a call, or None when an argument is of a kind we do not key on (the call
         then takes Triton's launch)."""
-        parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode]
+        values = tuple(meta.values())
+        kinds = tuple(map(type, values))
+        if not _SCALARS.issuperset(kinds):
+            return None
+        # constexprs and options by name, value and type (True == 1 == 1.0 are told apart)
+        parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode,
+                 tuple(meta), values, kinds]
         append = parts.append
-        for name, value in meta.items():  # constexprs and options: by type and value
-            if type(value) not in _SCALARS:
-                return None
-            append((name, type(value), value))
         for a in args:
             kind = type(a)
             if kind is int:
