@@ -23,20 +23,7 @@ SPECIALISED = ["unaligned pointer", "int equal to 1 vs 2", "int divisible by 16"
                "other constexpr", "other num_warps", "fp64 pointers"]
 
 
-@pytest.mark.parametrize("value, expected", [(None, False), ("0", False), ("1", True)])
-def test_switch(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv(launch.FAST_LAUNCH_ENV, raising=False)
-    else:
-        monkeypatch.setenv(launch.FAST_LAUNCH_ENV, value)
-    assert launch.fast_launch_enabled() is expected
-
-
-@pytest.mark.parametrize("value", ["yes", "2", ""])
-def test_switch_rejects_other_values(monkeypatch, value):
-    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, value)
-    with pytest.raises(ValueError, match="CREPA_KERNELS_FAST_LAUNCH must be 0 or 1"):
-        launch.fast_launch_enabled()
+# The switch's parsing is tested with the other 0/1 switches in test_ops_utils.py.
 
 
 def test_interpreted_kernels_and_stand_ins_launch_as_they_are(monkeypatch):

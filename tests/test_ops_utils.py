@@ -89,26 +89,23 @@ def test_loss_under_a_dispatch_mode_matches_plain_eager(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_fused_resample_switch(monkeypatch):
-    monkeypatch.delenv(FUSED_RESAMPLE_ENV, raising=False)
-    assert fused_resample_enabled()
-    monkeypatch.setenv(FUSED_RESAMPLE_ENV, "0")
-    assert not fused_resample_enabled()
-    monkeypatch.setenv(FUSED_RESAMPLE_ENV, "yes")
-    with pytest.raises(ValueError, match=FUSED_RESAMPLE_ENV):
-        fused_resample_enabled()
+@pytest.mark.parametrize("name, default", [("fused_resample", True), ("fused_half_block_n", True),
+                                           ("fast_launch", False)])
+def test_on_off_switches(monkeypatch, name, default):
+    from crepa_kernels.ops import launch, utils
 
-
-def test_fused_half_token_block_switch(monkeypatch):
-    from crepa_kernels.ops.utils import FUSED_HALF_BLOCK_N_ENV, fused_halves_token_block
-
-    monkeypatch.delenv(FUSED_HALF_BLOCK_N_ENV, raising=False)
-    assert fused_halves_token_block()
-    monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, "0")
-    assert not fused_halves_token_block()
-    monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, "half")
-    with pytest.raises(ValueError, match=FUSED_HALF_BLOCK_N_ENV):
-        fused_halves_token_block()
+    env, read = {"fused_resample": (FUSED_RESAMPLE_ENV, fused_resample_enabled),
+                 "fused_half_block_n": (utils.FUSED_HALF_BLOCK_N_ENV, utils.fused_halves_token_block),
+                 "fast_launch": (launch.FAST_LAUNCH_ENV, launch.fast_launch_enabled)}[name]
+    monkeypatch.delenv(env, raising=False)
+    assert read() is default
+    for value, want in (("0", False), ("1", True)):
+        monkeypatch.setenv(env, value)
+        assert read() is want
+    for bad in ("yes", "2", ""):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=f"{env} must be 0 or 1"):
+            read()
 
 
 def test_fused_token_block_changes_the_launch_not_the_bits(monkeypatch):
