@@ -205,6 +205,72 @@ def test_torn_write_leaves_no_readable_entry(fc, monkeypatch):
     assert torch.equal(fc.get("new").features, torch.ones(1000))
 
 
+class _ReopeningReader:
+    """Stands in for safetensors.safe_open, reading the tensor through a second open by name (as the
+    library may); ``between`` runs once between the header and the tensor reads, like a writer
+    whose rename lands there."""
+
+    def __init__(self, real, between):
+        self.real, self.between, self.reads = real, between, 0
+
+    def __call__(self, path, framework):
+        outer = self
+
+        class Handle:
+            def __enter__(self):
+                self.h = outer.real(path, framework=framework).__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.h.__exit__(*exc)
+
+            def metadata(self):
+                return self.h.metadata()
+
+            def keys(self):
+                return self.h.keys()
+
+            def get_tensor(self, name):
+                outer.reads += 1
+                if outer.reads == 1:
+                    outer.between()
+                with outer.real(path, framework=framework) as again:
+                    return again.get_tensor(name)
+
+        return Handle()
+
+
+def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
+    import safetensors
+
+    fc.put("k", torch.zeros(64), grid=(1, 1))
+    reader = _ReopeningReader(safetensors.safe_open, lambda: fc.put("k", torch.ones(64), grid=(2, 2)))
+    monkeypatch.setattr(safetensors, "safe_open", reader)
+    got = fc.get("k")
+    # the first read paired the old grid (1, 1) with the new features; that was seen and read again
+    assert reader.reads == 2
+    assert got.grid == (2, 2) and torch.equal(got.features, torch.ones(64))
+
+
+def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):
+    import safetensors
+
+    fc.put("k", torch.zeros(64), grid=(1, 1))
+    versions = iter(range(1, 10**6))
+    reader = _ReopeningReader(safetensors.safe_open,
+                              lambda: fc.put("k", torch.full((64,), float(next(versions))), grid=(1, 1)))
+
+    def churn(path, framework):
+        reader.reads = 0  # a writer lands between the header and the tensor reads of every attempt
+        return reader(path, framework)
+
+    monkeypatch.setattr(safetensors, "safe_open", churn)
+    with pytest.warns(UserWarning, match="replaced during each of 8 reads"):
+        assert fc.get("k") is None
+    monkeypatch.undo()
+    assert fc.get("k").features[0].item() == 8.0  # the entry itself is whole: the last version written
+
+
 def test_failed_write_cleans_its_temp_file(fc, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")

@@ -232,19 +232,18 @@ class FeatureCache:
     def get(self, key: str, device: Union[str, torch.device] = "cpu") -> Optional[CachedFeatures]:
         """The entry as (features, grid), or None when absent (or unreadable, with a warning)."""
         path = self.path(key)
-        from safetensors import safe_open
-
         try:
-            # One open file (memory-mapped): a writer renaming a new entry into place meanwhile
-            # cannot mix two versions, and the features are copied once.
-            with safe_open(path, framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensor = fh.get_tensor(_TENSOR_NAME) if _TENSOR_NAME in fh.keys() else None
+            read = _read_entry(path)
         except FileNotFoundError:
             return None
         except Exception as e:  # a file damaged outside our writes (disk fault, foreign tool)
             warnings.warn(f"feature cache: unreadable entry {path} ({e}); treating it as absent", stacklevel=2)
             return None
+        if read is None:
+            warnings.warn(f"feature cache: entry {path} was replaced during each of {_READ_ATTEMPTS} reads; "
+                          "treating it as absent", stacklevel=2)
+            return None
+        meta, tensor = read
         if meta.get("key") != key or tensor is None:
             warnings.warn(f"feature cache: entry {path} does not hold key {key!r}; treating it as absent", stacklevel=2)
             return None
@@ -281,6 +280,35 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.directory!r})"
+
+
+_READ_ATTEMPTS = 8
+
+
+def _read_entry(path: str):
+    """(metadata, features tensor or None) of one version of the entry, or None when another
+    process replaced it during every attempt.
+
+    safe_open may open the file more than once by name (the header, then the tensor storage), so a
+    writer renaming a new version into place between those opens could pair one version's grid with
+    another's features. The file we hold open pins the inode the name pointed to; if the name still
+    points to it after the read, no rename happened during the read (a new version is always a new
+    inode, and the held one cannot be reused), so every open saw that one version."""
+    from safetensors import safe_open
+
+    for _ in range(_READ_ATTEMPTS):
+        with open(path, "rb") as pin:
+            pinned = os.fstat(pin.fileno())
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensor = fh.get_tensor(_TENSOR_NAME) if _TENSOR_NAME in fh.keys() else None
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if (now.st_dev, now.st_ino) == (pinned.st_dev, pinned.st_ino):
+                return meta, tensor
+    return None
 
 
 def _write_atomic(final: str, data: bytes) -> None:
