@@ -1,5 +1,6 @@
 """Tier 1: the torch backend of crepa_loss against SPEC, through an independent loop implementation."""
 import math
+import os
 
 import pytest
 import torch
@@ -268,6 +269,20 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         crepa_loss(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), backend="triton")
+
+
+def test_info_and_benchmark_environment_list_the_switches_set(monkeypatch):
+    import crepa_kernels
+    from crepa_kernels.benchmark import environment
+
+    for k in [k for k in os.environ if k.startswith("CREPA_KERNELS_")]:
+        monkeypatch.delenv(k)
+    assert crepa_kernels.info()["switches"] == {}
+    monkeypatch.setenv("CREPA_KERNELS_FAST_LAUNCH", "1")
+    monkeypatch.setenv("CREPA_KERNELS_BWD_WINDOW_MIB", "64")
+    want = {"CREPA_KERNELS_BWD_WINDOW_MIB": "64", "CREPA_KERNELS_FAST_LAUNCH": "1"}
+    assert crepa_kernels.info()["switches"] == want
+    assert environment("cpu")["switches"] == want
 
 
 def test_auto_picks_torch_on_cpu_and_info_says_why():

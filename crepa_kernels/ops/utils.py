@@ -99,6 +99,15 @@ def fused_halves_token_block() -> bool:
     return env_flag(FUSED_HALF_BLOCK_N_ENV, True)
 
 
+SWITCH_PREFIX = "CREPA_KERNELS_"
+
+
+def switches_set() -> dict:
+    """The backend's environment switches (``CREPA_KERNELS_*``) set in this process, as name -> value:
+    results and reports record them, since each changes how the kernels run."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SWITCH_PREFIX)}
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A 0/1 switch read from the environment at call time; unset gives ``default``."""
     value = os.environ.get(name)
