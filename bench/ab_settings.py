@@ -63,15 +63,28 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
         p, f = bm.make_inputs(pr, bm.DTYPES[dtype], device)
         run = bm.build_callable("triton", "full", pr, p, f)
         per = {name: [] for name, _ in variants}
+        failed = {}  # a variant that raises is dropped with its error: the others still compare
         for name, env in variants:  # warm-up: compiles each variant's kernels outside the timed rounds
-            with bm.environment_override(env):
-                for _ in range(warmup):
-                    run()
+            try:
+                with bm.environment_override(env):
+                    for _ in range(warmup):
+                        run()
+            except Exception as exc:
+                failed[name] = f"{type(exc).__name__}: {exc}"
         for _ in range(rounds):
             for name, env in variants:
-                with bm.environment_override(env):
-                    per[name].append(_one_round(run, cuda, synced, queued))
+                if name in failed:
+                    continue
+                try:
+                    with bm.environment_override(env):
+                        per[name].append(_one_round(run, cuda, synced, queued))
+                except Exception as exc:
+                    failed[name] = f"{type(exc).__name__}: {exc}"
         for name, env in variants:
+            if name in failed:
+                rows.append({"preset": preset, "dtype": dtype, "variant": name, "environment_override": env,
+                             "error": failed[name]})
+                continue
             r = per[name]
             q = [x["queued_ms"] for x in r]
             peaks = [x["peak_extra_bytes"] for x in r if x["peak_extra_bytes"] is not None]
@@ -84,11 +97,14 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown, each variant against the first variant of its dtype."""
+    """Markdown, each variant against the first variant of its dtype that ran."""
     lines = ["| preset | dtype | variant | queued ms (min-max) | vs first | synced ms | vs first | peak extra MiB |",
              "|" + "---|" * 8]
     first = {}
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['dtype']} | {r['variant']} | failed: {r['error'][:80]} |  |  |  |  |")
+            continue
         ref = first.setdefault(r["dtype"], r)
         mem = "" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
         lines.append(f"| {r['preset']} | {r['dtype']} | {r['variant']} | {r['queued_ms']:.3f} "

@@ -80,6 +80,19 @@ def test_ab_settings_quick(tmp_path):
     assert "| tiny | fp32 | unfused |" in proc.stdout
 
 
+def test_ab_settings_keeps_comparing_when_a_variant_fails(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "1", "--warmup", "1",
+                "--synced", "1", "--queued", "1", "--variant", "broken=CREPA_KERNELS_ELEMS_PER_THREAD=3",
+                "--variant", "default=", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["broken", "default"]
+    assert "CREPA_KERNELS_ELEMS_PER_THREAD must be a positive power-of-two int" in rows[0]["error"]
+    assert rows[1]["queued_ms"] > 0 and "error" not in rows[1]
+    assert "| tiny | fp32 | broken | failed: ValueError" in proc.stdout
+
+
 @pytest.mark.parametrize("specs", [["nameonly"], ["=X=1"], ["bad=PATH=/tmp"], ["bad=CREPA_KERNELS_X"],
                                    ["a=", "a=CREPA_KERNELS_FUSED_RESAMPLE=0"]])
 def test_ab_settings_rejects_bad_variants(specs):
