@@ -110,3 +110,24 @@ def test_fast_launch_gives_the_same_bits(monkeypatch, dtype):
     assert hits() > before
     for a, b in zip(results[0], results[2]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_fused_token_block_gives_the_same_numbers_at_wan480(monkeypatch, dtype):
+    """CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 (the fused kernels keep the unfused token block) must give
+    the default's loss and gradients at the flagship shape: the same sums over D, only another tile
+    layout, so any difference is the order of a block's lanes (a few fp32 roundings)."""
+    from crepa_kernels.ops.utils import FUSED_HALF_BLOCK_N_ENV
+
+    p, f = _inputs(dtype)
+    results = []
+    for half in ("1", "0"):
+        monkeypatch.setenv(FUSED_HALF_BLOCK_N_ENV, half)
+        out, grad = _loss_and_grad(p, f, "triton", **WAN480)
+        results.append((out.loss.float(), out.alignment.float(), grad.float()))
+    (loss_h, align_h, grad_h), (loss_f, align_f, grad_f) = results
+    torch.testing.assert_close(loss_f, loss_h, rtol=1e-5, atol=1e-7)  # fp32 outputs in both dtypes
+    torch.testing.assert_close(align_f, align_h, rtol=1e-5, atol=1e-6)
+    # the gradient is stored in the input dtype: a bf16 value may land one rounding step away
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(grad_f, grad_h, rtol=rtol, atol=rtol * float(grad_h.abs().max()))
