@@ -67,13 +67,18 @@ def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
     assert "triton[CREPA_KERNELS_FUSED_RESAMPLE=0]" in (tmp_path / "ab.md").read_text()
 
 
-def test_ab_settings_quick(tmp_path):
+def _ab_quick(tmp_path, rounds, *variants):
+    """ab_settings.py on the tiny preset, one call per timing; (process, result rows)."""
     out = tmp_path / "ab.json"
-    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "2", "--warmup", "1",
-                "--synced", "1", "--queued", "1", "--variant", "default=",
-                "--variant", "unfused=CREPA_KERNELS_FUSED_RESAMPLE=0", "--out", str(out))
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", str(rounds), "--warmup", "1",
+                "--synced", "1", "--queued", "1", *[a for v in variants for a in ("--variant", v)],
+                "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    return proc, json.loads(out.read_text())["results"]
+
+
+def test_ab_settings_quick(tmp_path):
+    proc, rows = _ab_quick(tmp_path, 2, "default=", "unfused=CREPA_KERNELS_FUSED_RESAMPLE=0")
     assert [r["variant"] for r in rows] == ["default", "unfused"]
     assert rows[1]["environment_override"] == {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}
     assert all(len(r["rounds"]) == 2 and r["queued_ms"] > 0 for r in rows)
@@ -81,12 +86,7 @@ def test_ab_settings_quick(tmp_path):
 
 
 def test_ab_settings_keeps_comparing_when_a_variant_fails(tmp_path):
-    out = tmp_path / "ab.json"
-    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "1", "--warmup", "1",
-                "--synced", "1", "--queued", "1", "--variant", "broken=CREPA_KERNELS_ELEMS_PER_THREAD=3",
-                "--variant", "default=", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    proc, rows = _ab_quick(tmp_path, 1, "broken=CREPA_KERNELS_ELEMS_PER_THREAD=3", "default=")
     assert [r["variant"] for r in rows] == ["broken", "default"]
     assert "CREPA_KERNELS_ELEMS_PER_THREAD must be a positive power-of-two int" in rows[0]["error"]
     assert rows[1]["queued_ms"] > 0 and "error" not in rows[1]
