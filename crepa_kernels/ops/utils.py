@@ -157,8 +157,9 @@ def elements_per_thread() -> int:
     launches them at wan480 (bench/kernel_registers.py: strides of 1 and divisibility by 16
     specialised; all seven kernel variants, fp32 and bf16, no spills), the similarity kernels take
     40-80 registers at 16 and 48-127 at 32 on triton 3.6 (40-61 and 48-95 on 3.8), the resample
-    kernels 42-62 and 56-133 on either. An interleaved H100 A/B did not clearly separate 16 and 32. ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the
-    similarity kernels' and the resample forward's earlier settings)."""
+    kernels 42-62 and 56-133 on either. An interleaved H100 A/B did not clearly separate 16 and 32.
+    ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the similarity
+    kernels' and the resample forward's earlier settings)."""
     value = os.environ.get(ELEMS_PER_THREAD_ENV)
     if value is None:
         return DEFAULT_ELEMS_PER_THREAD
