@@ -260,6 +260,14 @@ def _token_block(n_tokens: int, block_d: int, budget: int) -> int:
 _MAX_SIDE = 1 << 20
 
 
+def check_grid_sides(in_grid: tuple[int, int], out_grid: tuple[int, int]) -> None:
+    """The Triton resample (separate or fused) handles grid sides up to _MAX_SIDE: the backward's
+    exact-contributor proof stops there."""
+    if max(*in_grid, *out_grid) > _MAX_SIDE:
+        raise ValueError(f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
+                         f"got in_grid={tuple(in_grid)}, out_grid={tuple(out_grid)}")
+
+
 def _contributor_bound(n_in: int, n_out: int) -> int:
     # Most outputs with a nonzero weight on one input along an axis (the backward's loop length).
     # They have src in (i - 1, i + 1) (see `_axis_contributors`); their exact coordinates
@@ -455,11 +463,7 @@ def resample_tokens(
         return x
     if not triton_supports(x):
         return _resample_tokens_torch(x, (in_h, in_w), (out_h, out_w))
-    if max(in_h, in_w, out_h, out_w) > _MAX_SIDE:
-        raise ValueError(
-            f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
-            f"got in_grid={in_grid}, out_grid={out_grid}"
-        )
+    check_grid_sides((in_h, in_w), (out_h, out_w))
     if direct_launch_ok(x):
         return _Resample.apply(x, in_h, in_w, out_h, out_w)
     return _resample_fwd_op(x, in_h, in_w, out_h, out_w)

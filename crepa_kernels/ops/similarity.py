@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op, wrap_triton
 
-from .resample import _MAX_SIDE, _axis_scale, _axis_taps, resample_tokens
+from .resample import _axis_scale, _axis_taps, check_grid_sides, resample_tokens
 from .resample import _launch_bwd as _launch_resample_bwd
 from .launch import launcher
 from ..reference import EPS  # F.normalize's default, as the oracle uses
@@ -771,13 +771,13 @@ def _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_
     grids = _NO_RESAMPLE
     if projected_resample is not None:
         (ih, iw), (oh, ow) = projected_resample
-        if max(ih, iw, oh, ow) > _MAX_SIDE:  # the resample backward's range proof stops there
-            raise ValueError(f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
-                             f"got projected_resample={projected_resample!r}")
-        if (ih, iw) != (oh, ow):
+        if (ih, iw) == (oh, ow):
+            pass  # nothing to resample
+        elif features.requires_grad and torch.is_grad_enabled():
+            projected = resample_tokens(projected, (ih, iw), (oh, ow))  # checks the sides itself
+        else:
+            check_grid_sides((ih, iw), (oh, ow))
             grids = (ih, iw, oh, ow)
-        if features.requires_grad and torch.is_grad_enabled():
-            projected, grids = resample_tokens(projected, (ih, iw), (oh, ow)), _NO_RESAMPLE
     args = (projected, features, distance, tau, cumulative, normalize_neighbour_sum, block_d or 0)
     with_loss = token_mean and loss_scale is not None
     if direct_launch_ok(projected, features):

@@ -118,6 +118,21 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be 0 or 1, got {value!r}")
 
 
+def env_positive_int(name: str, default: int, expected: str, power_of_two: bool = False) -> int:
+    """A positive int (a power of two if asked) read from the environment at call time; unset gives
+    ``default``; anything else is an error naming the variable and ``expected``."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1 or (power_of_two and n & (n - 1)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return n
+
+
 BWD_WINDOW_ENV = "CREPA_KERNELS_BWD_WINDOW_MIB"
 DEFAULT_BWD_WINDOW_MIB = 128
 
@@ -128,16 +143,7 @@ def bwd_window_bytes() -> int:
     two kernel launches and a tail of idle SMs. 128 MiB: one window at wan480 bf16, two at fp32 (an
     interleaved H100 A/B timed 64 MiB windows 20-30% slower, 32 MiB slower still).
     ``CREPA_KERNELS_BWD_WINDOW_MIB`` overrides it for benchmarking."""
-    value = os.environ.get(BWD_WINDOW_ENV)
-    if value is None:
-        return DEFAULT_BWD_WINDOW_MIB << 20
-    try:
-        mib = int(value)
-    except ValueError:
-        mib = 0
-    if mib < 1:
-        raise ValueError(f"{BWD_WINDOW_ENV} must be a positive int (MiB), got {value!r}")
-    return mib << 20
+    return env_positive_int(BWD_WINDOW_ENV, DEFAULT_BWD_WINDOW_MIB, "a positive int (MiB)") << 20
 
 
 def next_power_of_2(n: int) -> int:
@@ -160,16 +166,8 @@ def elements_per_thread() -> int:
     kernels 42-62 and 56-133 on either. An interleaved H100 A/B did not clearly separate 16 and 32.
     ``CREPA_KERNELS_ELEMS_PER_THREAD`` overrides it for benchmarking (32 reproduces the similarity
     kernels' and the resample forward's earlier settings)."""
-    value = os.environ.get(ELEMS_PER_THREAD_ENV)
-    if value is None:
-        return DEFAULT_ELEMS_PER_THREAD
-    try:
-        ept = int(value)
-    except ValueError:
-        raise ValueError(f"{ELEMS_PER_THREAD_ENV} must be a positive power-of-two int, got {value!r}") from None
-    if ept < 1 or ept & (ept - 1):
-        raise ValueError(f"{ELEMS_PER_THREAD_ENV} must be a positive power-of-two int, got {value!r}")
-    return ept
+    return env_positive_int(ELEMS_PER_THREAD_ENV, DEFAULT_ELEMS_PER_THREAD, "a positive power-of-two int",
+                            power_of_two=True)
 
 
 def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:

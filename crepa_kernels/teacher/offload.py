@@ -36,8 +36,7 @@ Intended order in a CREPA teacher step (``m`` a manager, ``vae`` and ``dino`` fr
     m.prefetch(vae)                  # early, e.g. before the DiT forward: the copy overlaps it
     with m.use(vae):
         m.prefetch(dino)             # before launching the decode, so the copy overlaps it
-        frames = decode(vae, latents)
-    m.release(vae)                   # before DINOv2 runs: its memory is free for DINOv2
+        frames = decode(vae, latents)  # leaving use() releases the VAE (per the mode) before DINOv2 runs
     with m.use(dino):
         features = encode(dino, frames)
 
