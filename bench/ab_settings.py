@@ -43,21 +43,14 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def _one_round(run, cuda: bool, synced: int, queued: int) -> dict:
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = [bm.time_one_call(run, cuda) for _ in range(synced)]
-    peak = int(torch.cuda.max_memory_allocated() - base) if cuda else None
-    return {"synced_ms": statistics.median(times), "queued_ms": bm.time_queued(run, queued, cuda),
-            "peak_extra_bytes": peak}
+def _one_round(run, device, synced: int, queued: int) -> dict:
+    r = bm.measure(run, device, warmup=0, reps=synced, max_seconds=float("inf"), queued=queued)
+    return {"synced_ms": r["median_ms"], "queued_ms": r["queued_ms"], "peak_extra_bytes": r.get("peak_extra_bytes")}
 
 
 def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, rounds: int, warmup: int,
            synced: int, queued: int, device) -> list[dict]:
     pr = bm.PRESETS[preset]
-    cuda = torch.device(device).type == "cuda"
     rows = []
     for dtype in dtypes:
         p, f = bm.make_inputs(pr, bm.DTYPES[dtype], device)
@@ -77,7 +70,7 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
                     continue
                 try:
                     with bm.environment_override(env):
-                        per[name].append(_one_round(run, cuda, synced, queued))
+                        per[name].append(_one_round(run, device, synced, queued))
                 except Exception as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
         for name, env in variants:

@@ -149,10 +149,18 @@ def environment_override(env: dict):
                 os.environ[k] = v
 
 
-def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20, max_seconds: float = 20.0) -> dict:
+def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20, max_seconds: float = 20.0,
+            queued: Optional[int] = None) -> dict:
     """Time ``run``: CUDA events on a GPU, perf_counter on the CPU. Returns ms quantiles of single
-    synced calls and, on a GPU, the peak memory and ``queued_ms`` (calls queued back to back)."""
+    synced calls and, on a GPU, the peak memory above what was allocated before them; ``queued_ms``
+    (``queued`` calls queued back to back, by default up to 10 and only on a GPU). Events, syncs and
+    memory statistics act on ``device``, made the current CUDA device for the duration."""
     is_cuda = torch.device(device).type == "cuda"
+    with torch.cuda.device(device) if is_cuda else contextlib.nullcontext():
+        return _measure(run, device, is_cuda, warmup, reps, max_seconds, queued)
+
+
+def _measure(run, device, is_cuda, warmup, reps, max_seconds, queued) -> dict:
     for _ in range(warmup):
         run()
     _sync(device)
@@ -169,7 +177,8 @@ def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20,
     out = {"p20_ms": q[0], "median_ms": q[1], "p80_ms": q[2], "reps": len(times)}
     if is_cuda:
         out["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated() - base)
-        out["queued_ms"] = time_queued(run, max(3, min(len(times), 10)), cuda=True)
+    if is_cuda or queued:
+        out["queued_ms"] = time_queued(run, queued or max(3, min(len(times), 10)), cuda=is_cuda)
     return out
 
 
@@ -208,9 +217,7 @@ def run_case(preset: Preset, dtype_name: str, provider: str, mode: str, device, 
     dtype = DTYPES[dtype_name]
     p, f = make_inputs(preset, dtype, device)
     run = build_callable(provider, mode, preset, p, f)
-    # Events, syncs and memory statistics act on the current CUDA device: make it the inputs' one.
-    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
-        stats = measure(run, device, **measure_kw)
+    stats = measure(run, p.device, **measure_kw)  # the inputs' device (e.g. cuda:1 for --device cuda:1)
     nbytes = io_bytes(mode, p, f)
     row = {"preset": preset.name, "dtype": dtype_name, "provider": provider, "mode": mode,
            "shapes": {k: list(v) for k, v in preset.shapes.items()}, "grids": {
