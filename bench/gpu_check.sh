@@ -34,7 +34,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 status=0
 test_rc=skipped
 # Shares of the budget; host and profile take at most 60 s each on top.
-bench_s=$(( BUDGET * 26 / 100 )); tests_s=$(( BUDGET * 26 / 100 )); ab_s=$(( BUDGET * 16 / 100 ))
+bench_s=$(( BUDGET * 22 / 100 )); tests_s=$(( BUDGET * 26 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
 offload_s=$(( BUDGET * 12 / 100 )); step_s=$(( BUDGET * 20 / 100 ))
 
 if want bench; then
@@ -50,12 +50,13 @@ if want tests; then
 fi
 
 if want ab; then
-  echo "== interleaved A/B at wan480: defaults vs the fast launch, the full fused token block, both"
+  echo "== interleaved A/B at wan480: defaults vs the fast launch, the one-pass backward, both, the full fused token block"
   timeout "$ab_s" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
     --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 \
+    --variant merged_bwd=CREPA_KERNELS_MERGED_BWD=1 \
+    --variant merged_fast=CREPA_KERNELS_MERGED_BWD=1,CREPA_KERNELS_FAST_LAUNCH=1 \
     --variant full_block=CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
-    --variant both=CREPA_KERNELS_FAST_LAUNCH=1,CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
-    --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 14 || status=1
+    --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 16 || status=1
 fi
 
 if want offload; then

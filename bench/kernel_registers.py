@@ -71,6 +71,7 @@ CONFIGS = {
     "default": (False, {}),
     "features_grad": (True, {}),
     "separate_resample": (False, {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
+    "merged_backward": (False, {"CREPA_KERNELS_MERGED_BWD": "1"}),
 }
 
 

@@ -22,12 +22,13 @@ def test_kernel_registers_reports_every_hot_kernel_without_spills():
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if "registers=" in line]
-    # 7 compiled variants per dtype: the fused-resample forward and backward and the resample backward
+    # 8 compiled variants per dtype: the fused-resample forward and backward and the resample backward
     # (default); the resample forward, the unfused forward and the backward with d features (features
-    # requiring grad); the unfused backward without d features (resample in a separate pass)
-    assert len(rows) == 14, proc.stdout
+    # requiring grad); the unfused backward without d features (resample in a separate pass); the
+    # one-pass fused-resample backward (CREPA_KERNELS_MERGED_BWD=1)
+    assert len(rows) == 16, proc.stdout
     for kernel in ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel", "_resample_fwd_kernel",
-                   "_resample_bwd_kernel"):
+                   "_resample_bwd_kernel", "_neighbour_cosine_resample_bwd_kernel"):
         assert sum(kernel in line for line in rows) >= 2, kernel
     # the launch settings keep every kernel free of register spills at the flagship size
     assert all(" spill=0 " in line for line in rows), proc.stdout

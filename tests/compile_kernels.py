@@ -68,6 +68,16 @@ def cases():
                 COMPUTE_DP=True, COMPUTE_DF=False, **plain))
     yield ("similarity bwd fp64", bwd, {"default": "fp64"},
            dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=False, **flags, **plain))
+    merged = similarity._neighbour_cosine_resample_bwd_kernel
+    # The one-pass fused-resample backward at its launch tile (8 warps) and at the small token blocks of
+    # small grids (a 1-D/2-D layout mix there once broke a Triton 3.6 layout pass).
+    for dt, fp64, block_p, block_d, warps in (("fp32", False, 16, 128, 8), ("bf16", False, 16, 128, 8),
+                                              ("fp64", True, 16, 128, 8), ("fp32", False, 8, 128, 4),
+                                              ("bf16", False, 2, 16, 2)):
+        ptrs = {"default": "fp64" if fp64 else "fp32", "p_ptr": dt, "f_ptr": dt, "dp_ptr": dt}
+        yield (f"similarity+resample bwd {dt} BLOCK_P={block_p}", merged, ptrs,
+               dict(S_PAD=4, BLOCK_P=block_p, BLOCK_D=block_d, CUMULATIVE=block_p == 8, NORMALIZE=block_p == 8,
+                    HAS_GT=True, HAS_GS=block_p != 2, R_H=3, R_W=2, TAPS_FP64=fp64), warps)
     rf, rb = resample._resample_fwd_kernel, resample._resample_bwd_kernel
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)
@@ -78,11 +88,11 @@ def main(argv) -> int:
     sm = int(argv[1]) if len(argv) > 1 else 90
     target = GPUTarget("cuda", sm, 32)
     failed = 0
-    for name, kernel, pointers, constexprs in cases():
+    for name, kernel, pointers, constexprs, *warps in cases():
         for int_type in ("i32", "i64") if name == "similarity fwd fp32" else ("i32",):
             t0 = time.perf_counter()
             try:
-                out = compile_one(kernel, pointers, constexprs, target, int_type)
+                out = compile_one(kernel, pointers, constexprs, target, int_type, *warps)
                 size = len(out.asm["cubin"])
                 print(f"ok   {name} ({int_type}) sm_{sm}: cubin {size} bytes, {time.perf_counter() - t0:.1f} s")
             except Exception as exc:  # report every kernel, then fail

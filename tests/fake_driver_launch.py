@@ -195,11 +195,21 @@ def package_cases():
         finally:
             del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
 
+    def merged_backward():
+        g_total = torch.ones(B, T, 1).expand(B, T, 9)
+        os.environ["CREPA_KERNELS_MERGED_BWD"] = "1"
+        try:
+            similarity._backward_impl(p, f, outs[2], outs[3], cos, g_total, None, 1, 1.0, False, False, True, False,
+                                      0, (2, 3, 3, 3), False)
+        finally:
+            del os.environ["CREPA_KERNELS_MERGED_BWD"]
+
     def resample_fwd():
         resample._launch_fwd(p, *grids[0], *grids[1])
 
     yield "similarity forward (fused resample)", forward
     yield "similarity + resample backward", backward
+    yield "one-pass similarity + resample backward", merged_backward
     yield "resample forward", resample_fwd
 
 
@@ -255,15 +265,16 @@ def host_time_us(rounds: int = 15, calls: int = 1000) -> dict:
     return {name: _interleaved(fn, rounds, calls) for name, fn in package_cases()}
 
 
-def step_host_time_us(rounds: int = 11, calls: int = 300) -> dict:
+def step_host_time_us(rounds: int = 11, calls: int = 300, merged: bool = False) -> dict:
     """One crepa_loss forward + backward on the Triton backend at wan480's grids (30x52 onto 37x37;
-    T = 4, D = 80 with 1 MiB windows: two backward windows, the five launches of wan480 fp32),
-    everything real but the launch itself."""
+    T = 4, D = 80 with 1 MiB windows: two backward windows, the five launches of wan480 fp32; with
+    ``merged`` the one-pass backward: two launches), everything real but the launch itself."""
     from crepa_kernels import crepa_loss, functional
 
     real_interpreter_enabled = functional.interpreter_enabled
     functional.interpreter_enabled = lambda: True  # let the Triton backend take CPU tensors
     os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] = "1"
+    os.environ["CREPA_KERNELS_MERGED_BWD"] = "1" if merged else "0"
     p = torch.randn(1, 4, 30 * 52, 80, requires_grad=True)
     f = torch.randn(1, 4, 37 * 37, 80)
 
@@ -279,6 +290,7 @@ def step_host_time_us(rounds: int = 11, calls: int = 300) -> dict:
         out = _interleaved(step, rounds, calls)
     finally:
         del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
+        del os.environ["CREPA_KERNELS_MERGED_BWD"]
         functional.interpreter_enabled = real_interpreter_enabled
     out["launches_per_step"] = launches
     return out
@@ -308,7 +320,8 @@ def _holds_tensor(obj) -> bool:
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     if which == "time":
-        print(json.dumps({"per_launch_site": host_time_us(), "crepa_loss_step": step_host_time_us()}))
+        print(json.dumps({"per_launch_site": host_time_us(), "crepa_loss_step": step_host_time_us(),
+                          "crepa_loss_step_merged_backward": step_host_time_us(merged=True)}))
         return 0
     results = {"triton": triton.__version__, "cases": {}}
     if which in ("all", "tiny"):

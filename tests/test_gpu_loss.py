@@ -53,7 +53,10 @@ def test_half_precision_inputs_against_fp32_reference(dtype, tol):
     assert cos > 0.999
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("merged", ["0", "1"])
+def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
+    # merged = "1": the one-pass fused-resample backward, launched through wrap_triton in the graph.
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
     p, f = _inputs(torch.float32, frames=5, dim=256)
 
     def step(a, b):
@@ -110,6 +113,29 @@ def test_fast_launch_gives_the_same_bits(monkeypatch, dtype):
     assert hits() > before
     for a, b in zip(results[0], results[2]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_backward_gives_the_same_numbers_at_wan480(monkeypatch, dtype):
+    """CREPA_KERNELS_MERGED_BWD=1 (the fused-resample backward as one gather kernel) must give the
+    default's loss and the default's gradient at the flagship shape, up to summation order (fp32) or
+    one bf16 rounding step (the default rounds the resampled-grid gradient to bf16 between its two
+    kernels; the one-pass kernel does not)."""
+    from crepa_kernels.ops.utils import MERGED_BWD_ENV
+
+    p, f = _inputs(dtype)
+    results = []
+    for merged in ("0", "1"):
+        monkeypatch.setenv(MERGED_BWD_ENV, merged)
+        out, grad = _loss_and_grad(p, f, "triton", **WAN480)
+        results.append((out.loss.float(), grad.float()))
+    (loss_d, grad_d), (loss_m, grad_m) = results
+    assert torch.equal(loss_m, loss_d)  # the same forward kernel
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-6
+    torch.testing.assert_close(grad_m, grad_d, rtol=rtol, atol=rtol * float(grad_d.abs().max()))
+    ref = _loss_and_grad(p.double(), f.double(), "torch", **WAN480)[1]
+    cos = torch.nn.functional.cosine_similarity(grad_m.double().flatten(), ref.flatten(), dim=0)
+    assert cos > (1 - 1e-6 if dtype == torch.float32 else 0.999)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -66,6 +66,9 @@ def test_the_key_tells_specialisations_apart(fake_driver_results):
     # The windowed backward: the similarity kernel, and the resample backward twice (frame slices of
     # the gradient that are and are not 16-byte aligned)
     assert len(cases["similarity + resample backward"]["compiled_kernels"]) == 3
+    # The one-pass backward: one kernel, one launch
+    assert len(cases["one-pass similarity + resample backward"]["compiled_kernels"]) == 1
+    assert cases["one-pass similarity + resample backward"]["launches"] == 1
 
 
 def test_positional_constexpr_floats_are_keyed_by_value(fake_driver_results):

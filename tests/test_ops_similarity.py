@@ -780,6 +780,184 @@ def test_fused_resample_backward_of_an_empty_clip():
     assert grad.shape == p.shape
 
 
+# ----------------------------------------------------------------------------------------------------
+# The one-pass fused-resample backward (CREPA_KERNELS_MERGED_BWD=1)
+# ----------------------------------------------------------------------------------------------------
+def _interpolated_oracle(p, f, in_grid, out_grid, **kw):
+    # Independent of both resample kernels: F.interpolate of the (B*T, D, h, w) image view, then the oracle.
+    B, T, _, D = p.shape
+    img = p.reshape(B * T, *in_grid, D).permute(0, 3, 1, 2)
+    res = F.interpolate(img, size=out_grid, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return oracle(res.reshape(B, T, out_grid[0] * out_grid[1], D), f, **kw)
+
+
+MERGED_CASES = [  # (in grid, out grid, dtype, neighbour settings, front end)
+    pytest.param((3, 5), (4, 4), torch.float64, dict(distance=2, tau=0.8, cumulative=True, normalize_neighbour_sum=True),
+                 "direct", id="mixed-like-30x52-to-37x37-fp64"),
+    pytest.param((3, 5), (2, 2), torch.float32, dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False),
+                 "direct", id="down-both-fp32"),
+    pytest.param((2, 3), (3, 4), torch.float64, dict(distance=4, tau=1.3, cumulative=False, normalize_neighbour_sum=True),
+                 "custom_op", id="up-both-adjacent-custom-op"),
+    pytest.param((1, 7), (1, 3), torch.float64, dict(distance=0, tau=1.0, cumulative=False, normalize_neighbour_sum=False),
+                 "direct", id="1d-down-self-only"),
+    pytest.param((1, 1), (2, 2), torch.float64, dict(distance=1, tau=0.5, cumulative=True, normalize_neighbour_sum=False),
+                 "direct", id="in-1x1"),
+    pytest.param((2, 2), (4, 1), torch.float64, dict(distance=1, tau=0.7, cumulative=False, normalize_neighbour_sum=False),
+                 "direct", id="up-4x-one-axis-down-other"),
+]
+
+
+@pytest.mark.parametrize("in_grid, out_grid, dtype, nkw, front_end", MERGED_CASES)
+def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtype, nkw, front_end):
+    """The one-pass backward gives the gradient of F.interpolate followed by the torch oracle, for
+    per-token upstream gradients of both outputs (several D blocks, D not a multiple of the block)."""
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    if front_end == "custom_op":
+        monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+    launched, real = [], similarity._launch_merged_backward
+    monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: launched.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(21)
+    B, T, D = 1, 3, 12
+    p = torch.randn(B, T, in_grid[0] * in_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    p.requires_grad_(True)
+    f = torch.randn(B, T, out_grid[0] * out_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    up_total, up_self = (torch.randn(B, T, f.shape[2], generator=g, dtype=torch.float64).to(DEV, dtype)
+                         for _ in range(2))
+    total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), block_d=8, **nkw)  # 8 + 4
+    got = torch.autograd.grad((total * up_total).sum() + (self_tok * up_self).sum(), p)[0]
+    assert launched == [1]
+    p64 = p.detach().double().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(p64, f.double(), in_grid, out_grid, **nkw)
+    want = torch.autograd.grad((ref_total * up_total.double()).sum() + (ref_self * up_self.double()).sum(), p64)[0]
+    _assert_grad_close(got.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("use", ["total", "self"])
+def test_merged_backward_with_one_output_used(monkeypatch, use):
+    # Only one of the two upstream gradients exists (the other output is not in the graph).
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    g = torch.Generator().manual_seed(22)
+    p = torch.randn(1, 3, 15, 12, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 16, 12, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    weights = torch.arange(16.0, dtype=torch.float64, device=DEV)
+    out = neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)
+    got = torch.autograd.grad((out[0 if use == "total" else 1] * weights).sum(), p)[0]
+    ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **kw)
+    want = torch.autograd.grad((ref[0 if use == "total" else 1] * weights).sum(), p)[0]
+    _assert_grad_close(got, want, 1e-9)
+
+
+def test_merged_backward_agrees_with_the_two_pass_backward(monkeypatch):
+    """Both backward paths, fp32, strided inputs and a stride-0 (token mean) upstream gradient: the
+    same gradient up to fp32 summation order."""
+    g = torch.Generator().manual_seed(23)
+    B, T, D = 2, 3, 24
+    p_big = torch.randn(B, T, D, 15, generator=g).to(DEV)
+    p = p_big.transpose(2, 3).requires_grad_(True)  # (B, T, 15, D), D not the fastest dimension
+    f = torch.randn(B, T, 16, 2 * D, generator=g).to(DEV)[..., ::2]  # every other feature
+    kw = dict(distance=2, tau=0.7, cumulative=True, normalize_neighbour_sum=True, token_mean=True)
+    grads = []
+    for merged in ("1", "0"):
+        monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+        total, self_tok = neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)
+        grads.append(torch.autograd.grad(total.sum() + 0.5 * self_tok.sum(), p)[0])
+    _assert_grad_close(grads[0], grads[1], 1e-5)
+
+
+def test_merged_backward_zero_vectors(monkeypatch):
+    # A frame whose projected tokens are all zero (resampled norm 0: no projection term) and zero
+    # teacher tokens: finite, and the oracle's gradient.
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    g = torch.Generator().manual_seed(24)
+    p = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, device=DEV)
+    f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64, device=DEV)
+    p[0, 1] = 0.0
+    p[0, 2, 0] *= 1e-14  # below eps after resampling on some tokens
+    f[0, 0, 1] = 0.0
+    p.requires_grad_(True)
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=((2, 3), (2, 2)), **kw)
+    got = torch.autograd.grad(total.sum() + self_tok.sum(), p)[0]
+    ref_total, ref_self = _interpolated_oracle(p, f, (2, 3), (2, 2), **kw)
+    want = torch.autograd.grad(ref_total.sum() + ref_self.sum(), p)[0]
+    assert torch.isfinite(got).all()
+    _assert_grad_close(got, want, 1e-9)
+
+
+def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buffer(monkeypatch):
+    """Called directly with a NaN-filled gradient it leaves no element unwritten; through autograd it
+    launches once and allocates nothing but the input-grid gradient (no resampled-grid buffer)."""
+    from crepa_kernels.ops import similarity
+
+    g = torch.Generator().manual_seed(25)
+    B, T, D = 1, 3, 20
+    p = torch.randn(B, T, 15, D, generator=g).to(DEV)
+    f = torch.randn(B, T, 16, D, generator=g).to(DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    total, self_tok, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, (3, 5, 4, 4),
+                                                                  traceable=False)
+    g_total = torch.randn(B, T, 16, generator=g).to(DEV)
+    dp = torch.full_like(p, float("nan"))
+    similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, resample_p=(3, 5, 4, 4),
+                                       block_d=16, **kw)
+    pl = p.clone().requires_grad_(True)
+    ref_total, _ = _interpolated_oracle(pl, f, (3, 5), (4, 4), **kw)
+    want = torch.autograd.grad((ref_total * g_total).sum(), pl)[0]
+    _assert_grad_close(dp, want, 1e-5)
+
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    calls = []
+    for name in ("_launch_backward", "_launch_resample_bwd", "_launch_merged_backward"):
+        real = getattr(similarity, name)
+        monkeypatch.setattr(similarity, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    pg = p.clone().requires_grad_(True)
+    total, self_tok = neighbour_cosine(pg, f, projected_resample=((3, 5), (4, 4)), token_mean=True, **kw)
+    sizes, real_empty = [], torch.empty
+
+    def spy_empty(*shape, **kwargs):
+        out = real_empty(*shape, **kwargs)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), pg)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert calls == ["_launch_merged_backward"]
+    assert max(sizes) == pg.numel() * 4 and sizes.count(pg.numel() * 4) == 1
+    assert torch.isfinite(grad).all()
+
+
+def test_merged_backward_gradcheck_fp64_and_bitwise_repeatable(monkeypatch):
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    g = torch.Generator().manual_seed(26)
+    p = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64, device=DEV)
+
+    def fn(p):
+        return neighbour_cosine(p, f, distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True,
+                                projected_resample=((2, 3), (2, 2)))
+
+    assert torch.autograd.gradcheck(fn, (p,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    p32 = p.detach().float().requires_grad_(True)
+    runs = [torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(
+        p32, f.float(), distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True,
+        projected_resample=((2, 3), (2, 2)))), p32)[0] for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_merged_backward_of_an_empty_clip(monkeypatch):
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    p = torch.zeros(1, 0, 15, 4, device=DEV, requires_grad=True)
+    f = torch.zeros(1, 0, 16, 4, device=DEV)
+    total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
+                                       projected_resample=((3, 5), (4, 4)), token_mean=True)
+    (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), p)
+    assert grad.shape == p.shape
+
+
 @pytest.mark.parametrize("frames, frame_bytes, limit, want", [
     (21, 1369 * 1536 * 4, 128 << 20, [(0, 11), (11, 10)]),  # wan480 fp32: 15 frames fit; 2 windows
     (21, 1369 * 1536 * 2, 128 << 20, [(0, 21)]),  # wan480 bf16: one window

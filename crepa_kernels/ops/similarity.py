@@ -21,12 +21,14 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op, wrap_triton
 
-from .resample import _axis_scale, _axis_taps, check_grid_sides, resample_tokens
+from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
+                       check_grid_sides, resample_tokens)
 from .resample import _launch_bwd as _launch_resample_bwd
 from .launch import launcher
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
-                    fused_halves_token_block, is_plain_tensor, next_power_of_2, num_warps_for, triton_supports)
+                    fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2, num_warps_for,
+                    triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -334,6 +336,145 @@ def _neighbour_cosine_bwd_kernel(
         out_ptrs += BLOCK_D
 
 
+@triton.jit
+def _pick(vec, idx, lanes):
+    """vec[idx] of a small vector, as a scalar (a masked sum: Triton has no dynamic indexing)."""
+    return tl.sum(tl.where(lanes == idx, vec, 0), axis=0)
+
+
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+def _neighbour_cosine_resample_bwd_kernel(
+    p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr,
+    T, N, D, d, S, NUM_P_BLOCKS, NUM_D_BLOCKS,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+    sp_b, sp_t, sp_n, sp_d,
+    sf_b, sf_t, sf_n, sf_d,
+    sgt_b, sgt_t, sgt_n,
+    sgs_b, sgs_t, sgs_n,
+    in_h, in_w, out_h, out_w,
+    S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_GT: tl.constexpr, HAS_GS: tl.constexpr,
+    R_H: tl.constexpr, R_W: tl.constexpr, TAPS_FP64: tl.constexpr,
+):
+    """The fused-resample backward in one gather: d projected on the input grid, with no
+    resampled-grid gradient in between.
+
+    With W[f, q] the weight of input token q in resampled token f and
+    g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] (W P[t])[f] the resampled-grid gradient of the
+    similarity backward (alpha, beta as in `_neighbour_cosine_bwd_kernel`),
+    d P[t, q'] = sum_f W[f, q'] g[f]. Program (t, d-block, token block, b) owns input tokens q': it
+    walks their contributors f in the resample backward's fixed order, adds
+    W[f, q'] alpha_j[f] F[t + o_j, f] slot by slot, and folds the beta term into the 3x3
+    neighbourhood of q' (every tap of an f that touches q' lies within one token of it):
+    c[q] = sum_f W[f, q'] beta[f] W[f, q], applied once per neighbour q at the end. Deterministic,
+    no atomics; accumulated in fp32 (fp64), no rounding between the two halves."""
+    ACC = pnorm_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % T  # frames fastest: programs sharing teacher frames run together (L2 reuse)
+    rest = pid // T
+    d_block = rest % NUM_D_BLOCKS
+    rest = rest // NUM_D_BLOCKS
+    p_block = rest % NUM_P_BLOCKS
+    b = rest // NUM_P_BLOCKS
+    n_in = in_h * in_w
+
+    # Every per-token value is a (BLOCK_P, 1) column of the tile's layout (1-D vectors mixed with
+    # tiles trip a layout pass of some Triton versions).
+    offs_q = p_block * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)[:, None]
+    q_mask = offs_q < n_in
+    ih = (offs_q // in_w).to(tl.int32)
+    iw = (offs_q % in_w).to(tl.int32)
+    scale_h = _axis_scale(in_h, out_h, TAPS_FP64)
+    scale_w = _axis_scale(in_w, out_w, TAPS_FP64)
+    oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+    ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+
+    # Per slot (frame distance and direction): its partner frame and its weight w_j / den[t].
+    j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
+    u_all = t + offset.to(tl.int64)
+    valid_all = in_window & (u_all >= 0) & (u_all < T)
+    inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _split_scalar(eps_hi, eps_lo, ACC)
+    w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
+    w_base = tl.where(in_window, w_base, 0.0)
+    scale_all = _slot_weights(u_all * 0 + t, w_base, offset, in_window, T, NORMALIZE)
+    scale_all = tl.where(valid_all, scale_all, 0.0)
+
+    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
+    d_mask = cols < D
+    stat_row = (b * T + t) * N
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+    # Neighbour coefficients, entry (dh + 1) * 4 + (dw + 1) for the input token (ih + dh, iw + dw).
+    nb = tl.arange(0, 16)[None, :]
+    coef = tl.zeros([BLOCK_P, 16], dtype=ACC)
+    # One flat loop over the contributors (rows, then columns: the resample backward's order). Nested
+    # loops, or the weight computed before the first load, make Triton 3.6's layout pass emit invalid
+    # IR (tests/compile_kernels.py compiles this kernel unspecialised).
+    for r in range(R_H * R_W):
+        kh = r // R_W
+        kw = r % R_W
+        oh = oh_lo + kh
+        wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
+        h0, h1, lh0, lh1 = _axis_taps(oh, in_h, scale_h)
+        ow = ow_lo + kw
+        ww = _axis_weight(ow, iw, in_w, out_w, scale_w)
+        w0, w1, lw0, lw1 = _axis_taps(ow, in_w, scale_w)
+        touch = q_mask & (kh < oh_count) & (kw < ow_count)
+        fidx = oh.to(tl.int64) * out_w + ow  # read only where touch (masked loads)
+        np_f = tl.load(pnorm_ptr + stat_row + fidx, mask=touch, other=1.0).to(ACC)
+        wgt = tl.where(touch, wh * ww, 0.0).to(ACC)
+        inv_np = 1.0 / tl.maximum(np_f, eps)
+        g_t = tl.zeros([BLOCK_P, 1], dtype=ACC)
+        g_s = tl.zeros([BLOCK_P, 1], dtype=ACC)
+        if HAS_GT:
+            g_t = tl.load(gt_ptr + b * sgt_b + t * sgt_t + fidx * sgt_n, mask=touch, other=0.0).to(ACC)
+        if HAS_GS:
+            g_s = tl.load(gs_ptr + b * sgs_b + t * sgs_t + fidx * sgs_n, mask=touch, other=0.0).to(ACC)
+        proj = tl.zeros([BLOCK_P, 1], dtype=ACC)
+        for jj in range(S):
+            u = _pick(u_all, jj, j)
+            m = touch & (_pick(valid_all.to(tl.int32), jj, j) != 0)
+            g = g_t * _pick(scale_all, jj, j)  # zero where m is false: masked loads, zero weight
+            if jj == 0:
+                g += g_s
+            cos = tl.load(cos_ptr + ((b * T + t) * S + jj) * N + fidx, mask=m, other=0.0).to(ACC)
+            nf = tl.load(fnorm_ptr + (b * T + u) * N + fidx, mask=m, other=1.0).to(ACC)
+            proj += g * cos
+            alpha = g * inv_np / tl.maximum(nf, eps) * wgt
+            fu = tl.load(f_ptr + b * sf_b + u * sf_t + fidx * sf_n + cols * sf_d, mask=m & d_mask,
+                         other=0.0).to(ACC)
+            acc += alpha * fu
+        above = np_f >= eps
+        beta = tl.where(above, proj / tl.where(above, np_f * np_f, 1.0), 0.0)
+        # The beta term: W[f, q'] beta[f] times each tap W[f, q] of f (taps coincide at a border).
+        beta_w = beta * wgt
+        for tap in tl.static_range(4):
+            if tap // 2 == 0:
+                hi, lh = h0, lh0
+            else:
+                hi, lh = h1, lh1
+            if tap % 2 == 0:
+                wi, lw = w0, lw0
+            else:
+                wi, lw = w1, lw1
+            entry = (hi - ih + 1) * 4 + (wi - iw + 1)
+            coef += tl.where(nb == entry, beta_w * (lh * lw).to(ACC), 0.0)
+
+    p_frame = p_ptr + b * sp_b + t * sp_t + cols * sp_d
+    for e in range(11):  # entries 0..10 (dh, dw in -1..1); 3 and 7 are never set
+        cq = tl.sum(tl.where(nb == e, coef, 0.0), axis=1, keep_dims=True)
+        qh = ih + (e // 4 - 1)
+        qw = iw + (e % 4 - 1)
+        ok = q_mask & (qh >= 0) & (qh < in_h) & (qw >= 0) & (qw < in_w) & (cq != 0.0)
+        q = tl.where(ok, qh.to(tl.int64) * in_w + qw, 0)
+        pq = tl.load(p_frame + q * sp_n, mask=ok & d_mask, other=0.0).to(ACC)
+        acc -= cq * pq
+
+    out = ((b * T + t) * n_in + offs_q) * D + cols
+    tl.store(dp_ptr + out, acc.to(dp_ptr.dtype.element_ty), mask=q_mask & d_mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launch settings and launchers
 # ----------------------------------------------------------------------------------------------------
@@ -491,6 +632,63 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     )
 
 
+# Token block and tile of the one-pass fused-resample backward. Compiled as crepa_loss launches it at
+# wan480 (bench/kernel_registers.py --configs merged_backward, sm_90): 16 x 64 tiles on 4 warps take
+# 103-106 registers per thread in fp32 and 93-96 in bf16 and fp16 on triton 3.6 and 3.8, no spills;
+# 16 x 128 on 8 warps took 128 (fp32) and spilled in bf16 on 3.8 (80 registers); 32 x 128, 199-214.
+_MERGED_BLOCK_P = 16
+_MERGED_TILE = 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def _merged_launch_config(n_in: int, D: int, block_d: int | None, ept: int):
+    """(BLOCK_P, BLOCK_D, num_warps) of the one-pass fused-resample backward. Its tiles are
+    (BLOCK_P, BLOCK_D): the gradient being gathered and one teacher tile at a time. The D blocks are a
+    grid axis, so small token blocks still give many programs (wan480: 21 x 98 x 24)."""
+    block_p = max(2, min(_MERGED_BLOCK_P, next_power_of_2(n_in)))
+    if block_d is None:
+        block_d = max(16, min(_MERGED_TILE // block_p, 128, next_power_of_2(D)))
+    return block_p, block_d, num_warps_for(block_p * block_d * 2, ept)
+
+
+def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
+                            distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
+                            resample_p: tuple[int, int, int, int], block_d: int | None = None,
+                            traceable: bool = False) -> None:
+    """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) in one
+    launch: the similarity backward and the resample backward of a fused-resample forward together."""
+    B, T, N, D = features.shape
+    in_h, in_w, out_h, out_w = resample_p
+    n_in = in_h * in_w
+    d = max(0, min(int(distance), T - 1))
+    S = num_slots(distance, T, cumulative)
+    s_pad = next_power_of_2(S)
+    block_p, bd, num_warps = _merged_launch_config(n_in, D, block_d, elements_per_thread())
+    if B * T * n_in * D == 0:
+        return
+    n_p, n_d = cdiv(n_in, block_p), cdiv(D, bd)
+    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
+    eps_hi, eps_lo = _split(EPS)
+    gt = g_total if g_total is not None else pnorm
+    gs = g_self if g_self is not None else pnorm
+    kernel = (wrap_triton(_neighbour_cosine_resample_bwd_kernel) if traceable
+              else launcher(_neighbour_cosine_resample_bwd_kernel))
+    kernel[(B * T * n_p * n_d,)](
+        projected, features, pnorm, fnorm, cos, gt, gs, d_projected,
+        T, N, D, d, S, n_p, n_d,
+        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *projected.stride(), *features.stride(),
+        *(g_total.stride() if g_total is not None else (0, 0, 0)),
+        *(g_self.stride() if g_self is not None else (0, 0, 0)),
+        in_h, in_w, out_h, out_w,
+        S_PAD=s_pad, BLOCK_P=block_p, BLOCK_D=bd,
+        CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
+        HAS_GT=g_total is not None, HAS_GS=g_self is not None,
+        R_H=_contributor_bound(in_h, out_h), R_W=_contributor_bound(in_w, out_w),
+        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two front ends over the same launchers: custom ops that torch.compile can capture, and an
 # autograd.Function that eager calls use (it skips the custom-op dispatch, whose host cost is larger
@@ -542,8 +740,9 @@ def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
                    normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
-    input grid: each frame window's resampled-grid gradient goes through the resample backward. An
-    unneeded gradient comes back as an empty tensor (custom ops cannot return None)."""
+    input grid: each frame window's resampled-grid gradient goes through the resample backward, or
+    with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel gathers it there directly. An unneeded gradient
+    comes back as an empty tensor (custom ops cannot return None)."""
     kw = dict(distance=distance, tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
               block_d=block_d or None, traceable=traceable)
     resample_p = _resample_arg(grids)
@@ -555,6 +754,11 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
                          device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
                          dp if need_projected else None, df if need_features else None, **kw)
+        return dp, df
+    if merged_backward_enabled():
+        dp = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
+        _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp,
+                                resample_p=resample_p, **kw)
         return dp, df
     # The resampled-grid gradient is produced and scattered to the input grid in frame windows of at
     # most bwd_window_bytes() (128 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to

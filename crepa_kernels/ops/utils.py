@@ -99,6 +99,19 @@ def fused_halves_token_block() -> bool:
     return env_flag(FUSED_HALF_BLOCK_N_ENV, True)
 
 
+MERGED_BWD_ENV = "CREPA_KERNELS_MERGED_BWD"
+
+
+def merged_backward_enabled() -> bool:
+    """Whether the backward of a fused-resample similarity runs as one gather kernel that writes the
+    input-grid gradient directly (``CREPA_KERNELS_MERGED_BWD=1``), instead of the similarity backward
+    into a resampled-grid buffer followed by the resample backward, in frame windows (the default).
+    One launch instead of two per window, no resampled-grid buffer, and 579 instead of 932 MB of
+    unique bytes at wan480 fp32, for more reads that must hit the caches; the same numbers up to
+    fp32 summation order. Off until a GPU A/B times it."""
+    return env_flag(MERGED_BWD_ENV, False)
+
+
 SWITCH_PREFIX = "CREPA_KERNELS_"
 
 
