@@ -20,7 +20,8 @@ from crepa_kernels.alignment import plan_tokens
 from crepa_kernels.ops import resample, similarity
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = {similarity: ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel"),
+KERNELS = {similarity: ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel",
+                        "_neighbour_cosine_resample_bwd_kernel"),
            resample: ("_resample_fwd_kernel", "_resample_bwd_kernel")}
 
 
@@ -53,9 +54,12 @@ def stubbed_kernels(monkeypatch):
 PRESETS = dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "wan480_grids"])
+@pytest.mark.parametrize("preset, merged", [("tiny", False), ("small", False), ("wan480_grids", False),
+                                            ("wan480_grids", True)])
 @pytest.mark.parametrize("front_end", ["direct", "custom_op"])
-def test_host_cost(benchmark, stubbed_kernels, monkeypatch, preset, front_end):
+def test_host_cost(benchmark, stubbed_kernels, monkeypatch, preset, merged, front_end):
+    """merged: the one-pass fused-resample backward (CREPA_KERNELS_MERGED_BWD=1)."""
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1" if merged else "0")
     if front_end == "custom_op":
         for module in KERNELS:
             monkeypatch.setattr(module, "direct_launch_ok", lambda *tensors: False)
@@ -73,9 +77,9 @@ def test_host_cost(benchmark, stubbed_kernels, monkeypatch, preset, front_end):
     plan = plan_tokens(shapes["projected"][2], shapes["features"][2], projected_grid=pr.projected_grid,
                        features_grid=pr.features_grid)
     # similarity fwd + bwd; a resample fwd for the features side; the projected side's resample is
-    # fused into the similarity kernels, leaving its backward
-    per_step = 2 + (plan.projected is not None) + (plan.features is not None)
+    # fused into the similarity kernels, leaving its backward (inside the one-pass backward if merged)
+    per_step = 2 + (plan.projected is not None and not merged) + (plan.features is not None)
     assert stubbed_kernels.calls == per_step  # every kernel launch went to the stub
-    benchmark.extra_info.update(preset=preset, front_end=front_end, device=DEVICE,
+    benchmark.extra_info.update(preset=preset, merged_backward=merged, front_end=front_end, device=DEVICE,
                                 note="host time with the Triton kernels stubbed out; not a GPU time")
     benchmark.pedantic(step, rounds=200, warmup_rounds=20)
