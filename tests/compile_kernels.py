@@ -69,10 +69,10 @@ def cases():
     yield ("similarity bwd fp64", bwd, {"default": "fp64"},
            dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=False, **flags, **plain))
     merged = similarity._neighbour_cosine_resample_bwd_kernel
-    # The one-pass fused-resample backward at its launch tile (8 warps) and at the small token blocks of
-    # small grids (a 1-D/2-D layout mix there once broke a Triton 3.6 layout pass).
-    for dt, fp64, block_p, block_d, warps in (("fp32", False, 16, 128, 8), ("bf16", False, 16, 128, 8),
-                                              ("fp64", True, 16, 128, 8), ("fp32", False, 8, 128, 4),
+    # The one-pass fused-resample backward at its launch tile (16 x 64, 4 warps), a wider one, and the
+    # small token blocks of small grids (a 1-D/2-D layout mix there once broke a Triton 3.6 layout pass).
+    for dt, fp64, block_p, block_d, warps in (("fp32", False, 16, 64, 4), ("bf16", False, 16, 64, 4),
+                                              ("fp64", True, 16, 64, 4), ("fp32", False, 8, 128, 4),
                                               ("bf16", False, 2, 16, 2)):
         ptrs = {"default": "fp64" if fp64 else "fp32", "p_ptr": dt, "f_ptr": dt, "dp_ptr": dt}
         yield (f"similarity+resample bwd {dt} BLOCK_P={block_p}", merged, ptrs,

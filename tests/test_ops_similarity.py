@@ -803,7 +803,7 @@ MERGED_CASES = [  # (in grid, out grid, dtype, neighbour settings, front end)
     pytest.param((1, 1), (2, 2), torch.float64, dict(distance=1, tau=0.5, cumulative=True, normalize_neighbour_sum=False),
                  "direct", id="in-1x1"),
     pytest.param((2, 2), (4, 1), torch.float64, dict(distance=1, tau=0.7, cumulative=False, normalize_neighbour_sum=False),
-                 "direct", id="up-4x-one-axis-down-other"),
+                 "direct", id="up-2x-one-axis-down-other"),
 ]
 
 
@@ -859,32 +859,42 @@ def test_merged_backward_agrees_with_the_two_pass_backward(monkeypatch):
     p = p_big.transpose(2, 3).requires_grad_(True)  # (B, T, 15, D), D not the fastest dimension
     f = torch.randn(B, T, 16, 2 * D, generator=g).to(DEV)[..., ::2]  # every other feature
     kw = dict(distance=2, tau=0.7, cumulative=True, normalize_neighbour_sum=True, token_mean=True)
+    from crepa_kernels.ops import similarity
+
+    launched, real = [], similarity._launch_merged_backward
+    monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: launched.append(1) or real(*a, **k))
     grads = []
     for merged in ("1", "0"):
         monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
         total, self_tok = neighbour_cosine(p, f, projected_resample=((3, 5), (4, 4)), **kw)
         grads.append(torch.autograd.grad(total.sum() + 0.5 * self_tok.sum(), p)[0])
+    assert launched == [1]
     _assert_grad_close(grads[0], grads[1], 1e-5)
 
 
-def test_merged_backward_zero_vectors(monkeypatch):
-    # A frame whose projected tokens are all zero (resampled norm 0: no projection term) and zero
-    # teacher tokens: finite, and the oracle's gradient.
+@pytest.mark.parametrize("in_grid, out_grid", [((2, 3), (2, 2)), ((1, 2), (1, 4))])
+def test_merged_backward_zero_vectors(monkeypatch, in_grid, out_grid):
+    # A frame whose projected tokens are all zero (resampled norm 0: no projection term), zero
+    # teacher tokens, and (1x2 -> 1x4: output token 0 reads input token 0 alone) a resampled token
+    # with a norm between 0 and eps, where F.normalize is linear: finite, and the oracle's gradient.
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
     g = torch.Generator().manual_seed(24)
-    p = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, device=DEV)
-    f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64, device=DEV)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    p = torch.randn(1, 3, n_in, 5, generator=g, dtype=torch.float64, device=DEV)
+    f = torch.randn(1, 3, n_out, 5, generator=g, dtype=torch.float64, device=DEV)
     p[0, 1] = 0.0
-    p[0, 2, 0] *= 1e-14  # below eps after resampling on some tokens
+    p[0, 2, 0] *= 1e-14
     f[0, 0, 1] = 0.0
     p.requires_grad_(True)
     kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
-    total, self_tok = neighbour_cosine(p, f, projected_resample=((2, 3), (2, 2)), **kw)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), **kw)
     got = torch.autograd.grad(total.sum() + self_tok.sum(), p)[0]
-    ref_total, ref_self = _interpolated_oracle(p, f, (2, 3), (2, 2), **kw)
+    ref_total, ref_self = _interpolated_oracle(p, f, in_grid, out_grid, **kw)
     want = torch.autograd.grad(ref_total.sum() + ref_self.sum(), p)[0]
     assert torch.isfinite(got).all()
     _assert_grad_close(got, want, 1e-9)
+    if in_grid == (1, 2):  # resampled token 0 is input token 0 (weight 1): its norm is in (0, eps)
+        assert 0 < float(p.detach()[0, 2, 0].norm()) < 1e-12
 
 
 def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buffer(monkeypatch):

@@ -636,6 +636,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
 # wan480 (bench/kernel_registers.py --configs merged_backward, sm_90): 16 x 64 tiles on 4 warps take
 # 103-106 registers per thread in fp32 and 93-96 in bf16 and fp16 on triton 3.6 and 3.8, no spills;
 # 16 x 128 on 8 warps took 128 (fp32) and spilled in bf16 on 3.8 (80 registers); 32 x 128, 199-214.
+# fp64 (gradcheck) uses the same tile.
 _MERGED_BLOCK_P = 16
 _MERGED_TILE = 1024
 

@@ -108,7 +108,8 @@ def merged_backward_enabled() -> bool:
     into a resampled-grid buffer followed by the resample backward, in frame windows (the default).
     One launch instead of two per window, no resampled-grid buffer, and 579 instead of 932 MB of
     unique bytes at wan480 fp32, for more reads that must hit the caches; the same numbers up to
-    fp32 summation order. Off until a GPU A/B times it."""
+    fp32 summation order (fp16 / bf16 inputs also skip the rounding of the resampled-grid gradient
+    to the input dtype). Off until a GPU A/B times it."""
     return env_flag(MERGED_BWD_ENV, False)
 
 
