@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver as driver_config  # noqa: E402
 
 CALLS: list = []
+RECORD_ARGS = True  # off while timing: the launcher then records only that a launch happened
 TARGET_SM = 90  # the compute capability the stand-in driver reports (H100, H200)
 
 
@@ -47,7 +48,7 @@ class RecordingLauncher:
         self.src = src
 
     def __call__(self, *args):
-        CALLS.append((self, tuple(_seen(a) for a in args)))
+        CALLS.append((self, tuple(_seen(a) for a in args) if RECORD_ARGS else None))
         metadata, enter_hook = args[6], args[7]
         if enter_hook is not None:  # as the real launcher does before the launch
             enter_hook(metadata)
@@ -249,16 +250,21 @@ def _interleaved(fn, rounds: int, calls: int) -> dict:
     two, each timing ``calls`` calls; the fastest and the median round of each are kept."""
     import time
 
+    global RECORD_ARGS
     per = {"triton": [], "fast": []}
-    for _ in range(rounds):
-        for value, name in (("0", "triton"), ("1", "fast")):
-            os.environ[launch.FAST_LAUNCH_ENV] = value
-            fn()
-            start = time.perf_counter()
-            for _ in range(calls):
-                CALLS.clear()
+    RECORD_ARGS = False
+    try:
+        for _ in range(rounds):
+            for value, name in (("0", "triton"), ("1", "fast")):
+                os.environ[launch.FAST_LAUNCH_ENV] = value
                 fn()
-            per[name].append((time.perf_counter() - start) / calls * 1e6)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    CALLS.clear()
+                    fn()
+                per[name].append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        RECORD_ARGS = True
     os.environ[launch.FAST_LAUNCH_ENV] = "0"
     out = {}
     for name, times in per.items():
