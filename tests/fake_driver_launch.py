@@ -196,23 +196,19 @@ def package_cases():
     def forward():
         similarity._launch_forward(p, f, *outs, cos, resample_p=(2, 3, 3, 3), **kw)
 
-    def backward():
-        g_total = torch.ones(B, T, 1).expand(B, T, 9)
-        os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"] = "1"
-        try:
-            similarity._backward_impl(p, f, outs[2], outs[3], cos, g_total, None, 1, 1.0, False, False, True, False,
-                                      0, (2, 3, 3, 3), False)
-        finally:
-            del os.environ["CREPA_KERNELS_BWD_WINDOW_MIB"]
+    def backward_with(switch):
+        def backward():
+            g_total = torch.ones(B, T, 1).expand(B, T, 9)
+            os.environ[switch] = "1"
+            try:
+                similarity._backward_impl(p, f, outs[2], outs[3], cos, g_total, None, 1, 1.0, False, False, True,
+                                          False, 0, (2, 3, 3, 3), False)
+            finally:
+                del os.environ[switch]
+        return backward
 
-    def merged_backward():
-        g_total = torch.ones(B, T, 1).expand(B, T, 9)
-        os.environ["CREPA_KERNELS_MERGED_BWD"] = "1"
-        try:
-            similarity._backward_impl(p, f, outs[2], outs[3], cos, g_total, None, 1, 1.0, False, False, True, False,
-                                      0, (2, 3, 3, 3), False)
-        finally:
-            del os.environ["CREPA_KERNELS_MERGED_BWD"]
+    backward = backward_with("CREPA_KERNELS_BWD_WINDOW_MIB")  # 1 MiB windows: one per frame
+    merged_backward = backward_with("CREPA_KERNELS_MERGED_BWD")
 
     def resample_fwd():
         resample._launch_fwd(p, *grids[0], *grids[1])
