@@ -34,8 +34,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 status=0
 test_rc=skipped
 # Shares of the budget; host and profile take at most 60 s each on top.
-bench_s=$(( BUDGET * 22 / 100 )); tests_s=$(( BUDGET * 26 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
-offload_s=$(( BUDGET * 12 / 100 )); step_s=$(( BUDGET * 20 / 100 ))
+bench_s=$(( BUDGET * 20 / 100 )); tests_s=$(( BUDGET * 30 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
+offload_s=$(( BUDGET * 10 / 100 )); step_s=$(( BUDGET * 20 / 100 ))
 
 if want bench; then
   echo "== kernel benchmarks (budget ${bench_s}s)"
