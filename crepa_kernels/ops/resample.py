@@ -112,13 +112,17 @@ if triton_available():
         tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _axis_weight(o, i, in_size, out_size, scale):
-        # Weight of input index `i` in output `o` along one axis (0 when o does not touch i);
+    def _tap_weight(i, i0, i1, l0, l1):
+        # Weight of input index `i` in an output with taps (i0, i1), weights (l0, l1), along one axis;
         # both taps may be the same index at the border, then their weights add, as in autograd.
+        return tl.where(i0 == i, l0, 0.0) + tl.where(i1 == i, l1, 0.0)
+
+    @triton.jit
+    def _axis_weight(o, i, in_size, out_size, scale):
+        # Weight of input index `i` in output `o` along one axis (0 when o does not touch i).
         i0, i1, l0, l1 = _axis_taps(o, in_size, scale)
         valid = (o >= 0) & (o < out_size)
-        w = tl.where(i0 == i, l0, 0.0) + tl.where(i1 == i, l1, 0.0)
-        return tl.where(valid, w, 0.0)
+        return tl.where(valid, _tap_weight(i, i0, i1, l0, l1), 0.0)
 
     @triton.jit
     def _axis_first_past(k, in_size, scale, inv_scale, STRICT: tl.constexpr):
@@ -164,6 +168,18 @@ if triton_available():
         hi = tl.where(i + 1 >= in_size, out_size, tl.minimum(tl.maximum(hi, 0), out_size))
         return lo, tl.maximum(hi - lo, 0)
 
+    @triton.jit
+    def _input_token_contributors(offs, in_h, in_w, out_h, out_w, IS_FP64: tl.constexpr):
+        # For input tokens ``offs`` (row-major on the in grid): their (row, column), the axis scales,
+        # and per axis the outputs with a nonzero weight on them, [lo, lo + count).
+        ih = (offs // in_w).to(tl.int32)
+        iw = (offs % in_w).to(tl.int32)
+        scale_h = _axis_scale(in_h, out_h, IS_FP64)
+        scale_w = _axis_scale(in_w, out_w, IS_FP64)
+        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+        return ih, iw, scale_h, scale_w, oh_lo, oh_count, ow_lo, ow_count
+
     @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
     def _resample_bwd_kernel(
         grad_out_ptr,
@@ -200,12 +216,8 @@ if triton_available():
         mask_n = offs_n < n_in
         mask_d = offs_d < D
 
-        ih = (offs_n // in_w).to(tl.int32)
-        iw = (offs_n % in_w).to(tl.int32)
-        scale_h = _axis_scale(in_h, out_h, IS_FP64)
-        scale_w = _axis_scale(in_w, out_w, IS_FP64)
-        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
-        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+        ih, iw, scale_h, scale_w, oh_lo, oh_count, ow_lo, ow_count = _input_token_contributors(
+            offs_n, in_h, in_w, out_h, out_w, IS_FP64)
 
         base = grad_out_ptr + b * g_stride_b + t * g_stride_t
         d_off = (offs_d * g_stride_d)[None, :]

@@ -19,12 +19,11 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import register_autograd, triton_op, wrap_triton
+from torch.library import register_autograd, triton_op
 
-from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
+from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token_contributors, _tap_weight,
                        check_grid_sides, resample_tokens)
-from .resample import _launch_bwd as _launch_resample_bwd
-from .launch import launcher
+from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
                     fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2, num_warps_for,
@@ -383,12 +382,8 @@ def _neighbour_cosine_resample_bwd_kernel(
     # tiles trip a layout pass of some Triton versions).
     offs_q = p_block * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)[:, None]
     q_mask = offs_q < n_in
-    ih = (offs_q // in_w).to(tl.int32)
-    iw = (offs_q % in_w).to(tl.int32)
-    scale_h = _axis_scale(in_h, out_h, TAPS_FP64)
-    scale_w = _axis_scale(in_w, out_w, TAPS_FP64)
-    oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
-    ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+    ih, iw, scale_h, scale_w, oh_lo, oh_count, ow_lo, ow_count = _input_token_contributors(
+        offs_q, in_h, in_w, out_h, out_w, TAPS_FP64)
 
     # Per slot (frame distance and direction): its partner frame and its weight w_j / den[t].
     j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
@@ -415,15 +410,13 @@ def _neighbour_cosine_resample_bwd_kernel(
         kh = r // R_W
         kw = r % R_W
         oh = oh_lo + kh
-        wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
         h0, h1, lh0, lh1 = _axis_taps(oh, in_h, scale_h)
         ow = ow_lo + kw
-        ww = _axis_weight(ow, iw, in_w, out_w, scale_w)
         w0, w1, lw0, lw1 = _axis_taps(ow, in_w, scale_w)
-        touch = q_mask & (kh < oh_count) & (kw < ow_count)
+        touch = q_mask & (kh < oh_count) & (kw < ow_count)  # (oh, ow) on the grid and touching the token
         fidx = oh.to(tl.int64) * out_w + ow  # read only where touch (masked loads)
         np_f = tl.load(pnorm_ptr + stat_row + fidx, mask=touch, other=1.0).to(ACC)
-        wgt = tl.where(touch, wh * ww, 0.0).to(ACC)
+        wgt = tl.where(touch, _tap_weight(ih, h0, h1, lh0, lh1) * _tap_weight(iw, w0, w1, lw0, lw1), 0.0).to(ACC)
         inv_np = 1.0 / tl.maximum(np_f, eps)
         g_t = tl.zeros([BLOCK_P, 1], dtype=ACC)
         g_s = tl.zeros([BLOCK_P, 1], dtype=ACC)
@@ -499,6 +492,13 @@ def _split(x: float) -> tuple[float, float]:
     return hi, float(x - hi)
 
 
+def _window_args(distance: int, T: int, cumulative: bool, tau: float):
+    """(d, S, S_PAD, (inv_tau_hi, inv_tau_lo, eps_hi, eps_lo)): the clamped neighbour distance, the
+    slot count and its power-of-two padding, and the float scalars every similarity kernel takes."""
+    S = num_slots(distance, T, cumulative)
+    return max(0, min(int(distance), T - 1)), S, next_power_of_2(S), (*_split(1.0 / float(tau)), *_split(EPS))
+
+
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
                    device: torch.device, tiles: int, block_d: int | None, fused: bool = False):
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -555,9 +555,7 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     ``resample_p = (in_h, in_w, out_h, out_w)``: projected is (B, T, in_h * in_w, D) and is resampled
     to features' N = out_h * out_w tokens as it is read."""
     B, T, N, D = features.shape
-    d = max(0, min(int(distance), T - 1))
-    S = num_slots(distance, T, cumulative)
-    s_pad = next_power_of_2(S)
+    d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     acc = total.dtype
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d,
                                             fused=resample_p is not None)
@@ -565,13 +563,11 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     grid = (B * T * n_blocks,)
     if B * T * N == 0:
         return
-    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
-    eps_hi, eps_lo = _split(EPS)
-    kernel = wrap_triton(_neighbour_cosine_fwd_kernel) if traceable else launcher(_neighbour_cosine_fwd_kernel)
+    kernel = _kernel(_neighbour_cosine_fwd_kernel, traceable)
     kernel[grid](
         projected, features, total, self_tok, pnorm, fnorm, cos,
         T, N, D, d, S, n_blocks,
-        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *scalars,
         *projected.stride(), *features.stride(),
         *(resample_p or (1, 1, 1, 1)),
         S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
@@ -595,9 +591,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     t0, tc = frames if frames is not None else (0, T)
     if resample_p is not None and d_features is not None:
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
-    d = max(0, min(int(distance), T - 1))
-    S = num_slots(distance, T, cumulative)
-    s_pad = next_power_of_2(S)
+    d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
     # Launch settings from the whole clip, so every window runs the same compiled kernel.
@@ -607,18 +601,16 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     grid = (B * tc * n_blocks,)
     if B * tc * N == 0 or (d_projected is None and d_features is None):
         return
-    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
-    eps_hi, eps_lo = _split(EPS)
     # Absent pieces get a harmless stand-in pointer; the constexpr switches keep it unread/unwritten.
     gt = g_total if g_total is not None else pnorm
     gs = g_self if g_self is not None else pnorm
     dp = d_projected if d_projected is not None else pnorm
     df = d_features if d_features is not None else pnorm
-    kernel = wrap_triton(_neighbour_cosine_bwd_kernel) if traceable else launcher(_neighbour_cosine_bwd_kernel)
+    kernel = _kernel(_neighbour_cosine_bwd_kernel, traceable)
     kernel[grid](
         projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
         T, N, D, d, S, n_blocks, t0, tc,
-        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *scalars,
         *projected.stride(), *features.stride(),
         *(g_total.stride() if g_total is not None else (0, 0, 0)),
         *(g_self.stride() if g_self is not None else (0, 0, 0)),
@@ -661,23 +653,18 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
     B, T, N, D = features.shape
     in_h, in_w, out_h, out_w = resample_p
     n_in = in_h * in_w
-    d = max(0, min(int(distance), T - 1))
-    S = num_slots(distance, T, cumulative)
-    s_pad = next_power_of_2(S)
+    d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     block_p, bd, num_warps = _merged_launch_config(n_in, D, block_d, elements_per_thread())
     if B * T * n_in * D == 0:
         return
     n_p, n_d = cdiv(n_in, block_p), cdiv(D, bd)
-    inv_tau_hi, inv_tau_lo = _split(1.0 / float(tau))
-    eps_hi, eps_lo = _split(EPS)
     gt = g_total if g_total is not None else pnorm
     gs = g_self if g_self is not None else pnorm
-    kernel = (wrap_triton(_neighbour_cosine_resample_bwd_kernel) if traceable
-              else launcher(_neighbour_cosine_resample_bwd_kernel))
+    kernel = _kernel(_neighbour_cosine_resample_bwd_kernel, traceable)
     kernel[(B * T * n_p * n_d,)](
         projected, features, pnorm, fnorm, cos, gt, gs, d_projected,
         T, N, D, d, S, n_p, n_d,
-        inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+        *scalars,
         *projected.stride(), *features.stride(),
         *(g_total.stride() if g_total is not None else (0, 0, 0)),
         *(g_self.stride() if g_self is not None else (0, 0, 0)),
