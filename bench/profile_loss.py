@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from crepa_kernels import benchmark as bm  # noqa: E402
+from crepa_kernels.ops.utils import switches_set  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     preset = bm.PRESETS[args.preset]
     p, f = bm.make_inputs(preset, bm.DTYPES[args.dtype], "cuda")
     lines = [f"crepa_loss forward+backward, preset {preset.name} {preset.shapes}, {args.dtype}, "
-             f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
+             f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+             f"switches {switches_set() or 'none (defaults)'}"]
     for backend in args.backends.split(","):
         run = bm.build_callable("triton" if backend == "triton" else "torch", "full", preset, p, f)
         for _ in range(10):
