@@ -91,6 +91,13 @@ def test_bad_arguments():
             call()
     with pytest.raises(TypeError, match="module.*nn.Module"):
         module_nbytes("x")
+    # The emulated device takes the same checks: named errors, not torch's own.
+    with pytest.raises(ValueError, match="device: got 'gpu', expected a device such as"):
+        OffloadManager("auto", device="gpu", emulate_device=True)
+    with pytest.raises(TypeError, match="device: got float"):
+        OffloadManager("auto", device=1.5, emulate_device=True)
+    with pytest.raises(ValueError, match="emulate_device=True runs on the CPU"):
+        OffloadManager("auto", device="cuda:0", emulate_device=True)
 
 
 def test_probe_returning_non_int_is_reported():
@@ -103,6 +110,34 @@ def test_trainable_module_is_refused():
     m = OffloadManager("offload", emulate_device=True)
     with pytest.raises(ValueError, match="requires grad.*requires_grad_"):
         m.prefetch(nn.Linear(2, 2))
+
+
+def test_running_statistics_in_training_mode_are_refused():
+    # A batch norm in training mode writes its running statistics into the device copy, which the
+    # manager drops: refused before anything moves, whether the module is new or already packed.
+    m = OffloadManager("offload", emulate_device=True)
+    toy = Toy().train()
+    for call in (m.prefetch, lambda mod: m.use(mod).__enter__()):
+        with pytest.raises(ValueError, match="BatchNorm2d is in training mode .*module.eval"):
+            call(toy)
+    assert m.stats.bytes_to_host == 0 and m.stats.copies == 0
+    toy.eval()
+    with m.use(toy):
+        pass
+    toy.train()
+    with pytest.raises(ValueError, match="BatchNorm2d is in training mode"):
+        m.prefetch(toy)
+    assert not m.is_resident(toy) and m.stats.copies == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_release_and_evict_leave_a_module_the_manager_never_packed_alone(mode):
+    toy = Toy()
+    ref, ptrs = snapshot(toy), storages(toy)
+    m = OffloadManager(mode, emulate_device=True)
+    assert m.release(toy) is False and m.evict(toy) is False
+    assert storages(toy) == ptrs and m.stats.bytes_to_host == 0 and m.stats.host_bytes == 0
+    assert_same_state(toy, ref)
 
 
 def test_overlapping_modules_are_refused():

@@ -208,3 +208,35 @@ def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
     assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
     stats = manager.stats
     assert stats.copies == 2 and stats.releases == 2  # one trip to the device and back each
+
+
+@pytest.mark.parametrize("failure", ["bad latents", "decode raises"])
+def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch):
+    # Bad latents are refused before either module is copied in; a decode that raises (e.g. out of
+    # memory) hands back the encoder prefetched for the encode that will not run.
+    diffusers = pytest.importorskip("diffusers")
+    from crepa_kernels.teacher.offload import OffloadManager
+    from crepa_kernels.teacher.vae import VaeAdapter
+
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    manager = reg._offload = OffloadManager("offload", emulate_device=True)
+    latents = torch.randn(1, 4, 3, 4, 4)
+    if failure == "bad latents":
+        latents = torch.randn(1, 16, 3, 4, 4)  # 16 channels for a z_dim=4 VAE
+        expected = pytest.raises(ValueError, match="latents must have 4 channels")
+    else:
+        def decode(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("no room for the decode")
+
+        monkeypatch.setattr(VaeAdapter, "decode", decode)
+        expected = pytest.raises(torch.OutOfMemoryError)
+    with expected:
+        reg.teacher_features(latents, vae, num_frames=3)
+    assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
+    stats = manager.stats
+    assert stats.copies == stats.releases == (0 if failure == "bad latents" else 2)

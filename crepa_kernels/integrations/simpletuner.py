@@ -148,7 +148,11 @@ class CrepaRegularizer:
             manager.prefetch(vae)
             with manager.use(vae):
                 manager.prefetch(encoder)  # the encoder's copy overlaps the decode
-                yield
+                try:
+                    yield
+                except BaseException:
+                    manager.release(encoder)  # no encode follows: its copy goes back per the mode
+                    raise
 
         def encoder_context():
             return manager.use(encoder)

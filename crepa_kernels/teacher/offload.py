@@ -36,11 +36,21 @@ Intended order in a CREPA teacher step (``m`` a manager, ``vae`` and ``dino`` fr
     m.prefetch(vae)                  # early, e.g. before the DiT forward: the copy overlaps it
     with m.use(vae):
         m.prefetch(dino)             # before launching the decode, so the copy overlaps it
-        frames = decode(vae, latents)  # leaving use() releases the VAE (per the mode) before DINOv2 runs
+        try:
+            frames = decode(vae, latents)  # leaving use() releases the VAE (per the mode) before DINOv2 runs
+        except BaseException:
+            m.release(dino)          # the encode will not run: its prefetched copy goes back per the mode
+            raise
     with m.use(dino):
         features = encode(dino, frames)
 
 ``release`` follows the mode (a no-op in ``"resident"``); ``evict`` always drops the device copy.
+Both leave a module the manager has not packed untouched.
+
+The modules must stay frozen while managed: anything written into their tensors while the device
+copy is in use (an in-place weight load, running statistics) is lost when the copy is dropped.
+Load weights before the manager first sees a module, or ``unregister`` it first; a module with
+running statistics (batch norm) is refused while in training mode.
 The ``"auto"`` rule counts the module's own bytes as used, so a module stays only when a second
 copy of it (the next module, activations) would still fit with the margin to spare.
 Prefetching DINOv2 while the VAE decodes keeps both weight sets on the device during the decode;
@@ -62,13 +72,21 @@ from torch import nn
 
 from ..config import OFFLOAD_MODES  # one list of modes for the config key and the manager
 
-__all__ = ["OFFLOAD_MODES", "DEFAULT_MARGIN_BYTES", "OffloadStats", "OffloadManager", "module_nbytes"]
+__all__ = ["OFFLOAD_MODES", "DEFAULT_MARGIN_BYTES", "OffloadStats", "OffloadManager", "module_nbytes",
+           "is_managed"]
 
 DEFAULT_MARGIN_BYTES = 2 * 1024**3  # room left for activations when "auto" decides to keep a module
 _ALIGN = 256  # byte alignment of each tensor inside the packed buffers (vectorised loads, cuBLAS)
 _PAGE = mmap.PAGESIZE
 
 DeviceLike = Union[str, int, torch.device, None]
+_MANAGERS: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()  # every live manager
+
+
+def is_managed(module: nn.Module) -> bool:
+    """Whether a live OffloadManager has packed ``module`` (its tensors are views of the manager's
+    buffers: replacing or freeing them behind its back would not free or change anything)."""
+    return any(module in m._slots for m in list(_MANAGERS))
 
 
 def _round_up(n: int, to: int) -> int:
@@ -152,6 +170,7 @@ class _Slot:
     in_use: int = 0
     last_used: int = 0
     expected_ptr: int = 0  # data_ptr of the first entry, to notice modules moved behind our back
+    stat_modules: list = dataclasses.field(default_factory=list)  # submodules that track running stats
     finalizer: Optional[weakref.finalize] = None
 
 
@@ -230,6 +249,7 @@ class OffloadManager:
         self._probe = memory_probe if memory_probe is not None else self._default_probe
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._slots: "weakref.WeakKeyDictionary[nn.Module, _Slot]" = weakref.WeakKeyDictionary()
+        _MANAGERS.add(self)
         self._owned: dict[int, weakref.ref] = {}  # id(tensor) -> tensor, to refuse overlapping modules
         self._clock = itertools.count(1)
         self._timings: list[tuple[object, object]] = []  # (start, end) events of copies not yet timed
@@ -241,12 +261,8 @@ class OffloadManager:
     # ----------------------------------------------------------------------------------------- setup
     @staticmethod
     def _resolve_device(device: DeviceLike, emulate: bool) -> torch.device:
-        if emulate:
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"device: got {device!r}, but emulate_device=True runs on the CPU")
-            return torch.device("cpu")
         if device is None:
-            if torch.cuda.is_available():
+            if torch.cuda.is_available() and not emulate:
                 return torch.device("cuda", torch.cuda.current_device())
             return torch.device("cpu")
         if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
@@ -255,6 +271,10 @@ class OffloadManager:
             dev = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device: got {device!r}, expected a device such as 'cuda:0' or 'cpu'") from e
+        if emulate:
+            if dev.type != "cpu":
+                raise ValueError(f"device: got {device!r}, but emulate_device=True runs on the CPU")
+            return dev
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(f"device: got {device!r}, but CUDA is not available")
@@ -295,6 +315,8 @@ class OffloadManager:
 
     def _register(self, module: nn.Module) -> _Slot:
         name = type(module).__name__
+        stat_modules = [m for m in module.modules() if getattr(m, "track_running_stats", False)]
+        self._check_frozen(name, stat_modules)
         tensors = _module_tensors(module)
         for tname, t in tensors:
             if isinstance(t, nn.Parameter) and t.requires_grad:
@@ -325,7 +347,8 @@ class OffloadManager:
         with torch.no_grad():
             for e, v in zip(entries, views):
                 v.copy_(e.tensor.detach())
-        slot = _Slot(name=name, entries=entries, nbytes=nbytes, host=host, host_views=views)
+        slot = _Slot(name=name, entries=entries, nbytes=nbytes, host=host, host_views=views,
+                     stat_modules=stat_modules)
         if reg_ptr is not None:
             slot.finalizer = weakref.finalize(slot, _unregister_host, reg_ptr)
         self._point(slot, views)  # the module's original storage is released here
@@ -333,6 +356,16 @@ class OffloadManager:
             self._owned[id(e.tensor)] = weakref.ref(e.tensor)
         self._n["bytes_to_host"] += nbytes
         return slot
+
+    @staticmethod
+    def _check_frozen(name: str, stat_modules: list) -> None:
+        for m in stat_modules:
+            if m.training:
+                raise ValueError(
+                    f"module {name}: submodule {type(m).__name__} is in training mode and updates its running "
+                    "statistics, which the offload manager would discard with the device copy; call "
+                    "module.eval() (managed modules are frozen)"
+                )
 
     # ------------------------------------------------------------------------------------- plumbing
     @staticmethod
@@ -444,6 +477,7 @@ class OffloadManager:
         if slot is None:
             yield module
             return
+        self._check_frozen(slot.name, slot.stat_modules)
         self._bring_in(slot)
         if self._cuda:
             cur = torch.cuda.current_stream(self.device)
@@ -467,6 +501,7 @@ class OffloadManager:
         slot = self._slot_for(module)
         if slot is None:
             return False
+        self._check_frozen(slot.name, slot.stat_modules)
         self._n["prefetches"] += 1
         if slot.device_buf is not None:
             return True
@@ -478,7 +513,12 @@ class OffloadManager:
         return True
 
     def _resident_slot(self, module: nn.Module, verb: str) -> Optional["_Slot"]:
-        """The slot of a module that has a device copy (None if it has none); refused inside use()."""
+        """The slot of a module that has a device copy (None if it has none, or if the manager has not
+        packed it: that module is left as it is); refused inside use()."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        if module not in self._slots:
+            return None
         slot = self._slot_for(module)
         if slot is None or slot.device_buf is None:
             return None

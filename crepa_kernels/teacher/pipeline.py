@@ -24,7 +24,7 @@ def kept_frame_indices(total: int, keep: int) -> list[int]:
     if total <= keep:
         return list(range(total))
     # Same float32 linspace + truncation as the loss's alignment, evaluated on the host (no device sync).
-    return torch.linspace(0, total - 1, keep).long().tolist()
+    return torch.linspace(0, total - 1, keep, dtype=torch.float32).long().tolist()
 
 
 def _select_frames(frames: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -67,6 +67,7 @@ def latents_to_features(
     for arg, value in (("vae_context", vae_context), ("encoder_context", encoder_context)):
         if value is not None and not callable(value):
             raise TypeError(f"{arg} must be a callable returning a context manager, or None; got {value!r}")
+    vae_adapter._check_latents(latents)  # before any context moves a module to the device
 
     with torch.no_grad():
         with (vae_context or contextlib.nullcontext)():
