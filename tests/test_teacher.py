@@ -308,8 +308,46 @@ def test_weights_resampled_to_another_image_size(tmp_path):
     torch.save({"model": source.state_dict()}, str(path))  # wrapped the way training checkpoints are
     enc = DinoEncoder("dinov2_vits14", 28, weights=path, model_kwargs=TINY)
     assert enc.model.pos_embed.shape == (1, 1 + 4, 32)
+    # The class token's embedding is kept; the 4x4 patch grid (56 px) is resized to 2x2 (28 px) by
+    # antialiased bicubic interpolation, timm's documented default for a new input size.
+    src = source.pos_embed.detach()
+    grid = src[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
+    want = torch.cat([src[:, :1], want.permute(0, 2, 3, 1).reshape(1, 4, 32)], dim=1)
+    torch.testing.assert_close(enc.model.pos_embed.detach(), want)
     torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert torch.isfinite(enc.encode(_frames(1, 1))).all()
+
+
+@pytest.mark.parametrize("checkpoint", ["shallower", "narrower"])
+def test_mismatched_weights_leave_the_wrapped_model_untouched(tmp_path, checkpoint):
+    model = _tiny_vit(seed=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = _tiny_vit(seed=7, depth=1) if checkpoint == "shallower" else _tiny_vit(seed=7, embed_dim=16)
+    path = tmp_path / "other.pth"
+    torch.save(other.state_dict(), str(path))
+    what = "missing keys \\['blocks.1" if checkpoint == "shallower" else "shape mismatches \\['cls_token: file"
+    with pytest.raises(ValueError, match=f"weights file .*other.pth' does not match the model.*{what}"):
+        DinoEncoder(model=model, weights=path)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was copied in
+
+
+def test_a_cast_keeps_the_pixel_statistics_and_dtype_follows_the_weights():
+    # A parent module's cast (e.g. .to(torch.bfloat16)) reaches the encoder: it then runs in bf16,
+    # but the ImageNet statistics stay float32 (rounding them would shift every input pixel).
+    model = _tiny_vit()
+    enc = DinoEncoder(model=model, dtype=torch.float32)
+    enc.to(torch.bfloat16)
+    assert enc.dtype == enc.compute_dtype() == torch.bfloat16 and "dtype=torch.bfloat16" in repr(enc)
+    assert enc.pixel_mean.dtype == enc.pixel_std.dtype == torch.float32
+    torch.testing.assert_close(enc.pixel_mean, MEAN, rtol=0, atol=0)
+    torch.testing.assert_close(enc.pixel_std, STD, rtol=0, atol=0)
+    frames = _frames(1, 2, 56, 56)
+    x = ((frames.reshape(2, 3, 56, 56) - MEAN) / STD).to(torch.bfloat16)
+    with torch.no_grad():
+        want = model.forward_features(x)[:, 1:].float().reshape(1, 2, 16, 32)
+    torch.testing.assert_close(enc.encode(frames), want, rtol=0, atol=0)
 
 
 def _empty_caches(monkeypatch, tmp_path):
@@ -390,6 +428,8 @@ def test_encoder_errors(tmp_path):
     torch.save({"not_a_vit.weight": torch.zeros(3)}, str(wrong))
     with pytest.raises(ValueError, match="does not match the model"):
         DinoEncoder("dinov2_vits14", 56, weights=wrong, model_kwargs=TINY)
+    with pytest.raises(ValueError, match="model_kwargs img_size=28 disagrees with image_size=56"):
+        DinoEncoder("dinov2_vits14", 56, weights="random", model_kwargs={**TINY, "img_size": 28})
     not_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], str(not_dict))
     with pytest.raises(ValueError, match="does not hold a state dict"):
@@ -524,6 +564,15 @@ def test_adapter_errors(diffusers):
     ltx = adapter_for(_ltx(diffusers, timestep_conditioning=True))
     with pytest.raises(ValueError, match=r"timestep must hold 1 or B=2 values, got shape \(3,\)"):
         ltx.decode(_latents(8), timestep=torch.zeros(3))
+    with pytest.raises(ValueError, match="latents are on meta but the VAE weights are on cpu"):
+        adapter.decode(torch.empty(1, 4, 1, 4, 4, device="meta"))
+    # The adapter class itself checks what adapter_for checks.
+    with pytest.raises(TypeError, match="vae: unsupported class Linear"):
+        VaeAdapter(torch.nn.Linear(2, 2), "wan")
+    with pytest.raises(ValueError, match="family='ltxvideo' expects a AutoencoderKLLTXVideo"):
+        VaeAdapter(_wan(diffusers), "ltxvideo")
+    with pytest.raises(ValueError, match="family must be one of"):
+        VaeAdapter(_wan(diffusers), None)
 
 
 def test_wan_decode_matches_manual_denormalisation(diffusers):
@@ -627,6 +676,21 @@ def test_drop_encoder_frees_parameters_and_keeps_decoding(diffusers, make):
     torch.testing.assert_close(adapter.decode(z), before)
 
 
+def test_drop_encoder_refuses_a_vae_an_offload_manager_packed(diffusers):
+    from crepa_kernels.teacher.offload import OffloadManager
+
+    vae = _wan(diffusers).requires_grad_(False)
+    manager = OffloadManager("offload", emulate_device=True)
+    with manager.use(vae):
+        pass
+    host_bytes = manager.stats.host_bytes
+    with pytest.raises(RuntimeError, match="packed by an offload manager, so dropping its encoder would free"):
+        drop_encoder(vae)
+    assert vae.encoder is not None and manager.stats.host_bytes == host_bytes
+    manager.unregister(vae)
+    assert drop_encoder(vae) > 0 and vae.encoder is None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Pipeline
 # ------------------------------------------------------------------------------------------------------------
@@ -639,6 +703,22 @@ def test_kept_frame_indices(total, keep, expected):
     assert kept_frame_indices(total, keep) == expected
     if total > keep:
         assert expected == torch.linspace(0, total - 1, keep).long().tolist()  # SPEC section 1's definition
+
+
+def test_kept_frame_indices_round_in_float32_whatever_the_default_dtype():
+    # Truncating linspace(0, 16, 15) keeps other frames in float64 than in float32 (a position that
+    # is a whole number in exact arithmetic lands just below it in one of them). The loss's alignment
+    # (SPEC section 1) uses float32, so the teacher must too.
+    from crepa_kernels.reference import temporal_indices
+
+    want = torch.linspace(0, 16, 15, dtype=torch.float32).long().tolist()
+    assert want != torch.linspace(0, 16, 15, dtype=torch.float64).long().tolist()  # the case matters
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert kept_frame_indices(17, 15) == want == temporal_indices(17, 15).tolist()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("num_frames", [3, 4, 9, 20])
@@ -695,6 +775,11 @@ def test_latents_to_features_errors(diffusers):
             latents_to_features(z, adapter, encoder, num_frames=bad)
     with pytest.raises(TypeError, match="encoder_context must be a callable"):
         latents_to_features(z, adapter, encoder, num_frames=1, encoder_context=object())
+    entered = []  # bad latents are refused before a context could move a module to the device
+    with pytest.raises(ValueError, match="latents must have 4 channels"):
+        latents_to_features(torch.randn(1, 16, 1, 4, 4), adapter, encoder, num_frames=1,
+                            vae_context=lambda: entered.append("vae"))
+    assert entered == []
     assert isinstance(adapter, VaeAdapter)
 
 

@@ -139,12 +139,19 @@ def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
 
     state = _read_state_dict(path)
     state = checkpoint_filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    # Checked in full before anything is copied: a mismatch leaves the model as it was.
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
-            f"weights file {os.fspath(path)!r} does not match the model: missing keys {missing[:8]}, "
-            f"unexpected keys {unexpected[:8]}"
+            f"weights file {os.fspath(path)!r} does not match the model (a {type(model).__name__}; another size "
+            f"or depth?): missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches "
+            f"{wrong_shape[:4]}"
         )
+    model.load_state_dict(state, strict=True)
 
 
 def _cached_weights(arch: str) -> str | None:
@@ -224,6 +231,11 @@ class DinoEncoder(nn.Module):
             image_size = _check_image_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
             import timm
 
+            if model_kwargs and model_kwargs.get("img_size", image_size) != image_size:
+                raise ValueError(
+                    f"model_kwargs img_size={model_kwargs['img_size']!r} disagrees with image_size={image_size}; "
+                    "pass the input size as image_size only"
+                )
             kwargs = {"img_size": image_size, "num_classes": 0}
             kwargs.update(model_kwargs or {})
             model = timm.create_model(self.name, pretrained=False, **kwargs)
@@ -254,7 +266,7 @@ class DinoEncoder(nn.Module):
         self.model = model
         self.image_size = image_size
         self.frames_batch_size = frames_batch_size
-        self.dtype = dtype
+        self._dtype = dtype
         # Non-persistent so they follow `.to(device)` without entering the state dict.
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -283,6 +295,24 @@ class DinoEncoder(nn.Module):
         self.model.to(dtype)
         if device is not None:
             self.to(device)  # the pixel statistics too; they stay float32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype `encode` runs in: the weights' (set at construction; a later cast of the module,
+        e.g. of a parent, changes it, and this follows)."""
+        first = next(self.model.parameters(), None)
+        return self._dtype if first is None else first.dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        # A cast of the module (.to(dtype), .half(), a parent's .bfloat16()) must not round the pixel
+        # statistics: they stay float32 on whatever device they move to.
+        out = super()._apply(fn, *args, **kwargs)
+        for name in ("pixel_mean", "pixel_std"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, torch.tensor(IMAGENET_MEAN if name == "pixel_mean" else IMAGENET_STD,
+                                                 device=buf.device).view(1, 3, 1, 1))
+        return out
 
     # The teacher never trains: a parent's .train() must not switch it out of eval.
     def train(self, mode: bool = True) -> "DinoEncoder":
@@ -314,7 +344,7 @@ class DinoEncoder(nn.Module):
         return int(self.model.num_prefix_tokens)
 
     def compute_dtype(self, device: torch.device | None = None) -> torch.dtype:
-        """The dtype `encode` runs in: fixed at construction (see `dtype`), the same on every device.
+        """The dtype `encode` runs in (`dtype`: the weights'), the same on every device.
 
         The weights already hold it, so `encoder.model.to(encoder.compute_dtype(device))` is a no-op; `device`
         is accepted so such callers keep working.
@@ -340,7 +370,7 @@ class DinoEncoder(nn.Module):
                 f"frames are on {frames.device} but the encoder weights are on {first.device}; move one of them"
             )
         # Run in the weights' dtype; casting them here would replace tensors an offload manager has packed.
-        compute_dtype = self.dtype if first is None else first.dtype
+        compute_dtype = self.dtype
         flat = frames.reshape(n, c, h, w)
         out = torch.empty(n, self.num_patches, self.embed_dim, device=frames.device, dtype=torch.float32)
         step = n if self.frames_batch_size is None else self.frames_batch_size

@@ -54,9 +54,18 @@ class VaeAdapter:
     """Decode one family's training-space latents `(B, C, T, h, w)` to frames `(B, T, 3, H, W)` in [0, 1]."""
 
     def __init__(self, vae: nn.Module, family: str) -> None:
+        class_name = _vae_class(vae)
+        if class_name is None:
+            raise TypeError(
+                f"vae: unsupported class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
+            )
+        if not isinstance(family, str) or family not in VAE_FAMILIES:
+            raise ValueError(f"family must be one of {sorted(VAE_FAMILIES)}, got {family!r}")
+        if VAE_FAMILIES[family] != class_name:
+            raise ValueError(f"family={family!r} expects a {VAE_FAMILIES[family]}, but the VAE is a {class_name}")
         self.vae = vae
         self.family = family
-        self.class_name = _vae_class(vae)
+        self.class_name = class_name
         inner = _unwrap(vae)
         if self.class_name == "AutoencoderKLWan":
             # The architecture decides the ratios (the config's scale_factor_* are only pipeline hints).
@@ -163,6 +172,12 @@ class VaeAdapter:
         `timestep` is the decode timestep of a timestep-conditioned LTX decoder (default 0.0); VAEs without
         timestep conditioning ignore it, as diffusers' pipelines do.
         """
+        self._check_latents(latents)
+        first = next(_unwrap(self.vae).parameters(), None)
+        if first is not None and first.device != latents.device:
+            raise ValueError(
+                f"latents are on {latents.device} but the VAE weights are on {first.device}; move one of them"
+            )
         z = self.denormalize(latents)
         if self.timestep_conditioning:
             temb = self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)
@@ -193,22 +208,27 @@ def adapter_for(vae: nn.Module, family: str | None = None) -> VaeAdapter:
         family = _DEFAULT_FAMILY[class_name]
     elif not isinstance(family, str) or family not in VAE_FAMILIES:
         raise ValueError(f"family must be one of {sorted(VAE_FAMILIES)} or None, got {family!r}")
-    elif VAE_FAMILIES[family] != class_name:
-        raise ValueError(
-            f"family={family!r} expects a {VAE_FAMILIES[family]}, but the VAE is a {class_name}"
-        )
-    return VaeAdapter(vae, family)
+    return VaeAdapter(vae, family)  # checks that the family agrees with the class
 
 
 def drop_encoder(vae: nn.Module) -> int:
     """Free the encoder half of a video VAE (config key `crepa_drop_vae_encoder`); returns parameters freed.
 
-    Decoding keeps working; `vae.encode` no longer does.
+    Decoding keeps working; `vae.encode` no longer does. Call it before an offload manager first
+    sees the VAE: a packed VAE's tensors are views of the manager's buffer, which dropping them would
+    not shrink (refused; ``manager.unregister(vae)`` first).
     """
+    from .offload import is_managed
+
     inner = _unwrap(vae)
     if _vae_class(inner) is None:
         raise TypeError(
             f"unsupported VAE class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
+        )
+    if is_managed(vae) or is_managed(inner):
+        raise RuntimeError(
+            f"vae: this {type(inner).__name__} is packed by an offload manager, so dropping its encoder would free "
+            "nothing; call drop_encoder before its first use, or manager.unregister(vae) first"
         )
     freed = 0
     for attr in ("encoder", "quant_conv"):  # quant_conv only follows the encoder
