@@ -57,12 +57,17 @@ def test_put_overwrites(fc):
     assert torch.equal(got.features, torch.ones(3)) and got.grid == (1, 3)
 
 
-def test_entry_damaged_outside_our_writes_reads_as_absent(fc):
+@pytest.mark.parametrize("cut", [4, 40, -8])
+def test_entry_damaged_outside_our_writes_reads_as_absent(fc, cut):
     fc.put("k", torch.ones(100))
+    size = os.path.getsize(fc.path("k"))
     with open(fc.path("k"), "r+b") as f:
-        f.truncate(40)
+        f.truncate(cut % size)  # inside the header length, the header, the data
+    assert "k" not in fc  # `in` agrees with get: absent, so precompute computes it again
     with pytest.warns(UserWarning, match="unreadable"):
         assert fc.get("k") is None
+    res = precompute_features(["x"], lambda item: torch.full((3,), 2.0), fc, lambda item: "k", progress=False)
+    assert (res.computed, res.skipped) == (1, 0) and torch.equal(fc.get("k").features, torch.full((3,), 2.0))
 
 
 # -------------------------------------------------------------------------------------------- keys
@@ -116,6 +121,21 @@ def test_key_distinguishes_frame_lists_and_types():
     assert len(keys) == 9
 
 
+def test_one_key_for_the_same_settings_spelled_differently(tmp_path):
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights" * 100)
+    base = {**BASE, "encoder_weights": str(w), "dtype": torch.bfloat16}
+    key = FeatureCache.make_key("s", **base)
+    for change in (dict(dtype="bfloat16"), dict(dtype="bf16"), dict(dtype="torch.bfloat16"),
+                   dict(encoder_name="dinov2_vitg14"), dict(encoder_name="dinov2-vitg14"),
+                   dict(encoder_weights=weights_fingerprint(w)), dict(encoder_weights=w)):
+        assert FeatureCache.make_key("s", **{**base, **change}) == key, change
+    # ... and still another key for another dtype, model or fingerprint
+    assert FeatureCache.make_key("s", **{**base, "dtype": "float32"}) != key
+    assert FeatureCache.make_key("s", **{**base, "encoder_name": "dinov2_vitl14"}) != key
+    assert FeatureCache.make_key("s", **{**base, "encoder_weights": "sha256:" + "0" * 64}) != key
+
+
 def test_key_follows_weights_file_content_not_path(tmp_path):
     w1, w2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     w1.write_bytes(b"weights-v1" * 1000)
@@ -139,6 +159,10 @@ def test_key_follows_weights_file_content_not_path(tmp_path):
     (dict(num_frames=0), ValueError, "num_frames"),
     (dict(frame_index=-1), ValueError, "frame_index"),
     (dict(vae=3), TypeError, "vae"),
+    (dict(dtype="auto"), ValueError, "dtype: got 'auto'.*resolve 'auto' first"),
+    (dict(dtype="float33"), ValueError, "dtype: got 'float33'"),
+    (dict(dtype=3), TypeError, "dtype"),
+    (dict(encoder_weights="/no/such/dinov2.pth"), ValueError, "names a weights file that does not exist"),
     (dict(extra=[("a", 1)]), TypeError, "extra"),
     (dict(extra={"a": object()}), TypeError, "extra"),
 ])

@@ -71,6 +71,37 @@ def _check_grid(grid: Any, name: str = "grid") -> Optional[tuple[int, int]]:
     return int(grid[0]), int(grid[1])
 
 
+_SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def _canonical_dtype(dtype: Any) -> Optional[torch.dtype]:
+    """The features' dtype as a torch.dtype, so that ``"bfloat16"`` and ``torch.bfloat16`` give one key.
+    ``"auto"`` is refused: it resolves differently per device, and the key must name the real dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+        raise ValueError(f"dtype: got {dtype!r}, expected a torch.dtype or one of {sorted(_DTYPES)} (the dtype the "
+                         "features were computed in; resolve 'auto' first)")
+    raise TypeError(f"dtype: got {type(dtype).__name__}, expected a torch.dtype, str or None")
+
+
+def _canonical_encoder_name(name: str) -> str:
+    """A DINOv2 name in timm's spelling (``dinov2_vitg14`` and ``vit_giant_patch14_dinov2`` give one key);
+    other encoders' names as given."""
+    from .encoders import resolve_encoder_name
+
+    try:
+        return resolve_encoder_name(name)
+    except ValueError:
+        return name
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -122,15 +153,18 @@ class FeatureCache:
 
         Args:
             sample_id: the sample (a dataset path or id), str or int.
-            encoder_name: e.g. ``"vit_giant_patch14_dinov2"``.
-            encoder_weights: a weights file (hashed by content, see `weights_fingerprint`) or a
-                fingerprint string (hub id with revision, checksum).
+            encoder_name: e.g. ``"vit_giant_patch14_dinov2"`` (DINOv2 aliases such as
+                ``"dinov2_vitg14"`` give the same key).
+            encoder_weights: a weights file (hashed by content, see `weights_fingerprint`; a str
+                ending in a weights suffix must exist), `weights_fingerprint`'s ``"sha256:..."``
+                string (the same key as the file), or another fingerprint string (hub id with revision).
             image_size: the encoder resolution, an int or (h, w).
             frame_index: the frame (or frames, in order) encoded, for per-frame entries.
             num_frames: the clip length, for per-video entries. At least one of the two is needed.
             vae: identity of the VAE that decoded the latents (name and revision or fingerprint),
                 None when features come from pixel frames.
-            dtype: the dtype the features were computed in.
+            dtype: the dtype the features were computed in, a torch.dtype or its name
+                (``"bfloat16"``, ``"bf16"``, ...: each gives the torch.dtype's key).
             extra: any other setting that changes the features (resize mode, token layout, ...),
                 a mapping from str to plain values.
         """
@@ -140,10 +174,15 @@ class FeatureCache:
             raise TypeError(f"encoder_name: got {encoder_name!r}, expected a non-empty str")
         if isinstance(encoder_weights, os.PathLike) or (isinstance(encoder_weights, str) and os.path.isfile(encoder_weights)):
             weights = weights_fingerprint(encoder_weights)
+        elif isinstance(encoder_weights, str) and _SHA256_RE.fullmatch(encoder_weights):
+            weights = encoder_weights  # weights_fingerprint's own form: the same key as the file's
+        elif isinstance(encoder_weights, str) and encoder_weights.lower().endswith(_WEIGHTS_SUFFIXES):
+            raise ValueError(f"encoder_weights: {encoder_weights!r} names a weights file that does not exist")
         elif isinstance(encoder_weights, str) and encoder_weights:
             weights = "id:" + encoder_weights
         else:
             raise TypeError(f"encoder_weights: got {encoder_weights!r}, expected a weights file path or a fingerprint str")
+        encoder_name = _canonical_encoder_name(encoder_name)
         if _is_int(image_size) and image_size > 0:
             size = [image_size, image_size]
         elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
@@ -162,8 +201,7 @@ class FeatureCache:
             raise ValueError(f"num_frames: got {num_frames!r}, expected a positive int")
         if vae is not None and (not isinstance(vae, str) or not vae):
             raise TypeError(f"vae: got {vae!r}, expected None or a non-empty str naming the VAE")
-        if dtype is not None and not isinstance(dtype, (torch.dtype, str)):
-            raise TypeError(f"dtype: got {type(dtype).__name__}, expected a torch.dtype, str or None")
+        dtype = _canonical_dtype(dtype)
         if extra is not None and not isinstance(extra, Mapping):
             raise TypeError(f"extra: got {type(extra).__name__}, expected a mapping")
         extras = {}
@@ -208,7 +246,19 @@ class FeatureCache:
 
     # ------------------------------------------------------------------------------------ read/write
     def __contains__(self, key: str) -> bool:
-        return os.path.isfile(self.path(key))
+        """Whether a readable entry holds ``key``: the file exists and its header names the key and
+        holds the features (the data itself is not read). A damaged entry, which `get` treats as
+        absent, is absent here too, so `precompute_features` computes it again."""
+        path = self.path(key)
+        if not os.path.isfile(path):
+            return False
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as fh:
+                return (fh.metadata() or {}).get("key") == key and _TENSOR_NAME in fh.keys()
+        except Exception:  # removed since, or damaged outside our writes
+            return False
 
     def put(self, key: str, features: torch.Tensor, grid: Optional[Sequence[int]] = None) -> str:
         """Store `features` (copied to the CPU, contiguous) and their token `grid`; returns the path."""
@@ -348,7 +398,8 @@ def precompute_features(
     """Fill `cache` once: for each item whose key is absent, store ``compute_fn(item)``.
 
     `compute_fn` returns the features tensor, or ``(features, grid)``. Entries already present
-    (from an earlier run or another process) are skipped, so an interrupted run resumes.
+    (from an earlier run or another process) are skipped, so an interrupted run resumes; a damaged
+    entry (see `FeatureCache.__contains__`) is computed again.
     """
     if not isinstance(cache, FeatureCache):
         raise TypeError(f"cache: got {type(cache).__name__}, expected a FeatureCache")
