@@ -115,9 +115,10 @@ def run_demo(out_dir: str = "crepa-demo", steps: int = 100, seed: int = 0, devic
     seconds = time.perf_counter() - start
 
     scored = [r for r in history if not math.isnan(r["crepa_alignment_score"])]
+    weighted = [r for r in scored if r["crepa_weight"] > 0]  # crepa_loss is 0.0 where the weight is
     summary = {
         "steps": steps, "seconds": round(seconds, 3), "device": str(device),
-        "crepa_loss_first": scored[0]["crepa_loss"], "crepa_loss_last": scored[-1]["crepa_loss"],
+        "crepa_loss_first": weighted[0]["crepa_loss"], "crepa_loss_last": weighted[-1]["crepa_loss"],
         "alignment_score_first": scored[0]["crepa_alignment_score"],
         "alignment_score_last": scored[-1]["crepa_alignment_score"],
         "denoise_loss_first": history[0]["denoise_loss"], "denoise_loss_last": history[-1]["denoise_loss"],

@@ -1,6 +1,7 @@
 """CrepaLoss: the projector head, the schedule and the logs around crepa_loss, as one nn.Module."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -44,9 +45,10 @@ class CrepaLoss(nn.Module):
     ``forward(hidden_states, frame_features, step=...)`` projects the DiT block's hidden states
     (B, T, N, D_h) (or (B, T, D_h)), aligns them with the teacher's features (B, T_f, N_f, D_e) and
     returns ``(loss or None, logs)``. ``loss`` is None when the scheduled weight is 0 (no graph is
-    built). Logs are detached 0-dim tensors unless ``log_tensors=False`` (then floats, one host sync);
-    entries that were not computed (the score of a skipped step) are left out. The teacher features
-    get no gradient unless ``detach_teacher=False``.
+    built; the step's scores are still computed without autograd, logged, and fed to the EMA, as the
+    common trainer does). Logs are detached 0-dim tensors unless ``log_tensors=False`` (then floats,
+    one host sync); with a similarity threshold the EMA is a float (its decision reads it on the
+    host). The teacher features get no gradient unless ``detach_teacher=False``.
 
     Host syncs: none per step unless ``crepa_similarity_threshold`` is set, in which case the step's
     alignment score is read once for the EMA.
@@ -72,16 +74,7 @@ class CrepaLoss(nn.Module):
         self.detach_teacher = detach_teacher
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(hidden_states):
-            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.ndim == 3:
-            hidden_states = hidden_states.unsqueeze(2)
-        if hidden_states.ndim != 4:
-            raise ValueError(f"hidden_states must be (B, T, N, D) or (B, T, D), got shape {tuple(hidden_states.shape)}")
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states has D={hidden_states.shape[-1]} but this CrepaLoss was built for hidden_size={self.hidden_size}"
-            )
+        hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
         return self.projector(hidden_states.float())
 
     def forward(
@@ -94,47 +87,49 @@ class CrepaLoss(nn.Module):
         feature_grid: Optional[Sequence[int]] = None,
     ):
         c = self.config
-        if not torch.is_tensor(frame_features):
-            raise TypeError(f"frame_features must be a torch.Tensor, got {type(frame_features).__name__}")
-        if frame_features.shape[-1] != self.encoder_dim:
-            raise ValueError(
-                f"frame_features has D={frame_features.shape[-1]} but this CrepaLoss projects to encoder_dim={self.encoder_dim}"
-            )
+        # Every argument is checked before the schedule is consulted: a bad call fails on every step,
+        # not only on the weighted ones, and changes no schedule state.
+        hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
+        frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
         thresholded = c.similarity_threshold is not None
         world = _world_size()
+        weight = None
         if not thresholded or (c.threshold_mode == "permanent" and self.scheduler.is_cutoff()):
-            weight = self.scheduler.get_weight(step)
-            if weight == 0.0:
-                zero = self._zero_loss() if world > 1 else None
-                return zero, self._logs(zero, None, None, weight, True)
-        projected = self.project(hidden_states)
-        out = crepa_loss(
-            projected, frame_features.detach() if self.detach_teacher else frame_features,
-            adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
-            cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
-            normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
-            projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
-            check_finite=c.check_finite,
-        )
+            weight = self.scheduler.get_weight(step)  # decided by the step alone
+        # A step whose weight is already known to be 0 builds no graph, but its scores are computed
+        # (without autograd) as the common trainer computes them on every step: they are logged,
+        # and they feed the similarity EMA, so the logged EMA matches the trainer's.
+        with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
+            out = crepa_loss(
+                self.project(hidden_states), frame_features.detach() if self.detach_teacher else frame_features,
+                adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
+                cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
+                normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
+                projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
+                check_finite=c.check_finite,
+            )
         score = out.alignment.detach().mean()
+        self_sim = out.self_similarity.detach().mean()
         if not thresholded:
             self.scheduler.update_ema(score)  # stays a device tensor: logged, never read here
-        if thresholded:
+        else:
             shared = score
             if world > 1:  # every rank must feed the EMA the same number, or their weights diverge
                 shared = score.float().clone()
                 torch.distributed.all_reduce(shared)
                 shared = shared / world
             weight = self.scheduler.get_weight(step, similarity=shared)  # the one host sync
-            if weight == 0.0:
-                # Attached to the projector only: no backward through the loss's graph (whose loss may
-                # even be NaN, and NaN * 0 would reach every rank's gradients).
-                zero = self._zero_loss() if world > 1 else None
-                return zero, self._logs(zero, score, out.self_similarity.detach().mean(), weight, True)
+        if weight == 0.0:
+            # Attached to the projector only: no backward through the loss's graph (whose loss may
+            # even be NaN, and NaN * 0 would reach every rank's gradients).
+            zero = self._zero_loss() if world > 1 else None
+            return zero, self._logs(zero, score, self_sim, weight, True)
         loss = out.loss * weight
-        return loss, self._logs(loss, score, out.self_similarity.detach().mean(), weight, False)
+        return loss, self._logs(loss, score, self_sim, weight, False)
 
     # The schedule's state (EMA, cutoff latch) travels in CrepaLoss.state_dict(), so a resumed run
     # does not switch CREPA back on after a permanent cutoff.
@@ -185,6 +180,21 @@ def logs_to_floats(logs: dict) -> dict:
     out = dict(logs)
     out.update(zip(keys, values))
     return out
+
+
+def _check_input(name: str, t, dim_name: str, dim: int) -> torch.Tensor:
+    """A floating (B, T, N, D) view of ``t`` ((B, T, D) gains N = 1), D equal to ``dim``."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.ndim == 3:
+        t = t.unsqueeze(2)
+    if t.ndim != 4:
+        raise ValueError(f"{name} must be (B, T, N, D) or (B, T, D), got shape {tuple(t.shape)}")
+    if t.shape[-1] != dim:
+        raise ValueError(f"{name} has D={t.shape[-1]} but this CrepaLoss was built for {dim_name}={dim}")
+    return t
 
 
 def _spatial_grid(name, grid, tensor):

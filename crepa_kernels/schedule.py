@@ -19,7 +19,9 @@ class CrepaScheduler:
     Python number or a one-element tensor. With a similarity threshold a tensor is read once (a single
     host sync), because the cutoff decision needs its value; without one the EMA of a tensor stays a
     0-dim tensor on its device (no sync) and is only there to be logged. A non-finite similarity
-    leaves the EMA unchanged, so one NaN step cannot poison the rest of the run.
+    leaves the EMA unchanged, so one NaN step cannot poison the rest of the run. (One difference,
+    because the tensor path never reads the value: while every score so far was non-finite, that
+    EMA is a NaN tensor, where the number path leaves it unset; the first finite score replaces it.)
     """
 
     def __init__(self, config: CrepaConfig, max_train_steps: int = 0):

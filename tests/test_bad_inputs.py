@@ -127,6 +127,10 @@ def test_failed_forward_leaves_schedule_and_weights_unchanged():
     weights = {k: v.clone() for k, v in loss.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(ValueError):
         loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=1, hidden_grid=(2, 2))
+    # An input that passes the module's own checks and fails inside the loss, after the projector
+    # ran: the schedule must not have been fed anything either.
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        loss(torch.randn(2, 3, 2, 4), torch.randn(1, 3, 2, 4), step=1)
     assert loss.scheduler.state_dict() == state
     assert all(torch.equal(weights[k], v) for k, v in loss.state_dict().items() if torch.is_tensor(v))
 

@@ -45,6 +45,7 @@ def test_zero_weight_skips_the_loss_and_builds_no_graph():
     hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
     loss, logs = m(hidden, torch.randn(1, 3, 2, 4), step=0)
     assert loss is None and logs["crepa_cutoff"] is True and logs["crepa_weight"] == 0.0
+    assert not logs["crepa_alignment_score"].requires_grad and logs["crepa_alignment_score"].grad_fn is None
     loss, logs = m(hidden, torch.randn(1, 3, 2, 4), step=5)
     assert loss is not None and logs["crepa_weight"] == pytest.approx(0.25)
 
@@ -63,8 +64,12 @@ def test_similarity_threshold_cuts_off_and_logs_the_ema():
     assert loss is None and logs["crepa_cutoff"] is True
     assert logs["crepa_alignment_score_ema"] == pytest.approx(logs["crepa_alignment_score"])
     assert isinstance(logs["crepa_alignment_score"], float)
-    loss, logs = m(torch.randn(1, 3, 2, 4), feats, step=1)  # permanent: stays off, nothing computed
-    assert loss is None and "crepa_alignment_score" not in logs
+    loss, logs = m(torch.randn(1, 3, 2, 4), feats, step=1)  # permanent: stays off
+    # ... and, as in the common trainer, the step's score is still computed and fed to the EMA
+    # (decay 0: the EMA is the last score).
+    assert loss is None and logs["crepa_cutoff"] is True and logs["crepa_weight"] == 0.0
+    assert logs["crepa_alignment_score_ema"] == pytest.approx(logs["crepa_alignment_score"])
+    assert logs["crepa_alignment_score"] != pytest.approx(1 + 4 * math.exp(-1) / 3, abs=1e-3)
 
 
 def test_logs_as_floats():
@@ -171,3 +176,49 @@ def test_state_dict_without_the_schedule_entry_loads_strictly():
     parent = nn.Module()
     parent.crepa = CrepaLoss(cfg(), 4, 4)
     parent.load_state_dict({"crepa." + k: v for k, v in state.items()})  # nested under a prefix
+
+
+@pytest.mark.parametrize("zero_steps", ["warmup", "cutoff_step"])
+def test_zero_weight_steps_feed_the_logged_ema_as_the_trainer_does(zero_steps):
+    # The common trainer computes the score on every step and feeds it to the EMA, whatever the
+    # weight. Ours skips the loss's graph on a zero-weight step but logs the same numbers: the
+    # score of that step, and an EMA over every step, equal to a hand-computed one and to the EMA
+    # a threshold that never triggers produces (that path always computes the score first).
+    torch.manual_seed(3)
+    settings = dict(warmup_steps=2) if zero_steps == "warmup" else dict(cutoff_step=2)
+    steps = [(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)) for _ in range(4)]
+    runs = {}
+    for name, extra in (("plain", {}), ("threshold", dict(similarity_threshold=100.0))):
+        m = CrepaLoss(cfg(similarity_ema_decay=0.5, **settings, **extra), 4, 4, log_tensors=False)
+        if runs:
+            m.projector.load_state_dict(runs["plain"][0].projector.state_dict())
+        runs[name] = (m, [m(h, f, step=i)[1] for i, (h, f) in enumerate(steps)])
+    m, logs = runs["plain"]
+    with torch.no_grad():
+        scores = [float(crepa_loss(m.projector(h), f, backend="torch").alignment.mean()) for h, f in steps]
+    ema = scores[0]
+    for i, log in enumerate(logs):
+        if i:
+            ema = 0.5 * ema + 0.5 * scores[i]
+        assert log["crepa_alignment_score"] == pytest.approx(scores[i], abs=1e-6)
+        assert log["crepa_alignment_score_ema"] == pytest.approx(ema, abs=1e-6)
+        assert log["crepa_cutoff"] is (i == 0 if zero_steps == "warmup" else i >= 2)
+    for plain, thresholded in zip(logs, runs["threshold"][1]):
+        assert thresholded["crepa_alignment_score_ema"] == pytest.approx(plain["crepa_alignment_score_ema"], abs=1e-6)
+
+
+def test_bad_inputs_fail_on_zero_weight_steps_too_and_leave_the_schedule_alone():
+    m = CrepaLoss(cfg(warmup_steps=10), 4, 4)
+    good = torch.randn(1, 3, 2, 4)
+    cases = [
+        (("not a tensor", good), TypeError, "hidden_states must be a torch.Tensor"),
+        ((torch.randn(1, 3, 2, 5), good), ValueError, "hidden_states has D=5 .*hidden_size=4"),
+        ((torch.ones(1, 3, 2, 4, dtype=torch.int64), good), TypeError, "hidden_states must be a floating-point"),
+        ((torch.randn(1, 3, 2, 2, 4), good), ValueError, r"hidden_states must be \(B, T, N, D\)"),
+        ((good, torch.tensor(1.0)), ValueError, r"frame_features must be \(B, T, N, D\)"),
+        ((good, torch.randn(1, 3, 2, 3)), ValueError, "frame_features has D=3 .*encoder_dim=4"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            m(*args, step=0)  # weight 0 at step 0 of the warmup: still checked
+    assert m.scheduler.similarity_ema is None and not m.scheduler.is_cutoff()
