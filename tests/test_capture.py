@@ -308,6 +308,28 @@ def test_results_persist_after_exit_and_last_forward_wins():
         cap.hidden
 
 
+def test_a_forward_that_fails_after_a_good_one_leaves_nothing_of_the_good_one():
+    # The grid and hidden states of an earlier forward must not be read as those of a later one
+    # that raised (here in the capture's own argument check, before any block ran).
+    case = CASES[0]
+    model = _model(case)
+    with torch.no_grad(), capture_hidden_states(model, 0) as cap:
+        case.run(model, *LATENT[case.name])
+        assert cap.num_forwards == 1 and cap.grid is not None
+        with pytest.raises(ValueError, match="hidden_states must be a 5-D tensor"):
+            model(torch.randn(B, 4, 4, 4), timestep=torch.tensor([1, 2]),
+                  encoder_hidden_states=torch.randn(B, 3, 16))
+    for read in ("grid", "hidden"):
+        with pytest.raises(RuntimeError, match="the last WanTransformer3DModel forward raised"):
+            getattr(cap, read)
+
+
+@pytest.mark.parametrize("grid", [(2.7, 2, 2), "222", (2, 2, None), (2, 2), (True, 2, 2)])
+def test_bad_grid_override_is_refused(grid):
+    with pytest.raises(ValueError, match="grid must be an int or 3 ints"):
+        capture_hidden_states(_model(CASES[0]), 0, grid=grid)
+
+
 def test_no_forward_yet_raises():
     model = _model(CASES[0])
     with capture_hidden_states(model, 0) as cap:

@@ -119,12 +119,16 @@ def _family_of(transformer: Any) -> _Family:
 
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
+    """An int, or three ints (t, h, w); anything else (floats, strings, None entries) is an error
+    naming ``name`` rather than a silent truncation."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
         return (value, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{name} must have 3 entries (t, h, w), got {value}")
-    return value  # type: ignore[return-value]
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(is_int(v) for v in value):
+        raise ValueError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
 
 
 def _config(transformer: nn.Module) -> Any:
@@ -249,6 +253,7 @@ class HiddenStateCapture:
         self._teacher: Optional[torch.Tensor] = None
         self._grid: Optional[tuple[int, int, int]] = None
         self._grad_lost = False
+        self._last_failed = False
         self.num_forwards = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -284,6 +289,7 @@ class HiddenStateCapture:
         self._hidden = self._teacher = None
         self._grid = None
         self._grad_lost = False
+        self._last_failed = False
 
     def __enter__(self) -> "HiddenStateCapture":
         return self.attach()
@@ -298,9 +304,10 @@ class HiddenStateCapture:
     # -- results -----------------------------------------------------------------------------
     def _require_forward(self) -> None:
         if self._grid is None:
-            raise RuntimeError(
-                f"no hidden states captured: run {type(self._transformer).__name__} forward inside the capture first"
-            )
+            name = type(self._transformer).__name__
+            if self._last_failed:
+                raise RuntimeError(f"no hidden states captured: the last {name} forward raised before it finished")
+            raise RuntimeError(f"no hidden states captured: run {name} forward inside the capture first")
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -348,10 +355,13 @@ class HiddenStateCapture:
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_transformer_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        self._pending_grid, self._fractal = self._resolve_grid(bound)
+        # The previous forward's results go first: if resolving this one's grid raises, nothing of
+        # the previous forward may be read as this one's.
         self._hidden = self._teacher = None
         self._grid = None
+        self._last_failed = True  # until the forward finishes
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        self._pending_grid, self._fractal = self._resolve_grid(bound)
         self._grad_lost = False
         self._grad_at_entry = torch.is_grad_enabled()
         self._active = True
@@ -361,6 +371,7 @@ class HiddenStateCapture:
         # torch passes output=None when the forward raised (always_call): nothing to publish then.
         if was_active and output is not None:
             self._grid = self._pending_grid
+            self._last_failed = False
             self.num_forwards += 1
         elif output is None:
             self._hidden = self._teacher = None
