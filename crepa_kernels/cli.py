@@ -27,6 +27,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+    return n
+
+
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
+    return value
+
+
+def _out_dir(value: str) -> str:
+    import os
+
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value!r} exists and is not a directory")
+    return value
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -74,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crepa-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="a short CREPA fine-tune of a tiny Wan transformer (no downloads)")
-    p.add_argument("--out", default="crepa-demo", help="directory for summary.json and curves.png")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--out", default="crepa-demo", type=_out_dir, help="directory for summary.json and curves.png")
+    p.add_argument("--steps", type=_positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("bench", help="benchmark crepa_loss per provider, preset, dtype and mode")
@@ -86,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="comma-separated: torch, torch_compile, triton")
     p.add_argument("--dtypes", help="comma-separated: fp32, bf16")
     p.add_argument("--modes", help="comma-separated: forward, backward, full")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default="crepa-bench", help="directory for JSON, markdown and PNG results")
+    p.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--reps", type=_positive_int, default=20)
+    p.add_argument("--out", default="crepa-bench", type=_out_dir, help="directory for JSON, markdown and PNG results")
     p.add_argument("--name", help="results file stem (default: the device name)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-interpreter-check", dest="interpreter_check", action="store_false",

@@ -38,6 +38,7 @@ class CrepaConfig:
     feature_source: str = "encoder"
     teacher_block_index: Optional[int] = None
     drop_vae_encoder: bool = False
+    use_tae: bool = False  # the trainer's Tiny AutoEncoder switch: accepted, decoding uses the VAE given
     scheduler: str = "constant"
     warmup_steps: int = 0
     decay_steps: int = 0
@@ -145,7 +146,7 @@ class CrepaConfig:
     def validate(self) -> None:
         self.enabled = _as_bool("crepa_enabled", self.enabled)
         for name in ("cumulative_neighbors", "normalize_neighbour_sum", "normalize_by_frames",
-                     "spatial_align", "drop_vae_encoder", "check_finite"):
+                     "spatial_align", "drop_vae_encoder", "use_tae", "check_finite"):
             setattr(self, name, _as_bool(self._key_of(name), getattr(self, name)))
 
         self.block_index = _opt_int("crepa_block_index", self.block_index, minimum=0)

@@ -55,3 +55,22 @@ def test_demo_bad_steps(capsys):
     assert main(["demo", "--steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["crepa-kernels demo: error: steps must be an int >= 2, got 1"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["demo", "--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench", "--device", "gpu0"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu0'"),
+    (["bench", "--reps", "0"], "argument --reps: expected a positive int, got '0'"),
+    (["demo", "--steps", "-3"], "argument --steps: expected a positive int, got '-3'"),
+    (["demo", "--out", "FILE"], "exists and is not a directory"),
+    (["bench", "--out", "FILE"], "exists and is not a directory"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, msg, tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    argv = [str(afile) if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err

@@ -1,5 +1,6 @@
 """The CrepaRegularizer drop-in against a reimplementation of the reference trainer's semantics."""
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -240,3 +241,34 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
     assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
     stats = manager.stats
     assert stats.copies == stats.releases == (0 if failure == "bad latents" else 2)
+
+
+# Every crepa_* option the common trainer registers, at the trainer's defaults: a trainer's namespace
+# carries all of them, so the drop-in must accept each one.
+TRAINER_DEFAULTS = dict(
+    crepa_enabled=False, crepa_block_index=8, crepa_lambda=0.5, crepa_adjacent_distance=1, crepa_adjacent_tau=1.0,
+    crepa_encoder="dinov2_vitg14", crepa_encoder_frames_batch_size=-1, crepa_use_backbone_features=False,
+    crepa_teacher_block_index=None, crepa_encoder_image_size=518, crepa_drop_vae_encoder=False,
+    crepa_normalize_by_frames=True, crepa_normalize_neighbour_sum=False, crepa_spatial_align=True,
+    crepa_use_tae=False, crepa_scheduler="constant", crepa_warmup_steps=0, crepa_decay_steps=0,
+    crepa_lambda_end=0.0, crepa_power=1.0, crepa_cutoff_step=0, crepa_similarity_threshold=None,
+    crepa_similarity_ema_decay=0.99, crepa_threshold_mode="permanent", crepa_cumulative_neighbors=False,
+    crepa_model=None,
+)
+
+
+def test_a_trainer_namespace_with_every_option_at_its_default_is_accepted():
+    reg = CrepaRegularizer(SimpleNamespace(**TRAINER_DEFAULTS), "cpu", hidden_size=16)
+    assert not reg.enabled and reg.config.encoder_frames_batch_size is None and reg.config.use_tae is False
+
+
+def test_use_tae_falls_back_to_the_vae_with_a_warning():
+    args = SimpleNamespace(**{**TRAINER_DEFAULTS, "crepa_enabled": True, "crepa_use_tae": True,
+                              "crepa_encoder_image_size": 56})
+    with pytest.warns(UserWarning, match="crepa_use_tae=true: .*decodes with the full VAE"):
+        reg = CrepaRegularizer(args, "cpu", hidden_size=16, encoder=tiny_vit())
+    assert reg.config.use_tae is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # backbone mode decodes nothing: nothing to warn about
+        CrepaRegularizer(SimpleNamespace(**{**args.__dict__, "crepa_use_backbone_features": True,
+                                            "crepa_teacher_block_index": 9}), "cpu", hidden_size=16)

@@ -9,6 +9,7 @@ tokens (the paper's choice), and only the frames that temporal alignment keeps a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -45,6 +46,10 @@ class CrepaRegularizer:
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Optional[str] = None,
                  max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
+        if self.config.enabled and self.config.use_tae and not self.config.use_backbone_features:
+            # What the trainer itself does for a model without a Tiny AutoEncoder.
+            warnings.warn("crepa_use_tae=true: decoding with a Tiny AutoEncoder is not supported here; the teacher "
+                          "decodes with the full VAE passed to compute_loss", stacklevel=2)
         self.device = _device_of(accelerator)
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
