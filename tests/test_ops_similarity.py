@@ -204,6 +204,14 @@ def test_zero_and_tiny_vectors(dtype):
         f[0, 2, 1].zero_()  # zero feature token, a neighbour of frame 1
         p[0, 0, 2].mul_(1e-14)  # below eps: F.normalize is x / eps there (linear)
         f[0, 1, 3].mul_(1e-14)
+        # Norm exactly eps (sqrt(x * x) == x): clamp_min passes no gradient at equality, so
+        # F.normalize is still linear there and the projection term must be left out.
+        p[0, 2, 1].zero_()
+        p[0, 2, 1, 0] = 1e-12
+        f[0, 0, 2].zero_()
+        f[0, 0, 2, 3] = 1e-12
+    eps = float(torch.tensor(1e-12, dtype=dtype))
+    assert float(p.detach()[0, 2, 1].norm()) == float(f.detach()[0, 0, 2].norm()) == eps
     _check(p, f, dtype=dtype, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
 
 
@@ -884,6 +892,9 @@ def test_merged_backward_zero_vectors(monkeypatch, in_grid, out_grid):
     p[0, 1] = 0.0
     p[0, 2, 0] *= 1e-14
     f[0, 0, 1] = 0.0
+    if in_grid == (1, 2):  # resampled token 0 of frame 0 has a norm of exactly eps: no projection term
+        p[0, 0, 0] = 0.0
+        p[0, 0, 0, 2] = 1e-12
     p.requires_grad_(True)
     kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=True)
     total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), **kw)

@@ -270,7 +270,7 @@ def _neighbour_cosine_bwd_kernel(
         np_t = tl.load(pnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
         alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
         proj_p = tl.sum(g_p * cos_p, axis=0)
-        above_p = np_t >= eps
+        above_p = np_t > eps  # clamp_min passes no gradient at equality
         beta = tl.where(above_p, proj_p / tl.where(above_p, np_t * np_t, 1.0), 0.0)
 
     if COMPUTE_DF:
@@ -288,7 +288,7 @@ def _neighbour_cosine_bwd_kernel(
         nf_t = tl.load(fnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
         gamma = g_f / (tl.maximum(np_src, eps) * tl.maximum(nf_t, eps)[None, :])
         proj_f = tl.sum(g_f * cos_f, axis=0)
-        above_f = nf_t >= eps
+        above_f = nf_t > eps
         delta = tl.where(above_f, proj_f / tl.where(above_f, nf_t * nf_t, 1.0), 0.0)
 
     cols = tl.arange(0, BLOCK_D)
@@ -438,7 +438,7 @@ def _neighbour_cosine_resample_bwd_kernel(
             fu = tl.load(f_ptr + b * sf_b + u * sf_t + fidx * sf_n + cols * sf_d, mask=m & d_mask,
                          other=0.0).to(ACC)
             acc += alpha * fu
-        above = np_f >= eps
+        above = np_f > eps  # as clamp_min: no gradient through the norm at equality
         beta = tl.where(above, proj / tl.where(above, np_f * np_f, 1.0), 0.0)
         # The beta term: W[f, q'] beta[f] times each tap W[f, q] of f (taps coincide at a border).
         beta_w = beta * wgt
