@@ -89,7 +89,10 @@ def crepa_loss(
     if not torch.compiler.is_compiling():  # bookkeeping for info(); nothing for a compiled graph to keep
         _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
     if check_finite:
-        for name, t in (("projected", projected), ("features", features)):
+        tensors = [("projected", projected), ("features", features)]
+        if torch.is_tensor(weight):
+            tensors.append(("weight", weight))
+        for name, t in tensors:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
 

@@ -339,6 +339,14 @@ def test_check_finite_names_the_bad_input(backend, where, value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", BAD_VALUES, ids=BAD_IDS)
+def test_check_finite_covers_a_tensor_weight(backend, value):
+    p, f = _randn(1, 3, 4, 5, seed=18), _randn(1, 3, 4, 5, seed=19)
+    with pytest.raises(ValueError, match="weight holds NaN or Inf values"):
+        crepa_loss(p, f, backend=backend, weight=torch.tensor(value), check_finite=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_check_finite_passes_finite_input_unchanged(backend):
     p, f = _randn(1, 3, 4, 5, seed=18), _randn(1, 3, 4, 5, seed=19)
     a = crepa_loss(p, f, backend=backend, check_finite=True)
