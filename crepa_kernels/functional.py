@@ -92,9 +92,10 @@ def crepa_loss(
         tensors = [("projected", projected), ("features", features)]
         if torch.is_tensor(weight):
             tensors.append(("weight", weight))
-        for name, t in tensors:
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} holds NaN or Inf values (check_finite=True)")
+        finite = torch.stack([torch.isfinite(t).all().to(projected.device) for _, t in tensors])
+        if not bool(finite.all()):  # one host sync when every input is finite
+            bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
+            raise ValueError(f"{bad[0]} holds NaN or Inf values (check_finite=True)")
 
     plan = plan_tokens(
         projected.shape[2], features.shape[2], spatial_align=bool(spatial_align),
