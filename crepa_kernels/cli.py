@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="a short CREPA fine-tune of a tiny Wan transformer (no downloads)")
     p.add_argument("--out", default="crepa-demo", type=_out_dir, help="directory for summary.json and curves.png")
-    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--steps", type=int, default=100)  # run_demo checks it (>= 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
