@@ -191,9 +191,8 @@ def test_schedule_state_round_trips_through_the_dropin():
     assert torch.equal(again.projector[1].weight, reg.projector[1].weight)
 
 
-def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
-    # Leaving manager.use() applies the mode: with crepa_offload=offload neither the VAE nor the
-    # encoder keeps a device copy after the teacher step (an emulated device on the CPU).
+def _offloading_teacher():
+    """(drop-in, tiny Wan VAE, its offload manager in "offload" mode on an emulated device)."""
     diffusers = pytest.importorskip("diffusers")
     from crepa_kernels.teacher.offload import OffloadManager
 
@@ -204,6 +203,13 @@ def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
     reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
     reg.attach_to_model(nn.Module())
     manager = reg._offload = OffloadManager("offload", emulate_device=True)
+    return reg, vae, manager
+
+
+def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
+    # Leaving manager.use() applies the mode: with crepa_offload=offload neither the VAE nor the
+    # encoder keeps a device copy after the teacher step (an emulated device on the CPU).
+    reg, vae, manager = _offloading_teacher()
     features, _ = reg.teacher_features(torch.randn(1, 4, 3, 4, 4), vae, num_frames=3)
     assert features.shape[1] == 3
     assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
@@ -215,17 +221,9 @@ def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
 def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch):
     # Bad latents are refused before either module is copied in; a decode that raises (e.g. out of
     # memory) hands back the encoder prefetched for the encode that will not run.
-    diffusers = pytest.importorskip("diffusers")
-    from crepa_kernels.teacher.offload import OffloadManager
     from crepa_kernels.teacher.vae import VaeAdapter
 
-    torch.manual_seed(1)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True],
-                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
-    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
-    reg.attach_to_model(nn.Module())
-    manager = reg._offload = OffloadManager("offload", emulate_device=True)
+    reg, vae, manager = _offloading_teacher()
     latents = torch.randn(1, 4, 3, 4, 4)
     if failure == "bad latents":
         latents = torch.randn(1, 16, 3, 4, 4)  # 16 channels for a z_dim=4 VAE
