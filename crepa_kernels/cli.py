@@ -48,6 +48,8 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return value
 
 

@@ -330,6 +330,16 @@ def test_bad_grid_override_is_refused(grid):
         capture_hidden_states(_model(CASES[0]), 0, grid=grid)
 
 
+def test_grid_override_takes_any_integer_type():
+    import numpy as np
+
+    model = _model(CASES[0])
+    for grid in ((np.int64(3), 2, 3), (torch.tensor(3), 2, 3), [3, 2, 3]):
+        with torch.no_grad(), capture_hidden_states(model, 0, grid=grid) as cap:
+            CASES[0].run(model, *LATENT[CASES[0].name])
+        assert cap.grid == (3, 2, 3) and all(type(v) is int for v in cap.grid)
+
+
 def test_no_forward_yet_raises():
     model = _model(CASES[0])
     with capture_hidden_states(model, 0) as cap:

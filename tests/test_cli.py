@@ -73,3 +73,13 @@ def test_bad_arguments_are_refused_before_any_work(argv, msg, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_a_cuda_device_index_beyond_the_machine_is_refused(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda:5"])
+    assert "'cuda:5': this machine has 1 CUDA device(s)" in capsys.readouterr().err

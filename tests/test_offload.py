@@ -6,6 +6,7 @@ buffers, re-pointing) and a fake memory probe; GPU tests check streams, pinning 
 import gc
 import os
 import tracemalloc
+import weakref
 
 import pytest
 import torch
@@ -128,6 +129,20 @@ def test_running_statistics_in_training_mode_are_refused():
     with pytest.raises(ValueError, match="BatchNorm2d is in training mode"):
         m.prefetch(toy)
     assert not m.is_resident(toy) and m.stats.copies == 1
+
+
+def test_a_module_that_tracks_running_stats_itself_is_still_collected():
+    # The slot remembers which submodules track running stats; when the module is one of them it
+    # must not keep itself (the manager's weak key) alive.
+    m = OffloadManager("offload", emulate_device=True)
+    bn = nn.BatchNorm2d(8).requires_grad_(False).eval()
+    with m.use(bn):
+        pass
+    assert m.stats.host_bytes > 0
+    ref = weakref.ref(bn)
+    del bn
+    gc.collect()
+    assert ref() is None and m.stats.host_bytes == 0
 
 
 @pytest.mark.parametrize("mode", MODES)

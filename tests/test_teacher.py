@@ -430,6 +430,8 @@ def test_encoder_errors(tmp_path):
         DinoEncoder("dinov2_vits14", 56, weights=wrong, model_kwargs=TINY)
     with pytest.raises(ValueError, match="model_kwargs img_size=28 disagrees with image_size=56"):
         DinoEncoder("dinov2_vits14", 56, weights="random", model_kwargs={**TINY, "img_size": 28})
+    for same in (56, (56, 56), [56, 56]):  # agreeing spellings are fine
+        assert DinoEncoder("dinov2_vits14", 56, weights="random", model_kwargs={**TINY, "img_size": same}).grid == (4, 4)
     not_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], str(not_dict))
     with pytest.raises(ValueError, match="does not hold a state dict"):
@@ -689,6 +691,9 @@ def test_drop_encoder_refuses_a_vae_an_offload_manager_packed(diffusers):
     assert vae.encoder is not None and manager.stats.host_bytes == host_bytes
     manager.unregister(vae)
     assert drop_encoder(vae) > 0 and vae.encoder is None
+    with manager.use(vae):  # packed again, now without an encoder: nothing to drop, nothing refused
+        pass
+    assert drop_encoder(vae) == 0
 
 
 # ------------------------------------------------------------------------------------------------------------

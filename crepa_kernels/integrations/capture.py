@@ -40,6 +40,7 @@ but not the block's; reading ``hidden`` then raises an error saying so.
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -119,16 +120,22 @@ def _family_of(transformer: Any) -> _Family:
 
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
-    """An int, or three ints (t, h, w); anything else (floats, strings, None entries) is an error
-    naming ``name`` rather than a silent truncation."""
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, or three integers (t, h, w) (Python, numpy or 0-dim tensor ints); anything else
+    (floats, strings, bools, None entries) is an error naming ``name`` rather than a silent truncation."""
+    def as_int(v: Any) -> Optional[int]:
+        if isinstance(v, bool):
+            return None
+        try:
+            return operator.index(v)
+        except TypeError:
+            return None
 
-    if is_int(value):
-        return (value, value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(is_int(v) for v in value):
+    if as_int(value) is not None:
+        return (as_int(value),) * 3  # type: ignore[return-value]
+    ints = [as_int(v) for v in value] if isinstance(value, (tuple, list)) else []
+    if len(ints) != 3 or any(v is None for v in ints):
         raise ValueError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}")
-    return tuple(value)  # type: ignore[return-value]
+    return tuple(ints)  # type: ignore[return-value]
 
 
 def _config(transformer: nn.Module) -> Any:

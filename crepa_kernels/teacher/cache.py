@@ -151,13 +151,19 @@ class FeatureCache:
     ) -> str:
         """A hex key hashing the sample id and every setting that changes its features.
 
+        One spelling per setting: DINOv2 aliases key as their timm name, dtype names as the
+        torch.dtype, a ``"sha256:..."`` string as the file it fingerprints. (Earlier versions keyed
+        those spellings apart, so their entries made with an alias, a dtype name or a fingerprint
+        string are not found under these keys and are computed again.)
+
         Args:
             sample_id: the sample (a dataset path or id), str or int.
             encoder_name: e.g. ``"vit_giant_patch14_dinov2"`` (DINOv2 aliases such as
                 ``"dinov2_vitg14"`` give the same key).
-            encoder_weights: a weights file (hashed by content, see `weights_fingerprint`; a str
-                ending in a weights suffix must exist), `weights_fingerprint`'s ``"sha256:..."``
-                string (the same key as the file), or another fingerprint string (hub id with revision).
+            encoder_weights: a weights file (hashed by content, see `weights_fingerprint`),
+                `weights_fingerprint`'s ``"sha256:..."`` string (the same key as the file), or another
+                fingerprint string (hub id with revision; a warning when it ends like a weights file
+                but names no local file).
             image_size: the encoder resolution, an int or (h, w).
             frame_index: the frame (or frames, in order) encoded, for per-frame entries.
             num_frames: the clip length, for per-video entries. At least one of the two is needed.
@@ -176,9 +182,10 @@ class FeatureCache:
             weights = weights_fingerprint(encoder_weights)
         elif isinstance(encoder_weights, str) and _SHA256_RE.fullmatch(encoder_weights):
             weights = encoder_weights  # weights_fingerprint's own form: the same key as the file's
-        elif isinstance(encoder_weights, str) and encoder_weights.lower().endswith(_WEIGHTS_SUFFIXES):
-            raise ValueError(f"encoder_weights: {encoder_weights!r} names a weights file that does not exist")
         elif isinstance(encoder_weights, str) and encoder_weights:
+            if encoder_weights.lower().endswith(_WEIGHTS_SUFFIXES):  # a mistyped path would key wrongly
+                warnings.warn(f"encoder_weights: {encoder_weights!r} is not a local file; it is keyed as an id "
+                              "string, not by the file's content", stacklevel=2)
             weights = "id:" + encoder_weights
         else:
             raise TypeError(f"encoder_weights: got {encoder_weights!r}, expected a weights file path or a fingerprint str")

@@ -231,7 +231,8 @@ class DinoEncoder(nn.Module):
             image_size = _check_image_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
             import timm
 
-            if model_kwargs and model_kwargs.get("img_size", image_size) != image_size:
+            given = (model_kwargs or {}).get("img_size", image_size)
+            if (tuple(given) if isinstance(given, (tuple, list)) else (given, given)) != (image_size, image_size):
                 raise ValueError(
                     f"model_kwargs img_size={model_kwargs['img_size']!r} disagrees with image_size={image_size}; "
                     "pass the input size as image_size only"

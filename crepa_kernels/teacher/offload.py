@@ -170,7 +170,9 @@ class _Slot:
     in_use: int = 0
     last_used: int = 0
     expected_ptr: int = 0  # data_ptr of the first entry, to notice modules moved behind our back
-    stat_modules: list = dataclasses.field(default_factory=list)  # submodules that track running stats
+    # weak references to the submodules that track running stats (the module itself may be one, and
+    # the slot must not keep its own key alive)
+    stat_modules: list = dataclasses.field(default_factory=list)
     finalizer: Optional[weakref.finalize] = None
 
 
@@ -315,7 +317,7 @@ class OffloadManager:
 
     def _register(self, module: nn.Module) -> _Slot:
         name = type(module).__name__
-        stat_modules = [m for m in module.modules() if getattr(m, "track_running_stats", False)]
+        stat_modules = [weakref.ref(m) for m in module.modules() if getattr(m, "track_running_stats", False)]
         self._check_frozen(name, stat_modules)
         tensors = _module_tensors(module)
         for tname, t in tensors:
@@ -359,8 +361,9 @@ class OffloadManager:
 
     @staticmethod
     def _check_frozen(name: str, stat_modules: list) -> None:
-        for m in stat_modules:
-            if m.training:
+        for ref in stat_modules:
+            m = ref()
+            if m is not None and m.training:
                 raise ValueError(
                     f"module {name}: submodule {type(m).__name__} is in training mode and updates its running "
                     "statistics, which the offload manager would discard with the device copy; call "

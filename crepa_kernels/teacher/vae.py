@@ -225,6 +225,8 @@ def drop_encoder(vae: nn.Module) -> int:
         raise TypeError(
             f"unsupported VAE class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
         )
+    if all(getattr(inner, attr, None) is None for attr in ("encoder", "quant_conv")):
+        return 0  # dropped already (or never had one): nothing to free, packed or not
     if is_managed(vae) or is_managed(inner):
         raise RuntimeError(
             f"vae: this {type(inner).__name__} is packed by an offload manager, so dropping its encoder would free "
