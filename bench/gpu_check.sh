@@ -8,6 +8,10 @@
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,ab,offload,host,profile,step;
 #                   each part keeps its share of CHECK_BUDGET_S when others are left out
+#   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 0: none);
+#                   each part's limit is cut to what is left (10 s kept for the end), and a part
+#                   with under 20 s left is skipped, so a caller's own time limit never cuts a
+#                   part's output short
 # Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -24,6 +28,27 @@ for part in ${PARTS//,/ }; do
   fi
 done
 want() { [[ "$PARTS" == *",$1,"* ]]; }
+DEADLINE=${CHECK_DEADLINE_S:-0}
+if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
+  echo "CHECK_DEADLINE_S: expected a whole number of seconds, got '$DEADLINE'" >&2
+  exit 2
+fi
+# fits NAME SECONDS: sets LIMIT to SECONDS cut to what is left before the deadline; false (with a
+# message) when under 20 s are left.
+fits() {
+  LIMIT=$2
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$(( DEADLINE - SECONDS - 10 ))
+    if [ "$left" -lt 20 ]; then
+      echo "== $1 skipped: ${left}s left before CHECK_DEADLINE_S=${DEADLINE}"
+      skipped="$skipped $1"
+      return 1
+    fi
+    [ "$left" -lt "$LIMIT" ] && LIMIT=$left
+  fi
+  return 0
+}
+skipped=""
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -37,21 +62,23 @@ test_rc=skipped
 bench_s=$(( BUDGET * 20 / 100 )); tests_s=$(( BUDGET * 30 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
 offload_s=$(( BUDGET * 10 / 100 )); step_s=$(( BUDGET * 20 / 100 ))
 
-if want bench; then
-  echo "== kernel benchmarks (budget ${bench_s}s)"
-  timeout $(( bench_s + 60 )) python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$bench_s" || status=1
+if want bench && fits bench $(( bench_s + 60 )); then
+  # the suite stops starting cases when its budget is spent; the rest of the limit covers the last case
+  budget=$(( LIMIT - 60 < bench_s ? LIMIT - 60 : bench_s )); [ "$budget" -lt 10 ] && budget=10
+  echo "== kernel benchmarks (budget ${budget}s)"
+  timeout "$LIMIT" python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$budget" || status=1
 fi
 
-if want tests; then
-  echo "== GPU test tier (limit ${tests_s}s)"
-  timeout "$tests_s" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+if want tests && fits tests "$tests_s"; then
+  echo "== GPU test tier (limit ${LIMIT}s)"
+  timeout "$LIMIT" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
   test_rc=${PIPESTATUS[0]}
   [ "$test_rc" -eq 0 ] || status=1
 fi
 
-if want ab; then
+if want ab && fits ab "$ab_s"; then
   echo "== interleaved A/B at wan480: defaults vs the fast launch, the one-pass backward, both, the full fused token block"
-  timeout "$ab_s" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+  timeout "$LIMIT" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
     --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 \
     --variant merged_bwd=CREPA_KERNELS_MERGED_BWD=1 \
     --variant merged_fast=CREPA_KERNELS_MERGED_BWD=1,CREPA_KERNELS_FAST_LAUNCH=1 \
@@ -59,33 +86,35 @@ if want ab; then
     --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 16 || status=1
 fi
 
-if want offload; then
-  echo "== offload benchmark (limit ${offload_s}s)"
-  timeout "$offload_s" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
+if want offload && fits offload "$offload_s"; then
+  echo "== offload benchmark (limit ${LIMIT}s)"
+  timeout "$LIMIT" python3 bench/bench_offload.py --out "$OUT_DIR/offload.json" 2>&1 | tail -n 30 || status=1
 fi
-if want host; then
+if want host && fits host 60; then
   echo "== host cost of a call, kernels stubbed (direct vs custom-op front end)"
-  timeout 60 python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
+  timeout "$LIMIT" python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
     --benchmark-json "$OUT_DIR/host_cost.json" --benchmark-columns=min,median,max 2>&1 | tail -n 12 || status=1
 fi
-if want profile; then
+if want profile && fits profile 60; then
   echo "== profile of the wan480 step (kernel table, host enqueue cost)"
-  timeout 60 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
+  timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
     --out "$OUT_DIR/profile_wan480_fp32.txt" > /dev/null 2>&1 || status=1
   # the one-pass backward's kernel time on its own (the A/B times it only with the host included)
-  CREPA_KERNELS_MERGED_BWD=1 timeout 45 python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
-    --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null 2>&1 || status=1
+  if fits profile_merged_bwd 45; then
+    CREPA_KERNELS_MERGED_BWD=1 timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 \
+      --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null 2>&1 || status=1
+  fi
 fi
 
-if ! want step; then
+if ! want step || ! fits step "$step_s"; then
   :
 elif python3 -c "import diffusers" 2>/dev/null; then
-  echo "== CREPA step benchmark (limit ${step_s}s; 6 latent frames = 21 video frames)"
-  timeout "$step_s" python3 bench/bench_step.py --latent-frames 6 --steps 3 --out "$OUT_DIR/step.json" 2>&1 \
+  echo "== CREPA step benchmark (limit ${LIMIT}s; 6 latent frames = 21 video frames)"
+  timeout "$LIMIT" python3 bench/bench_step.py --latent-frames 6 --steps 3 --out "$OUT_DIR/step.json" 2>&1 \
     | tee "$OUT_DIR/step.log" \
     | tail -n 20 || status=1
 else
   echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"
 fi
-echo "gpu_check: tests rc=$test_rc, overall status=$status"
+echo "gpu_check: tests rc=$test_rc, overall status=$status, ${SECONDS}s${skipped:+, skipped by the deadline:$skipped}"
 exit $status

@@ -109,6 +109,23 @@ def test_gpu_check_refuses_unknown_parts_before_doing_anything(parts, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing installed, nothing written
 
 
+def test_gpu_check_refuses_a_bad_deadline(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CHECK_DEADLINE_S": "5m", "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 2 and "CHECK_DEADLINE_S: expected a whole number of seconds, got '5m'" in proc.stderr
+
+
+def test_gpu_check_skips_parts_the_deadline_leaves_no_room_for(tmp_path):
+    # 15 s from the start, less the 10 s kept for the end: under the 20 s a part needs, so both are
+    # skipped (named in the summary) instead of being cut short by the caller's own limit.
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CHECK_PARTS": "host,profile", "CHECK_DEADLINE_S": "15",
+                                            "OUT": str(tmp_path / "out")})
+    assert "== host skipped:" in proc.stdout and "== profile skipped:" in proc.stdout, proc.stdout + proc.stderr
+    assert "skipped by the deadline: host profile" in proc.stdout
+    assert not any((tmp_path / "out").iterdir())  # nothing ran, nothing written
+
+
 def test_environment_override_restores_even_after_an_error(monkeypatch):
     monkeypatch.setenv("CREPA_KERNELS_FUSED_RESAMPLE", "1")
     monkeypatch.delenv("CREPA_KERNELS_BWD_WINDOW_MIB", raising=False)
