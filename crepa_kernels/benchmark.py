@@ -247,22 +247,33 @@ def add_speedups(rows: list[dict], bandwidth: Optional[float]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """One line per row; a row with a ``note`` (e.g. an interpreter run, not a performance figure)
+    gets a numbered mark after its provider and the note under the table."""
     head = ("| preset | dtype | mode | provider | median ms | p20 | p80 | queued ms | peak extra MiB | GB/s "
             "| speedup |")
     lines = [head, "|" + "---|" * 11]
+    notes: list[str] = []
     for r in rows:
+        provider = r["provider"]
+        if r.get("note"):
+            if r["note"] not in notes:
+                notes.append(r["note"])
+            provider = f"{provider} [{notes.index(r['note']) + 1}]"
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['dtype']} | {r['mode']} | {r['provider']} | error: {r['error'][:60]} |"
+            lines.append(f"| {r['preset']} | {r['dtype']} | {r['mode']} | {provider} | error: {r['error'][:60]} |"
                          " | | | | | |")
             continue
         mem = r.get("peak_extra_bytes")
         queued = r.get("queued_ms")
         lines.append(
-            f"| {r['preset']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['median_ms']:.3f} | "
+            f"| {r['preset']} | {r['dtype']} | {r['mode']} | {provider} | {r['median_ms']:.3f} | "
             f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {'' if queued is None else f'{queued:.3f}'} | "
             f"{'' if mem is None else f'{mem / 2**20:.1f}'} | "
             f"{r['achieved_gbps']:.1f} | {r.get('speedup', float('nan')):.2f} |"
         )
+    if notes:
+        lines.append("")
+        lines += [f"[{i + 1}] {note}" for i, note in enumerate(notes)]
     return "\n".join(lines)
 
 
@@ -325,7 +336,8 @@ def _plot(report: dict, path: str) -> Optional[str]:
     plt = headless_pyplot()
     if plt is None:
         return None
-    rows = [r for r in report["results"] if "median_ms" in r]
+    # Rows with a note (interpreter runs) are no performance figures: they stay in the table only.
+    rows = [r for r in report["results"] if "median_ms" in r and not r.get("note")]
     if not rows:
         return None
     labels = [f"{r['preset']}/{r['dtype']}/{r['mode']}" for r in rows]

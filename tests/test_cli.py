@@ -31,7 +31,11 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     assert interp and all("not a performance figure" in r["note"] for r in interp)
     assert all(r["median_ms"] > 0 for r in rows)
     assert report["environment"]["torch"]
-    assert "| small | fp32 | forward | torch |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| small | fp32 | forward | torch |" in out
+    # the interpreter row is marked as such in the printed table too, not only in the JSON
+    assert "| tiny | fp32 | full | triton [1] |" in out
+    assert "[1] Triton interpreter on CPU: not a performance figure" in out
 
 
 def test_info_prints_json(capsys):
