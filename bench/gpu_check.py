@@ -2,12 +2,14 @@
 
 Usage: python3 bench/gpu_check.py --out DIR [--budget-s 300]
 Writes DIR/<gpu-name>.json (and .md, .png). Cases are ordered by importance and the run stops
-starting new ones when the time budget is spent, so a slow compile cannot cost the whole file.
+starting new ones when the time budget is spent, so a slow compile cannot cost the whole file; a
+SIGTERM (an outer time limit) ends the case in flight and still writes the rows measured before it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,28 +58,28 @@ def main() -> int:
         return 2
     t_end = time.time() + args.budget_s
     rows, skipped = [], []
-    for presets, dtypes, providers, modes, env in PLAN:
-        for preset in presets:
-            for dtype in dtypes:
-                for mode in modes:
-                    for provider in providers:
-                        if time.time() > t_end:
-                            skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
-                            continue
-                        with bm.environment_override(env):
-                            part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
-                        row = part["results"][0]
-                        if env:
-                            row["environment_override"] = dict(env)
-                            row["provider"] = f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]"
-                        rows.append(row)
-                        brief = row.get("error") or (f"{row['median_ms']:.3f} ms (queued {row['queued_ms']:.3f}), "
-                                                     f"{row['achieved_gbps']:.0f} GB/s")
-                        print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)
+    interrupted = None
+    # A time limit's SIGTERM would end Python without running `finally`: turn it into an exception, so
+    # the rows measured so far are still written.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for presets, dtypes, providers, modes, env in PLAN:
+            for preset in presets:
+                for dtype in dtypes:
+                    for mode in modes:
+                        for provider in providers:
+                            if time.time() > t_end:
+                                skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
+                                continue
+                            rows.append(_run_case(preset, dtype, mode, provider, env))
+    except _Terminated:
+        interrupted = "SIGTERM (a time limit) during the case after the last row"
     env = bm.environment("cuda")
     bm.add_speedups(rows, env.get("bandwidth_bytes_per_s"))
     report = {"environment": env, "presets": {n: bm.as_dict(p) for n, p in bm.PRESETS.items()},
               "results": rows, "skipped_for_time": skipped}
+    if interrupted:
+        report["interrupted"] = interrupted
     try:
         report["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
@@ -90,7 +92,29 @@ def main() -> int:
     print(bm.markdown_table(rows))
     for line in ab_summary(rows):
         print(line)
-    return 0
+    return 1 if interrupted else 0
+
+
+class _Terminated(BaseException):
+    """Not an Exception: the suite records a failing case's Exception as a row and goes on."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated()
+
+
+def _run_case(preset: str, dtype: str, mode: str, provider: str, env: dict) -> dict:
+    with bm.environment_override(env):
+        part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
+    row = part["results"][0]
+    if env:
+        row["environment_override"] = dict(env)
+        row["provider"] = f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]"
+    brief = row.get("error") or (f"{row['median_ms']:.3f} ms (queued {row['queued_ms']:.3f}), "
+                                 f"{row['achieved_gbps']:.0f} GB/s")
+    print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)
+    return row
 
 
 def ab_summary(rows: list[dict]) -> list[str]:

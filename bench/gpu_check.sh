@@ -2,16 +2,19 @@
 # One command for a GPU machine (no network; torch, triton and timm installed, diffusers optional):
 # the kernel benchmarks, the GPU test tier, a profile, the offload and the CREPA-step benchmarks,
 # into ${OUT:-bench/results}. Run from the repository root.
-#   CHECK_BUDGET_S  seconds for the parts with a share (default 420; host adds at most 60 s and
-#                   profile at most 105 s); the kernel benchmark stops starting cases when its
-#                   share is spent, the A/B writes its JSON after each dtype
+#   CHECK_BUDGET_S  seconds for the parts with a share (default 420); on top come up to 60 s for
+#                   the kernel benchmark's last case (it stops starting cases when its share is
+#                   spent), 60 s for host and 105 s for profile; the A/B writes its JSON after each
+#                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,ab,offload,host,profile,step;
 #                   each part keeps its share of CHECK_BUDGET_S when others are left out
-#   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 0: none);
-#                   each part's limit is cut to what is left (10 s kept for the end), and a part
-#                   with under 20 s left is skipped, so a caller's own time limit never cuts a
-#                   part's output short
+#   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 480; 0:
+#                   none); each part's limit is cut to what is left (10 s kept for the end), and a
+#                   part with under 20 s left is skipped, so a caller's own time limit never cuts
+#                   a part's output short
+# When OUT is set and a run writes more than 7 files there, they are packed into
+# OUT/gpu_check_results.tgz at the end (for runners that copy back only a few files).
 # Python wheels placed under .whl/ (e.g. diffusers, for a machine without network) are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -28,7 +31,7 @@ for part in ${PARTS//,/ }; do
   fi
 done
 want() { [[ "$PARTS" == *",$1,"* ]]; }
-DEADLINE=${CHECK_DEADLINE_S:-0}
+DEADLINE=${CHECK_DEADLINE_S:-480}
 if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   echo "CHECK_DEADLINE_S: expected a whole number of seconds, got '$DEADLINE'" >&2
   exit 2
@@ -50,6 +53,7 @@ fits() {
 }
 skipped=""
 mkdir -p "$OUT_DIR"
+marker=$(mktemp)  # files newer than this were written by this run
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -98,11 +102,11 @@ fi
 if want profile && fits profile 60; then
   echo "== profile of the wan480 step (kernel table, host enqueue cost)"
   timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
-    --out "$OUT_DIR/profile_wan480_fp32.txt" > /dev/null 2>&1 || status=1
+    --out "$OUT_DIR/profile_wan480_fp32.txt" > /dev/null || status=1  # the table goes to the file
   # the one-pass backward's kernel time on its own (the A/B times it only with the host included)
   if fits profile_merged_bwd 45; then
     CREPA_KERNELS_MERGED_BWD=1 timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 \
-      --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null 2>&1 || status=1
+      --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null || status=1
   fi
 fi
 
@@ -116,5 +120,15 @@ elif python3 -c "import diffusers" 2>/dev/null; then
 else
   echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"
 fi
+if [ -n "${OUT:-}" ]; then
+  mapfile -t written < <(find "$OUT_DIR" -maxdepth 1 -type f -newer "$marker" -printf '%f\n' | sort)
+  if [ "${#written[@]}" -gt 7 ]; then
+    if tar czf "$OUT_DIR/gpu_check_results.tgz" -C "$OUT_DIR" "${written[@]}"; then
+      (cd "$OUT_DIR" && rm -f "${written[@]}")
+      echo "packed ${#written[@]} files into $OUT_DIR/gpu_check_results.tgz: ${written[*]}"
+    fi
+  fi
+fi
+rm -f "$marker"
 echo "gpu_check: tests rc=$test_rc, overall status=$status, ${SECONDS}s${skipped:+, skipped by the deadline:$skipped}"
 exit $status

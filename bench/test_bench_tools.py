@@ -159,3 +159,64 @@ def test_cli_bench_runs_the_triton_rows_on_a_fresh_cpu_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "t.json").read_text())["results"]
     assert any(r["provider"] == "triton" and "median_ms" in r for r in rows)
+
+
+def test_gpu_check_py_writes_the_rows_measured_before_a_sigterm(monkeypatch, tmp_path, capsys):
+    # An outer time limit's SIGTERM arrives during the third case: the two rows measured before it
+    # are still written, the report says it was interrupted, and the exit status is 1.
+    import signal
+    import time
+
+    sys.path.insert(0, HERE)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(HERE)
+    calls = []
+
+    def fake_suite(presets, dtypes, providers, modes, device, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal interrupts this
+        row = dict(preset=presets[0], dtype=dtypes[0], mode=modes[0], provider=providers[0], median_ms=1.0,
+                   p20_ms=1.0, p80_ms=1.0, queued_ms=1.0, achieved_gbps=1.0, io_bytes=1)
+        return {"results": [row]}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(bm, "run_suite", fake_suite)
+    monkeypatch.setattr(bm, "environment", lambda device: {"device": "Fake GPU", "torch": "t", "triton": "t",
+                                                           "commit": "c", "triton_interpreter": False})
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path), "--budget-s", "100"])
+    try:
+        assert gpu_check.main() == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = json.loads((tmp_path / "Fake_GPU.json").read_text())
+    assert len(report["results"]) == 2 and "SIGTERM" in report["interrupted"]
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("parts, packed", [("host", False), ("host,profile", True)])
+def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, packed):
+    # A stand-in python3 writes three files per call of a bench/ script: host makes 1 such call
+    # (3 files, left loose), host and profile make 3 (9 files, packed into one archive, the loose
+    # copies removed).
+    import tarfile
+
+    out, fake = tmp_path / "out", tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/bash\ncase "$*" in *bench/*) for i in 1 2 3; do '
+                                  ': > "$OUT/f_${RANDOM}${RANDOM}_$i"; done;; esac\n')
+    (fake / "python3").chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CHECK_PARTS": parts, "OUT": str(out),
+                               "PATH": f"{fake}:{os.environ['PATH']}"})
+    names = sorted(p.name for p in out.iterdir())
+    if packed:
+        assert names == ["gpu_check_results.tgz"], proc.stdout + proc.stderr
+        with tarfile.open(out / "gpu_check_results.tgz") as tar:
+            assert len(tar.getnames()) == 9
+    else:
+        assert len(names) == 3 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr

@@ -53,6 +53,23 @@ def test_half_precision_inputs_against_fp32_reference(dtype, tol):
     assert cos > 0.999
 
 
+def _fresh_compiles():
+    """Compiles that trace again: the environment switches are read while tracing and are not part
+    of torch.compile's guards, so a graph (or a cached backward) traced under one setting would be
+    reused under another."""
+    import contextlib
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    stack = contextlib.ExitStack()
+    for config, name in ((functorch_config, "enable_autograd_cache"), (inductor_config, "fx_graph_cache")):
+        if hasattr(config, name):
+            stack.enter_context(config.patch(name, False))
+    return stack
+
+
 @pytest.mark.parametrize("merged", ["0", "1"])
 def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
     # merged = "1": the one-pass fused-resample backward, launched through wrap_triton in the graph.
@@ -62,15 +79,23 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
     def step(a, b):
         return crepa_loss(a, b, weight=0.5, backend="triton", **WAN480).loss
 
-    compiled = torch.compile(step, fullgraph=True)
     a1 = p.detach().requires_grad_(True)
     a2 = p.detach().requires_grad_(True)
     l1 = step(a1, f)
-    l2 = compiled(a2, f)
     l1.backward()
-    l2.backward()
+    with _fresh_compiles():
+        compiled = torch.compile(step, fullgraph=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            l2 = compiled(a2, f)
+            l2.backward()
+            torch.cuda.synchronize()
     assert torch.allclose(l1, l2, atol=1e-6)
     assert torch.allclose(a1.grad, a2.grad, atol=1e-6, rtol=1e-5)
+    # The compiled backward is the one the switch asks for.
+    kernels = {e.key for e in prof.key_averages()}
+    one_pass = any("neighbour_cosine_resample_bwd" in k for k in kernels)
+    two_pass = any("resample_bwd" in k and "neighbour_cosine_resample_bwd" not in k for k in kernels)
+    assert (one_pass, two_pass) == ((True, False) if merged == "1" else (False, True)), sorted(kernels)
 
 
 def test_bitwise_deterministic():
