@@ -18,7 +18,7 @@ import torch
 
 from ._plotting import headless_pyplot
 from .functional import crepa_loss
-from .ops.utils import switches_set
+from .ops.utils import interpreter_enabled, switches_set
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def environment(device) -> dict:
         "triton": triton_version,
         "crepa_kernels": crepa_kernels.__version__,
         "commit": commit,
-        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpreter": interpreter_enabled(),
         "switches": switches_set(),  # CREPA_KERNELS_* set for the whole run (rows record their own overrides)
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

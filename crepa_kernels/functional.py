@@ -86,8 +86,6 @@ def crepa_loss(
     pgrid = check_grid("projected_grid", projected_grid, projected.shape[2])
     fgrid = check_grid("features_grid", features_grid, features.shape[2])
     chosen, reason = resolve_backend(backend, projected.device)
-    if not torch.compiler.is_compiling():  # bookkeeping for info(); nothing for a compiled graph to keep
-        _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
     if check_finite:
         tensors = [("projected", projected), ("features", features)]
         if torch.is_tensor(weight):
@@ -120,6 +118,8 @@ def crepa_loss(
         if normalize_by_frames:
             per_video = per_video / total.shape[1]
         loss = -weight * per_video.mean()
+    if not torch.compiler.is_compiling():  # bookkeeping for info() (calls that succeeded); not for graphs
+        _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
     return CrepaOutput(loss, total, self_sim)
 
 

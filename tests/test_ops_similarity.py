@@ -404,6 +404,7 @@ def test_eager_calls_take_the_direct_front_end(monkeypatch):
         (dict(tau=float("inf")), ValueError, "tau must be a finite number > 0"),
         (dict(cumulative=1), TypeError, "cumulative must be a bool"),
         (dict(block_d=24), ValueError, "block_d must be a power-of-two"),
+        (dict(block_d=512), ValueError, "block_d must be a power-of-two int from 1 to 256, or None; got 512"),
         (dict(token_mean=1), TypeError, "token_mean must be a bool"),
     ],
 )

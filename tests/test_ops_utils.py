@@ -20,7 +20,7 @@ def test_override_for_benchmarks(monkeypatch):
     assert num_warps_for(4096) == 4 and num_warps_for(8192) == 8
 
 
-@pytest.mark.parametrize("bad", ["0", "12", "many", "-4"])
+@pytest.mark.parametrize("bad", ["0", "12", "many", "-4", "1_6", " 16", "+16"])
 def test_bad_override_names_the_variable(monkeypatch, bad):
     monkeypatch.setenv(ELEMS_PER_THREAD_ENV, bad)
     with pytest.raises(ValueError, match=ELEMS_PER_THREAD_ENV):
@@ -213,3 +213,56 @@ def test_bad_backward_window_names_the_variable(monkeypatch, bad):
     monkeypatch.setenv(BWD_WINDOW_ENV, bad)
     with pytest.raises(ValueError, match=BWD_WINDOW_ENV):
         bwd_window_bytes()
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("On", True), ("TRUE", True),
+                                       ("0", False), ("off", False), ("no", False), ("FALSE", False),
+                                       ("2", False), (" 1", False), ("", False)])
+def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value, on):
+    # The kernels of this process are interpreted (TRITON_INTERPRET=1 before the first import);
+    # the variable's value decides as Triton's boolean reading does.
+    import crepa_kernels
+    from crepa_kernels.ops.utils import interpreter_enabled, triton_supports
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_enabled() is on and crepa_kernels.info()["triton_interpreter"] is on
+    assert triton_supports(torch.zeros(1)) is on
+
+
+def test_compiled_kernels_are_not_the_interpreter_whatever_the_variable_says(monkeypatch):
+    # Triton decides at definition: kernels defined without the interpreter stay compiled kernels
+    # even if TRITON_INTERPRET=1 is set afterwards, so CPU tensors must not be sent to them.
+    from crepa_kernels.ops import resample
+    from crepa_kernels.ops.utils import interpreter_enabled, triton_supports
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    compiled = type("JITFunction", (), {})()  # stands in for a kernel Triton compiled (its class name)
+    monkeypatch.setattr(resample, "_resample_fwd_kernel", compiled)
+    assert not interpreter_enabled() and not triton_supports(torch.zeros(1))
+    x = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(resample.resample_tokens(x, (2, 2), (3, 3)),
+                               resample._resample_tokens_torch(x, (2, 2), (3, 3)))  # the torch path
+
+
+def test_a_failed_call_does_not_change_the_reported_backend():
+    import crepa_kernels
+    from crepa_kernels import crepa_loss
+
+    p = torch.randn(1, 2, 3, 4)
+    crepa_loss(p, p, backend="torch")
+    before = crepa_kernels.info()["last_call"]
+    with pytest.raises(ValueError, match="projected holds NaN"):
+        crepa_loss(torch.full((1, 2, 3, 4), float("nan")), p, backend="triton", check_finite=True)
+    assert crepa_kernels.info()["last_call"] == before == {**before, "backend": "torch"}
+
+
+@pytest.mark.parametrize("grids", [((2, 3), (3, 3)), ((1, 4), (1, 7))])
+def test_resample_of_an_empty_feature_dim_on_the_torch_path(monkeypatch, grids):
+    from crepa_kernels.ops import resample
+
+    monkeypatch.setattr(resample, "triton_supports", lambda t: False)  # CPU without the interpreter
+    x = torch.randn(2, 2, grids[0][0] * grids[0][1], 0, requires_grad=True)
+    out = resample.resample_tokens(x, *grids)
+    assert out.shape == (2, 2, grids[1][0] * grids[1][1], 0)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

@@ -437,6 +437,8 @@ def _resample_tokens_torch(x: torch.Tensor, in_grid, out_grid) -> torch.Tensor:
     """Plain PyTorch path for tensors the Triton kernels cannot take (CPU without the interpreter)."""
     B, T, _, D = x.shape
     (h, w), (oh, ow) = in_grid, out_grid
+    if x.numel() == 0:  # F.interpolate refuses empty images; the result is empty too (and differentiable)
+        return x.new_zeros((B, T, oh * ow, D)) + x.sum() * 0
     img = x.reshape(B * T, h, w, D).permute(0, 3, 1, 2)
     out = F.interpolate(img, size=(oh, ow), mode="bilinear", align_corners=False)
     return out.permute(0, 2, 3, 1).reshape(B, T, oh * ow, D)

@@ -473,6 +473,9 @@ def _neighbour_cosine_resample_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
+MAX_BLOCK_D = 256  # the largest feature block the launch settings choose; larger tiles only spill
+
+
 def num_slots(distance: int, T: int, cumulative: bool) -> int:
     """S = 1 + 2|K| for the clamped window d = min(distance, T - 1)."""
     d = min(int(distance), int(T) - 1)
@@ -922,8 +925,8 @@ def _validate(projected, features, distance, tau, cumulative, normalize_neighbou
     if not isinstance(token_mean, bool):
         raise TypeError(f"token_mean must be a bool, got {token_mean!r}")
     if block_d is not None and (isinstance(block_d, bool) or not isinstance(block_d, int) or block_d < 1
-                                or block_d & (block_d - 1)):
-        raise ValueError(f"block_d must be a power-of-two int or None, got {block_d!r}")
+                                or block_d & (block_d - 1) or block_d > MAX_BLOCK_D):
+        raise ValueError(f"block_d must be a power-of-two int from 1 to {MAX_BLOCK_D}, or None; got {block_d!r}")
 
 
 def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distance: int, tau: float,
@@ -938,7 +941,8 @@ def neighbour_cosine(projected: torch.Tensor, features: torch.Tensor, *, distanc
       total_tok[t] = (self_tok[t] + sum_{k in K, u = t +- k in [0, T)} e^(-k/tau) <p^[t], f^[u]>) / den[t],
       den[t] = 1 + the weights used at frame t when normalize_neighbour_sum, else 1.
     Differentiable w.r.t. projected, and w.r.t. features when it requires grad.
-    `block_d` overrides the feature-dim block (a power of two; tests use it to force several blocks).
+    `block_d` overrides the feature-dim block (a power of two up to 256; tests use it to force several
+    blocks).
     `token_mean=True` returns the means over tokens instead, each (B, T): the values and gradients of
     ``total_tok.mean(-1)``, ``self_tok.mean(-1)``, with fewer autograd nodes on the eager path.
     `projected_resample=((in_h, in_w), (out_h, out_w))`: projected is (B, T, in_h * in_w, D) on that

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -25,9 +26,19 @@ def triton_available() -> bool:
     return _TRITON_IMPORTS
 
 
+_TRITON_TRUE = ("1", "true", "yes", "on")  # Triton's reading of a boolean variable (any case)
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    """True when Triton runs our kernels through its CPU interpreter: TRITON_INTERPRET is on as
+    Triton reads it (1, true, yes or on, in any case), and, once the kernels exist, they were
+    defined as interpreted functions (Triton decides that when a kernel is defined, so a variable
+    set after ``crepa_kernels.ops`` was imported changes nothing)."""
+    if os.environ.get("TRITON_INTERPRET", "").lower() not in _TRITON_TRUE:
+        return False
+    resample = sys.modules.get("crepa_kernels.ops.resample")
+    kernel = getattr(resample, "_resample_fwd_kernel", None)
+    return type(kernel).__name__ != "JITFunction"  # a compiled kernel (not the interpreter's)
 
 
 def triton_supports(t: torch.Tensor) -> bool:
@@ -138,10 +149,7 @@ def env_positive_int(name: str, default: int, expected: str, power_of_two: bool 
     value = os.environ.get(name)
     if value is None:
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
+    n = int(value) if value.isascii() and value.isdigit() else 0  # plain digits only ("1_6", " 16" refused)
     if n < 1 or (power_of_two and n & (n - 1)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return n
