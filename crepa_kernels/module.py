@@ -10,7 +10,7 @@ from torch import nn
 from .config import CrepaConfig
 from .alignment import check_grid
 from .functional import crepa_loss
-from .schedule import CrepaScheduler
+from .schedule import CrepaScheduler, check_step
 
 
 class Float32Sequential(nn.Sequential):
@@ -93,8 +93,7 @@ class CrepaLoss(nn.Module):
         frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_step(step)
         thresholded = c.similarity_threshold is not None
         world = _world_size()
         weight = None
@@ -105,7 +104,8 @@ class CrepaLoss(nn.Module):
         # and they feed the similarity EMA, so the logged EMA matches the trainer's.
         with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
             out = crepa_loss(
-                self.project(hidden_states), frame_features.detach() if self.detach_teacher else frame_features,
+                self.projector(hidden_states.float()),  # checked above: no second pass through project()
+                frame_features.detach() if self.detach_teacher else frame_features,
                 adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
                 cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
                 normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,

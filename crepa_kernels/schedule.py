@@ -99,8 +99,7 @@ class CrepaScheduler:
             self.similarity_ema = d * ema + (1.0 - d) * value
 
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_step(step)
         c = self.config
         self.update_ema(similarity)
         if c.threshold_mode == "permanent" and self._cut_off:
@@ -113,6 +112,11 @@ class CrepaScheduler:
             return 0.0
         self._cut_off = False  # recoverable mode clears its latch
         return self.base_weight(step)
+
+
+def check_step(step) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
 
 
 def _check_similarity(similarity):

@@ -371,7 +371,7 @@ class DinoEncoder(nn.Module):
                 f"frames are on {frames.device} but the encoder weights are on {first.device}; move one of them"
             )
         # Run in the weights' dtype; casting them here would replace tensors an offload manager has packed.
-        compute_dtype = self.dtype
+        compute_dtype = self._dtype if first is None else first.dtype  # what `dtype` reports
         flat = frames.reshape(n, c, h, w)
         out = torch.empty(n, self.num_patches, self.embed_dim, device=frames.device, dtype=torch.float32)
         step = n if self.frames_batch_size is None else self.frames_batch_size
