@@ -53,7 +53,10 @@ fits() {
 }
 skipped=""
 mkdir -p "$OUT_DIR"
-marker=$(mktemp)  # files newer than this were written by this run
+# what OUT_DIR held before this run (mtime, size, name): a file whose line is not here was written by
+# it. A timestamp marker would miss a file written within the marker's clock tick.
+listing() { find "$OUT_DIR" -maxdepth 1 -type f -printf '%T@ %s %f\n' | sort; }
+before=$(listing)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -121,7 +124,7 @@ else
   echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"
 fi
 if [ -n "${OUT:-}" ]; then
-  mapfile -t written < <(find "$OUT_DIR" -maxdepth 1 -type f -newer "$marker" -printf '%f\n' | sort)
+  mapfile -t written < <(comm -13 <(printf '%s\n' "$before") <(listing) | cut -d' ' -f3- | sort)
   if [ "${#written[@]}" -gt 7 ]; then
     if tar czf "$OUT_DIR/gpu_check_results.tgz" -C "$OUT_DIR" "${written[@]}"; then
       (cd "$OUT_DIR" && rm -f "${written[@]}")
@@ -129,6 +132,5 @@ if [ -n "${OUT:-}" ]; then
     fi
   fi
 fi
-rm -f "$marker"
 echo "gpu_check: tests rc=$test_rc, overall status=$status, ${SECONDS}s${skipped:+, skipped by the deadline:$skipped}"
 exit $status

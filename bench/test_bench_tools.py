@@ -202,21 +202,28 @@ def test_gpu_check_py_writes_the_rows_measured_before_a_sigterm(monkeypatch, tmp
 def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, packed):
     # A stand-in python3 writes three files per call of a bench/ script: host makes 1 such call
     # (3 files, left loose), host and profile make 3 (9 files, packed into one archive, the loose
-    # copies removed).
+    # copies removed). A file OUT held before the run is neither packed nor removed, and a file
+    # written in the same clock tick as the run's start still counts as written.
     import tarfile
 
     out, fake = tmp_path / "out", tmp_path / "bin"
     fake.mkdir()
+    out.mkdir()
+    (out / "earlier.json").write_text("{}")
     (fake / "python3").write_text('#!/bin/bash\ncase "$*" in *bench/*) for i in 1 2 3; do '
-                                  ': > "$OUT/f_${RANDOM}${RANDOM}_$i"; done;; esac\n')
+                                  # (an mtime before the run's start stands for one in its clock tick)
+                                  'f="$OUT/f_${RANDOM}${RANDOM}_$i"; : > "$f"; touch -d @1 "$f"; done;; esac\n')
     (fake / "python3").chmod(0o755)
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "CHECK_PARTS": parts, "OUT": str(out),
                                "PATH": f"{fake}:{os.environ['PATH']}"})
     names = sorted(p.name for p in out.iterdir())
+    assert (out / "earlier.json").read_text() == "{}", proc.stdout + proc.stderr
+    names.remove("earlier.json")
     if packed:
         assert names == ["gpu_check_results.tgz"], proc.stdout + proc.stderr
         with tarfile.open(out / "gpu_check_results.tgz") as tar:
-            assert len(tar.getnames()) == 9
+            packed_names = tar.getnames()
+        assert len(packed_names) == 9 and all(n.startswith("f_") for n in packed_names), packed_names
     else:
         assert len(names) == 3 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr
