@@ -150,10 +150,36 @@ def test_key_follows_weights_file_content_not_path(tmp_path):
     w2.write_bytes(b"weights-v1" * 1000)
     k1 = FeatureCache.make_key("s", **{**BASE, "encoder_weights": str(w1)})
     assert k1 == FeatureCache.make_key("s", **{**BASE, "encoder_weights": w2})  # same bytes, other path
-    time.sleep(0.01)
     w1.write_bytes(b"weights-v2" * 1000)  # new content (and mtime) under the same path
     assert FeatureCache.make_key("s", **{**BASE, "encoder_weights": str(w1)}) != k1
     assert weights_fingerprint(w1).startswith("sha256:")
+
+
+def test_fingerprint_sees_a_rewrite_that_leaves_the_stat_unchanged(tmp_path, monkeypatch):
+    # A rewrite within one timestamp tick keeps size and mtime: forced here with utime. A just
+    # modified file is not memoised, so the new content is seen; once older it is memoised.
+    import hashlib
+
+    def sha(data):
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"a" * 4096)
+    before = os.stat(w)
+    memoised = len(cache_mod._FINGERPRINTS)
+    assert weights_fingerprint(w) == sha(b"a" * 4096)
+    w.write_bytes(b"b" * 4096)
+    os.utime(w, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights_fingerprint(w) == sha(b"b" * 4096)
+    assert len(cache_mod._FINGERPRINTS) == memoised
+
+    now = time.time_ns()
+    monkeypatch.setattr(cache_mod.time, "time_ns", lambda: now + 10 ** 10)  # ten seconds on
+    assert weights_fingerprint(w) == sha(b"b" * 4096)
+    assert len(cache_mod._FINGERPRINTS) == memoised + 1
+    expected = sha(b"b" * 4096)
+    monkeypatch.setattr(cache_mod.hashlib, "sha256", None)  # a memoised fingerprint hashes nothing
+    assert weights_fingerprint(w) == expected
 
 
 @pytest.mark.parametrize("bad,exc,match", [

@@ -41,25 +41,34 @@ class PrecomputeResult(NamedTuple):
     skipped: int
 
 
-_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+_FINGERPRINTS: dict[tuple, str] = {}
+# A file modified this recently may change again within the same timestamp tick, unseen by its stat:
+# its fingerprint is not memoised (hashed again on each call) until it is older.
+_RACY_NS = 2_000_000_000
 
 
 def weights_fingerprint(path: PathLike) -> str:
-    """SHA-256 of a weights file's content, memoised per (path, size, mtime) within the process."""
+    """SHA-256 of a weights file's content, memoised within the process per (path, inode, size, mtime,
+    ctime) for files last modified more than two seconds ago (a newer file is hashed on every call:
+    a rewrite within its timestamp's tick would leave the stat unchanged)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: got {type(path).__name__}, expected a str or os.PathLike")
     real = os.path.realpath(os.fspath(path))
     if not os.path.isfile(real):
         raise ValueError(f"path: {os.fspath(path)!r} is not a file")
     st = os.stat(real)
-    memo = (real, st.st_size, st.st_mtime_ns)
-    if memo not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _FINGERPRINTS[memo] = "sha256:" + h.hexdigest()
-    return _FINGERPRINTS[memo]
+    memo = (real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    found = _FINGERPRINTS.get(memo)
+    if found is not None:
+        return found
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _FINGERPRINTS[memo] = digest
+    return digest
 
 
 def _check_grid(grid: Any, name: str = "grid") -> Optional[tuple[int, int]]:
