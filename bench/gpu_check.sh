@@ -78,7 +78,7 @@ fi
 
 if want tests && fits tests "$tests_s"; then
   echo "== GPU test tier (limit ${LIMIT}s)"
-  timeout "$LIMIT" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+  timeout "$LIMIT" python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=12 2>&1 | tee "$OUT_DIR/gpu_tests.log"
   test_rc=${PIPESTATUS[0]}
   [ "$test_rc" -eq 0 ] || status=1
 fi

@@ -16,3 +16,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _interpolation_rows(in_grid, out_grid, out_tokens):
+    """Rows ``out_tokens`` of the bilinear resampling matrix (``align_corners=False``) from ``in_grid``
+    to ``out_grid``, as float64 (len(out_tokens), in_h * in_w) on the CPU: derived from F.interpolate's
+    own backward (one channel per row, each reading one output token), not from our kernels' taps."""
+    import torch.nn.functional as F
+
+    n = len(out_tokens)
+    x = torch.zeros(1, n, *in_grid, dtype=torch.float64, requires_grad=True)
+    y = F.interpolate(x, size=tuple(out_grid), mode="bilinear", align_corners=False).flatten(2)
+    (g,) = torch.autograd.grad(y[0, torch.arange(n), torch.as_tensor(out_tokens)].sum(), x)
+    return g[0].flatten(1)
+
+
+@pytest.fixture
+def interpolation_rows():
+    return _interpolation_rows

@@ -452,6 +452,45 @@ def test_gpu_wan480_size(dtype):
     assert torch.equal(gx, gx2)
 
 
+def _check_resample_at_the_last_tokens(in_grid, out_grid, B, T, D, dtype, n_sub, rows_of, tol):
+    """resample_tokens forward and backward on the last ``n_sub`` output tokens (the highest offsets)
+    against their rows of F.interpolate's resampling matrix; the gradient of those tokens alone must
+    match on the input tokens they read and be zero everywhere else."""
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    x = torch.randn(B, T, n_in, D, generator=g, device=DEVICE, dtype=dtype).requires_grad_(True)
+    y = resample_tokens(x, in_grid, out_grid)
+    sub = torch.arange(n_out - n_sub, n_out, device=DEVICE)
+    rows = rows_of(in_grid, out_grid, sub.tolist())  # (n_sub, n_in), float64 on the CPU
+    q = rows.abs().sum(0).nonzero().squeeze(1)
+    a = rows[:, q].to(DEVICE, torch.float32)
+    assert_rel_close(y[:, :, sub].float(), torch.einsum("sq,btqd->btsd", a, x.detach()[:, :, q.to(DEVICE)].float()),
+                     tol, "fwd")
+    gy = torch.randn(B, T, n_sub, D, generator=g, device=DEVICE, dtype=dtype)
+    (gx,) = torch.autograd.grad(y[:, :, sub], x, gy)
+    assert_rel_close(gx[:, :, q.to(DEVICE)].float(), torch.einsum("sq,btsd->btqd", a, gy.float()), tol, "grad")
+    q0 = int(q.min())
+    untouched = torch.ones(n_in - q0, dtype=torch.bool)
+    untouched[q - q0] = False
+    assert gx[:, :, :q0].count_nonzero().item() == 0
+    assert gx[:, :, q0:][:, :, untouched.to(DEVICE)].count_nonzero().item() == 0
+
+
+@pytest.mark.parametrize("in_grid,out_grid", [((6, 10), (7, 7)), ((7, 7), (6, 10))])
+def test_resample_at_the_last_tokens(interpolation_rows, in_grid, out_grid):
+    # Interpreter scale: checks the reference this test shares with the GPU case below.
+    _check_resample_at_the_last_tokens(in_grid, out_grid, 1, 3, 5, torch.float32, 6, interpolation_rows, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_grid,out_grid", [((128, 128), (100, 100)), ((100, 100), (128, 128))])
+def test_gpu_int64_offsets(interpolation_rows, in_grid, out_grid):
+    # The 128x128 side: 1*8*16384*16400 = 2.15e9 > 2^31 elements (4.3 GB in bf16), as the input and
+    # its gradient (downsampling) or as the output (upsampling). About 14 GB of GPU memory.
+    _check_resample_at_the_last_tokens(in_grid, out_grid, 1, 8, 16400, torch.bfloat16, 24, interpolation_rows,
+                                       2 * torch.finfo(torch.bfloat16).eps)
+
+
 @pytest.mark.gpu
 def test_gpu_temporal_indices_match_cpu():
     # The compatible indices must not depend on the device that builds them.

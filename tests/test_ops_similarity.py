@@ -633,6 +633,61 @@ def test_fused_resample_against_the_oracle():
     _assert_grad_close(got, want, 1e-9)
 
 
+def _check_fused_resample_at_the_last_tokens(in_grid, out_grid, B, T, D, dtype, n_sub, rows_of, fwd_atol, grad_rtol):
+    """The fused-resample forward and backward against an independent reference on the last ``n_sub``
+    output tokens (the highest offsets): their rows of F.interpolate's resampling matrix applied to the
+    input tokens they touch, rounded to the input dtype, then the oracle. The objective reads only those tokens, so the input
+    gradient must match on the touched tokens and be zero everywhere else."""
+    device = DEV
+    g = torch.Generator(device=device).manual_seed(11)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    p = torch.randn(B, T, n_in, D, generator=g, device=device, dtype=dtype).requires_grad_(True)
+    f = torch.randn(B, T, n_out, D, generator=g, device=device, dtype=dtype)
+    kw = dict(distance=2, tau=0.8, cumulative=True, normalize_neighbour_sum=True)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), **kw)
+    sub = torch.arange(n_out - n_sub, n_out, device=device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    up = torch.randn(B, T, n_sub, generator=g, device=device, dtype=acc)
+    (gp,) = torch.autograd.grad((total[:, :, sub] * up).sum() + self_tok[:, :, sub].sum(), p)
+
+    rows = rows_of(in_grid, out_grid, sub.tolist())  # (n_sub, n_in), float64 on the CPU
+    q = rows.abs().sum(0).nonzero().squeeze(1)  # the input tokens those outputs read
+    p_q = p.detach()[:, :, q.to(device)].to(acc).requires_grad_(True)
+    # rounded to the input dtype, as resample_tokens' output is (the fused kernels keep those bits)
+    resampled = torch.einsum("sq,btqd->btsd", rows[:, q].to(device, acc), p_q).to(dtype).to(acc)
+    ref_total, ref_self = oracle(resampled, f[:, :, sub].to(acc), **kw)
+    torch.testing.assert_close(total[:, :, sub], ref_total, rtol=0, atol=fwd_atol)
+    torch.testing.assert_close(self_tok[:, :, sub], ref_self, rtol=0, atol=fwd_atol)
+    (want,) = torch.autograd.grad((ref_total * up).sum() + ref_self.sum(), p_q)
+    _assert_grad_close(gp[:, :, q.to(device)].to(acc), want, grad_rtol)
+    q0 = int(q.min())
+    untouched = torch.ones(n_in - q0, dtype=torch.bool)
+    untouched[q - q0] = False
+    assert gp[:, :, :q0].count_nonzero().item() == 0
+    assert gp[:, :, q0:][:, :, untouched.to(device)].count_nonzero().item() == 0
+
+
+@pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
+def test_fused_resample_at_the_last_tokens(monkeypatch, interpolation_rows, merged):
+    # Interpreter scale: checks the reference this test shares with the GPU case below. In fp32: the
+    # interpreter truncates fp32 to bf16 where torch and compiled kernels round to nearest, so the
+    # reference's rounding of the resampled tokens holds for bf16 on a GPU only.
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+    _check_fused_resample_at_the_last_tokens((3, 5), (4, 4), 1, 3, 40, torch.float32, 5, interpolation_rows,
+                                             fwd_atol=1e-5, grad_rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merged", ["0", "1"])
+def test_gpu_fused_resample_int64_offsets(monkeypatch, interpolation_rows, merged):
+    # projected: 1*8*(128*128)*16400 = 2.15e9 > 2^31 elements (4.3 GB in bf16), resampled to 100x100
+    # inside the kernels; the two-pass backward runs in one-frame windows, whose gradient slices start
+    # past 2^31 elements too. About 12 GB of GPU memory.
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+    _check_fused_resample_at_the_last_tokens((128, 128), (100, 100), 1, 8, 16400, torch.bfloat16, 24,
+                                             interpolation_rows, fwd_atol=2e-5, grad_rtol=1.6e-2)
+
+
 @pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
 def test_fused_resample_gradcheck_fp64(monkeypatch, merged):
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
