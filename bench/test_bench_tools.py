@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from crepa_kernels import benchmark as bm
 
@@ -66,6 +67,19 @@ def test_write_outputs_plots_rows_with_environment_overrides(tmp_path):
     assert [os.path.basename(p) for p in written] == ["ab.json", "ab.md", "ab.png"]
     assert os.path.getsize(tmp_path / "ab.png") > 0
     assert "triton[CREPA_KERNELS_FUSED_RESAMPLE=0]" in (tmp_path / "ab.md").read_text()
+
+
+def test_io_bytes_and_roofline_fractions():
+    # projected (1, 2, 3, 4) fp32: 96 bytes; features (1, 2, 5, 4) bf16: 80 bytes; d projected: 96.
+    p, f = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 5, 4, dtype=torch.bfloat16)
+    assert [bm.io_bytes(m, p, f) for m in bm.MODES] == [176, 272, 272]
+    assert [bm.io_bytes(m, p, f, recompute=True) for m in bm.MODES] == [176, 272, 448]
+    rows = [dict(preset="x", dtype="fp32", mode="full", provider=prov, median_ms=ms, achieved_gbps=gbps,
+                 io_bytes=272, io_bytes_recompute=448) for prov, ms, gbps in (("torch", 4.0, 50.0),
+                                                                              ("triton", 1.0, 200.0))]
+    bm.add_speedups(rows, bandwidth=400e9)
+    assert rows[1]["speedup"] == 4.0 and rows[1]["roofline_fraction"] == 0.5
+    assert rows[1]["roofline_fraction_recompute"] == 0.5 * 448 / 272
 
 
 def _ab_quick(tmp_path, rounds, *variants):
