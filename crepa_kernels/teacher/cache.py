@@ -56,6 +56,7 @@ def weights_fingerprint(path: PathLike) -> str:
     real = os.path.realpath(os.fspath(path))
     if not os.path.isfile(real):
         raise ValueError(f"path: {os.fspath(path)!r} is not a file")
+    looked = time.time_ns()  # before the stat: any later rewrite gets a later mtime
     st = os.stat(real)
     memo = (real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     found = _FINGERPRINTS.get(memo)
@@ -66,7 +67,7 @@ def weights_fingerprint(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     digest = "sha256:" + h.hexdigest()
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+    if looked - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
         _FINGERPRINTS[memo] = digest
     return digest
 
