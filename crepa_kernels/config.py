@@ -66,7 +66,8 @@ class CrepaConfig:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """Every config key this class accepts (prefixed names), aliases included."""
-        return tuple(cls._key_of(f.name) for f in fields(cls)) + tuple(_ALIASES) + tuple(_DERIVED)
+        return (tuple(cls._key_of(f.name) for f in fields(cls)) + tuple(_ALIASES) + tuple(_DERIVED)
+                + tuple(_TRAINER_ONLY))
 
     @classmethod
     def _field_for_key(cls, key: str) -> str:
@@ -91,32 +92,42 @@ class CrepaConfig:
             name = (key[2:] if key.startswith("--") else key).replace("-", "_")
             if not name.startswith("crepa_"):
                 raise ValueError(f"unknown CREPA config key {key!r}: every key starts with 'crepa_'")
-            if name not in _DERIVED:
+            if name not in _DERIVED and name not in _TRAINER_ONLY:
                 cls._field_for_key(name)  # unknown keys fail here, with a suggestion
             norm[name] = value
 
         kwargs: dict[str, Any] = {}
         for name, value in norm.items():
-            if name not in _DERIVED and name not in _ALIASES:
+            if name not in _DERIVED and name not in _ALIASES and name not in _TRAINER_ONLY:
                 kwargs[cls._field_for_key(name)] = value
 
-        # crepa_model is an alias of crepa_encoder: a None on either side means "not given".
-        model, encoder = norm.get("crepa_model"), norm.get("crepa_encoder")
-        if model is not None and encoder is not None and _encoder_key(model) != _encoder_key(encoder):
-            raise ValueError(f"crepa_model={model!r} and crepa_encoder={encoder!r} disagree; they are aliases, give one")
-        if encoder is None and model is not None:
+        # crepa_model is an alias of crepa_encoder; as in the common trainer, crepa_model wins when both
+        # are given (its UI always fills crepa_encoder), and a None (or empty) value means "not given".
+        model = norm.get("crepa_model")
+        if model:
             kwargs["encoder"] = model
+
+        # The trainer's self-flow teacher is not implemented here: its keys are accepted while it is off.
+        if _as_bool("crepa_self_flow", norm.get("crepa_self_flow") or False):
+            raise ValueError("crepa_self_flow=true: the self-flow teacher is not supported by crepa_kernels; "
+                             "use crepa_feature_source='encoder' or 'backbone'")
 
         # crepa_use_backbone_features is the boolean form of crepa_feature_source.
         use_backbone, source = norm.get("crepa_use_backbone_features"), norm.get("crepa_feature_source")
+        if source is not None:
+            source = _feature_source(source)
+            kwargs["feature_source"] = source
         if use_backbone is not None:
             want = "backbone" if _as_bool("crepa_use_backbone_features", use_backbone) else "encoder"
-            if source is not None and str(source).strip().lower() != want:
+            if source is not None and source != want:
                 raise ValueError(
                     f"crepa_use_backbone_features={use_backbone!r} and crepa_feature_source={source!r} disagree"
                 )
             kwargs["feature_source"] = want
-        # None means "use the default" for keys users leave unset on a CLI namespace.
+        # None means "use the default" for keys users leave unset on a CLI namespace, except
+        # crepa_lambda: the trainer reads a None weight as 0 (CREPA adds nothing).
+        if "crepa_lambda" in norm and norm["crepa_lambda"] is None:
+            kwargs["lambda_"] = 0.0
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
         return cls(**kwargs)
 
@@ -212,18 +223,28 @@ class CrepaConfig:
 
 _ALIASES = {"crepa_model": "crepa_encoder"}
 _DERIVED = {"crepa_use_backbone_features"}  # keys that set another field; handled in from_dict
+# The common trainer's keys for a feature not implemented here: accepted while it is off.
+_TRAINER_ONLY = {"crepa_self_flow", "crepa_self_flow_mask_ratio"}
+# The trainer's other names for the feature sources.
+_FEATURE_SOURCE_ALIASES = {"internal": "backbone", "external": "encoder"}
+
+
+def _feature_source(value: Any) -> Any:
+    """crepa_feature_source with the trainer's aliases resolved; its self-flow source is refused here,
+    anything else is left for validate() to judge."""
+    if not isinstance(value, str):
+        return value
+    name = value.strip().lower()
+    if name in ("self_flow", "selfflow"):
+        raise ValueError(f"crepa_feature_source={value!r}: the self-flow teacher is not supported by crepa_kernels; "
+                         "use 'encoder' or 'backbone'")
+    return _FEATURE_SOURCE_ALIASES.get(name, value)
+
+
 _NULLABLE = {"block_index", "teacher_block_index", "similarity_threshold", "encoder_frames_batch_size",
              "encoder_weights"}
 
 
-def _encoder_key(name: Any) -> Any:
-    """Encoder names compared by the model they resolve to (dinov2_vits14 == vit_small_patch14_dinov2)."""
-    try:
-        from .teacher.encoders import resolve_encoder_name
-
-        return resolve_encoder_name(name)
-    except (ImportError, TypeError, ValueError):
-        return name
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

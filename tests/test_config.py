@@ -74,7 +74,10 @@ def test_backbone_flag_is_not_lost_to_an_unset_feature_source(order):
     ({"crepa_model": "dinov2_vits14", "crepa_encoder": None}, "dinov2_vits14"),
     ({"crepa_encoder": None, "crepa_model": "dinov2_vits14"}, "dinov2_vits14"),
     ({"crepa_model": None, "crepa_encoder": "dinov2_vitb14"}, "dinov2_vitb14"),
-    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "vit_small_patch14_dinov2"}, "vit_small_patch14_dinov2"),
+    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "vit_small_patch14_dinov2"}, "dinov2_vits14"),
+    # the common trainer's rule: crepa_model wins (its UI always fills crepa_encoder with the default)
+    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "dinov2_vitg14"}, "dinov2_vits14"),
+    ({"crepa_encoder": "dinov2_vitg14", "crepa_model": ""}, "dinov2_vitg14"),
 ])
 def test_encoder_alias_with_unset_or_equivalent_values(d, want):
     assert CrepaConfig.from_dict(d).encoder == want
@@ -91,9 +94,35 @@ def test_from_dict_and_round_trip():
 
 
 def test_from_namespace_reads_crepa_attributes_and_ignores_others():
-    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=4, crepa_lambda=None, learning_rate=1e-4)
+    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=4, crepa_scheduler=None, learning_rate=1e-4)
     c = CrepaConfig.from_namespace(ns)
-    assert c.enabled and c.block_index == 4 and c.lambda_ == 0.5  # None keeps the default
+    assert c.enabled and c.block_index == 4 and c.scheduler == "constant"  # None keeps the default
+
+
+def test_a_none_weight_means_zero_as_in_the_common_trainer():
+    # The trainer reads crepa_lambda as `value or 0.0`: a None weight adds nothing.
+    assert CrepaConfig.from_namespace(argparse.Namespace(crepa_lambda=None)).lambda_ == 0.0
+    assert CrepaConfig.from_dict({}).lambda_ == 0.5  # unset: the default
+
+
+def test_the_common_trainers_newer_keys_and_feature_source_names():
+    # A namespace of a trainer version with the self-flow teacher carries its keys, off by default.
+    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=2, crepa_self_flow=False,
+                            crepa_self_flow_mask_ratio=0.1, crepa_feature_source=None)
+    assert CrepaConfig.from_namespace(ns).feature_source == "encoder"
+    assert {"crepa_self_flow", "crepa_self_flow_mask_ratio"} <= set(CrepaConfig.keys())
+    with pytest.raises(ValueError, match="crepa_self_flow=true: the self-flow teacher is not supported"):
+        CrepaConfig.from_dict({"crepa_self_flow": True})
+    for name in ("self_flow", "SelfFlow"):
+        with pytest.raises(ValueError, match="self-flow teacher is not supported"):
+            CrepaConfig.from_dict({"crepa_feature_source": name})
+    # the trainer's other names for the two sources
+    assert CrepaConfig.from_dict({"crepa_feature_source": " External "}).feature_source == "encoder"
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, "crepa_teacher_block_index": 5,
+                               "crepa_feature_source": "internal", "crepa_use_backbone_features": True})
+    assert c.feature_source == "backbone"
+    with pytest.raises(ValueError, match="disagree"):
+        CrepaConfig.from_dict({"crepa_feature_source": "external", "crepa_use_backbone_features": True})
 
 
 def test_backbone_switch_aliases():
@@ -132,7 +161,6 @@ def test_unknown_key_suggests_closest():
      "crepa_teacher_block_index must be set"),
     ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
       "crepa_teacher_block_index": 2}, "must be deeper than crepa_block_index"),
-    ({"crepa_model": "dinov2_vits14", "crepa_encoder": "dinov2_vitg14"}, "they are aliases"),
     ({"learning_rate": 1.0}, "every key starts with 'crepa_'"),
 ])
 def test_config_errors(d, msg):
