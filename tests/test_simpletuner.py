@@ -251,7 +251,7 @@ TRAINER_DEFAULTS = dict(
     crepa_use_tae=False, crepa_scheduler="constant", crepa_warmup_steps=0, crepa_decay_steps=0,
     crepa_lambda_end=0.0, crepa_power=1.0, crepa_cutoff_step=0, crepa_similarity_threshold=None,
     crepa_similarity_ema_decay=0.99, crepa_threshold_mode="permanent", crepa_cumulative_neighbors=False,
-    crepa_model=None,
+    crepa_model=None, crepa_feature_source=None, crepa_self_flow=False, crepa_self_flow_mask_ratio=0.1,
 )
 
 
@@ -270,3 +270,82 @@ def test_use_tae_falls_back_to_the_vae_with_a_warning():
         warnings.simplefilter("error")  # backbone mode decodes nothing: nothing to warn about
         CrepaRegularizer(SimpleNamespace(**{**args.__dict__, "crepa_use_backbone_features": True,
                                             "crepa_teacher_block_index": 9}), "cpu", hidden_size=16)
+
+
+def test_a_zero_weight_computes_logs_and_tracks_nothing():
+    # The trainer returns (None, None) before any work when crepa_lambda is 0 (or None): no logs, no EMA.
+    for lam in (0.0, None):
+        cfg = namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3, crepa_lambda=lam,
+                        crepa_similarity_threshold=0.9)
+        reg = CrepaRegularizer(cfg, "cpu", hidden_size=8)
+        reg.attach_to_model(nn.Module())
+        assert reg.compute_loss(torch.randn(1, 3, 4, 8), None, None, frame_features=torch.randn(1, 3, 4, 8)) == (None, None)
+        assert reg.state_dict()["_extra_state"]["scheduler"] == {"similarity_ema": None, "cut_off": False}
+        with pytest.raises(ValueError, match="backbone mode needs frame_features"):  # the checks still run first
+            reg.compute_loss(torch.randn(1, 3, 4, 8), None, None)
+
+
+def test_irepa_is_refused_when_on_and_ignored_when_off():
+    with pytest.raises(ValueError, match="irepa_enabled=true: iREPA .* is not supported"):
+        CrepaRegularizer(namespace(irepa_enabled=True), "cpu", hidden_size=8)
+    CrepaRegularizer(namespace(irepa_enabled=False, irepa_spatial_norm_alpha=0.6), "cpu", hidden_size=8)
+    CrepaRegularizer(namespace(crepa_enabled=False, irepa_enabled=True), "cpu", hidden_size=8)  # CREPA off
+
+
+def test_a_3d_teacher_is_one_frame_of_tokens_as_the_trainer_reads_it():
+    torch.manual_seed(3)
+    reg = CrepaRegularizer(namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3), "cpu", 8)
+    reg.attach_to_model(nn.Module())
+    hidden, teacher = torch.randn(2, 3, 4, 8), torch.randn(2, 4, 8)
+    loss3, logs3 = reg.compute_loss(hidden, None, None, frame_features=teacher)
+    ref_loss, ref_logs = reference_step(reg.projector, hidden, teacher.unsqueeze(1))  # (B, 1, N, D)
+    assert abs(loss3.item() - ref_loss.item()) <= 1e-6
+    for key, value in ref_logs.items():
+        assert logs3[key] == pytest.approx(value, abs=1e-6), key
+
+
+class _Mode:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Foundation:
+    """Stands in for the trainer's model object: it decodes latents to (B, T, C, H, W) frames in [0, 1]."""
+
+    def __init__(self, frames, mode="VIDEO"):
+        self.frames, self.crepa_mode, self.calls = frames, _Mode(mode), []
+
+    def decode_latents_to_pixels(self, latents, *, use_tae=False):
+        self.calls.append((tuple(latents.shape), use_tae))
+        return self.frames
+
+
+def test_the_trainers_model_object_decodes_when_no_vae_is_given():
+    torch.manual_seed(4)
+    frames = torch.rand(1, 9, 3, 32, 32)
+    foundation = _Foundation(frames)
+    vit = tiny_vit()
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=vit, model_foundation=foundation)
+    reg.attach_to_model(nn.Module())
+    hidden = torch.randn(1, 3, 4, 16)
+    loss, logs = reg.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), None)
+    assert foundation.calls == [((1, 4, 3, 4, 4), False)]
+    # Reference: every frame encoded (patch tokens), then aligned.
+    with torch.no_grad():
+        x = F.interpolate(frames.reshape(9, 3, 32, 32), size=(56, 56), mode="bilinear", align_corners=False)
+        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+            1, 3, 1, 1)
+        tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]
+    ref_loss, ref_logs = reference_step(reg.projector, hidden, tokens.reshape(1, 9, tokens.shape[1], -1))
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for key, value in ref_logs.items():
+        assert logs[key] == pytest.approx(value, abs=1e-5), key
+
+    with pytest.raises(ValueError, match="must return frames"):
+        foundation.frames = torch.rand(9, 3, 32, 32)
+        reg.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), None)
+
+
+def test_an_image_model_object_is_refused():
+    with pytest.raises(ValueError, match="image model"):
+        CrepaRegularizer(namespace(), "cpu", hidden_size=8, model_foundation=_Foundation(None, mode="IMAGE"))

@@ -2,9 +2,11 @@
 
 Swap the import and keep the calls: ``attach_to_model(model)``, ``wants_hidden_states()``,
 ``compute_loss(hidden_states, latents, vae)``. The logged keys and values match the trainer's
-reference path to float32 rounding for the same inputs and projector weights. Two deliberate
-differences from that path, both documented in the README: the encoder contributes DINOv2 *patch*
-tokens (the paper's choice), and only the frames that temporal alignment keeps are encoded.
+reference path to float32 rounding for the same inputs and projector weights. Deliberate
+differences from that path, documented in the README: the encoder contributes DINOv2 *patch* tokens
+(the paper's choice, and the newer trainer's), only the frames that temporal alignment keeps are
+encoded, and a bf16 / fp16 teacher is normalised in fp32. The trainer's iREPA and self-flow teacher
+are not implemented and are refused when switched on.
 """
 from __future__ import annotations
 
@@ -30,6 +32,19 @@ def _device_of(accelerator: Any) -> torch.device:
     return torch.device(device)
 
 
+def _decodes_itself(model_foundation: Any) -> bool:
+    """Whether ``model_foundation`` is the trainer's model object, which decodes latents itself."""
+    return not isinstance(model_foundation, (str, type(None))) and callable(
+        getattr(model_foundation, "decode_latents_to_pixels", None))
+
+
+def _as_flag(value: Any) -> bool:
+    """A trainer switch read as the trainer reads it (``bool(value)``), strings included."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 class CrepaRegularizer:
     """Drop-in CREPA regulariser for trainers written against the reference ``CrepaRegularizer``.
 
@@ -38,15 +53,27 @@ class CrepaRegularizer:
         accelerator: an ``accelerate.Accelerator`` (its ``.device`` is used) or a device.
         hidden_size: the DiT's hidden size at ``crepa_block_index``.
         model_foundation: the model family name (``wan``, ``ltxvideo``, ``sanavideo``, ``kandinsky5_video``),
-            used only to check the VAE family; None accepts any supported VAE.
+            used only to check the VAE family; None accepts any supported VAE. The trainer's own model
+            object is accepted too: when ``compute_loss`` gets no VAE, its ``decode_latents_to_pixels``
+            decodes (as the trainer does), and the kept frames are encoded here. Image models (its
+            ``crepa_mode`` IMAGE) are refused: the loss reads 3-D hidden states as frames.
         max_train_steps: for schedules whose ``crepa_decay_steps`` is 0.
         encoder: a ``DinoEncoder`` or a timm DINOv2 ViT to use instead of loading ``crepa_encoder``.
     """
 
-    def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Optional[str] = None,
+    def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
                  max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
-        if self.config.enabled and self.config.use_tae and not self.config.use_backbone_features:
+        if self.config.enabled and _as_flag(getattr(config, "irepa_enabled", False)):
+            raise ValueError("irepa_enabled=true: iREPA (a convolutional projector, spatially normalised teacher "
+                             "features) is not supported by crepa_kernels; turn it off to use this regularizer")
+        if self.config.enabled and model_foundation is not None and not isinstance(model_foundation, str):
+            mode = getattr(model_foundation, "crepa_mode", None)
+            if str(getattr(mode, "name", mode)).upper() == "IMAGE":
+                raise ValueError("model_foundation is an image model (crepa_mode IMAGE): crepa_kernels aligns "
+                                 "video frames; 3-D hidden states are read as (B, T, D)")
+        if (self.config.enabled and self.config.use_tae and not self.config.use_backbone_features
+                and not _decodes_itself(model_foundation)):
             # What the trainer itself does for a model without a Tiny AutoEncoder.
             warnings.warn("crepa_use_tae=true: decoding with a Tiny AutoEncoder is not supported here; the teacher "
                           "decodes with the full VAE passed to compute_loss", stacklevel=2)
@@ -123,12 +150,20 @@ class CrepaRegularizer:
                                  f"crepa_teacher_block_index={self.config.teacher_block_index}")
             if latents is None:
                 raise ValueError("CREPA needs latents to decode (or frame_features) in encoder mode")
-            if vae is None:
+            if vae is None and not _decodes_itself(self.model_foundation):
                 raise ValueError("CREPA needs a VAE to decode latents to pixels (or frame_features)")
+        if self.config.lambda_ == 0:
+            return None, None  # as the trainer: a zero weight computes, logs and tracks nothing
+        if frame_features is None:
             num_frames = hidden_states.shape[1]
-            frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
+            if vae is None:
+                frame_features, grid = self._foundation_features(latents, num_frames)
+            else:
+                frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
             if hidden_grid is not None and feature_grid is None:
                 feature_grid = grid
+        elif torch.is_tensor(frame_features) and frame_features.ndim == 3:
+            frame_features = frame_features.unsqueeze(1)  # the trainer's reading: (B, N, D) is one frame
         return self.loss(hidden_states, frame_features, step=step, hidden_grid=hidden_grid,
                          feature_grid=feature_grid)
 
@@ -166,6 +201,22 @@ class CrepaRegularizer:
         return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
                                    vae_context=vae_context, encoder_context=encoder_context)
 
+    def _foundation_features(self, latents: torch.Tensor, num_frames: int):
+        """Pixels from the trainer's model object (``decode_latents_to_pixels``: (B, T, C, H, W) in
+        [0, 1]), then the kept frames encoded here, the encoder on the device only while it runs."""
+        from ..teacher.pipeline import _select_frames, kept_frame_indices
+
+        with torch.no_grad():
+            frames = self.model_foundation.decode_latents_to_pixels(latents, use_tae=self.config.use_tae)
+            if not torch.is_tensor(frames) or frames.ndim != 5:
+                raise ValueError("model_foundation.decode_latents_to_pixels must return frames (B, T, C, H, W); got "
+                                 f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+            kept = _select_frames(frames, kept_frame_indices(frames.shape[1], num_frames)).contiguous()
+            del frames
+            with self.offload.use(self.encoder):
+                features = self.encoder.encode(kept.to(self.device))
+        return features, self.encoder.grid
+
     @property
     def offload(self):
         if self._offload is None:
@@ -175,7 +226,7 @@ class CrepaRegularizer:
         return self._offload
 
     def _family(self) -> Optional[str]:
-        return self.model_foundation
+        return self.model_foundation if isinstance(self.model_foundation, str) else None
 
     def _encoder_dtype(self) -> torch.dtype:
         """crepa_encoder_dtype, with 'auto' meaning bf16 on a CUDA device and fp32 elsewhere."""
