@@ -341,6 +341,13 @@ def test_the_trainers_model_object_decodes_when_no_vae_is_given():
     for key, value in ref_logs.items():
         assert logs[key] == pytest.approx(value, abs=1e-5), key
 
+    # With crepa_use_tae the model object decodes even when a VAE is passed (it holds the Tiny AutoEncoder).
+    tae = CrepaRegularizer(namespace(crepa_use_tae=True), "cpu", hidden_size=16, encoder=vit,
+                           model_foundation=foundation)
+    tae.attach_to_model(nn.Module())
+    tae.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), object())
+    assert foundation.calls[-1] == ((1, 4, 3, 4, 4), True)
+
     with pytest.raises(ValueError, match="must return frames"):
         foundation.frames = torch.rand(9, 3, 32, 32)
         reg.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), None)

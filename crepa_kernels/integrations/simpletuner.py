@@ -54,8 +54,8 @@ class CrepaRegularizer:
         hidden_size: the DiT's hidden size at ``crepa_block_index``.
         model_foundation: the model family name (``wan``, ``ltxvideo``, ``sanavideo``, ``kandinsky5_video``),
             used only to check the VAE family; None accepts any supported VAE. The trainer's own model
-            object is accepted too: when ``compute_loss`` gets no VAE, its ``decode_latents_to_pixels``
-            decodes (as the trainer does), and the kept frames are encoded here. Image models (its
+            object is accepted too: when ``compute_loss`` gets no VAE, or ``crepa_use_tae`` is set, its
+            ``decode_latents_to_pixels`` decodes (as the trainer does), and the kept frames are encoded here. Image models (its
             ``crepa_mode`` IMAGE) are refused: the loss reads 3-D hidden states as frames.
         max_train_steps: for schedules whose ``crepa_decay_steps`` is 0.
         encoder: a ``DinoEncoder`` or a timm DINOv2 ViT to use instead of loading ``crepa_encoder``.
@@ -156,7 +156,8 @@ class CrepaRegularizer:
             return None, None  # as the trainer: a zero weight computes, logs and tracks nothing
         if frame_features is None:
             num_frames = hidden_states.shape[1]
-            if vae is None:
+            if vae is None or (self.config.use_tae and _decodes_itself(self.model_foundation)):
+                # the trainer's own decode (its Tiny AutoEncoder when asked for)
                 frame_features, grid = self._foundation_features(latents, num_frames)
             else:
                 frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
