@@ -5,6 +5,7 @@ underlying timm / diffusers modules called directly.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -302,21 +303,45 @@ def test_weights_round_trip_original_pth(tmp_path, arch, name, reg, swiglu, chun
     torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames), rtol=1e-5, atol=1e-5)
 
 
+def _dinov2_runtime_pos_embed(pos, grid):
+    """DINOv2's own `interpolate_pos_encoding` for a square input of `grid` x `grid` patches, as its hub
+    models (the reference trainer's encoder) run it at each forward: the class entry kept, the M x M patch
+    grid resized bicubically in float32 with scale factor (grid + 0.1) / M and no antialiasing."""
+    m = math.isqrt(pos.shape[1] - 1)
+    patches = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / m
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    assert patches.shape[-2:] == (grid, grid)
+    return torch.cat([pos[:, :1].float(), patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
 def test_weights_resampled_to_another_image_size(tmp_path):
     source = _tiny_vit(seed=5)
     path = tmp_path / "dino.pth"
     torch.save({"model": source.state_dict()}, str(path))  # wrapped the way training checkpoints are
     enc = DinoEncoder("dinov2_vits14", 28, weights=path, model_kwargs=TINY)
     assert enc.model.pos_embed.shape == (1, 1 + 4, 32)
-    # The class token's embedding is kept; the 4x4 patch grid (56 px) is resized to 2x2 (28 px) by
-    # antialiased bicubic interpolation, timm's documented default for a new input size.
-    src = source.pos_embed.detach()
-    grid = src[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
-    want = torch.cat([src[:, :1], want.permute(0, 2, 3, 1).reshape(1, 4, 32)], dim=1)
+    # The 4x4 patch grid (56 px) becomes 2x2 (28 px) as DINOv2 itself resizes it, which is what the
+    # reference trainer's encoder computes at such a size (not timm's antialiased resize).
+    want = _dinov2_runtime_pos_embed(source.pos_embed.detach(), 2)
     torch.testing.assert_close(enc.model.pos_embed.detach(), want)
+    antialiased = F.interpolate(source.pos_embed.detach()[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2),
+                                size=(2, 2), mode="bicubic", antialias=True)
+    assert (antialiased.permute(0, 2, 3, 1).reshape(1, 4, 32) - want[:, 1:]).abs().max() > 1e-3  # tells them apart
     torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert torch.isfinite(enc.encode(_frames(1, 1))).all()
+
+
+def test_register_weights_resampled_from_the_original_layout(tmp_path):
+    # The original register checkpoints keep the class entry in pos_embed (timm folds it into cls_token).
+    source = _tiny_vit("vit_small_patch14_reg4_dinov2", seed=6)
+    original = _to_original_dinov2(source.state_dict(), reg_tokens=True)
+    path = tmp_path / "dino_reg.pth"
+    torch.save(original, str(path))
+    enc = DinoEncoder("dinov2_vits14_reg4", 28, weights=path, model_kwargs=TINY)
+    want = _dinov2_runtime_pos_embed(original["pos_embed"], 2)
+    torch.testing.assert_close(enc.model.pos_embed.detach(), want[:, 1:])
+    torch.testing.assert_close(enc.model.cls_token.detach(), original["cls_token"] + want[:, :1])
 
 
 @pytest.mark.parametrize("checkpoint", ["shallower", "narrower"])

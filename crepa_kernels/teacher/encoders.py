@@ -5,6 +5,7 @@ local file (timm `.safetensors` or the original `.pth`) or from a local cache; n
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -129,15 +130,44 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
 
 
+def _resize_pos_embed_as_dinov2(state: dict, model: nn.Module) -> None:
+    """Resize a checkpoint's position embedding to the model's patch grid the way DINOv2 itself does
+    (its `interpolate_pos_encoding`, which the reference trainer's hub models run at every forward):
+    bicubic in float32, no antialiasing, scale factor (g + 0.1) / M from the checkpoint's M x M grid to
+    the model's g x g. The class token's entry, where the checkpoint has one, is kept as it is. A grid
+    that is not square, or already the model's, is left alone."""
+    pos = state.get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if not torch.is_tensor(pos) or pos.ndim != 3 or grid is None or grid[0] != grid[1]:
+        return
+    n, dim = pos.shape[1], pos.shape[2]
+    for prefix in (0, 1):  # timm's register models drop the class entry; the others keep it
+        m = math.isqrt(n - prefix)
+        if m * m == n - prefix:
+            break
+    else:
+        return
+    g = int(grid[0])
+    if m == g:
+        return
+    patches = pos[:, prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((g + 0.1) / m, (g + 0.1) / m), mode="bicubic",
+                            antialias=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, g * g, dim)
+    state["pos_embed"] = torch.cat([pos[:, :prefix].float(), patches], dim=1).to(pos.dtype)
+
+
 def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     """Load DINOv2 weights (timm or original facebookresearch key names) from a local file into a timm ViT.
 
-    timm's own ViT checkpoint filter converts the original names (`mask_token`, `register_tokens`, `w12`/`w3`)
-    and resamples the position embedding to the model's grid when the image size differs from the checkpoint's.
+    timm's own ViT checkpoint filter converts the original names (`mask_token`, `register_tokens`, `w12`/`w3`).
+    When the image size differs from the checkpoint's, the position embedding is first resized as DINOv2
+    itself resizes it (see `_resize_pos_embed_as_dinov2`), not by timm's antialiased resize.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = _read_state_dict(path)
+    _resize_pos_embed_as_dinov2(state, model)
     state = checkpoint_filter_fn(state, model)
     # Checked in full before anything is copied: a mismatch leaves the model as it was.
     own = model.state_dict()
