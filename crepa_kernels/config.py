@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -194,10 +195,14 @@ class CrepaConfig:
         self.feature_source = _choice("crepa_feature_source", self.feature_source, FEATURE_SOURCES)
         if self.enabled and self.feature_source == "backbone":
             if self.teacher_block_index is None:
-                raise ValueError("crepa_teacher_block_index must be set when crepa_feature_source is 'backbone'")
-            if self.teacher_block_index <= self.block_index:
+                # The common trainer's documented fallback: the student block itself, detached.
+                warnings.warn(f"crepa_teacher_block_index is unset: the teacher is block {self.block_index} itself "
+                              "(crepa_block_index, detached), as in the common trainer; a deeper block gives the "
+                              "usual teacher", UserWarning, stacklevel=3)
+                self.teacher_block_index = self.block_index
+            if self.teacher_block_index < self.block_index:
                 raise ValueError(
-                    f"crepa_teacher_block_index ({self.teacher_block_index}) must be deeper than "
+                    f"crepa_teacher_block_index ({self.teacher_block_index}) must not be shallower than "
                     f"crepa_block_index ({self.block_index})"
                 )
 

@@ -215,6 +215,16 @@ def test_gradients_reach_block_and_not_later_blocks(case):
     assert all(p.grad is None for p in blocks[2].parameters())
 
 
+def test_the_student_block_can_be_its_own_teacher():
+    # The common trainer's fallback when no teacher block is set: the same block's output, detached.
+    case = CASES[0]
+    model = _model(case)
+    with capture_hidden_states(model, 1, teacher_block_index=1) as cap:
+        case.run(model, *LATENT[case.name])
+    assert cap.hidden.requires_grad and not cap.teacher.requires_grad
+    torch.testing.assert_close(cap.teacher, cap.hidden.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_teacher_block_is_detached_and_matches(case):
     model = _model(case)
@@ -475,7 +485,7 @@ def test_bad_index_types_and_order():
         capture_hidden_states(model, 1.0)
     with pytest.raises(TypeError, match="block_index"):
         capture_hidden_states(model, True)
-    with pytest.raises(ValueError, match="deeper"):
+    with pytest.raises(ValueError, match="must not be shallower"):
         capture_hidden_states(model, 2, teacher_block_index=1)
     with pytest.raises(ValueError, match="grid"):
         capture_hidden_states(model, 0, grid=(2, 2))

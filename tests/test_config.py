@@ -1,5 +1,6 @@
 """CrepaConfig: keys, defaults, aliases, round trips and every validation error."""
 import argparse
+import warnings
 
 import pytest
 
@@ -157,10 +158,8 @@ def test_unknown_key_suggests_closest():
     ({"crepa_offload": "gpu"}, "crepa_offload must be one of auto, resident, offload"),
     ({"crepa_encoder_dtype": "fp8"}, "crepa_encoder_dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"),
     ({"crepa_feature_source": "vae"}, "crepa_feature_source must be one of encoder, backbone"),
-    ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone"},
-     "crepa_teacher_block_index must be set"),
     ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
-      "crepa_teacher_block_index": 2}, "must be deeper than crepa_block_index"),
+      "crepa_teacher_block_index": 2}, "must not be shallower than crepa_block_index"),
     ({"learning_rate": 1.0}, "every key starts with 'crepa_'"),
 ])
 def test_config_errors(d, msg):
@@ -177,3 +176,15 @@ def test_from_dict_requires_mapping():
 def test_string_values_from_cli_are_parsed():
     c = CrepaConfig.from_dict({"crepa_enabled": "true", "crepa_block_index": "8", "crepa_spatial_align": "false"})
     assert c.enabled is True and c.block_index == 8 and c.spatial_align is False
+
+
+def test_backbone_teacher_falls_back_to_the_student_block_with_a_warning():
+    # The common trainer's documented default: an unset teacher block is the student block (detached).
+    with pytest.warns(UserWarning, match="crepa_teacher_block_index is unset: the teacher is block 3 itself"):
+        c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone"})
+    assert c.teacher_block_index == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # set: no warning, also on a round trip
+        assert CrepaConfig.from_dict(c.to_dict()) == c
+        CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
+                               "crepa_teacher_block_index": 3})

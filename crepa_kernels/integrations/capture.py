@@ -238,9 +238,9 @@ class HiddenStateCapture:
         self.block_index = _check_index(block_index, "block_index", len(blocks), name)
         if teacher_block_index is not None:
             teacher_block_index = _check_index(teacher_block_index, "teacher_block_index", len(blocks), name)
-            if teacher_block_index <= block_index:
+            if teacher_block_index < block_index:
                 raise ValueError(
-                    f"teacher_block_index={teacher_block_index} must be deeper than block_index={block_index}"
+                    f"teacher_block_index={teacher_block_index} must not be shallower than block_index={block_index}"
                 )
         self.teacher_block_index = teacher_block_index
         if grid is not None:
@@ -455,7 +455,8 @@ def capture_hidden_states(
     Forward hooks only: the model is not modified and the hooks are removed on exit, also when
     the body raises. ``grid`` overrides the latent patch grid derived from the inputs (needed for
     LTX-Video called with ``video_coords`` only). Indices count from 0 and must be below the
-    model's block count; ``teacher_block_index`` must be deeper than ``block_index``.
+    model's block count; ``teacher_block_index`` must not be shallower than ``block_index`` (the
+    same block gives its own output, detached).
 
     To keep the capture across forwards (the way to use it with ``torch.compile``), skip the
     ``with``: ``cap = capture_hidden_states(transformer, 8).attach()`` before the first (compiled)
