@@ -39,7 +39,7 @@ class CrepaConfig:
     feature_source: str = "encoder"
     teacher_block_index: Optional[int] = None
     drop_vae_encoder: bool = False
-    use_tae: bool = False  # the trainer's Tiny AutoEncoder switch: accepted, decoding uses the VAE given
+    use_tae: bool = False  # the trainer's Tiny AutoEncoder switch: honoured through the trainer's model object
     scheduler: str = "constant"
     warmup_steps: int = 0
     decay_steps: int = 0
@@ -114,20 +114,23 @@ class CrepaConfig:
                              "use crepa_feature_source='encoder' or 'backbone'")
 
         # crepa_use_backbone_features is the boolean form of crepa_feature_source.
-        use_backbone, source = norm.get("crepa_use_backbone_features"), norm.get("crepa_feature_source")
+        use_backbone, raw_source = norm.get("crepa_use_backbone_features"), norm.get("crepa_feature_source")
+        source = None if raw_source is None else _feature_source(raw_source)
         if source is not None:
-            source = _feature_source(source)
             kwargs["feature_source"] = source
         if use_backbone is not None:
             want = "backbone" if _as_bool("crepa_use_backbone_features", use_backbone) else "encoder"
             if source is not None and source != want:
                 raise ValueError(
-                    f"crepa_use_backbone_features={use_backbone!r} and crepa_feature_source={source!r} disagree"
+                    f"crepa_use_backbone_features={use_backbone!r} and crepa_feature_source={raw_source!r} disagree"
                 )
             kwargs["feature_source"] = want
         # None means "use the default" for keys users leave unset on a CLI namespace, except
         # crepa_lambda: the trainer reads a None weight as 0 (CREPA adds nothing).
         if "crepa_lambda" in norm and norm["crepa_lambda"] is None:
+            if _as_bool("crepa_enabled", norm.get("crepa_enabled") or False):
+                warnings.warn("crepa_lambda=None is read as 0, as in the common trainer: no CREPA loss is added",
+                              UserWarning, stacklevel=3)
             kwargs["lambda_"] = 0.0
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
         return cls(**kwargs)
@@ -153,6 +156,11 @@ class CrepaConfig:
     @property
     def use_backbone_features(self) -> bool:
         return self.feature_source == "backbone"
+
+    @property
+    def teacher_block(self) -> Optional[int]:
+        """The backbone teacher's block: ``teacher_block_index``, or ``block_index`` when it is unset."""
+        return self.block_index if self.teacher_block_index is None else self.teacher_block_index
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -195,12 +203,12 @@ class CrepaConfig:
         self.feature_source = _choice("crepa_feature_source", self.feature_source, FEATURE_SOURCES)
         if self.enabled and self.feature_source == "backbone":
             if self.teacher_block_index is None:
-                # The common trainer's documented fallback: the student block itself, detached.
+                # The common trainer's documented fallback: the student block itself, detached (the field
+                # stays unset; `teacher_block` resolves it).
                 warnings.warn(f"crepa_teacher_block_index is unset: the teacher is block {self.block_index} itself "
                               "(crepa_block_index, detached), as in the common trainer; a deeper block gives the "
                               "usual teacher", UserWarning, stacklevel=3)
-                self.teacher_block_index = self.block_index
-            if self.teacher_block_index < self.block_index:
+            elif self.teacher_block_index < self.block_index:
                 raise ValueError(
                     f"crepa_teacher_block_index ({self.teacher_block_index}) must not be shallower than "
                     f"crepa_block_index ({self.block_index})"
@@ -243,7 +251,7 @@ def _feature_source(value: Any) -> Any:
     if name in ("self_flow", "selfflow"):
         raise ValueError(f"crepa_feature_source={value!r}: the self-flow teacher is not supported by crepa_kernels; "
                          "use 'encoder' or 'backbone'")
-    return _FEATURE_SOURCE_ALIASES.get(name, value)
+    return _FEATURE_SOURCE_ALIASES.get(name, name)
 
 
 _NULLABLE = {"block_index", "teacher_block_index", "similarity_threshold", "encoder_frames_batch_size",

@@ -101,8 +101,11 @@ def test_from_namespace_reads_crepa_attributes_and_ignores_others():
 
 
 def test_a_none_weight_means_zero_as_in_the_common_trainer():
-    # The trainer reads crepa_lambda as `value or 0.0`: a None weight adds nothing.
+    # The trainer reads crepa_lambda as `value or 0.0`: a None weight adds nothing (said when enabled).
     assert CrepaConfig.from_namespace(argparse.Namespace(crepa_lambda=None)).lambda_ == 0.0
+    with pytest.warns(UserWarning, match="crepa_lambda=None is read as 0"):
+        c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 1, "crepa_lambda": None})
+    assert c.lambda_ == 0.0
     assert CrepaConfig.from_dict({}).lambda_ == 0.5  # unset: the default
 
 
@@ -122,8 +125,14 @@ def test_the_common_trainers_newer_keys_and_feature_source_names():
     c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, "crepa_teacher_block_index": 5,
                                "crepa_feature_source": "internal", "crepa_use_backbone_features": True})
     assert c.feature_source == "backbone"
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match="crepa_feature_source='external' disagree"):
         CrepaConfig.from_dict({"crepa_feature_source": "external", "crepa_use_backbone_features": True})
+    # any case and spacing, with or without the boolean form
+    assert CrepaConfig.from_dict({"crepa_feature_source": "Encoder",
+                                  "crepa_use_backbone_features": False}).feature_source == "encoder"
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 1, "crepa_teacher_block_index": 2,
+                               "crepa_feature_source": " Backbone ", "crepa_use_backbone_features": True})
+    assert c.feature_source == "backbone"
 
 
 def test_backbone_switch_aliases():
@@ -182,9 +191,12 @@ def test_backbone_teacher_falls_back_to_the_student_block_with_a_warning():
     # The common trainer's documented default: an unset teacher block is the student block (detached).
     with pytest.warns(UserWarning, match="crepa_teacher_block_index is unset: the teacher is block 3 itself"):
         c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone"})
-    assert c.teacher_block_index == 3
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # set: no warning, also on a round trip
+    assert c.teacher_block_index is None and c.teacher_block == 3  # resolved, not stored
+    with pytest.warns(UserWarning):
+        assert c.replace(block_index=5).teacher_block == 5  # follows the student block
         assert CrepaConfig.from_dict(c.to_dict()) == c
-        CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
-                               "crepa_teacher_block_index": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # set: no warning
+        c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
+                                   "crepa_teacher_block_index": 3})
+    assert c.teacher_block == 3

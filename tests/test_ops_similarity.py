@@ -681,8 +681,9 @@ def test_fused_resample_at_the_last_tokens(monkeypatch, interpolation_rows, merg
 @pytest.mark.parametrize("merged", ["0", "1"])
 def test_gpu_fused_resample_int64_offsets(monkeypatch, interpolation_rows, merged):
     # projected: 1*8*(128*128)*16400 = 2.15e9 > 2^31 elements (4.3 GB in bf16), resampled to 100x100
-    # inside the kernels; the two-pass backward runs in one-frame windows, whose gradient slices start
-    # past 2^31 elements too. About 12 GB of GPU memory.
+    # inside the kernels, whose tap reads (forward, both backwards) and the one-pass backward's writes
+    # reach past 2^31 elements; the two-pass backward runs in one-frame windows (the resample backward
+    # past 2^31 elements is test_ops_resample.py's). About 12 GB of GPU memory.
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
     _check_fused_resample_at_the_last_tokens((128, 128), (100, 100), 1, 8, 16400, torch.bfloat16, 24,
                                              interpolation_rows, fwd_atol=2e-5, grad_rtol=1.6e-2)

@@ -1,4 +1,5 @@
 """The CrepaRegularizer drop-in against a reimplementation of the reference trainer's semantics."""
+import contextlib
 import math
 import warnings
 from types import SimpleNamespace
@@ -277,7 +278,8 @@ def test_a_zero_weight_computes_logs_and_tracks_nothing():
     for lam in (0.0, None):
         cfg = namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3, crepa_lambda=lam,
                         crepa_similarity_threshold=0.9)
-        reg = CrepaRegularizer(cfg, "cpu", hidden_size=8)
+        with pytest.warns(UserWarning, match="crepa_lambda=None") if lam is None else contextlib.nullcontext():
+            reg = CrepaRegularizer(cfg, "cpu", hidden_size=8)
         reg.attach_to_model(nn.Module())
         assert reg.compute_loss(torch.randn(1, 3, 4, 8), None, None, frame_features=torch.randn(1, 3, 4, 8)) == (None, None)
         assert reg.state_dict()["_extra_state"]["scheduler"] == {"similarity_ema": None, "cut_off": False}
@@ -288,8 +290,21 @@ def test_a_zero_weight_computes_logs_and_tracks_nothing():
 def test_irepa_is_refused_when_on_and_ignored_when_off():
     with pytest.raises(ValueError, match="irepa_enabled=true: iREPA .* is not supported"):
         CrepaRegularizer(namespace(irepa_enabled=True), "cpu", hidden_size=8)
+    with pytest.raises(ValueError, match="irepa_enabled=true"):  # a mapping config too
+        CrepaRegularizer({**vars(namespace()), "irepa_enabled": True}, "cpu", hidden_size=8)
     CrepaRegularizer(namespace(irepa_enabled=False, irepa_spatial_norm_alpha=0.6), "cpu", hidden_size=8)
     CrepaRegularizer(namespace(crepa_enabled=False, irepa_enabled=True), "cpu", hidden_size=8)  # CREPA off
+
+
+def test_3d_cached_features_in_encoder_mode_keep_the_library_reading():
+    # Outside backbone mode (e.g. features from a FeatureCache) a 3-D tensor is (B, T, D), as crepa_loss reads it.
+    torch.manual_seed(5)
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    hidden, feats = torch.randn(1, 3, 8), torch.randn(1, 3, 32)
+    loss, _ = reg.compute_loss(hidden, None, None, frame_features=feats)
+    ref_loss, _ = reference_step(reg.projector, hidden, feats.unsqueeze(2))  # (B, T, 1, D)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6
 
 
 def test_a_3d_teacher_is_one_frame_of_tokens_as_the_trainer_reads_it():
@@ -351,6 +366,17 @@ def test_the_trainers_model_object_decodes_when_no_vae_is_given():
     with pytest.raises(ValueError, match="must return frames"):
         foundation.frames = torch.rand(9, 3, 32, 32)
         reg.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), None)
+
+
+def test_use_tae_on_a_model_without_a_tiny_autoencoder_falls_back_with_a_warning():
+    foundation = _Foundation(torch.rand(1, 9, 3, 32, 32))
+    foundation.supports_validation_preview = lambda: False
+    with pytest.warns(UserWarning, match="no Tiny AutoEncoder: falling back to full VAE"):
+        reg = CrepaRegularizer(namespace(crepa_use_tae=True), "cpu", hidden_size=16, encoder=tiny_vit(),
+                               model_foundation=foundation)
+    reg.attach_to_model(nn.Module())
+    reg.compute_loss(torch.randn(1, 3, 4, 16), torch.randn(1, 4, 3, 4, 4), None)
+    assert foundation.calls == [((1, 4, 3, 4, 4), False)]
 
 
 def test_an_image_model_object_is_refused():

@@ -3,7 +3,7 @@
 ``capture_hidden_states`` hooks a supported transformer (no edits to the model) and, for each
 forward pass run inside it, keeps the output of block ``block_index`` reshaped to
 ``(B, T, H*W, D)`` with its latent patch grid ``(T, H, W)``, and optionally the detached output of
-a deeper ``teacher_block_index`` block (SPEC section 7, backbone mode).
+a ``teacher_block_index`` block, usually deeper (SPEC section 7, backbone mode).
 
 Supported families and how each lays out its tokens (diffusers 0.42):
 
@@ -201,7 +201,7 @@ def _fractal_to_raster(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torc
 
 
 class HiddenStateCapture:
-    """Hooks that keep one block's output (and optionally a deeper teacher block's) per forward.
+    """Hooks that keep one block's output (and optionally a teacher block's, detached) per forward.
 
     Use through :func:`capture_hidden_states`. After a forward pass inside the context:
 

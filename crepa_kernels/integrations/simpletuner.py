@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,8 +54,9 @@ class CrepaRegularizer:
         hidden_size: the DiT's hidden size at ``crepa_block_index``.
         model_foundation: the model family name (``wan``, ``ltxvideo``, ``sanavideo``, ``kandinsky5_video``),
             used only to check the VAE family; None accepts any supported VAE. The trainer's own model
-            object is accepted too: when ``compute_loss`` gets no VAE, or ``crepa_use_tae`` is set, its
-            ``decode_latents_to_pixels`` decodes (as the trainer does), and the kept frames are encoded here. Image models (its
+            object is accepted too: when ``compute_loss`` gets no VAE, or ``crepa_use_tae`` is set and the
+            model has a Tiny AutoEncoder, its ``decode_latents_to_pixels`` decodes (as the trainer does), and
+            the kept frames are encoded here. Image models (its
             ``crepa_mode`` IMAGE) are refused: the loss reads 3-D hidden states as frames.
         max_train_steps: for schedules whose ``crepa_decay_steps`` is 0.
         encoder: a ``DinoEncoder`` or a timm DINOv2 ViT to use instead of loading ``crepa_encoder``.
@@ -64,7 +65,8 @@ class CrepaRegularizer:
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
                  max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
-        if self.config.enabled and _as_flag(getattr(config, "irepa_enabled", False)):
+        irepa = config.get("irepa_enabled", False) if isinstance(config, Mapping) else getattr(config, "irepa_enabled", False)
+        if self.config.enabled and _as_flag(irepa):
             raise ValueError("irepa_enabled=true: iREPA (a convolutional projector, spatially normalised teacher "
                              "features) is not supported by crepa_kernels; turn it off to use this regularizer")
         if self.config.enabled and model_foundation is not None and not isinstance(model_foundation, str):
@@ -72,11 +74,19 @@ class CrepaRegularizer:
             if str(getattr(mode, "name", mode)).upper() == "IMAGE":
                 raise ValueError("model_foundation is an image model (crepa_mode IMAGE): crepa_kernels aligns "
                                  "video frames; 3-D hidden states are read as (B, T, D)")
-        if (self.config.enabled and self.config.use_tae and not self.config.use_backbone_features
-                and not _decodes_itself(model_foundation)):
-            # What the trainer itself does for a model without a Tiny AutoEncoder.
-            warnings.warn("crepa_use_tae=true: decoding with a Tiny AutoEncoder is not supported here; the teacher "
-                          "decodes with the full VAE passed to compute_loss", stacklevel=2)
+        # crepa_use_tae decodes through the trainer's model object, which holds the Tiny AutoEncoder; like
+        # the trainer, fall back to the full VAE (with a warning) where there is none.
+        self._use_tae = self.config.enabled and self.config.use_tae and not self.config.use_backbone_features
+        if self._use_tae and not _decodes_itself(model_foundation):
+            warnings.warn("crepa_use_tae=true: decoding with a Tiny AutoEncoder needs the trainer's model object as "
+                          "model_foundation; the teacher decodes with the full VAE passed to compute_loss", stacklevel=2)
+            self._use_tae = False
+        elif self._use_tae:
+            supports = getattr(model_foundation, "supports_validation_preview", None)
+            if callable(supports) and not supports():
+                warnings.warn("crepa_use_tae=true but the model has no Tiny AutoEncoder: falling back to full VAE "
+                              "decoding", stacklevel=2)
+                self._use_tae = False
         self.device = _device_of(accelerator)
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
@@ -147,7 +157,7 @@ class CrepaRegularizer:
         if frame_features is None:
             if self.config.use_backbone_features:
                 raise ValueError("backbone mode needs frame_features: the detached hidden states of "
-                                 f"crepa_teacher_block_index={self.config.teacher_block_index}")
+                                 f"block {self.config.teacher_block} (crepa_teacher_block_index)")
             if latents is None:
                 raise ValueError("CREPA needs latents to decode (or frame_features) in encoder mode")
             if vae is None and not _decodes_itself(self.model_foundation):
@@ -156,15 +166,15 @@ class CrepaRegularizer:
             return None, None  # as the trainer: a zero weight computes, logs and tracks nothing
         if frame_features is None:
             num_frames = hidden_states.shape[1]
-            if vae is None or (self.config.use_tae and _decodes_itself(self.model_foundation)):
+            if vae is None or self._use_tae:
                 # the trainer's own decode (its Tiny AutoEncoder when asked for)
                 frame_features, grid = self._foundation_features(latents, num_frames)
             else:
                 frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
             if hidden_grid is not None and feature_grid is None:
                 feature_grid = grid
-        elif torch.is_tensor(frame_features) and frame_features.ndim == 3:
-            frame_features = frame_features.unsqueeze(1)  # the trainer's reading: (B, N, D) is one frame
+        elif self.config.use_backbone_features and torch.is_tensor(frame_features) and frame_features.ndim == 3:
+            frame_features = frame_features.unsqueeze(1)  # the trainer's reading: a (B, N, D) block output is one frame
         return self.loss(hidden_states, frame_features, step=step, hidden_grid=hidden_grid,
                          feature_grid=feature_grid)
 
@@ -208,7 +218,7 @@ class CrepaRegularizer:
         from ..teacher.pipeline import _select_frames, kept_frame_indices
 
         with torch.no_grad():
-            frames = self.model_foundation.decode_latents_to_pixels(latents, use_tae=self.config.use_tae)
+            frames = self.model_foundation.decode_latents_to_pixels(latents, use_tae=self._use_tae)
             if not torch.is_tensor(frames) or frames.ndim != 5:
                 raise ValueError("model_foundation.decode_latents_to_pixels must return frames (B, T, C, H, W); got "
                                  f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
