@@ -109,7 +109,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(argv, fragment, capsys):
 # ------------------------------------------------------------------------------- nothing half-done
 def test_reading_a_config_never_changes_the_callers_object():
     ns = SimpleNamespace(crepa_enabled="true", crepa_block_index="3", crepa_scheduler="Cosine",
-                         crepa_lambda=None, crepa_threshold_mode="sticky")
+                         crepa_warmup_steps=None, crepa_threshold_mode="sticky")
     before = dict(vars(ns))
     with pytest.raises(ValueError, match="crepa_threshold_mode"):
         CrepaRegularizer(ns, "cpu", 8)
@@ -117,7 +117,7 @@ def test_reading_a_config_never_changes_the_callers_object():
     ns.crepa_threshold_mode = "recoverable"
     before = dict(vars(ns))
     cfg = CrepaConfig.from_namespace(ns)
-    assert cfg.scheduler == "cosine" and cfg.block_index == 3 and vars(ns) == before
+    assert cfg.scheduler == "cosine" and cfg.block_index == 3 and cfg.warmup_steps == 0 and vars(ns) == before
 
 
 def test_failed_forward_leaves_schedule_and_weights_unchanged():
