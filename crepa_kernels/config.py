@@ -93,13 +93,13 @@ class CrepaConfig:
             name = (key[2:] if key.startswith("--") else key).replace("-", "_")
             if not name.startswith("crepa_"):
                 raise ValueError(f"unknown CREPA config key {key!r}: every key starts with 'crepa_'")
-            if name not in _DERIVED and name not in _TRAINER_ONLY:
+            if name not in _NO_FIELD:
                 cls._field_for_key(name)  # unknown keys fail here, with a suggestion
             norm[name] = value
 
         kwargs: dict[str, Any] = {}
         for name, value in norm.items():
-            if name not in _DERIVED and name not in _ALIASES and name not in _TRAINER_ONLY:
+            if name not in _NO_FIELD and name not in _ALIASES:
                 kwargs[cls._field_for_key(name)] = value
 
         # crepa_model is an alias of crepa_encoder; as in the common trainer, crepa_model wins when both
@@ -238,6 +238,7 @@ _ALIASES = {"crepa_model": "crepa_encoder"}
 _DERIVED = {"crepa_use_backbone_features"}  # keys that set another field; handled in from_dict
 # The common trainer's keys for a feature not implemented here: accepted while it is off.
 _TRAINER_ONLY = {"crepa_self_flow", "crepa_self_flow_mask_ratio"}
+_NO_FIELD = _DERIVED | _TRAINER_ONLY  # accepted keys that fill no field of their own
 # The trainer's other names for the feature sources.
 _FEATURE_SOURCE_ALIASES = {"internal": "backbone", "external": "encoder"}
 

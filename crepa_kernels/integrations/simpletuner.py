@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import CrepaConfig
+from ..config import CrepaConfig, _as_bool
 from ..module import CrepaLoss
 
 
@@ -36,13 +36,6 @@ def _decodes_itself(model_foundation: Any) -> bool:
     """Whether ``model_foundation`` is the trainer's model object, which decodes latents itself."""
     return not isinstance(model_foundation, (str, type(None))) and callable(
         getattr(model_foundation, "decode_latents_to_pixels", None))
-
-
-def _as_flag(value: Any) -> bool:
-    """A trainer switch read as the trainer reads it (``bool(value)``), strings included."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class CrepaRegularizer:
@@ -66,7 +59,7 @@ class CrepaRegularizer:
                  max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
         irepa = config.get("irepa_enabled", False) if isinstance(config, Mapping) else getattr(config, "irepa_enabled", False)
-        if self.config.enabled and _as_flag(irepa):
+        if self.config.enabled and _as_bool("irepa_enabled", irepa or False):
             raise ValueError("irepa_enabled=true: iREPA (a convolutional projector, spatially normalised teacher "
                              "features) is not supported by crepa_kernels; turn it off to use this regularizer")
         if self.config.enabled and model_foundation is not None and not isinstance(model_foundation, str):
@@ -165,12 +158,9 @@ class CrepaRegularizer:
         if self.config.lambda_ == 0:
             return None, None  # as the trainer: a zero weight computes, logs and tracks nothing
         if frame_features is None:
-            num_frames = hidden_states.shape[1]
-            if vae is None or self._use_tae:
-                # the trainer's own decode (its Tiny AutoEncoder when asked for)
-                frame_features, grid = self._foundation_features(latents, num_frames)
-            else:
-                frame_features, grid = self.teacher_features(latents, vae, num_frames=num_frames, timestep=timestep)
+            # Without a VAE, or for its Tiny AutoEncoder, the trainer's model object decodes.
+            frame_features, grid = self.teacher_features(latents, None if self._use_tae else vae,
+                                                         num_frames=hidden_states.shape[1], timestep=timestep)
             if hidden_grid is not None and feature_grid is None:
                 feature_grid = grid
         elif self.config.use_backbone_features and torch.is_tensor(frame_features) and frame_features.ndim == 3:
@@ -179,16 +169,13 @@ class CrepaRegularizer:
                          feature_grid=feature_grid)
 
     # ------------------------------------------------------------------ teacher
-    def teacher_features(self, latents: torch.Tensor, vae: nn.Module, *, num_frames: int, timestep: Any = None):
-        """Decode, keep the aligned frames, encode; the VAE and encoder visit the device only while used."""
+    def teacher_features(self, latents: torch.Tensor, vae: Optional[nn.Module], *, num_frames: int,
+                         timestep: Any = None):
+        """Decode, keep the aligned frames, encode; the VAE and encoder visit the device only while used.
+        ``vae`` None: the trainer's model object (``model_foundation``) decodes."""
         from ..teacher import adapter_for, latents_to_features
+        from ..teacher.pipeline import _decode_and_encode
 
-        adapter = self._adapters.get(id(vae))
-        if adapter is None or adapter.vae is not vae:
-            adapter = adapter_for(vae, family=self._family())
-            if self.config.drop_vae_encoder:
-                adapter.drop_encoder()
-            self._adapters = {id(vae): adapter}
         manager = self.offload
         encoder = self.encoder
 
@@ -196,8 +183,9 @@ class CrepaRegularizer:
         # mode keeps it) before the encoder runs, and the encoder's after it.
         @contextlib.contextmanager
         def vae_context():
-            manager.prefetch(vae)
-            with manager.use(vae):
+            if vae is not None:
+                manager.prefetch(vae)
+            with manager.use(vae) if vae is not None else contextlib.nullcontext():
                 manager.prefetch(encoder)  # the encoder's copy overlaps the decode
                 try:
                     yield
@@ -208,25 +196,26 @@ class CrepaRegularizer:
         def encoder_context():
             return manager.use(encoder)
 
+        if vae is None:
+            return _decode_and_encode(lambda: self._foundation_decode(latents), encoder, num_frames=num_frames,
+                                      vae_context=vae_context, encoder_context=encoder_context)
+        adapter = self._adapters.get(id(vae))
+        if adapter is None or adapter.vae is not vae:
+            adapter = adapter_for(vae, family=self._family())
+            if self.config.drop_vae_encoder:
+                adapter.drop_encoder()
+            self._adapters = {id(vae): adapter}
         latents = latents.to(self.device)
         return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
                                    vae_context=vae_context, encoder_context=encoder_context)
 
-    def _foundation_features(self, latents: torch.Tensor, num_frames: int):
-        """Pixels from the trainer's model object (``decode_latents_to_pixels``: (B, T, C, H, W) in
-        [0, 1]), then the kept frames encoded here, the encoder on the device only while it runs."""
-        from ..teacher.pipeline import _select_frames, kept_frame_indices
-
-        with torch.no_grad():
-            frames = self.model_foundation.decode_latents_to_pixels(latents, use_tae=self._use_tae)
-            if not torch.is_tensor(frames) or frames.ndim != 5:
-                raise ValueError("model_foundation.decode_latents_to_pixels must return frames (B, T, C, H, W); got "
-                                 f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
-            kept = _select_frames(frames, kept_frame_indices(frames.shape[1], num_frames)).contiguous()
-            del frames
-            with self.offload.use(self.encoder):
-                features = self.encoder.encode(kept.to(self.device))
-        return features, self.encoder.grid
+    def _foundation_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Frames (B, T, C, H, W) in [0, 1] from the trainer's model object (``decode_latents_to_pixels``)."""
+        frames = self.model_foundation.decode_latents_to_pixels(latents, use_tae=self._use_tae)
+        if not torch.is_tensor(frames) or frames.ndim != 5:
+            raise ValueError("model_foundation.decode_latents_to_pixels must return frames (B, T, C, H, W); got "
+                             f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+        return frames.to(self.device)
 
     @property
     def offload(self):

@@ -68,10 +68,18 @@ def latents_to_features(
         if value is not None and not callable(value):
             raise TypeError(f"{arg} must be a callable returning a context manager, or None; got {value!r}")
     vae_adapter._check_latents(latents)  # before any context moves a module to the device
+    return _decode_and_encode(lambda: vae_adapter.decode(latents, timestep=timestep), encoder,
+                              num_frames=num_frames, vae_context=vae_context, encoder_context=encoder_context)
 
+
+def _decode_and_encode(decode: Callable[[], torch.Tensor], encoder: DinoEncoder, *, num_frames: int,
+                       vae_context: ContextFactory | None = None,
+                       encoder_context: ContextFactory | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``decode()`` (frames `(B, T, C, H, W)` in [0, 1]) inside `vae_context`, then the frames temporal
+    alignment keeps encoded inside `encoder_context`, all without autograd: (features, grid)."""
     with torch.no_grad():
         with (vae_context or contextlib.nullcontext)():
-            frames = vae_adapter.decode(latents, timestep=timestep)
+            frames = decode()
         kept = _select_frames(frames, kept_frame_indices(frames.shape[1], num_frames)).contiguous()
         del frames  # only the kept frames stay alive while the encoder runs
         with (encoder_context or contextlib.nullcontext)():
