@@ -178,6 +178,8 @@ class CrepaConfig:
         if self.lambda_ < 0:
             raise ValueError(f"crepa_lambda must be >= 0, got {self.lambda_}")
         self.lambda_end = _finite_float("crepa_lambda_end", self.lambda_end)
+        if self.lambda_end < 0:  # a negative weight would push the student away from the teacher
+            raise ValueError(f"crepa_lambda_end must be >= 0, got {self.lambda_end}")
         self.power = _finite_float("crepa_power", self.power)
         if self.power <= 0:
             raise ValueError(f"crepa_power must be > 0, got {self.power}")

@@ -82,6 +82,11 @@ def crepa_loss(
         )
     distance = _check_int("adjacent_distance", adjacent_distance)
     tau = _check_positive_float("adjacent_tau", adjacent_tau)
+    cumulative_neighbors = _check_bool("cumulative_neighbors", cumulative_neighbors)
+    normalize_neighbour_sum = _check_bool("normalize_neighbour_sum", normalize_neighbour_sum)
+    normalize_by_frames = _check_bool("normalize_by_frames", normalize_by_frames)
+    spatial_align = _check_bool("spatial_align", spatial_align)
+    check_finite = _check_bool("check_finite", check_finite)
     weight = _check_weight(weight)
     pgrid = check_grid("projected_grid", projected_grid, projected.shape[2])
     fgrid = check_grid("features_grid", features_grid, features.shape[2])
@@ -96,7 +101,7 @@ def crepa_loss(
             raise ValueError(f"{bad[0]} holds NaN or Inf values (check_finite=True)")
 
     plan = plan_tokens(
-        projected.shape[2], features.shape[2], spatial_align=bool(spatial_align),
+        projected.shape[2], features.shape[2], spatial_align=spatial_align,
         projected_grid=pgrid, features_grid=fgrid,
     )
     projected, features = reference.align_frames(projected, features)
@@ -106,12 +111,12 @@ def crepa_loss(
         # with a float weight the kernels' autograd node computes it (fewer small ops and nodes per step).
         scale = None if torch.is_tensor(weight) else -weight * (1 if normalize_by_frames else projected.shape[1])
         total, self_sim, loss = _similarity_triton(projected, features, plan, distance, tau,
-                                                   bool(cumulative_neighbors), bool(normalize_neighbour_sum), scale)
+                                                   cumulative_neighbors, normalize_neighbour_sum, scale)
     else:
         projected, features = reference.align_tokens(projected, features, plan)
         total, self_sim = reference.similarity(
             projected, features, distance=distance, tau=tau,
-            cumulative=bool(cumulative_neighbors), normalize_neighbour_sum=bool(normalize_neighbour_sum),
+            cumulative=cumulative_neighbors, normalize_neighbour_sum=normalize_neighbour_sum,
         )
     if loss is None:
         per_video = total.sum(dim=1)
@@ -173,6 +178,15 @@ def _check_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     return int(v)
+
+
+def _check_bool(name: str, v) -> bool:
+    """A switch: True / False (or 1 / 0). A string is refused: bool("false") is True."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {v!r}")
 
 
 def _check_positive_float(name: str, v) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from .config import CrepaConfig
 from .alignment import check_grid
 from .functional import crepa_loss
-from .schedule import CrepaScheduler, check_step
+from .schedule import CrepaScheduler, check_step, parse_state
 
 
 class Float32Sequential(nn.Sequential):
@@ -28,6 +29,17 @@ class Float32Sequential(nn.Sequential):
             return out
 
         return super()._apply(keep_fp32, recurse)
+
+    def __init__(self, *modules):
+        super().__init__(*modules)
+        self.register_load_state_dict_post_hook(_back_to_float32)
+
+
+def _back_to_float32(module, incompatible_keys) -> None:
+    # load_state_dict(..., assign=True) installs the checkpoint's tensors as they are, past _apply.
+    if any(t.is_floating_point() and t.dtype != torch.float32
+           for t in (*module.parameters(), *module.buffers())):
+        module.float()
 
 
 def make_projector(hidden_size: int, encoder_dim: int) -> nn.Sequential:
@@ -77,6 +89,14 @@ class CrepaLoss(nn.Module):
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
         return self.projector(hidden_states.float())
 
+    def check_hidden(self, hidden_states: torch.Tensor, *, step: int = 0,
+                     hidden_grid: Optional[Sequence[int]] = None) -> None:
+        """The checks ``forward`` applies to the student's side of a call, for a caller with costly work
+        to do before it (a teacher decode): a call that cannot succeed fails before that work."""
+        hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
+        _spatial_grid("hidden_grid", hidden_grid, hidden_states)
+        check_step(step)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -94,6 +114,21 @@ class CrepaLoss(nn.Module):
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
         check_step(step)
+        if hidden_states.shape[0] != frame_features.shape[0]:
+            raise ValueError(f"hidden_states holds {hidden_states.shape[0]} videos but frame_features "
+                             f"{frame_features.shape[0]}: they must be the same batch")
+        if hidden_states.device != frame_features.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but frame_features is on "
+                             f"{frame_features.device}; move the features to the hidden states' device")
+        snapshot = self.scheduler._snapshot()
+        try:
+            return self._forward(hidden_states, frame_features, step, hidden_grid, feature_grid)
+        except BaseException:
+            self.scheduler._restore(snapshot)  # a call that raised changes no schedule state
+            raise
+
+    def _forward(self, hidden_states, frame_features, step, hidden_grid, feature_grid):
+        c = self.config
         thresholded = c.similarity_threshold is not None
         world = _world_size()
         weight = None
@@ -137,13 +172,63 @@ class CrepaLoss(nn.Module):
         return {"scheduler": self.scheduler.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state.get("scheduler", {}))
+        if state is _KEEP_SCHEDULE:
+            return
+        self.scheduler.load_state_dict(state.get("scheduler", {}) if isinstance(state, dict) else state)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
-        # the schedule travelled with it) loads strictly too, with a fresh schedule.
-        state_dict.setdefault(prefix + "_extra_state", {})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but all or nothing: a state dict that would fail (a missing
+        or unexpected key under ``strict``, a shape that differs, a bad schedule entry) raises before
+        any weight or the schedule changes (torch alone would copy the entries that fit, then raise)."""
+        problems = self._state_dict_problems(state_dict, "", strict)
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was loaded):\n\t"
+                               + "\n\t".join(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        if self._state_dict_problems(state_dict, prefix, strict):
+            # The weights will not load (torch reports why, for this module or a parent): the schedule
+            # must not change either.
+            state_dict[key] = _KEEP_SCHEDULE
+        else:
+            # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
+            # the schedule travelled with it) loads strictly too, with a fresh schedule.
+            state_dict.setdefault(key, {})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _state_dict_problems(self, state_dict, prefix: str, strict: bool) -> list[str]:
+        """Why loading ``state_dict`` (this module's entries under ``prefix``) would fail; empty if it loads."""
+        if not isinstance(state_dict, Mapping):
+            return [f"state_dict must be a dict of tensors, got {type(state_dict).__name__}"]
+        problems = []
+        own = dict(self.named_parameters(prefix=prefix.rstrip(".")))
+        own.update(self.named_buffers(prefix=prefix.rstrip(".")))
+        for name, tensor in own.items():
+            if name not in state_dict:
+                if strict:
+                    problems.append(f'Missing key "{name}"')
+                continue
+            value = state_dict[name]
+            if not torch.is_tensor(value):
+                problems.append(f'"{name}" must be a tensor, got {type(value).__name__}')
+            elif value.shape != tensor.shape:
+                problems.append(f"size mismatch for {name}: copying a param with shape {tuple(value.shape)} from "
+                                f"checkpoint, the shape in current model is {tuple(tensor.shape)}")
+        key = prefix + "_extra_state"
+        if strict:
+            unexpected = [k for k in state_dict if k.startswith(prefix) and k not in own and k != key]
+            problems += [f'Unexpected key "{k}"' for k in unexpected]
+        extra = state_dict.get(key, {})
+        if extra is not _KEEP_SCHEDULE:
+            try:
+                parse_state(extra.get("scheduler", {}) if isinstance(extra, dict) else extra)
+            except (TypeError, ValueError) as e:
+                problems.append(f"{key}: {e}")
+        return problems
 
     def _zero_loss(self) -> torch.Tensor:
         return sum(p.sum() for p in self.projector.parameters()) * 0.0
@@ -162,6 +247,11 @@ class CrepaLoss(nn.Module):
         if self.log_tensors:
             return logs
         return logs_to_floats(logs)
+
+
+# Stands in for the schedule's entry while loading weights that will fail: set_extra_state keeps the
+# schedule as it is.
+_KEEP_SCHEDULE = object()
 
 
 def _world_size() -> int:
@@ -194,6 +284,8 @@ def _check_input(name: str, t, dim_name: str, dim: int) -> torch.Tensor:
         raise ValueError(f"{name} must be (B, T, N, D) or (B, T, D), got shape {tuple(t.shape)}")
     if t.shape[-1] != dim:
         raise ValueError(f"{name} has D={t.shape[-1]} but this CrepaLoss was built for {dim_name}={dim}")
+    if 0 in t.shape:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (B, T, N, D must all be positive)")
     return t
 
 
@@ -203,6 +295,10 @@ def _spatial_grid(name, grid, tensor):
     if grid is None:
         return None
     if isinstance(grid, (tuple, list)) and len(grid) == 3:
+        frames = tensor.shape[1]
+        if isinstance(grid[0], bool) or not isinstance(grid[0], int) or grid[0] != frames:
+            raise ValueError(f"{name}={tuple(grid)} is a (T, H, W) grid with T={grid[0]!r}, but the tensor has "
+                             f"{frames} frames; pass (H, W), or the grid of these frames")
         grid = tuple(grid[1:])
     tokens = tensor.shape[2] if torch.is_tensor(tensor) and tensor.ndim == 4 else 1
     return check_grid(name, grid, tokens)

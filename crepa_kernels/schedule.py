@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
@@ -33,6 +35,15 @@ class CrepaScheduler:
         self.max_train_steps = max_train_steps
         self.similarity_ema: Optional[float] = None
         self._cut_off = False
+        if config.enabled and config.scheduler != "constant" and self.decay_steps <= config.warmup_steps:
+            # SPEC 6.5 then gives lambda_end from the first step after the warmup: almost surely a
+            # missing horizon (max_train_steps defaults to 0), not a wish.
+            warnings.warn(
+                f"crepa_scheduler={config.scheduler!r} decays over crepa_decay_steps, or max_train_steps when that "
+                f"is 0, but the horizon ({self.decay_steps}) does not reach past crepa_warmup_steps "
+                f"({config.warmup_steps}): the weight is crepa_lambda_end ({config.lambda_end}) from step "
+                f"{config.warmup_steps + 1} on; set crepa_decay_steps or pass max_train_steps",
+                UserWarning, stacklevel=2)
 
     # ----------------------------------------------------------------- state
     def is_cutoff(self) -> bool:
@@ -46,9 +57,15 @@ class CrepaScheduler:
         return {"similarity_ema": ema, "cut_off": self._cut_off}
 
     def load_state_dict(self, state: dict) -> None:
-        ema = state.get("similarity_ema")
-        self.similarity_ema = None if ema is None else float(ema)
-        self._cut_off = bool(state.get("cut_off", False))
+        """Restore ``state_dict()``'s output; a bad entry raises before anything changes."""
+        self.similarity_ema, self._cut_off = parse_state(state)
+
+    def _snapshot(self) -> tuple:
+        # update_ema replaces the EMA object rather than changing it in place, so a reference is a copy
+        return self.similarity_ema, self._cut_off
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.similarity_ema, self._cut_off = snapshot
 
     # -------------------------------------------------------------- schedule
     @property
@@ -112,6 +129,24 @@ class CrepaScheduler:
             return 0.0
         self._cut_off = False  # recoverable mode clears its latch
         return self.base_weight(step)
+
+
+def parse_state(state) -> tuple[Optional[float], bool]:
+    """(similarity_ema, cut_off) from a ``CrepaScheduler.state_dict()``, checked."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"the schedule's state must be a dict (CrepaScheduler.state_dict()), got {type(state).__name__}")
+    unknown = sorted(set(state) - {"similarity_ema", "cut_off"})
+    if unknown:
+        raise ValueError(f"the schedule's state has unknown entries {unknown}; expected similarity_ema and cut_off")
+    ema = state.get("similarity_ema")
+    if torch.is_tensor(ema) and ema.numel() == 1 and ema.is_floating_point():
+        ema = float(ema)
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))):
+        raise ValueError(f"the schedule's similarity_ema must be a number or None, got {ema!r}")
+    cut_off = state.get("cut_off", False)
+    if not isinstance(cut_off, bool):
+        raise ValueError(f"the schedule's cut_off must be a bool, got {cut_off!r}")
+    return (None if ema is None else float(ema)), cut_off
 
 
 def check_step(step) -> None:

@@ -53,6 +53,11 @@ CASES = [
     ("crepa_loss", lambda m: crepa_loss(T4.long(), T4), TypeError, ["projected", "torch.int64", "floating-point"]),
     ("crepa_loss", lambda m: crepa_loss(T4, T4.to(torch.float8_e4m3fn), backend="triton"), TypeError,
      ["features", "float8_e4m3fn", "fp16, bf16, fp32 or fp64"]),
+    ("crepa_loss", lambda m: crepa_loss(T4, T4, spatial_align="false"), TypeError,
+     ["spatial_align", "'false'", "bool"]),
+    ("crepa_loss", lambda m: crepa_loss(T4, T4, normalize_by_frames="0"), TypeError,
+     ["normalize_by_frames", "'0'", "bool"]),
+    ("CrepaConfig", lambda m: _cfg(lambda_end=-1.0), ValueError, ["crepa_lambda_end", "-1.0", ">= 0"]),
     ("CrepaConfig.from_dict", lambda m: CrepaConfig.from_dict({"crepa_lambda": "x"}), ValueError,
      ["crepa_lambda", "'x'", "number"]),
     ("CrepaConfig.from_dict", lambda m: CrepaConfig.from_dict({"crepa_adjacent_distnce": 1}), ValueError,
@@ -65,6 +70,15 @@ CASES = [
      ["hidden_size", "-3", "positive int"]),
     ("CrepaLoss.forward", lambda m: CrepaLoss(_cfg(), 4, 4)(torch.ones(1, 2, 3, 6), T4), ValueError,
      ["hidden_states", "D=6", "hidden_size=4"]),
+    ("CrepaLoss.forward", lambda m: CrepaLoss(_cfg(), 4, 4)(torch.ones(2, 2, 3, 4), T4), ValueError,
+     ["hidden_states holds 2 videos", "frame_features 1"]),
+    ("CrepaLoss.forward", lambda m: CrepaLoss(_cfg(), 4, 4)(torch.ones(1, 0, 3, 4), T4), ValueError,
+     ["hidden_states is empty", "(1, 0, 3, 4)"]),
+    ("CrepaLoss.forward", lambda m: CrepaLoss(_cfg(), 4, 4)(torch.ones(1, 2, 4, 4), T4, hidden_grid=(3, 2, 2)),
+     ValueError, ["hidden_grid=(3, 2, 2)", "T=3", "2 frames"]),
+    ("CrepaLoss.load_state_dict", lambda m: CrepaLoss(_cfg(), 4, 4).load_state_dict(
+        {**CrepaLoss(_cfg(), 4, 4).state_dict(), "_extra_state": {"scheduler": {"cut_off": "false"}}}),
+     RuntimeError, ["_extra_state", "cut_off must be a bool", "'false'"]),
     ("DinoEncoder", lambda m: DinoEncoder("dinov2_vitq14"), ValueError, ["'dinov2_vitq14'", "expected one of"]),
     ("DinoEncoder", lambda m: DinoEncoder(model=m.vit, image_size=50), ValueError, ["image_size", "50", "multiple of 14"]),
     ("DinoEncoder.encode", lambda m: m.encoder.encode(torch.rand(1, 2, 4, 56, 56)), ValueError,
@@ -120,19 +134,89 @@ def test_reading_a_config_never_changes_the_callers_object():
     assert cfg.scheduler == "cosine" and cfg.block_index == 3 and cfg.warmup_steps == 0 and vars(ns) == before
 
 
-def test_failed_forward_leaves_schedule_and_weights_unchanged():
-    loss = CrepaLoss(_cfg(similarity_threshold=0.9), 4, 4)
+@pytest.mark.parametrize("settings", [dict(similarity_threshold=0.9), dict(cutoff_step=5),
+                                      dict(cutoff_step=5, threshold_mode="recoverable")])
+def test_failed_forward_leaves_schedule_and_weights_unchanged(settings, monkeypatch):
+    # cutoff_step: the weight is decided (and the permanent latch set) before the loss runs; a call
+    # that then fails must not have switched CREPA off for the rest of the run.
+    loss = CrepaLoss(_cfg(**settings), 4, 4)
     loss(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), step=0)
     state = loss.scheduler.state_dict()
     weights = {k: v.clone() for k, v in loss.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(ValueError):
-        loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=1, hidden_grid=(2, 2))
-    # An input that passes the module's own checks and fails inside the loss, after the projector
-    # ran: the schedule must not have been fed anything either.
-    with pytest.raises(ValueError, match="batch sizes differ"):
-        loss(torch.randn(2, 3, 2, 4), torch.randn(1, 3, 2, 4), step=1)
-    assert loss.scheduler.state_dict() == state
+        loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=9, hidden_grid=(2, 2))
+    # Inputs that pass the module's own checks and fail inside the loss, after the schedule was asked:
+    # 6 tokens make no square grid, and grid mode (the features' grid is given) needs one.
+    with pytest.raises(ValueError, match="projected_grid"):
+        loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=9, feature_grid=(2, 2))
+
+    def failing_loss(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the loss")
+
+    monkeypatch.setattr("crepa_kernels.module.crepa_loss", failing_loss)
+    with pytest.raises(torch.OutOfMemoryError):
+        loss(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), step=9)
+    assert loss.scheduler.state_dict() == state and not loss.scheduler.is_cutoff()
     assert all(torch.equal(weights[k], v) for k, v in loss.state_dict().items() if torch.is_tensor(v))
+    monkeypatch.undo()
+    _, logs = loss(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), step=1)
+    assert logs["crepa_cutoff"] is False and float(logs["crepa_weight"]) == 0.5
+
+
+def _cut_off_schedule(loss):
+    with torch.no_grad():
+        loss.projector[1].weight.zero_()
+        loss.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    loss(torch.randn(1, 3, 2, 4), aligned, step=0)
+    assert loss.scheduler.is_cutoff()
+    return loss
+
+
+@pytest.mark.parametrize("break_it", ["shape", "missing", "unexpected", "schedule", "not a tensor"])
+def test_a_rejected_checkpoint_changes_nothing(break_it):
+    # torch alone copies the entries that fit, applies the schedule's entry, then raises: the module
+    # would be half-loaded and CREPA switched off by a checkpoint that was refused.
+    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4))
+    state = dict(saved.state_dict())
+    if break_it == "shape":
+        state["projector.1.weight"] = torch.zeros(5, 4)
+    elif break_it == "missing":
+        del state["projector.1.bias"]
+    elif break_it == "unexpected":
+        state["projector.2.weight"] = torch.zeros(4)
+    elif break_it == "schedule":
+        state["_extra_state"] = {"scheduler": {"similarity_ema": "abc", "cut_off": True}}
+    else:
+        state["projector.1.bias"] = [0.0] * 4
+    target = CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
+    before = {k: v.clone() for k, v in target.projector.state_dict().items()}
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        target.load_state_dict(state)
+    assert target.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
+    assert all(torch.equal(v, before[k]) for k, v in target.projector.state_dict().items())
+    # Inside a parent model torch reports the error itself; this module's schedule is still left alone.
+    parent, source = nn.Module(), nn.Module()
+    parent.crepa = target
+    if break_it != "schedule":
+        with pytest.raises(RuntimeError):
+            parent.load_state_dict({"crepa." + k: v for k, v in state.items()})
+        assert target.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
+    source.crepa = saved
+    parent.load_state_dict(source.state_dict())  # and a good one loads, schedule included
+    assert target.scheduler.is_cutoff()
+    target.load_state_dict(saved.state_dict(), strict=False)
+
+
+def test_loading_with_assign_keeps_the_projector_float32():
+    loss = CrepaLoss(_cfg(), 4, 4)
+    state = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in CrepaLoss(_cfg(), 4, 4).state_dict().items()}
+    loss.load_state_dict(state, assign=True)
+    assert all(p.dtype == torch.float32 for p in loss.projector.parameters())
+    assert torch.equal(loss.projector[1].weight, state["projector.1.weight"].float())
+    out, _ = loss(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4))
+    assert out.dtype == torch.float32
 
 
 def test_failed_cache_put_leaves_no_file(tmp_path):

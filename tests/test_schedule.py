@@ -1,5 +1,6 @@
 """CrepaScheduler against SPEC section 6, step by step, with closed forms written here."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -36,6 +37,22 @@ def test_decay_steps_zero_means_max_train_steps():
     assert s.get_weight(25) == pytest.approx(0.5)
     assert s.get_weight(50) == pytest.approx(0.0)
     assert s.get_weight(70) == pytest.approx(0.0)  # progress clamps at 1
+
+
+@pytest.mark.parametrize("decay,warmup,max_steps", [(0, 0, 0), (5, 10, 0), (0, 10, 10)])
+def test_a_decay_without_a_horizon_warns(decay, warmup, max_steps):
+    # SPEC 6.5 gives lambda_end from the step after the warmup when the horizon is not past it: a
+    # schedule that collapses at once, usually from a max_train_steps left at its default 0.
+    c = CrepaConfig(enabled=True, block_index=0, scheduler="cosine", lambda_=0.5, decay_steps=decay,
+                    warmup_steps=warmup)
+    with pytest.warns(UserWarning, match="horizon .* crepa_decay_steps or pass max_train_steps"):
+        s = CrepaScheduler(c, max_train_steps=max_steps)
+    assert s.get_weight(warmup + 1) == 0.0  # still SPEC's value: the warning changes nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrepaScheduler(c.replace(decay_steps=warmup + 1))
+        CrepaScheduler(c.replace(decay_steps=0), max_train_steps=warmup + 1)
+        CrepaScheduler(c.replace(scheduler="constant"))
 
 
 def test_warmup_applies_to_every_scheduler_including_constant():
