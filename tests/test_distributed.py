@@ -281,6 +281,25 @@ def _distributed_worker(rank, workdir):
         _, logs = gated(hidden, feats, step=STEPS[0])
     res["threshold"] = {"scores": [float(s) for s in scores], "weight": float(logs["crepa_weight"])}
 
+    # (e) the drop-in with crepa_lambda 0: it computes and logs nothing, as the trainer, but the projector
+    # it registered on the DDP-wrapped model still needs a (zero) gradient on every rank, every step.
+    torch.manual_seed(SEED)
+    model = StandIn()
+    crepa = CrepaRegularizer(_config(crepa_feature_source="backbone", crepa_teacher_block_index=1,
+                                     crepa_lambda=0.0), "cpu", D_H, max_train_steps=10)
+    crepa.attach_to_model(model)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    res["lambda0"] = []
+    for i in range(3):
+        opt.zero_grad(set_to_none=True)
+        hidden = ddp(_shard(data["x"][i], rank))
+        term, logs = crepa.compute_loss(hidden, None, frame_features=feats, step=i)
+        (hidden.pow(2).mean() + term).backward()
+        opt.step()
+        res["lambda0"].append((float(term), term.requires_grad, logs,
+                               float(model.crepa_projector[1].weight.grad.abs().max())))
+
     torch.save(res, os.path.join(workdir, f"rank{rank}.pt"))
 
 
@@ -385,6 +404,13 @@ def test_similarity_threshold_gives_every_rank_the_same_weight(runs):
 
 # ------------------------------------------------------------------------------ feature cache
 OWN, SHARED, REPEATS, ITEMS = 12, 6, 4, 10
+
+
+def test_dropin_with_lambda_zero_keeps_ddp_in_step(runs):
+    ranks, _ = runs
+    for r in ranks:
+        # three steps ran (DDP raises on the second when a registered parameter got no gradient)
+        assert r["lambda0"] == [(0.0, True, None, 0.0)] * 3
 
 
 def _entry_value(writer, index):

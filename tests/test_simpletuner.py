@@ -242,6 +242,28 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
     assert stats.copies == stats.releases == (0 if failure == "bad latents" else 2)
 
 
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 16), z, vae), ValueError, "hidden_states must be"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 5), z, vae), ValueError, "hidden_states has D=5"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 0, 4, 16), z, vae), ValueError, "hidden_states is empty"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, step=1.5), ValueError, "step must be"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, hidden_grid=(3, 3)), ValueError,
+     "hidden_grid"),
+])
+def test_a_bad_student_input_fails_before_the_teacher_decodes(call, exc, match, monkeypatch):
+    # The decode and encode cost seconds and gigabytes of copies at real sizes: a call that can only fail
+    # must fail first.
+    from crepa_kernels.teacher.vae import VaeAdapter
+
+    reg, vae, manager = _offloading_teacher()
+    decodes = []
+    real = VaeAdapter.decode
+    monkeypatch.setattr(VaeAdapter, "decode", lambda self, *a, **k: decodes.append(1) or real(self, *a, **k))
+    with pytest.raises(exc, match=match):
+        call(reg, torch.randn(1, 4, 3, 4, 4), vae)
+    assert decodes == [] and manager.stats.copies == 0
+
+
 # Every crepa_* option the common trainer registers, at the trainer's defaults: a trainer's namespace
 # carries all of them, so the drop-in must accept each one.
 TRAINER_DEFAULTS = dict(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import CrepaConfig, _as_bool
-from ..module import CrepaLoss
+from ..module import CrepaLoss, _world_size
 
 
 def _device_of(accelerator: Any) -> torch.device:
@@ -156,7 +156,10 @@ class CrepaRegularizer:
             if vae is None and not _decodes_itself(self.model_foundation):
                 raise ValueError("CREPA needs a VAE to decode latents to pixels (or frame_features)")
         if self.config.lambda_ == 0:
-            return None, None  # as the trainer: a zero weight computes, logs and tracks nothing
+            # As the trainer: a zero weight computes, logs and tracks nothing. Under torch.distributed the
+            # projector registered on the wrapped model still needs its (zero) gradient on every rank.
+            return (self.loss._zero_loss() if _world_size() > 1 else None), None
+        self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid)  # before a decode, not after
         if frame_features is None:
             # Without a VAE, or for its Tiny AutoEncoder, the trainer's model object decodes.
             frame_features, grid = self.teacher_features(latents, None if self._use_tae else vae,
