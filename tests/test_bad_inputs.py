@@ -86,6 +86,8 @@ CASES = [
     ("adapter_for", lambda m: adapter_for(nn.Conv3d(1, 1, 1)), TypeError, ["Conv3d", "AutoencoderKLWan"]),
     ("VaeAdapter.decode", lambda m: adapter_for(m.vae).decode(torch.rand(1, 3, 2, 4, 4)), ValueError,
      ["latents", "4 channels", "(1, 3, 2, 4, 4)"]),
+    ("VaeAdapter.decode", lambda m: adapter_for(m.vae).decode(torch.rand(1, 4, 0, 4, 4)), ValueError,
+     ["latents is empty", "(1, 4, 0, 4, 4)"]),
     ("capture_hidden_states", lambda m: _enter(capture_hidden_states(m.dit, 7)), ValueError,
      ["block_index=7", "2 blocks"]),
     ("capture_hidden_states", lambda m: _enter(capture_hidden_states(nn.Linear(2, 2), 0)), TypeError,

@@ -43,6 +43,16 @@ def test_round_trip_without_grid_and_non_contiguous(fc):
     assert got.grid is None and torch.equal(got.features, feats)
 
 
+@pytest.mark.parametrize("device, exc", [(torch.float16, TypeError), (3.0, TypeError), (True, TypeError),
+                                          ("gpu0", ValueError)])
+def test_get_refuses_what_is_not_a_device(fc, device, exc):
+    # Tensor.to would take a dtype (or a float, as float64) for a device and return converted features
+    fc.put("k", torch.ones(1, 2, 4, 3), grid=(2, 2))
+    with pytest.raises(exc, match="device"):
+        fc.get("k", device)
+    assert fc.get("k", "cpu").features.dtype == torch.float32
+
+
 def test_absent_key_and_contains(fc):
     assert fc.get("missing") is None
     assert "missing" not in fc
@@ -52,9 +62,9 @@ def test_absent_key_and_contains(fc):
 
 def test_put_overwrites(fc):
     fc.put("k", torch.zeros(3))
-    fc.put("k", torch.ones(3), grid=(1, 3))
+    fc.put("k", torch.ones(3, 2), grid=(1, 3))
     got = fc.get("k")
-    assert torch.equal(got.features, torch.ones(3)) and got.grid == (1, 3)
+    assert torch.equal(got.features, torch.ones(3, 2)) and got.grid == (1, 3)
 
 
 @pytest.mark.parametrize("cut", [4, 40, -8])
@@ -225,6 +235,11 @@ def test_bad_put_arguments(fc, tmp_path):
     for grid in [(0, 3), (3,), "37x37", (1.5, 2)]:
         with pytest.raises(ValueError, match="grid"):
             fc.put("k", torch.ones(1), grid=grid)
+    # a grid that does not describe the token axis: read back, it would fail in every loss call
+    with pytest.raises(ValueError, match=r"grid: \(3, 3\) describes 9 tokens.*\(2, 16, 8\) hold 16"):
+        fc.put("k", torch.ones(2, 16, 8), grid=(3, 3))
+    with pytest.raises(ValueError, match="no token axis"):
+        fc.put("k", torch.ones(9), grid=(3, 3))
     with pytest.raises(TypeError, match="directory"):
         FeatureCache(42)
     f = tmp_path / "file"
@@ -300,22 +315,22 @@ class _ReopeningReader:
 def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
     import safetensors
 
-    fc.put("k", torch.zeros(64), grid=(1, 1))
-    reader = _ReopeningReader(safetensors.safe_open, lambda: fc.put("k", torch.ones(64), grid=(2, 2)))
+    fc.put("k", torch.zeros(1, 64), grid=(1, 1))
+    reader = _ReopeningReader(safetensors.safe_open, lambda: fc.put("k", torch.ones(4, 16), grid=(2, 2)))
     monkeypatch.setattr(safetensors, "safe_open", reader)
     got = fc.get("k")
     # the first read paired the old grid (1, 1) with the new features; that was seen and read again
     assert reader.reads == 2
-    assert got.grid == (2, 2) and torch.equal(got.features, torch.ones(64))
+    assert got.grid == (2, 2) and torch.equal(got.features, torch.ones(4, 16))
 
 
 def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):
     import safetensors
 
-    fc.put("k", torch.zeros(64), grid=(1, 1))
+    fc.put("k", torch.zeros(1, 64), grid=(1, 1))
     versions = iter(range(1, 10**6))
     reader = _ReopeningReader(safetensors.safe_open,
-                              lambda: fc.put("k", torch.full((64,), float(next(versions))), grid=(1, 1)))
+                              lambda: fc.put("k", torch.full((1, 64), float(next(versions))), grid=(1, 1)))
 
     def churn(path, framework):
         reader.reads = 0  # a writer lands between the header and the tensor reads of every attempt
@@ -325,7 +340,7 @@ def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):
     with pytest.warns(UserWarning, match="replaced during each of 8 reads"):
         assert fc.get("k") is None
     monkeypatch.undo()
-    assert fc.get("k").features[0].item() == 8.0  # the entry itself is whole: the last version written
+    assert fc.get("k").features[0, 0].item() == 8.0  # the entry itself is whole: the last version written
 
 
 def test_failed_write_cleans_its_temp_file(fc, monkeypatch):
@@ -385,17 +400,17 @@ def test_precompute_fills_once_and_skips_present(fc, progress):
     def compute(item):
         calls.append(item)
         i = int(item.split("_")[1])
-        return (torch.full((2, 4), float(i)), (1, 4)) if i % 2 else torch.full((2, 4), float(i))
+        return (torch.full((4, 2), float(i)), (1, 4)) if i % 2 else torch.full((4, 2), float(i))
 
     def key(item):
         return FeatureCache.make_key(item, **BASE)
 
-    fc.put(key("clip_3"), torch.full((2, 4), 3.0))  # already there, e.g. from another process
+    fc.put(key("clip_3"), torch.full((4, 2), 3.0))  # already there, e.g. from another process
     res = precompute_features(items, compute, fc, key, progress=progress)
     assert (res.computed, res.skipped) == (4, 1) and "clip_3" not in calls
     for i, item in enumerate(items):
         got = fc.get(key(item))
-        assert torch.equal(got.features, torch.full((2, 4), float(i)))
+        assert torch.equal(got.features, torch.full((4, 2), float(i)))
         assert got.grid == ((1, 4) if i % 2 and i != 3 else None)
     calls.clear()
     res = precompute_features(iter(items), compute, fc, key, progress=progress)  # no len(): still fine

@@ -575,3 +575,26 @@ def test_compiled_model_with_capture_registered_late_says_so(fresh_dynamo):
         with pytest.raises(RuntimeError, match=r"appears to be compiled \(torch.compile\) without the capture "
                                                r"hooks.*\.attach\(\)"):
             read()
+
+
+def test_an_interrupted_forward_frees_its_tensors_when_the_capture_ends():
+    # KeyboardInterrupt skips torch's always_call hooks: the capture saw the block's output (holding
+    # the partial forward's graph) but never the forward's end. Nothing of it is readable, and leaving
+    # the capture must let it go.
+    case = CASES[0]
+    model = _model(case)
+    blocks = getattr(model, case.blocks_attr)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    bad = blocks[1].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with capture_hidden_states(model, 0) as cap:
+                case.run(model, *LATENT[case.name])
+    finally:
+        bad.remove()
+    assert cap._hidden is None and not cap.attached
+    with pytest.raises(RuntimeError, match="forward raised before it finished"):
+        cap.hidden

@@ -413,9 +413,10 @@ def test_dropin_with_lambda_zero_keeps_ddp_in_step(runs):
         assert r["lambda0"] == [(0.0, True, None, 0.0)] * 3
 
 
-def _entry_value(writer, index):
-    # 64 KiB, constant per (writer, index): a torn or mixed entry cannot pass for a whole one
-    return torch.full((32, 512), float(1000 * writer + index))
+def _entry_value(writer, index, grid):
+    # grid[0] * grid[1] tokens of 128 values (16 to 105 KiB), constant per (writer, index): a torn or mixed
+    # entry cannot pass for a whole one
+    return torch.full((grid[0] * grid[1], 128), float(1000 * writer + index))
 
 
 def _cache_worker(rank, directory, outdir):
@@ -425,17 +426,17 @@ def _cache_worker(rank, directory, outdir):
     dist.barrier()  # both ranks start writing together
     for i in range(max(OWN, SHARED * REPEATS)):
         if i < OWN:
-            cache.put(f"rank{rank}-{i}", _entry_value(rank, i), grid=(rank + 1, i + 1))
+            cache.put(f"rank{rank}-{i}", _entry_value(rank, i, (rank + 1, i + 1)), grid=(rank + 1, i + 1))
         if i < SHARED * REPEATS:
             j = i % SHARED
-            cache.put(f"shared-{j}", _entry_value(rank, 100 + j), grid=(rank + 1, 100 + j))
+            cache.put(f"shared-{j}", _entry_value(rank, 100 + j, (rank + 1, 100 + j)), grid=(rank + 1, 100 + j))
             # read the other shared keys while the other rank may be replacing them
             for k in range(SHARED):
                 got = cache.get(f"shared-{k}")
                 if got is not None:
                     writer = got.grid[0] - 1
                     assert writer in range(WORLD) and got.grid[1] == 100 + k, got.grid
-                    assert torch.equal(got.features, _entry_value(writer, 100 + k)), (k, writer)
+                    assert torch.equal(got.features, _entry_value(writer, 100 + k, got.grid)), (k, writer)
                     seen_mid_write += 1
     dist.barrier()  # all writes done: both ranks must now read the same, whole entries
     final = {}
@@ -446,7 +447,7 @@ def _cache_worker(rank, directory, outdir):
 
     # precompute with the dataset sharded over the ranks, then a pass over everything finds it all
     def compute(item):
-        return torch.full((4, 8), float(item)), (2, 4)
+        return torch.full((8, 4), float(item)), (2, 4)
 
     def key_fn(item):
         return f"item-{item}"
@@ -477,16 +478,16 @@ def test_feature_cache_shared_by_concurrent_ranks(tmp_path):
         for key in sorted(own):
             r, i = (int(v) for v in key[len("rank"):].split("-"))
             got = cache.get(key)
-            assert got.grid == (r + 1, i + 1) and torch.equal(got.features, _entry_value(r, i)), key
+            assert got.grid == (r + 1, i + 1) and torch.equal(got.features, _entry_value(r, i, (r + 1, i + 1))), key
         for key in sorted(shared):
             j = int(key.split("-")[1])
             got = cache.get(key)
             writer = got.grid[0] - 1  # the last writer wins, whole
             assert writer in range(WORLD) and got.grid[1] == 100 + j, (key, got.grid)
-            assert torch.equal(got.features, _entry_value(writer, 100 + j)), key
+            assert torch.equal(got.features, _entry_value(writer, 100 + j, got.grid)), key
         for key in sorted(items):
             got = cache.get(key)
-            assert got.grid == (2, 4) and torch.equal(got.features, torch.full((4, 8), float(key.split("-")[1])))
+            assert got.grid == (2, 4) and torch.equal(got.features, torch.full((8, 4), float(key.split("-")[1])))
 
     for res in ranks:
         assert res["seen_mid_write"] > 0  # the concurrent reads did find entries

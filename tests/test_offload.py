@@ -113,6 +113,53 @@ def test_trainable_module_is_refused():
         m.prefetch(nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("call", ["use", "prefetch"])
+def test_a_module_made_trainable_after_packing_is_refused(call):
+    # Inside an offloading use(), an optimizer step would update the device copy, which is then dropped.
+    module = nn.Linear(2, 2).requires_grad_(False)
+    m = OffloadManager("offload", emulate_device=True)
+    with m.use(module):
+        pass
+    module.requires_grad_(True)
+    with pytest.raises(ValueError, match="requires grad again.*requires_grad_"):
+        if call == "use":
+            with m.use(module):
+                pass
+        else:
+            m.prefetch(module)
+    assert not m.is_resident(module)
+    module.requires_grad_(False)
+    with m.use(module):
+        pass
+
+
+def test_a_failing_memory_probe_does_not_hide_the_bodys_error():
+    # After a CUDA error the driver query often fails too; the caller must see the first error, and the
+    # device copy must go (the memory left is unknown).
+    def probe():
+        if failing:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return 1 << 40
+
+    failing = False
+    toy = Toy()
+    ref_state = snapshot(toy)
+    m = OffloadManager("auto", margin_bytes=0, memory_probe=probe, emulate_device=True)
+    with pytest.raises(KeyError, match="body error"):
+        with m.use(toy):
+            failing = True
+            raise KeyError("body error")
+    assert not m.is_resident(toy) and len(storages(toy)) == 1
+    assert_same_state(toy, ref_state)
+    # without an error in the body, the probe's own failure is reported (and the copy still dropped)
+    failing = False
+    m.prefetch(toy)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        with m.use(toy):
+            failing = True
+    assert not m.is_resident(toy)
+
+
 def test_running_statistics_in_training_mode_are_refused():
     # A batch norm in training mode writes its running statistics into the device copy, which the
     # manager drops: refused before anything moves, whether the module is new or already packed.

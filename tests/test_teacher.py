@@ -286,6 +286,15 @@ def test_weights_round_trip_safetensors(tmp_path):
     torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames))
 
 
+@pytest.mark.parametrize("suffix, content", [(".safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"),
+                                             (".pth", b"not a zip archive nor a pickle"), (".pt", b"")])
+def test_an_unreadable_weights_file_is_named_in_the_error(tmp_path, suffix, content):
+    path = tmp_path / ("dino" + suffix)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"weights file '{path}'"):
+        DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
+
+
 @pytest.mark.parametrize(
     "arch, name, reg, swiglu, chunks",
     [

@@ -290,6 +290,10 @@ class HiddenStateCapture:
         while self._handles:
             self._handles.pop().remove()
         self._active = False
+        if self._grid is None:
+            # No forward finished (e.g. a KeyboardInterrupt, which skips torch's always_call hooks):
+            # nothing is readable, so free the partial forward's tensors and the graph they hold.
+            self._hidden = self._teacher = None
 
     def clear(self) -> None:
         """Drop the captured tensors (and the autograd graph they keep alive)."""

@@ -72,6 +72,17 @@ def weights_fingerprint(path: PathLike) -> str:
     return digest
 
 
+def _check_device(device: Any) -> torch.device:
+    """A torch.device from ``device`` (Tensor.to would also take a dtype, or a float, silently)."""
+    if not isinstance(device, (str, torch.device)) and not (isinstance(device, int) and not isinstance(device, bool)):
+        raise TypeError(f"device: got {device!r}, expected a torch.device, a device string such as 'cuda:0', "
+                        "or a CUDA device index")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device: got {device!r}, which is not a device ({e})") from None
+
+
 def _check_grid(grid: Any, name: str = "grid") -> Optional[tuple[int, int]]:
     if grid is None:
         return None
@@ -278,13 +289,21 @@ class FeatureCache:
             return False
 
     def put(self, key: str, features: torch.Tensor, grid: Optional[Sequence[int]] = None) -> str:
-        """Store `features` (copied to the CPU, contiguous) and their token `grid`; returns the path."""
+        """Store `features` (copied to the CPU, contiguous) and their token `grid`; returns the path.
+
+        A `grid` (h, w) describes the token axis, the second-to-last: `(..., h * w, D)`."""
         key = self._check_key(key)
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features: got {type(features).__name__}, expected a torch.Tensor")
         if features.layout != torch.strided:
             raise ValueError(f"features: got a {features.layout} tensor, expected a dense one")
         grid = _check_grid(grid)
+        if grid is not None and (features.ndim < 2 or features.shape[-2] != grid[0] * grid[1]):
+            # read back, the entry would fail in the loss at every step, and be skipped by every refill
+            raise ValueError(f"grid: {grid} describes {grid[0] * grid[1]} tokens, but features of shape "
+                             f"{tuple(features.shape)} hold "
+                             + (f"{features.shape[-2]} (the second-to-last axis: (..., N, D))" if features.ndim >= 2
+                                else "no token axis (expected (..., N, D))"))
         from safetensors.torch import save
 
         meta = {"format": FORMAT, "key": key}
@@ -298,6 +317,7 @@ class FeatureCache:
 
     def get(self, key: str, device: Union[str, torch.device] = "cpu") -> Optional[CachedFeatures]:
         """The entry as (features, grid), or None when absent (or unreadable, with a warning)."""
+        device = _check_device(device)
         path = self.path(key)
         try:
             read = _read_entry(path)

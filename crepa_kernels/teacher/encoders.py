@@ -114,9 +114,18 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as e:  # safetensors' own error names neither the file nor the cause's place
+            raise ValueError(f"weights file {path!r} is not a readable safetensors file: {e}") from e
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"weights file {path!r} could not be read as a PyTorch checkpoint of tensors (weights_only=True): "
+                f"it is damaged, or it pickles other objects too; save the state dict alone, or as .safetensors "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     # Unwrap the usual checkpoint containers and training-time prefixes.
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

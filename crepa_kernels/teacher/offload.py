@@ -360,7 +360,15 @@ class OffloadManager:
         return slot
 
     @staticmethod
-    def _check_frozen(name: str, stat_modules: list) -> None:
+    def _check_frozen(name: str, stat_modules: list, entries: Optional[list] = None) -> None:
+        # entries: a packed module's tensors, checked at every use, since requires_grad_(True) after the
+        # packing would have an optimizer update the device copy that is then thrown away
+        for e in entries or ():
+            if isinstance(e.tensor, nn.Parameter) and e.tensor.requires_grad:
+                raise ValueError(
+                    f"module {name}: a parameter requires grad again since the offload manager packed it; "
+                    "its updates would be lost with the device copy (call module.requires_grad_(False))"
+                )
         for ref in stat_modules:
             m = ref()
             if m is not None and m.training:
@@ -480,7 +488,7 @@ class OffloadManager:
         if slot is None:
             yield module
             return
-        self._check_frozen(slot.name, slot.stat_modules)
+        self._check_frozen(slot.name, slot.stat_modules, slot.entries)
         self._bring_in(slot)
         if self._cuda:
             cur = torch.cuda.current_stream(self.device)
@@ -489,12 +497,26 @@ class OffloadManager:
                 slot.use_streams.append(cur)
         slot.in_use += 1
         slot.last_used = next(self._clock)
+        body_raised = False
         try:
             yield module
+        except BaseException:
+            body_raised = True
+            raise
         finally:
             slot.in_use -= 1
-            if slot.in_use == 0 and not self._keeps(slot):
-                self._drop(slot)
+            if slot.in_use == 0:
+                try:
+                    keep = self._keeps(slot)
+                except Exception:
+                    # The memory probe failed (after a CUDA error it often does): drop the copy, and
+                    # let the body's exception, if any, be the one reported.
+                    self._drop(slot)
+                    if not body_raised:
+                        raise
+                else:
+                    if not keep:
+                        self._drop(slot)
 
     def prefetch(self, module: nn.Module) -> bool:
         """Start copying `module` to the device now; True if its device copy exists or is on its way.
@@ -504,7 +526,7 @@ class OffloadManager:
         slot = self._slot_for(module)
         if slot is None:
             return False
-        self._check_frozen(slot.name, slot.stat_modules)
+        self._check_frozen(slot.name, slot.stat_modules, slot.entries)
         self._n["prefetches"] += 1
         if slot.device_buf is not None:
             return True

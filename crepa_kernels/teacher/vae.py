@@ -151,6 +151,8 @@ class VaeAdapter:
             )
         if not latents.is_floating_point():
             raise TypeError(f"latents must be floating point, got dtype {latents.dtype}")
+        if latents.numel() == 0:
+            raise ValueError(f"latents is empty: shape {tuple(latents.shape)} (B, T, h and w must be positive)")
 
     def _timestep_tensor(self, timestep: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if timestep is None:
