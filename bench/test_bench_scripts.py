@@ -39,3 +39,13 @@ def test_bench_step_quick(tmp_path):
     assert settings["default"]["max_abs_diff_vs_default"] == 0.0
     # fp32 on the CPU: another memory layout changes the summation order, not the frames
     assert all(row["median_ms"] > 0 and row["max_abs_diff_vs_default"] < 1e-4 for row in settings.values())
+
+
+def test_teacher_precision_quick(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = _run("teacher_precision.py", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
+    # the two paths differ by the teacher's rounding only: small, not zero
+    assert all(0 < r["max_grad_rel_diff"] < 0.05 and r["max_loss_diff"] < 1e-2 for r in rows)

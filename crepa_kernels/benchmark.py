@@ -1,7 +1,8 @@
 """Benchmark building blocks: presets, inputs, providers, a timer (median, p20, p80) and the runner.
 
-Shared by the pytest-benchmark suite (bench/), `crepa-kernels bench` and bench/gpu_check.sh, so
-every figure in bench/results/ comes from the same code.
+Shared by the pytest-benchmark suite (bench/), `crepa-kernels bench`, bench/gpu_check.sh and the
+A/B script, so every kernel-suite figure in bench/results/ comes from the same code (the offload,
+step and precision benchmarks are scripts of their own under bench/).
 """
 from __future__ import annotations
 
