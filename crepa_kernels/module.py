@@ -278,6 +278,8 @@ def _check_input(name: str, t, dim_name: str, dim: int) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if t.ndim == 3:
         t = t.unsqueeze(2)
     if t.ndim != 4:
