@@ -205,8 +205,9 @@ class CrepaLoss(nn.Module):
         if not isinstance(state_dict, Mapping):
             return [f"state_dict must be a dict of tensors, got {type(state_dict).__name__}"]
         problems = []
-        own = dict(self.named_parameters(prefix=prefix.rstrip(".")))
-        own.update(self.named_buffers(prefix=prefix.rstrip(".")))
+        key = prefix + "_extra_state"
+        # what state_dict() holds (persistent buffers only), less the schedule's entry, checked below
+        own = {k: v for k, v in self.state_dict(prefix=prefix, keep_vars=True).items() if k != key}
         for name, tensor in own.items():
             if name not in state_dict:
                 if strict:
@@ -218,7 +219,6 @@ class CrepaLoss(nn.Module):
             elif value.shape != tensor.shape:
                 problems.append(f"size mismatch for {name}: copying a param with shape {tuple(value.shape)} from "
                                 f"checkpoint, the shape in current model is {tuple(tensor.shape)}")
-        key = prefix + "_extra_state"
         if strict:
             unexpected = [k for k in state_dict if k.startswith(prefix) and k not in own and k != key]
             problems += [f'Unexpected key "{k}"' for k in unexpected]
