@@ -222,3 +222,47 @@ def test_bad_inputs_fail_on_zero_weight_steps_too_and_leave_the_schedule_alone()
         with pytest.raises(exc, match=match):
             m(*args, step=0)  # weight 0 at step 0 of the warmup: still checked
     assert m.scheduler.similarity_ema is None and not m.scheduler.is_cutoff()
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+def test_the_teacher_gets_gradient_only_when_asked(detach_teacher):
+    m = CrepaLoss(cfg(), 4, 4, detach_teacher=detach_teacher)
+    hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
+    teacher = torch.randn(1, 3, 2, 4, requires_grad=True)  # e.g. a deeper block's output, not detached
+    loss, _ = m(hidden, teacher, step=0)
+    loss.backward()
+    assert hidden.grad is not None
+    assert (teacher.grad is None) is detach_teacher
+
+
+def test_a_zero_weight_step_records_nothing_for_backward():
+    # No graph on a skipped step: not one tensor is saved for a backward that will not run.
+    m = CrepaLoss(cfg(warmup_steps=10), 4, 4)
+    hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, logs = m(hidden, torch.randn(1, 3, 2, 4), step=0)
+    assert loss is None and logs["crepa_cutoff"] is True and saved == []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, _ = m(hidden, torch.randn(1, 3, 2, 4), step=5)  # a weighted step does record its graph
+    assert loss.requires_grad and saved
+
+
+def test_recoverable_threshold_builds_the_graph_on_the_step_it_recovers():
+    # Recoverable mode decides from this step's score: a step that recovers must carry a gradient,
+    # although the EMA said "cut off" when the step began.
+    m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0, threshold_mode="recoverable"), 4, 4)
+    with torch.no_grad():
+        m.projector[1].weight.zero_()
+        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    loss, logs = m(torch.randn(1, 3, 2, 4), aligned, step=0)
+    assert loss is None and logs["crepa_cutoff"] is True and m.scheduler.is_cutoff()
+    away = -aligned
+    away[..., 1] = 0.5  # cosine -0.89 < 0.5: on again (not exactly opposite, where the gradient is 0)
+    loss, logs = m(torch.randn(1, 3, 2, 4), away, step=1)
+    assert logs["crepa_cutoff"] is False and float(logs["crepa_weight"]) == 0.5
+    assert loss.requires_grad
+    loss.backward()
+    assert m.projector[1].bias.grad is not None and m.projector[1].bias.grad.abs().sum() > 0
