@@ -183,10 +183,12 @@ def _check_int(name: str, v) -> int:
 
 
 def _check_bool(name: str, v) -> bool:
-    """A switch: True / False (or 1 / 0). A string is refused: bool("false") is True."""
+    """A switch: True / False (a numpy bool, 1 or 0 too). A string is refused: bool("false") is True."""
     if isinstance(v, bool):
         return v
     if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool"):
         return bool(v)
     raise TypeError(f"{name} must be a bool, got {v!r}")
 

@@ -180,6 +180,8 @@ class CrepaLoss(nn.Module):
         """As ``nn.Module.load_state_dict``, but all or nothing: a state dict that would fail (a missing
         or unexpected key under ``strict``, a shape that differs, a bad schedule entry) raises before
         any weight or the schedule changes (torch alone would copy the entries that fit, then raise)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}")
         problems = self._state_dict_problems(state_dict, "", strict)
         if problems:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was loaded):\n\t"
@@ -189,9 +191,13 @@ class CrepaLoss(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "_extra_state"
-        if self._state_dict_problems(state_dict, prefix, strict):
-            # The weights will not load (torch reports why, for this module or a parent): the schedule
-            # must not change either.
+        # Torch passes strict=True here whatever the caller asked (it checks keys at the end), so only
+        # what fails either way is checked: shapes, non-tensors, the schedule's entry.
+        problems = self._state_dict_problems(state_dict, prefix, strict=False)
+        if problems:
+            # The weights will not load: the schedule must not change either. Torch reports shape and
+            # type problems itself; a bad schedule entry only this module sees.
+            error_msgs.extend(p for p in problems if p.startswith(key))
             state_dict[key] = _KEEP_SCHEDULE
         else:
             # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
@@ -201,9 +207,8 @@ class CrepaLoss(nn.Module):
                                       error_msgs)
 
     def _state_dict_problems(self, state_dict, prefix: str, strict: bool) -> list[str]:
-        """Why loading ``state_dict`` (this module's entries under ``prefix``) would fail; empty if it loads."""
-        if not isinstance(state_dict, Mapping):
-            return [f"state_dict must be a dict of tensors, got {type(state_dict).__name__}"]
+        """Why loading ``state_dict`` (this module's entries under ``prefix``) would fail; empty if it loads.
+        Missing and unexpected keys count only when ``strict``."""
         problems = []
         key = prefix + "_extra_state"
         # what state_dict() holds (persistent buffers only), less the schedule's entry, checked below

@@ -57,6 +57,8 @@ CASES = [
      ["spatial_align", "'false'", "bool"]),
     ("crepa_loss", lambda m: crepa_loss(T4, T4, normalize_by_frames="0"), TypeError,
      ["normalize_by_frames", "'0'", "bool"]),
+    ("crepa_loss", lambda m: crepa_loss(T4, T4, cumulative_neighbors=2), TypeError,
+     ["cumulative_neighbors", "2", "bool"]),
     ("CrepaConfig", lambda m: _cfg(lambda_end=-1.0), ValueError, ["crepa_lambda_end", "-1.0", ">= 0"]),
     ("crepa_loss", lambda m: crepa_loss(T4.to_sparse(), T4), TypeError, ["projected", "dense", "torch.sparse_coo"]),
     ("CrepaLoss.forward", lambda m: CrepaLoss(_cfg(), 4, 4)(T4, T4.to_sparse()), TypeError,
@@ -201,17 +203,46 @@ def test_a_rejected_checkpoint_changes_nothing(break_it):
         target.load_state_dict(state)
     assert target.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
     assert all(torch.equal(v, before[k]) for k, v in target.projector.state_dict().items())
-    # Inside a parent model torch reports the error itself; this module's schedule is still left alone.
+    # Inside a parent model torch raises (a bad schedule entry is reported too); when this module's
+    # weights cannot load, its schedule is left alone. (Missing and unexpected keys follow torch's rules
+    # there: it loads what fits, then raises.)
     parent, source = nn.Module(), nn.Module()
     parent.crepa = target
-    if break_it != "schedule":
-        with pytest.raises(RuntimeError):
-            parent.load_state_dict({"crepa." + k: v for k, v in state.items()})
+    with pytest.raises(RuntimeError, match="_extra_state" if break_it == "schedule" else None):
+        parent.load_state_dict({"crepa." + k: v for k, v in state.items()})
+    if break_it not in ("missing", "unexpected"):
         assert target.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
     source.crepa = saved
     parent.load_state_dict(source.state_dict())  # and a good one loads, schedule included
     assert target.scheduler.is_cutoff()
-    target.load_state_dict(saved.state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("through_parent", [False, True])
+@pytest.mark.parametrize("change", ["extra key", "missing key"])
+def test_a_non_strict_load_brings_the_schedule_with_the_weights(change, through_parent):
+    # strict=False tolerates the keys; what loads includes the cutoff latch, or a resumed run would
+    # switch CREPA back on after a permanent cutoff. (Torch passes strict=True to each module's own
+    # loader whatever the caller asked: the module must not read that as a failure.)
+    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4))
+    state = dict(saved.state_dict())
+    if change == "extra key":
+        state["projector.2.weight"] = torch.zeros(4)
+    else:
+        del state["projector.0.weight"]
+    target = CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
+    if through_parent:
+        parent = nn.Module()
+        parent.crepa = target
+        parent.load_state_dict({"crepa." + k: v for k, v in state.items()}, strict=False)
+    else:
+        target.load_state_dict(state, strict=False)
+    assert target.scheduler.is_cutoff()
+    assert torch.equal(target.projector[1].weight, saved.projector[1].weight)
+
+
+def test_a_state_dict_that_is_not_a_dict_is_a_type_error():
+    with pytest.raises(TypeError, match="dict-like.*list"):
+        CrepaLoss(_cfg(), 4, 4).load_state_dict([("projector.0.weight", torch.ones(4))])
 
 
 def test_loading_with_assign_keeps_the_projector_float32():

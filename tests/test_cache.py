@@ -51,6 +51,7 @@ def test_get_refuses_what_is_not_a_device(fc, device, exc):
     with pytest.raises(exc, match="device"):
         fc.get("k", device)
     assert fc.get("k", "cpu").features.dtype == torch.float32
+    assert fc.get("k", None).features.device == torch.device("cpu")  # None: where entries are read
 
 
 def test_absent_key_and_contains(fc):

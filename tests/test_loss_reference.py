@@ -294,3 +294,12 @@ def test_auto_picks_torch_on_cpu_and_info_says_why():
     crepa_loss(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
     last = crepa_kernels.info()["last_call"]
     assert last["backend"] == "torch" and "cpu" in last["reason"]
+
+
+def test_switches_take_numpy_and_int_bools():
+    np = pytest.importorskip("numpy")
+    p, f = torch.randn(1, 3, 6, 4), torch.randn(1, 3, 9, 4)
+    want = crepa_loss(p, f, spatial_align=False, normalize_by_frames=False, backend="torch").loss
+    for off in (np.False_, 0):
+        got = crepa_loss(p, f, spatial_align=off, normalize_by_frames=off, backend="torch").loss
+        assert torch.equal(got, want)

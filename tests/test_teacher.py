@@ -295,6 +295,16 @@ def test_an_unreadable_weights_file_is_named_in_the_error(tmp_path, suffix, cont
         DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
 
 
+def test_a_checkpoint_pickling_other_objects_names_the_offending_global(tmp_path):
+    import argparse
+
+    path = tmp_path / "dino.pth"
+    torch.save({"model": _tiny_vit(seed=3).state_dict(), "args": argparse.Namespace(lr=1.0)}, str(path))
+    with pytest.raises(ValueError, match="weights file .*Unsupported global: GLOBAL argparse.Namespace") as e:
+        DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
+    assert "\x1b" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "arch, name, reg, swiglu, chunks",
     [

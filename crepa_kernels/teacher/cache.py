@@ -73,7 +73,10 @@ def weights_fingerprint(path: PathLike) -> str:
 
 
 def _check_device(device: Any) -> torch.device:
-    """A torch.device from ``device`` (Tensor.to would also take a dtype, or a float, silently)."""
+    """A torch.device from ``device`` (Tensor.to would also take a dtype, or a float, silently); None is
+    the CPU, where entries are read."""
+    if device is None:
+        return torch.device("cpu")
     if not isinstance(device, (str, torch.device)) and not (isinstance(device, int) and not isinstance(device, bool)):
         raise TypeError(f"device: got {device!r}, expected a torch.device, a device string such as 'cuda:0', "
                         "or a CUDA device index")
@@ -315,7 +318,7 @@ class FeatureCache:
         _write_atomic(final, data)
         return final
 
-    def get(self, key: str, device: Union[str, torch.device] = "cpu") -> Optional[CachedFeatures]:
+    def get(self, key: str, device: Union[str, torch.device, None] = "cpu") -> Optional[CachedFeatures]:
         """The entry as (features, grid), or None when absent (or unreadable, with a warning)."""
         device = _check_device(device)
         path = self.path(key)

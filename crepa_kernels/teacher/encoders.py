@@ -107,6 +107,15 @@ def _check_image_size(image_size: Any) -> int:
 # Weights
 # ---------------------------------------------------------------------------------------------------------------
 
+def _cause_line(e: Exception) -> str:
+    """The line of an exception's message that names the cause (torch's weights_only error opens with
+    advice and names the offending global further down), without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    named = [line for line in lines if "error:" in line.lower() or "unsupported" in line.lower()]
+    return (named or lines or [""])[0]
+
+
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -125,7 +134,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"weights file {path!r} could not be read as a PyTorch checkpoint of tensors (weights_only=True): "
                 f"it is damaged, or it pickles other objects too; save the state dict alone, or as .safetensors "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                f"({type(e).__name__}: {_cause_line(e)})") from e
     # Unwrap the usual checkpoint containers and training-time prefixes.
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

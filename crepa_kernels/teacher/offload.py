@@ -455,18 +455,23 @@ class OffloadManager:
         self._n["bytes_to_device"] += slot.nbytes
         self._n["copies"] += 1
 
-    def _drop(self, slot: _Slot) -> None:
-        """Point the module back at its host copy and let the device copy go (no host wait)."""
+    def _drop(self, slot: _Slot, force: bool = False) -> None:
+        """Point the module back at its host copy and let the device copy go (no host wait). ``force``:
+        also when ordering the release after the streams fails (a failed device runs nothing more)."""
         if slot.device_buf is None:
             return
         if self._cuda:
-            alloc = slot.alloc_stream
-            alloc.wait_event(slot.ready)  # a prefetched, never used copy may still be writing the block
-            for s in slot.use_streams:
-                if s != alloc:
-                    ev = torch.cuda.Event()
-                    ev.record(s)
-                    alloc.wait_event(ev)
+            try:
+                alloc = slot.alloc_stream
+                alloc.wait_event(slot.ready)  # a prefetched, never used copy may still be writing the block
+                for s in slot.use_streams:
+                    if s != alloc:
+                        ev = torch.cuda.Event()
+                        ev.record(s)
+                        alloc.wait_event(ev)
+            except Exception:
+                if not force:
+                    raise
         self._point(slot, slot.host_views)
         slot.device_buf = None
         slot.ready = slot.alloc_stream = None
@@ -506,17 +511,17 @@ class OffloadManager:
         finally:
             slot.in_use -= 1
             if slot.in_use == 0:
+                # After a failure (a CUDA error, often sticky: the memory probe and stream calls fail too)
+                # the body's exception is the one reported, and the module goes back to its host copy.
                 try:
                     keep = self._keeps(slot)
                 except Exception:
-                    # The memory probe failed (after a CUDA error it often does): drop the copy, and
-                    # let the body's exception, if any, be the one reported.
-                    self._drop(slot)
                     if not body_raised:
+                        self._drop(slot, force=True)
                         raise
-                else:
-                    if not keep:
-                        self._drop(slot)
+                    keep = False
+                if not keep:
+                    self._drop(slot, force=body_raised)
 
     def prefetch(self, module: nn.Module) -> bool:
         """Start copying `module` to the device now; True if its device copy exists or is on its way.
