@@ -34,3 +34,19 @@ def _interpolation_rows(in_grid, out_grid, out_tokens):
 @pytest.fixture
 def interpolation_rows():
     return _interpolation_rows
+
+
+def _align_with_e0(loss):
+    """Point a (4 -> 4) CrepaLoss projector at e0 for every input (weight 0, bias e0) and return a teacher
+    (1, 3, 2, 4) along e0 too: every cosine is 1, the alignment score 1 + 4e^-1 / 3 at distance 1."""
+    with torch.no_grad():
+        loss.projector[1].weight.zero_()
+        loss.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    aligned = torch.zeros(1, 3, 2, 4)
+    aligned[..., 0] = 1.0
+    return aligned
+
+
+@pytest.fixture
+def align_with_e0():
+    return _align_with_e0

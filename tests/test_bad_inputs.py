@@ -170,22 +170,17 @@ def test_failed_forward_leaves_schedule_and_weights_unchanged(settings, monkeypa
     assert logs["crepa_cutoff"] is False and float(logs["crepa_weight"]) == 0.5
 
 
-def _cut_off_schedule(loss):
-    with torch.no_grad():
-        loss.projector[1].weight.zero_()
-        loss.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    aligned = torch.zeros(1, 3, 2, 4)
-    aligned[..., 0] = 1.0
-    loss(torch.randn(1, 3, 2, 4), aligned, step=0)
+def _cut_off_schedule(loss, align_with_e0):
+    loss(torch.randn(1, 3, 2, 4), align_with_e0(loss), step=0)  # score 1 + 4e^-1/3 > the threshold
     assert loss.scheduler.is_cutoff()
     return loss
 
 
 @pytest.mark.parametrize("break_it", ["shape", "missing", "unexpected", "schedule", "not a tensor"])
-def test_a_rejected_checkpoint_changes_nothing(break_it):
+def test_a_rejected_checkpoint_changes_nothing(break_it, align_with_e0):
     # torch alone copies the entries that fit, applies the schedule's entry, then raises: the module
     # would be half-loaded and CREPA switched off by a checkpoint that was refused.
-    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4))
+    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4), align_with_e0)
     state = dict(saved.state_dict())
     if break_it == "shape":
         state["projector.1.weight"] = torch.zeros(5, 4)
@@ -219,11 +214,11 @@ def test_a_rejected_checkpoint_changes_nothing(break_it):
 
 @pytest.mark.parametrize("through_parent", [False, True])
 @pytest.mark.parametrize("change", ["extra key", "missing key"])
-def test_a_non_strict_load_brings_the_schedule_with_the_weights(change, through_parent):
+def test_a_non_strict_load_brings_the_schedule_with_the_weights(change, through_parent, align_with_e0):
     # strict=False tolerates the keys; what loads includes the cutoff latch, or a resumed run would
     # switch CREPA back on after a permanent cutoff. (Torch passes strict=True to each module's own
     # loader whatever the caller asked: the module must not read that as a failure.)
-    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4))
+    saved = _cut_off_schedule(CrepaLoss(_cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4), align_with_e0)
     state = dict(saved.state_dict())
     if change == "extra key":
         state["projector.2.weight"] = torch.zeros(4)

@@ -50,14 +50,10 @@ def test_zero_weight_skips_the_loss_and_builds_no_graph():
     assert loss is not None and logs["crepa_weight"] == pytest.approx(0.25)
 
 
-def test_similarity_threshold_cuts_off_and_logs_the_ema():
+def test_similarity_threshold_cuts_off_and_logs_the_ema(align_with_e0):
     m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4, log_tensors=False)
     feats = torch.randn(1, 3, 2, 4)
-    with torch.no_grad():
-        m.projector[1].weight.zero_()  # projected == bias for every token
-        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    aligned = torch.zeros(1, 3, 2, 4)
-    aligned[..., 0] = 1.0
+    aligned = align_with_e0(m)  # projected == e0 for every token, and the teacher too
     loss, logs = m(torch.randn(1, 3, 2, 4), aligned, step=0)
     # every cosine is 1: score = 1 + 2e^-1 on average over the three frames ((1+e)+(1+2e)+(1+e))/3
     assert logs["crepa_alignment_score"] == pytest.approx(1 + 4 * math.exp(-1) / 3, abs=1e-5)
@@ -113,13 +109,9 @@ def test_projector_stays_float32_when_cast_with_its_parent():
     assert loss.dtype == torch.float32
 
 
-def test_schedule_state_survives_a_checkpoint_round_trip():
+def test_schedule_state_survives_a_checkpoint_round_trip(align_with_e0):
     m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
-    with torch.no_grad():
-        m.projector[1].weight.zero_()
-        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    aligned = torch.zeros(1, 3, 2, 4)
-    aligned[..., 0] = 1.0
+    aligned = align_with_e0(m)  # projected == e0 for every token, and the teacher too
     loss, _ = m(torch.randn(1, 3, 2, 4), aligned, step=0)
     assert loss is None and m.scheduler.is_cutoff()
     resumed = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0), 4, 4)
@@ -144,7 +136,7 @@ def test_alignment_ema_is_kept_without_threshold_and_stays_on_the_device():
     assert float(logs["crepa_alignment_score_ema"]) == pytest.approx(ema, abs=1e-6)
 
 
-def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector(monkeypatch):
+def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector(monkeypatch, align_with_e0):
     # Under torch.distributed a thresholded step that cuts off returns a zero term so DDP sees every
     # projector parameter; it must not backpropagate through the loss's graph, where a NaN loss
     # would turn into NaN gradients (NaN * 0) on every rank.
@@ -153,11 +145,7 @@ def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector
     monkeypatch.setattr(module, "_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.mul_(2))  # 2 equal ranks
     m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0, threshold_mode="recoverable"), 4, 4)
-    with torch.no_grad():
-        m.projector[1].weight.zero_()
-        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    aligned = torch.zeros(1, 3, 2, 4)
-    aligned[..., 0] = 1.0
+    aligned = align_with_e0(m)  # projected == e0 for every token, and the teacher too
     m(torch.randn(1, 3, 2, 4), aligned, step=0)  # score 1 > 0.5: the EMA cuts CREPA off
     hidden = torch.randn(1, 3, 2, 4, requires_grad=True)
     loss, logs = m(hidden, torch.full((1, 3, 2, 4), float("nan")), step=1)  # a NaN loss on this step
@@ -248,15 +236,11 @@ def test_a_zero_weight_step_records_nothing_for_backward():
     assert loss.requires_grad and saved
 
 
-def test_recoverable_threshold_builds_the_graph_on_the_step_it_recovers():
+def test_recoverable_threshold_builds_the_graph_on_the_step_it_recovers(align_with_e0):
     # Recoverable mode decides from this step's score: a step that recovers must carry a gradient,
     # although the EMA said "cut off" when the step began.
     m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0, threshold_mode="recoverable"), 4, 4)
-    with torch.no_grad():
-        m.projector[1].weight.zero_()
-        m.projector[1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    aligned = torch.zeros(1, 3, 2, 4)
-    aligned[..., 0] = 1.0
+    aligned = align_with_e0(m)  # projected == e0 for every token, and the teacher too
     loss, logs = m(torch.randn(1, 3, 2, 4), aligned, step=0)
     assert loss is None and logs["crepa_cutoff"] is True and m.scheduler.is_cutoff()
     away = -aligned
