@@ -106,7 +106,6 @@ class CrepaLoss(nn.Module):
         hidden_grid: Optional[Sequence[int]] = None,
         feature_grid: Optional[Sequence[int]] = None,
     ):
-        c = self.config
         # Every argument is checked before the schedule is consulted: a bad call fails on every step,
         # not only on the weighted ones, and changes no schedule state.
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
