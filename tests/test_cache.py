@@ -54,6 +54,20 @@ def test_get_refuses_what_is_not_a_device(fc, device, exc):
     assert fc.get("k", None).features.device == torch.device("cpu")  # None: where entries are read
 
 
+def test_an_entry_under_another_keys_name_is_absent_and_computed_again(fc):
+    # e.g. a file copied or renamed by hand: its header names its own key, so it serves no other
+    import shutil
+
+    fc.put("k1", torch.ones(1, 2, 4, 3), grid=(2, 2))
+    os.makedirs(os.path.dirname(fc.path("k2")), exist_ok=True)
+    shutil.copy(fc.path("k1"), fc.path("k2"))
+    assert "k2" not in fc and "k1" in fc
+    res = precompute_features(["k2"], lambda item: (torch.zeros(1, 2, 4, 3), (2, 2)), fc, lambda item: item,
+                              progress=False)
+    assert (res.computed, res.skipped) == (1, 0)
+    assert torch.equal(fc.get("k2").features, torch.zeros(1, 2, 4, 3))
+
+
 def test_absent_key_and_contains(fc):
     assert fc.get("missing") is None
     assert "missing" not in fc
@@ -141,6 +155,7 @@ def test_one_key_for_the_same_settings_spelled_differently(tmp_path):
                    dict(encoder_name="dinov2_vitg14"), dict(encoder_name="dinov2-vitg14"),
                    dict(encoder_weights=weights_fingerprint(w)), dict(encoder_weights=w)):
         assert FeatureCache.make_key("s", **{**base, **change}) == key, change
+    assert FeatureCache.make_key("s", **{**base, "image_size": (518, 518)}) == key  # a square spelled out
     # ... and still another key for another dtype, model or fingerprint
     assert FeatureCache.make_key("s", **{**base, "dtype": "float32"}) != key
     assert FeatureCache.make_key("s", **{**base, "encoder_name": "dinov2_vitl14"}) != key

@@ -255,16 +255,36 @@ def test_transformer_info_unwraps_compiled_module():
     assert transformer_info(torch.compile(model)) == (NUM_BLOCKS, HIDDEN, (1, 2, 2))
 
 
-def test_wan_temporal_patch_grid():
+def _wan_with_patch(patch):
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(2, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+    return diffusers.WanTransformer3DModel(
+        patch_size=patch, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
     ).eval()
+
+
+def test_wan_temporal_patch_grid():
+    model = _wan_with_patch((2, 2, 2))
     with torch.no_grad(), capture_hidden_states(model, 1) as cap:
         _run_wan(model, 4, 6, 4)  # F=4, H=6, W=4 -> (2, 3, 2)
     assert cap.grid == (2, 3, 2)
     assert cap.hidden.shape == (B, 2, 6, HIDDEN)
+
+
+def test_a_patch_whose_height_and_width_differ_gives_the_grid_in_row_column_order():
+    model = _wan_with_patch((1, 2, 1))
+    with torch.no_grad(), capture_hidden_states(model, 1) as cap:
+        _run_wan(model, 3, 4, 6)  # H=4 over 2, W=6 over 1
+    assert cap.grid == (3, 2, 6)
+    assert cap.hidden.shape == (B, 3, 12, HIDDEN)
+
+
+def test_ltx_info_reports_its_temporal_patch_apart_from_the_spatial_one():
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
+        num_layers=NUM_BLOCKS, caption_channels=16, patch_size=2, patch_size_t=1,
+    )
+    assert transformer_info(model).patch_size == (1, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,29 @@ def test_string_values_from_cli_are_parsed():
     assert c.enabled is True and c.block_index == 8 and c.spatial_align is False
 
 
+@pytest.mark.parametrize("text, want", [("1", True), ("true", True), ("Yes", True), (" on ", True), (1, True),
+                                        ("0", False), ("FALSE", False), ("no", False), ("off", False), (0, False)])
+def test_every_boolean_spelling(text, want):
+    assert CrepaConfig.from_dict({"crepa_spatial_align": text}).spatial_align is want
+
+
+@pytest.mark.parametrize("bad", [2, -1, "enabled", 0.5])
+def test_what_is_no_boolean_is_refused(bad):
+    with pytest.raises(ValueError, match=f"crepa_spatial_align must be a boolean, got {bad!r}"):
+        CrepaConfig.from_dict({"crepa_spatial_align": bad})
+
+
+def test_dashed_cli_spellings_of_the_keys_are_read():
+    c = CrepaConfig.from_dict({"--crepa-lambda": 0.3, "crepa-block-index": 3})
+    assert c.lambda_ == 0.3 and c.block_index == 3
+
+
+@pytest.mark.parametrize("all_frames", [0, -1, None])
+def test_encoder_frames_batch_size_zero_or_negative_means_all_frames(all_frames):
+    assert CrepaConfig.from_dict({"crepa_encoder_frames_batch_size": all_frames}).encoder_frames_batch_size is None
+    assert CrepaConfig.from_dict({"crepa_encoder_frames_batch_size": 4}).encoder_frames_batch_size == 4
+
+
 def test_backbone_teacher_falls_back_to_the_student_block_with_a_warning():
     # The common trainer's documented default: an unset teacher block is the student block (detached).
     with pytest.warns(UserWarning, match="crepa_teacher_block_index is unset: the teacher is block 3 itself"):

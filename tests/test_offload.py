@@ -302,6 +302,82 @@ def test_auto_evicts_idle_module_to_make_room():
     assert m.stats.evictions == 1
 
 
+def _shrinking():
+    """An "auto" manager whose device holds what ``capacity`` says (10**12 bytes until changed)."""
+    capacity = {"bytes": 10**12}
+    m = OffloadManager("auto", margin_bytes=0, emulate_device=True,
+                       memory_probe=lambda: capacity["bytes"] - m.stats.resident_bytes)
+    return m, capacity
+
+
+@pytest.mark.parametrize("steps, victim", [("use a, use b, use a", "b"), ("use a, prefetch b", "a")])
+def test_auto_evicts_the_least_recently_used_module_and_no_more(steps, victim):
+    # Two modules resident; c then needs one of them to go: the least recently used (a prefetch that
+    # copies counts as a use), and only that one.
+    mods = {"a": Toy(0), "b": Toy(1), "c": Toy(2)}
+    size = module_nbytes(mods["a"])
+    m, capacity = _shrinking()
+    for step in steps.split(", "):
+        verb, name = step.split()
+        if verb == "use":
+            with m.use(mods[name]):
+                pass
+        else:
+            assert m.prefetch(mods[name])
+    capacity["bytes"] = 2 * size + size // 2  # two modules fit, not three
+    with m.use(mods["c"]):
+        assert {n for n, mod in mods.items() if m.is_resident(mod)} == {"a", "b", "c"} - {victim}
+    assert m.stats.evictions == 1
+
+
+def test_auto_prefetch_at_exactly_the_room_it_needs_copies():
+    toy = Toy()
+    m = OffloadManager("auto", margin_bytes=64, emulate_device=True,
+                       memory_probe=lambda: module_nbytes(toy) + 64 if not m.is_resident(toy) else 64)
+    assert m.prefetch(toy) is True and m.is_resident(toy) and m.stats.prefetches_skipped == 0
+    assert m.prefetch(toy) is True  # already there: counted as a prefetch call, copies nothing
+    assert m.stats.prefetches == 2 and m.stats.copies == 1
+
+
+def test_evict_all_keeps_a_module_in_use():
+    a, b = Toy(0), Toy(1)
+    m = OffloadManager("resident", emulate_device=True)
+    with m.use(b):
+        pass
+    with m.use(a) as used:
+        m.evict_all()
+        assert m.is_resident(a) and not m.is_resident(b)
+        assert torch.equal(used(X), Toy(0)(X))  # still running on its device copy
+
+
+@pytest.mark.parametrize("mode", ["resident", "auto"])
+def test_out_of_memory_on_bring_in_evicts_only_where_the_mode_allows(mode, monkeypatch):
+    # "resident" promises to keep what it holds: an allocation failure is the caller's to handle.
+    # "auto" frees its idle modules and tries again.
+    a, b = Toy(0), Toy(1)
+    m = OffloadManager(mode, margin_bytes=0, emulate_device=True, memory_probe=lambda: 10**12)
+    with m.use(a):
+        pass
+    real_empty, failures = torch.empty, []
+
+    def empty_failing_once(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8 and not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("no room")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty_failing_once)
+    if mode == "resident":
+        with pytest.raises(torch.OutOfMemoryError):
+            with m.use(b):
+                pass
+        assert m.is_resident(a) and not m.is_resident(b) and m.stats.evictions == 0
+    else:
+        with m.use(b):
+            pass
+        assert not m.is_resident(a) and m.is_resident(b) and m.stats.evictions == 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_release_follows_mode_and_evict_always_drops(mode):
     toy = Toy()

@@ -95,7 +95,8 @@ def test_backbone_mode_matches_reference():
     assert hidden.grad is not None and reg.projector[1].weight.grad is not None
 
 
-def test_encoder_mode_with_patch_tokens_matches_reference():
+@pytest.mark.parametrize("tokens", [4, 6])  # 6: no square, so the reference's 1-D resampling (no grid mode)
+def test_encoder_mode_with_patch_tokens_matches_reference(tokens):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(1)
     vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -105,7 +106,7 @@ def test_encoder_mode_with_patch_tokens_matches_reference():
     reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=vit)
     reg.attach_to_model(nn.Module())
     latents = torch.randn(1, 4, 3, 4, 4)  # 3 latent frames -> 9 decoded frames of 32x32
-    hidden = torch.randn(1, 3, 4, 16)
+    hidden = torch.randn(1, 3, tokens, 16)
     loss, logs = reg.compute_loss(hidden, latents, vae)
 
     # Reference: decode everything, encode every frame (patch tokens), then align.
@@ -124,6 +125,20 @@ def test_encoder_mode_with_patch_tokens_matches_reference():
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     for key, value in ref_logs.items():
         assert logs[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_drop_vae_encoder_and_frames_batch_size_reach_the_teacher():
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    reg = CrepaRegularizer(namespace(crepa_drop_vae_encoder=True, crepa_encoder_frames_batch_size=2), "cpu",
+                           hidden_size=16, encoder=tiny_vit())
+    assert reg.encoder.frames_batch_size == 2  # a plain timm model is wrapped with the config's batching
+    reg.attach_to_model(nn.Module())
+    assert vae.encoder is not None
+    loss, _ = reg.compute_loss(torch.randn(1, 3, 4, 16), torch.randn(1, 4, 3, 4, 4), vae)
+    assert loss is not None and vae.encoder is None  # the encoder half is freed: the teacher only decodes
 
 
 def test_projector_state_dict_is_the_trainers():
