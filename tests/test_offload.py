@@ -310,10 +310,11 @@ def _shrinking():
     return m, capacity
 
 
-@pytest.mark.parametrize("steps, victim", [("use a, use b, use a", "b"), ("use a, prefetch b", "a")])
+@pytest.mark.parametrize("steps, victim", [("use a, use b, use a", "b"), ("use a, prefetch b", "a"),
+                                           ("use a, use b, prefetch a", "b")])
 def test_auto_evicts_the_least_recently_used_module_and_no_more(steps, victim):
-    # Two modules resident; c then needs one of them to go: the least recently used (a prefetch that
-    # copies counts as a use), and only that one.
+    # Two modules resident; c then needs one of them to go: the least recently used (a prefetch counts
+    # as a use, whether it copies or finds the module there), and only that one.
     mods = {"a": Toy(0), "b": Toy(1), "c": Toy(2)}
     size = module_nbytes(mods["a"])
     m, capacity = _shrinking()

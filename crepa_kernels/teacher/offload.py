@@ -526,7 +526,8 @@ class OffloadManager:
     def prefetch(self, module: nn.Module) -> bool:
         """Start copying `module` to the device now; True if its device copy exists or is on its way.
 
-        In ``"auto"`` mode a prefetch that would leave less than ``margin_bytes`` free is skipped.
+        In ``"auto"`` mode a prefetch that would leave less than ``margin_bytes`` free is skipped. A
+        prefetch counts as a use for eviction order (least recently used first).
         """
         slot = self._slot_for(module)
         if slot is None:
@@ -534,6 +535,7 @@ class OffloadManager:
         self._check_frozen(slot.name, slot.stat_modules, slot.entries)
         self._n["prefetches"] += 1
         if slot.device_buf is not None:
+            slot.last_used = next(self._clock)  # about to be used: the last module to evict
             return True
         if self.mode == "auto" and self.free_bytes() < slot.nbytes + self.margin_bytes:
             self._n["prefetches_skipped"] += 1
