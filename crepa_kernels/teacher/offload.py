@@ -511,8 +511,8 @@ class OffloadManager:
         finally:
             slot.in_use -= 1
             if slot.in_use == 0:
-                # After a failure (a CUDA error, often sticky: the memory probe and stream calls fail too)
-                # the body's exception is the one reported, and the module goes back to its host copy.
+                # After a failure in the body (a CUDA error, often sticky: the memory probe and stream calls
+                # fail too) the body's exception is the one reported; a failed probe means the copy goes.
                 try:
                     keep = self._keeps(slot)
                 except Exception:
