@@ -241,3 +241,84 @@ def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, pac
         assert len(packed_names) == 9 and all(n.startswith("f_") for n in packed_names), packed_names
     else:
         assert len(names) == 3 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ the figures a results row reports
+def test_presets_are_the_shapes_the_readme_names():
+    # (frames, DiT grid, DINOv2 grid, D), from the README's preset list, B = 1
+    want = {"small": (16, (16, 16), (16, 16), 384), "wan480": (21, (30, 52), (37, 37), 1536),
+            "wan720": (21, (45, 80), (37, 37), 1536), "ltx768": (16, (16, 24), (37, 37), 1536)}
+    for name, (frames, dit, dino, dim) in want.items():
+        pr = bm.PRESETS[name]
+        assert (pr.batch, pr.frames, pr.projected_grid, pr.features_grid, pr.dim) == (1, frames, dit, dino, dim)
+        assert pr.shapes["projected"] == (1, frames, dit[0] * dit[1], dim)
+
+
+def test_measure_reports_linear_quantiles_of_the_synced_calls(monkeypatch):
+    times = iter(range(1, 11))
+    monkeypatch.setattr(bm, "time_one_call", lambda run, cuda: float(next(times)))
+    out = bm.measure(lambda: None, "cpu", warmup=0, reps=10, max_seconds=100.0)
+    # of 1..10 ms: the 20th percentile sits 0.2 * 9 = 1.8 steps in, 2 + 0.8 = 2.8; likewise 5.5 and 8.2
+    assert (out["p20_ms"], out["median_ms"], out["p80_ms"], out["reps"]) == pytest.approx((2.8, 5.5, 8.2, 10))
+    times = iter(range(1, 11))
+    assert bm.measure(lambda: None, "cpu", warmup=0, reps=10, max_seconds=0.0)["reps"] == 3  # budget spent
+
+
+def test_queued_time_is_per_call(monkeypatch):
+    calls = []
+
+    def one_call(run, cuda):
+        run()
+        return 50.0
+
+    monkeypatch.setattr(bm, "time_one_call", one_call)
+    assert bm.time_queued(lambda: calls.append(1), 5, cuda=False) == 10.0 and len(calls) == 5
+
+
+def test_peak_memory_is_measured_above_what_was_allocated_before(monkeypatch):
+    # the allocator's peak over the timed calls minus what was allocated when they started
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1300)
+    monkeypatch.setattr(bm, "time_one_call", lambda run, cuda: 1.0)
+    out = bm._measure(lambda: None, "cpu", True, 0, 3, 100.0, None)
+    assert out["peak_extra_bytes"] == 300 and "queued_ms" in out
+
+
+def test_a_row_reports_decimal_gb_per_second_at_the_median(monkeypatch):
+    monkeypatch.setattr(bm, "measure", lambda run, device, **kw: {"p20_ms": 1.0, "median_ms": 2.0, "p80_ms": 3.0,
+                                                                  "reps": 3})
+    row = bm.run_case(bm.PRESETS["tiny"], "fp32", "torch", "full", "cpu")
+    assert row["achieved_gbps"] == pytest.approx(row["io_bytes"] / 2e-3 / 1e9)
+
+
+def test_peak_memory_and_speed_are_compared_with_torch_per_dtype():
+    rows = [dict(preset="p", dtype=d, mode="full", provider=prov, median_ms=ms, peak_extra_bytes=peak,
+                 achieved_gbps=1.0)
+            for d, scale in (("fp32", 1), ("bf16", 2))
+            for prov, ms, peak in (("torch", 8.0 * scale, 800 * scale), ("triton", 2.0, 200))]
+    bm.add_speedups(rows, None)
+    fp32, bf16 = rows[1], rows[3]
+    assert (fp32["speedup"], fp32["peak_memory_vs_torch"]) == (4.0, 0.25)
+    assert (bf16["speedup"], bf16["peak_memory_vs_torch"]) == (8.0, 0.125)
+
+
+@pytest.mark.parametrize("name, bandwidth", [("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H200", 4.8e12),
+                                             ("NVIDIA A100-SXM4-80GB", 2.0e12), ("Tesla T4", None)])
+def test_device_bandwidth_from_the_names_torch_reports(name, bandwidth):
+    assert bm.device_bandwidth(name) == bandwidth
+
+
+def test_ab_table_compares_each_variant_with_the_first_and_takes_median_rounds(monkeypatch):
+    sys.path.insert(0, HERE)
+    import ab_settings
+
+    rounds = iter([1.0, 2.0, 9.0])
+    monkeypatch.setattr(ab_settings, "_one_round", lambda run, device, synced, queued: {
+        "synced_ms": 1.0, "queued_ms": next(rounds), "peak_extra_bytes": None})
+    rows = ab_settings.run_ab("tiny", ["fp32"], [("default", {})], rounds=3, warmup=0, synced=1, queued=1,
+                              device="cpu")
+    assert (rows[0]["queued_ms"], rows[0]["queued_min_ms"], rows[0]["queued_max_ms"]) == (2.0, 1.0, 9.0)
+    second = dict(rows[0], variant="other", queued_ms=4.0, synced_ms=3.0)
+    line = ab_settings.table(rows + [second]).splitlines()[-1]
+    assert "| other |" in line and "| 2.00 |" in line and "| 3.00 |" in line

@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from crepa_kernels.cli import main
 
@@ -17,6 +18,17 @@ def test_demo_trains_and_the_alignment_score_rises(tmp_path, capsys):
         assert key in summary
     assert summary["steps"] == 10 and len(summary["history"]) == 10
     assert summary["alignment_score_last"] > summary["alignment_score_first"] + 0.1
+    # the summary's ends are the history's: the first and last scored steps, the first and last steps
+    # whose loss carried a weight (the warmup's step 0 has none), the first and last denoising losses
+    history = summary["history"]
+    weighted = [h for h in history if h["crepa_weight"] > 0]
+    assert weighted[0] is not history[0] and history[0]["crepa_weight"] == 0
+    assert (summary["alignment_score_first"], summary["alignment_score_last"]) == (
+        history[0]["crepa_alignment_score"], history[-1]["crepa_alignment_score"])
+    assert (summary["crepa_loss_first"], summary["crepa_loss_last"]) == (weighted[0]["crepa_loss"],
+                                                                         weighted[-1]["crepa_loss"])
+    assert (summary["denoise_loss_first"], summary["denoise_loss_last"]) == (history[0]["denoise_loss"],
+                                                                             history[-1]["denoise_loss"])
     assert "crepa_alignment_score" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib") is not None:  # the plot extra
         assert (tmp_path / "curves.png").stat().st_size > 0
@@ -36,6 +48,26 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     # the interpreter row is marked as such in the printed table too, not only in the JSON
     assert "| tiny | fp32 | full | triton [1] |" in out
     assert "[1] Triton interpreter on CPU: not a performance figure" in out
+
+
+def test_bench_quick_keeps_to_few_calls_and_a_failed_case_fails_the_command(tmp_path, monkeypatch, capsys):
+    from crepa_kernels import benchmark as bm
+
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "q", "--no-plot", "--modes", "forward",
+                 "--no-interpreter-check"]) == 0
+    rows = json.loads((tmp_path / "q.json").read_text())["results"]
+    assert rows and all(r["reps"] <= 5 for r in rows) and {r["provider"] for r in rows} == {"torch"}
+    real = bm.run_case
+
+    def failing(preset, dtype, provider, mode, device, **kw):
+        if mode == "full":
+            raise torch.OutOfMemoryError("no room")
+        return real(preset, dtype, provider, mode, device, **kw)
+
+    monkeypatch.setattr(bm, "run_case", failing)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "f", "--no-plot", "--no-interpreter-check"]) == 1
+    rows = json.loads((tmp_path / "f.json").read_text())["results"]
+    assert any("error" in r for r in rows) and any("median_ms" in r for r in rows)
 
 
 def test_info_prints_json(capsys):
