@@ -159,8 +159,10 @@ class CrepaRegularizer:
             # As the trainer: a zero weight computes, logs and tracks nothing. Under torch.distributed the
             # projector registered on the wrapped model still needs its (zero) gradient on every rank.
             return (self.loss._zero_loss() if _world_size() > 1 else None), None
-        self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid)  # before a decode, not after
         if frame_features is None:
+            # the decode and encode are costly: a call the loss would refuse fails before them (with given
+            # features, the loss's own checks come first anyway)
+            self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid)
             # Without a VAE, or for its Tiny AutoEncoder, the trainer's model object decodes.
             frame_features, grid = self.teacher_features(latents, None if self._use_tae else vae,
                                                          num_frames=hidden_states.shape[1], timestep=timestep)
