@@ -8,6 +8,7 @@ compiler rejects (types, layouts, unsupported ops) fails here, on any machine.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -21,23 +22,48 @@ from triton.compiler import ASTSource  # noqa: E402
 from crepa_kernels.ops import resample, similarity  # noqa: E402
 
 FLOAT_SCALARS = {"inv_tau_hi", "inv_tau_lo", "eps_hi", "eps_lo"}
+# How a launcher's scalar arguments reach the compiler:
+#   "jit"       Triton's own launch: Python ints are i32 (or i64), Python floats fp32;
+#   "inductor"  a torch.compile graph (wrap_triton): Python floats are fp64;
+#   "constants" the TTIR torch.compile builds (torch <= 2.11) to find which tensors a kernel writes:
+#               every scalar argument is a compile-time constant, a Python int or float.
+SCALAR_MODES = ("jit", "inductor", "constants")
 
 
-def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32", num_warps=None):
+def f64_math(ttir: str) -> int:
+    """fp64 arithmetic ops in a kernel's TTIR, less the narrowing of its fp64 float arguments: a
+    torch.compile launch must not move an fp32 kernel's math to fp64."""
+    args = "|".join(sorted(FLOAT_SCALARS))
+    return sum(1 for line in ttir.splitlines()
+               if "f64" in line and "arith." in line and not re.search(rf"arith\.truncf %({args}) ", line))
+
+
+def _constant_value(name: str):
+    if name in FLOAT_SCALARS:
+        return 0.25
+    return 3 if name in ("T", "S", "d", "in_h", "in_w", "out_h", "out_w") else 37
+
+
+def compile_one(kernel, pointers: dict, constexprs: dict, target, int_type="i32", num_warps=None,
+                scalars="jit"):
     """pointers: name -> element type ("fp32", "bf16", ...); every other non-constexpr arg is an int
-    (`int_type`, as Triton specialises large values to i64) or one of FLOAT_SCALARS."""
-    signature = {}
+    (`int_type`, as Triton specialises large values to i64) or one of FLOAT_SCALARS, typed as
+    `scalars` (one of SCALAR_MODES) says."""
+    signature, constants = {}, dict(constexprs)
     for p in kernel.params:
         name = p.name
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, pointers.get("default", "fp32"))
+        elif scalars == "constants":
+            signature[name] = "constexpr"
+            constants[name] = _constant_value(name)
         elif name in FLOAT_SCALARS:
-            signature[name] = "fp32"
+            signature[name] = "fp64" if scalars == "inductor" else "fp32"
         else:
             signature[name] = int_type
-    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     options = {} if num_warps is None else {"num_warps": num_warps}
     return triton.compile(src, target=target, options=options)
 
@@ -84,20 +110,39 @@ def cases():
         yield f"resample bwd {dt}", rb, {"default": dt}, dict(IS_FP64=fp64, R_H=3, R_W=2, BLOCK_N=16, BLOCK_D=128)
 
 
+# One fp32 case of each kernel is also compiled with the scalar types a torch.compile graph gives it.
+TORCH_COMPILE_CASES = ("similarity fwd fp32 fused resample", "similarity bwd fp32 fused resample",
+                       "similarity bwd fp32 both grads", "similarity+resample bwd fp32 BLOCK_P=16",
+                       "resample fwd fp32", "resample bwd fp32")
+
+
 def main(argv) -> int:
     sm = int(argv[1]) if len(argv) > 1 else 90
     target = GPUTarget("cuda", sm, 32)
     failed = 0
     for name, kernel, pointers, constexprs, *warps in cases():
-        for int_type in ("i32", "i64") if name == "similarity fwd fp32" else ("i32",):
+        variants = [("i32", "jit")]
+        if name == "similarity fwd fp32":
+            variants.append(("i64", "jit"))
+        if name in TORCH_COMPILE_CASES:
+            variants += [("i32", "inductor"), ("i32", "constants")]
+        for int_type, scalars in variants:
+            if scalars == "inductor" and not any(p.name in FLOAT_SCALARS for p in kernel.params):
+                continue  # no float arguments: the same compile as "jit"
+            label = f"{name} ({int_type}{'' if scalars == 'jit' else ', ' + scalars + ' scalars'}) sm_{sm}"
             t0 = time.perf_counter()
             try:
-                out = compile_one(kernel, pointers, constexprs, target, int_type, *warps)
+                out = compile_one(kernel, pointers, constexprs, target, int_type, *warps, scalars=scalars)
                 size = len(out.asm["cubin"])
-                print(f"ok   {name} ({int_type}) sm_{sm}: cubin {size} bytes, {time.perf_counter() - t0:.1f} s")
+                if scalars == "jit" and int_type == "i32":
+                    jit_f64 = f64_math(out.asm["ttir"])
+                elif scalars == "inductor" and f64_math(out.asm["ttir"]) != jit_f64:
+                    raise AssertionError(f"fp64 ops: {f64_math(out.asm['ttir'])} with fp64 float arguments, "
+                                         f"{jit_f64} with Triton's launch")
+                print(f"ok   {label}: cubin {size} bytes, {time.perf_counter() - t0:.1f} s")
             except Exception as exc:  # report every kernel, then fail
                 failed += 1
-                print(f"FAIL {name} ({int_type}) sm_{sm}: {type(exc).__name__}: {str(exc)[:2000]}")
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}")
     print(f"triton {triton.__version__}: {failed} failed")
     return 1 if failed else 0
 

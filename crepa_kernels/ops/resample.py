@@ -34,7 +34,8 @@ if triton_available():
         # torch computes the scale as (acc_t)in / out. Dividing in fp64 and rounding to fp32 gives the
         # correctly rounded fp32 quotient (double rounding is harmless for division), whereas
         # Triton's fp32 `/` is approximate on NVIDIA GPUs.
-        scale = in_size.to(tl.float64) / out_size.to(tl.float64)
+        # tl.cast, not .to: torch.compile's write analysis passes the sizes as Python ints
+        scale = tl.cast(in_size, tl.float64) / tl.cast(out_size, tl.float64)
         if not IS_FP64:
             scale = scale.to(tl.float32)
         return scale

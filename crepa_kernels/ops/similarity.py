@@ -54,9 +54,11 @@ def _slot_geometry(d, S, S_PAD: tl.constexpr, CUMULATIVE: tl.constexpr):
 
 @triton.jit
 def _split_scalar(hi, lo, ACC: tl.constexpr):
-    # Python floats reach kernels as fp32; hi + lo restores a double-precision value for fp64 math.
-    zero = tl.zeros([], dtype=ACC)
-    return (zero + hi) + (zero + lo)
+    # hi + lo restores a double-precision value for fp64 math. Triton's launch passes Python floats
+    # as fp32, a torch.compile graph as fp64, and torch's write analysis as constants: each half is
+    # cast to ACC first (hi and lo are fp32 values, so the cast is exact), so fp32 kernels stay fp32
+    # and every route gives the same bits.
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -490,9 +492,10 @@ def _sm_count(device_index: int) -> int:
 
 
 def _split(x: float) -> tuple[float, float]:
-    """x as an fp32 head plus an fp32 tail (kernels get Python floats as fp32)."""
+    """x as an fp32 head plus an fp32 tail. Both are fp32 values, so the kernels read the same pair
+    whether a launch passes them as fp32 (Triton) or fp64 (a torch.compile graph)."""
     hi = struct.unpack("f", struct.pack("f", x))[0]  # plain Python: this also runs while tracing
-    return hi, float(x - hi)
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
 
 
 def _window_args(distance: int, T: int, cumulative: bool, tau: float):
