@@ -54,11 +54,12 @@ def _slot_geometry(d, S, S_PAD: tl.constexpr, CUMULATIVE: tl.constexpr):
 
 @triton.jit
 def _split_scalar(hi, lo, ACC: tl.constexpr):
-    # hi + lo restores a double-precision value for fp64 math. Triton's launch passes Python floats
-    # as fp32, a torch.compile graph as fp64, and torch's write analysis as constants: each half is
-    # cast to ACC first (hi and lo are fp32 values, so the cast is exact), so fp32 kernels stay fp32
-    # and every route gives the same bits.
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+    # hi + lo restores a double-precision value for fp64 math (see `_split`). Triton's launch passes
+    # Python floats as fp32, a torch.compile graph as fp64, torch's write analysis and the
+    # interpreter as Python floats: each half becomes an ACC value first (tl.full casts a tensor and
+    # makes a constant exactly), so fp32 kernels do fp32 math and read the same fp32 value (hi is an
+    # fp32 value; lo rounds to fp32 as Triton's launch rounds it) on every route.
+    return tl.full([], hi, ACC) + tl.full([], lo, ACC)
 
 
 @triton.jit
@@ -492,10 +493,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def _split(x: float) -> tuple[float, float]:
-    """x as an fp32 head plus an fp32 tail. Both are fp32 values, so the kernels read the same pair
-    whether a launch passes them as fp32 (Triton) or fp64 (a torch.compile graph)."""
+    """x as an fp32 head plus the rest. Triton's launch passes Python floats as fp32, so fp64
+    kernels see x to about 48 bits there; a torch.compile graph passes fp64 and the interpreter a
+    Python float, where hi + rest is x itself."""
     hi = struct.unpack("f", struct.pack("f", x))[0]  # plain Python: this also runs while tracing
-    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+    return hi, float(x - hi)
 
 
 def _window_args(distance: int, T: int, cumulative: bool, tau: float):
