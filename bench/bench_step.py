@@ -9,7 +9,8 @@ fp32, then the frames subsampled, and the eager PyTorch loss. Both use the same 
 (timm `vit_giant_patch14_dinov2` at 518 px, diffusers `AutoencoderKLWan` default config) and the
 same latents, at the wan480 preset (DiT grid 30x52, D = 1536). Then the decode alone, the largest
 part of both paths, under other cuDNN and memory-format settings (`decode_settings`), to see whether
-our teacher path could decode faster. Needs diffusers. `--quick` runs tiny models on the CPU as a
+our teacher path could decode faster, and our whole step once more with the VAE's Conv3d weights
+channels-last (`crepa_vae_channels_last`), with how far its loss moves. Needs diffusers. `--quick` runs tiny models on the CPU as a
 smoke test (not a performance figure).
 
     python bench/bench_step.py --out bench/results/step.json [--latent-frames 21] [--steps 3]
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crepa_kernels import crepa_loss  # noqa: E402
 from crepa_kernels.benchmark import environment  # noqa: E402
-from crepa_kernels.teacher import DinoEncoder, adapter_for, latents_to_features  # noqa: E402
+from crepa_kernels.teacher import DinoEncoder, adapter_for, channels_last_3d, latents_to_features  # noqa: E402
 from crepa_kernels.teacher.offload import OffloadManager  # noqa: E402
 
 
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames-batch", type=int, default=8, help="encoder frames per pass, both paths")
     ap.add_argument("--no-decode-settings", action="store_true",
                     help="skip timing the decode alone under other cuDNN / memory-format settings")
+    ap.add_argument("--no-channels-last", action="store_true",
+                    help="skip our step with the VAE's Conv3d weights channels-last")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     vae, vit, image_size = build(args.quick, device)
@@ -267,6 +270,27 @@ def main(argv=None) -> int:
                 rows["decode_settings"] = decode_settings(adapter, latents, device)
         except Exception as exc:  # recorded, not raised: the step figures are the benchmark's point
             rows["decode_settings"] = {"error": f"{type(exc).__name__}: {exc}"}
+        manager.evict_all()
+        write()
+    # Our step again with crepa_vae_channels_last: the VAE leaves the manager, its Conv3d weights are
+    # laid out channels-last, and the next use packs it again in that layout. Its loss next to the
+    # default layout's (same inputs) shows what the other convolution algorithms change.
+    if not args.no_channels_last:
+        def step_loss():
+            return our_step(adapter, encoder, manager, latents, hidden, grid).item()
+
+        try:
+            loss_default = step_loss()
+            manager.unregister(vae)
+            relaid = channels_last_3d(vae)
+            row = timed(step_loss, device, args.steps)
+            loss_cl = step_loss()
+            row.update(conv3d_weights_relaid=relaid, loss=loss_cl, loss_default_layout=loss_default,
+                       loss_abs_diff_vs_default_layout=abs(loss_cl - loss_default))
+            rows["ours_channels_last"] = row
+            rows["speedup_channels_last"] = rows["reference"]["median_ms"] / row["median_ms"]
+        except Exception as exc:  # recorded, not raised, as above
+            rows["ours_channels_last"] = {"error": f"{type(exc).__name__}: {exc}"}
         manager.evict_all()
         write()
     print(json.dumps(rows, indent=2))

@@ -39,6 +39,12 @@ def test_bench_step_quick(tmp_path):
     assert settings["default"]["max_abs_diff_vs_default"] == 0.0
     # fp32 on the CPU: another memory layout changes the summation order, not the frames
     assert all(row["median_ms"] > 0 and row["max_abs_diff_vs_default"] < 1e-4 for row in settings.values())
+    cl = report["results"]["ours_channels_last"]
+    assert "error" not in cl, cl
+    assert cl["median_ms"] > 0 and cl["conv3d_weights_relaid"] > 0
+    assert cl["loss_abs_diff_vs_default_layout"] == abs(cl["loss"] - cl["loss_default_layout"]) < 1e-5
+    assert report["results"]["speedup_channels_last"] == pytest.approx(
+        report["results"]["reference"]["median_ms"] / cl["median_ms"])
 
 
 def test_teacher_precision_quick(tmp_path):

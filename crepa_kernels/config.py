@@ -39,6 +39,7 @@ class CrepaConfig:
     feature_source: str = "encoder"
     teacher_block_index: Optional[int] = None
     drop_vae_encoder: bool = False
+    vae_channels_last: bool = False
     use_tae: bool = False  # the trainer's Tiny AutoEncoder switch: honoured through the trainer's model object
     scheduler: str = "constant"
     warmup_steps: int = 0
@@ -166,7 +167,7 @@ class CrepaConfig:
     def validate(self) -> None:
         self.enabled = _as_bool("crepa_enabled", self.enabled)
         for name in ("cumulative_neighbors", "normalize_neighbour_sum", "normalize_by_frames",
-                     "spatial_align", "drop_vae_encoder", "use_tae", "check_finite"):
+                     "spatial_align", "drop_vae_encoder", "vae_channels_last", "use_tae", "check_finite"):
             setattr(self, name, _as_bool(self._key_of(name), getattr(self, name)))
 
         self.block_index = _opt_int("crepa_block_index", self.block_index, minimum=0)

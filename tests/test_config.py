@@ -165,6 +165,7 @@ def test_unknown_key_suggests_closest():
     ({"crepa_lambda": -1}, "crepa_lambda must be >= 0"),
     ({"crepa_power": 0}, "crepa_power must be > 0"),
     ({"crepa_offload": "gpu"}, "crepa_offload must be one of auto, resident, offload"),
+    ({"crepa_vae_channels_last": "sometimes"}, "crepa_vae_channels_last must be a boolean, got 'sometimes'"),
     ({"crepa_encoder_dtype": "fp8"}, "crepa_encoder_dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"),
     ({"crepa_feature_source": "vae"}, "crepa_feature_source must be one of encoder, backbone"),
     ({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",

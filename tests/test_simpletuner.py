@@ -141,6 +141,22 @@ def test_drop_vae_encoder_and_frames_batch_size_reach_the_teacher():
     assert loss is not None and vae.encoder is None  # the encoder half is freed: the teacher only decodes
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_vae_channels_last_reaches_the_teacher(on):
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+    reg = CrepaRegularizer(namespace(crepa_vae_channels_last=on), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    loss, _ = reg.compute_loss(torch.randn(1, 3, 4, 16), torch.randn(1, 4, 3, 4, 4), vae)
+    assert loss is not None
+    weights = [p for p in vae.parameters() if p.dim() == 5]
+    channels_last = [p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights]
+    assert weights and all(channels_last) == on
+    assert on or all(p.is_contiguous() for p in weights)
+
+
 def test_projector_state_dict_is_the_trainers():
     reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
     model = nn.Module()

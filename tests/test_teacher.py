@@ -17,6 +17,7 @@ from crepa_kernels.teacher import (
     DinoEncoder,
     VaeAdapter,
     adapter_for,
+    channels_last_3d,
     drop_encoder,
     kept_frame_indices,
     latents_to_features,
@@ -738,6 +739,61 @@ def test_drop_encoder_refuses_a_vae_an_offload_manager_packed(diffusers):
     with manager.use(vae):  # packed again, now without an encoder: nothing to drop, nothing refused
         pass
     assert drop_encoder(vae) == 0
+
+
+def _conv3d_weights(vae):
+    return [p for p in vae.parameters() if p.dim() == 5]
+
+
+@pytest.mark.parametrize("make", ["wan", "ltx", "hunyuan"])
+def test_channels_last_3d_relays_only_conv3d_weights_and_decodes_the_same(diffusers, make):
+    vae = {"wan": _wan, "ltx": _ltx, "hunyuan": _hunyuan}[make](diffusers).requires_grad_(False)
+    adapter = adapter_for(vae)
+    z = _latents(adapter.latent_channels, t=2, b=1)
+    before = adapter.decode(z).clone()
+    others = {name: (p.shape, p.stride()) for name, p in vae.named_parameters() if p.dim() != 5}
+    values = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    # (a kernel with one input channel and a 1x1x1 window is already both layouts)
+    n = sum(not p.is_contiguous(memory_format=torch.channels_last_3d) for p in _conv3d_weights(vae))
+    assert n > 0
+    assert channels_last_3d(vae) == n
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in _conv3d_weights(vae))
+    assert {name: (p.shape, p.stride()) for name, p in vae.named_parameters() if p.dim() != 5} == others
+    for name, p in vae.named_parameters():
+        assert torch.equal(p, values[name]), name  # the layout changes, not one value
+    assert channels_last_3d(vae) == 0  # idempotent
+    # On the CPU the same convolution runs in the other layout: equal up to fp32 rounding.
+    torch.testing.assert_close(adapter.decode(z), before, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_3d_refuses_a_packed_vae_and_survives_offload(diffusers):
+    from crepa_kernels.teacher.offload import OffloadManager
+
+    vae = _wan(diffusers).requires_grad_(False)
+    adapter = adapter_for(vae)
+    z = _latents(adapter.latent_channels, t=2, b=1)
+    before = adapter.decode(z).clone()
+    manager = OffloadManager("offload", emulate_device=True)
+    with manager.use(vae):
+        pass
+    with pytest.raises(RuntimeError, match="packed by an offload manager, so its weights cannot change layout"):
+        channels_last_3d(vae)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in _conv3d_weights(vae))
+    assert manager.stats.host_bytes > 0  # refused: still packed, layout unchanged
+    manager.unregister(vae)
+    assert channels_last_3d(vae) > 0
+    # Packed again: the layout holds in host RAM, on the device while in use, and after.
+    for _ in range(2):
+        with manager.use(vae):
+            assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in _conv3d_weights(vae))
+            torch.testing.assert_close(adapter.decode(z), before, rtol=1e-5, atol=1e-6)
+        assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in _conv3d_weights(vae))
+    assert channels_last_3d(vae) == 0  # packed, but nothing to change: no error
+
+
+def test_channels_last_3d_names_an_unsupported_module():
+    with pytest.raises(TypeError, match="unsupported VAE class Conv3d"):
+        channels_last_3d(torch.nn.Conv3d(2, 2, 3))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class CrepaRegularizer:
                          timestep: Any = None):
         """Decode, keep the aligned frames, encode; the VAE and encoder visit the device only while used.
         ``vae`` None: the trainer's model object (``model_foundation``) decodes."""
-        from ..teacher import adapter_for, latents_to_features
+        from ..teacher import adapter_for, channels_last_3d, latents_to_features
         from ..teacher.pipeline import _decode_and_encode
 
         manager = self.offload
@@ -209,6 +209,8 @@ class CrepaRegularizer:
             adapter = adapter_for(vae, family=self._family())
             if self.config.drop_vae_encoder:
                 adapter.drop_encoder()
+            if self.config.vae_channels_last:
+                channels_last_3d(vae)
             self._adapters = {id(vae): adapter}
         latents = latents.to(self.device)
         return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,

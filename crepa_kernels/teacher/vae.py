@@ -10,12 +10,14 @@ imported here (the package must import without it):
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["VaeAdapter", "adapter_for", "drop_encoder", "SUPPORTED_VAE_CLASSES", "VAE_FAMILIES"]
+__all__ = ["VaeAdapter", "adapter_for", "channels_last_3d", "drop_encoder", "SUPPORTED_VAE_CLASSES",
+           "VAE_FAMILIES"]
 
 # family -> VAE class name; several families may share a class.
 VAE_FAMILIES = {
@@ -241,3 +243,34 @@ def drop_encoder(vae: nn.Module) -> int:
             freed += sum(p.numel() for p in module.parameters())
             setattr(inner, attr, None)
     return freed
+
+
+def channels_last_3d(vae: nn.Module) -> int:
+    """Lay out every 5-D weight of a video VAE (its Conv3d kernels) as channels-last, in place
+    (config key `crepa_vae_channels_last`); returns how many tensors changed layout.
+
+    cuDNN runs half-precision 3-D convolutions in this layout natively, so the decode skips the
+    transposes around each convolution (bench/bench_step.py times it; its frames differ from the
+    default layout's by the VAE dtype's rounding, as any other convolution algorithm's would). The 2-D
+    kernels keep their layout. Idempotent. Like `drop_encoder`, call it before an offload manager
+    first sees the VAE: a packed VAE's tensors are views of the manager's buffer (refused;
+    ``manager.unregister(vae)`` first). The manager keeps the layout in host RAM and on the device.
+    """
+    from .offload import is_managed
+
+    inner = _unwrap(vae)
+    if _vae_class(inner) is None:
+        raise TypeError(
+            f"unsupported VAE class {type(vae).__name__}; supported classes: {', '.join(SUPPORTED_VAE_CLASSES)}"
+        )
+    fmt = torch.channels_last_3d
+    todo = [t for t in itertools.chain(inner.parameters(), inner.buffers())
+            if t.dim() == 5 and t.is_floating_point() and not t.is_contiguous(memory_format=fmt)]
+    if todo and (is_managed(vae) or is_managed(inner)):
+        raise RuntimeError(
+            f"vae: this {type(inner).__name__} is packed by an offload manager, so its weights cannot change "
+            "layout in place; call channels_last_3d before its first use, or manager.unregister(vae) first"
+        )
+    for t in todo:
+        t.data = t.data.contiguous(memory_format=fmt)
+    return len(todo)
