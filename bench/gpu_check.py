@@ -26,15 +26,15 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 # kernels; the FRONT_END=custom_op rows time eager calls through the custom ops instead of the direct
 # autograd.Function (the host cost the direct front end removes); BWD_WINDOW_MIB sets the frame
 # windows of the fused resample's backward (default 128 MiB: 2 windows at wan480 fp32, 1 in bf16;
-# 64: 3 and 2; 1024: one); FAST_LAUNCH=1 launches the compiled kernels past Triton's binder
-# (crepa_kernels/ops/launch.py; off by default until these rows and the A/B say it pays);
+# 64: 3 and 2; 1024: one); FAST_LAUNCH=0 launches through Triton's binder instead of past it
+# (crepa_kernels/ops/launch.py; the fast launch is the default since these rows and the A/B said it pays);
 # FUSED_HALF_BLOCK_N=0 gives the fused-resample kernels the unfused token block (16-byte tap loads);
 # MERGED_BWD=1 runs the fused-resample backward as one gather kernel (no resampled-grid buffer, no
 # frame windows; off by default until these rows and the A/B say it pays).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
     (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
-    (["wan480", "small"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_FAST_LAUNCH": "1"}),
+    (["wan480", "small"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_FAST_LAUNCH": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "backward"], {"CREPA_KERNELS_MERGED_BWD": "1"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "forward"], {"CREPA_KERNELS_FUSED_HALF_BLOCK_N": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_BWD_WINDOW_MIB": "64"}),

@@ -86,11 +86,10 @@ if want tests && fits tests "$tests_s"; then
 fi
 
 if want ab && fits ab "$ab_s"; then
-  echo "== interleaved A/B at wan480: defaults vs the fast launch, the one-pass backward, both, the full fused token block"
+  echo "== interleaved A/B at wan480: defaults vs Triton's own launch, the one-pass backward, the full fused token block"
   timeout "$LIMIT" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
-    --variant default= --variant fast_launch=CREPA_KERNELS_FAST_LAUNCH=1 \
+    --variant default= --variant triton_launch=CREPA_KERNELS_FAST_LAUNCH=0 \
     --variant merged_bwd=CREPA_KERNELS_MERGED_BWD=1 \
-    --variant merged_fast=CREPA_KERNELS_MERGED_BWD=1,CREPA_KERNELS_FAST_LAUNCH=1 \
     --variant full_block=CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
     --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 16 || status=1
 fi

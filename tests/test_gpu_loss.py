@@ -141,7 +141,8 @@ def test_no_host_sync_in_forward_and_backward():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_launch_gives_the_same_bits(monkeypatch, dtype):
-    """CREPA_KERNELS_FAST_LAUNCH=1 launches the compiled kernels past Triton's binder: the results
+    """The fast launch (the default; CREPA_KERNELS_FAST_LAUNCH=0 turns it off) launches the compiled
+    kernels past Triton's binder: the results
     must be those of Triton's own launch, bit for bit, with the fast path taken. 16 MiB windows split
     the backward into several frame windows (3 in fp32, 2 in bf16)."""
     from crepa_kernels.ops import launch

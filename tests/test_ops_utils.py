@@ -90,7 +90,7 @@ def test_loss_under_a_dispatch_mode_matches_plain_eager(monkeypatch):
 
 
 @pytest.mark.parametrize("name, default", [("fused_resample", True), ("fused_half_block_n", True),
-                                           ("fast_launch", False), ("merged_bwd", False)])
+                                           ("fast_launch", True), ("merged_bwd", False)])
 def test_on_off_switches(monkeypatch, name, default):
     from crepa_kernels.ops import launch, utils
 

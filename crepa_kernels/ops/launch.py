@@ -1,4 +1,5 @@
-"""Launching compiled kernels with less host work per call (opt-in: ``CREPA_KERNELS_FAST_LAUNCH=1``).
+"""Launching compiled kernels with less host work per call (on by default; ``CREPA_KERNELS_FAST_LAUNCH=0``
+takes Triton's own launch).
 
 Every ``kernel[grid](*args, **meta)`` call through Triton binds the arguments to the signature,
 specialises each one, formats a cache key and looks the compiled kernel up, then builds launch
@@ -19,7 +20,8 @@ microseconds of host time per launch, several times per step, while the step is 
 Calls fall back to Triton's own launch while a launch hook or pre-run hook is installed (profilers
 use them), for kernels that are not compiled ``JITFunction``s (the interpreter, test stubs), for
 arguments of other kinds, on ROCm (where Triton also specialises on a tensor's storage size) and for
-Triton versions this was not checked against. Off by default until measured on a GPU.
+Triton versions this was not checked against. On an H100 (triton 3.6) it gave the same bits as
+Triton's launch and made the wan480 call 8-25% faster with calls queued (README, "Measured results").
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ _SCALARS = frozenset((int, bool, float, str, type(None)))
 
 
 def fast_launch_enabled() -> bool:
-    """Whether ``CREPA_KERNELS_FAST_LAUNCH=1`` is set (``0`` or unset: Triton's own launch)."""
-    return env_flag(FAST_LAUNCH_ENV, False)
+    """Whether fast launches are on: unset or ``CREPA_KERNELS_FAST_LAUNCH=1`` (``0``: Triton's own launch)."""
+    return env_flag(FAST_LAUNCH_ENV, True)
 
 
 @functools.lru_cache(maxsize=None)
