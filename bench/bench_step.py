@@ -10,8 +10,8 @@ fp32, then the frames subsampled, and the eager PyTorch loss. Both use the same 
 same latents, at the wan480 preset (DiT grid 30x52, D = 1536). Then the decode alone, the largest
 part of both paths, under other cuDNN and memory-format settings (`decode_settings`), to see whether
 our teacher path could decode faster, and our whole step once more with the VAE's Conv3d weights
-channels-last (`crepa_vae_channels_last`), with how far its loss moves. Needs diffusers. `--quick` runs tiny models on the CPU as a
-smoke test (not a performance figure).
+channels-last (`crepa_vae_channels_last`), with how far its loss moves. Needs diffusers. `--quick`
+runs tiny models on the CPU as a smoke test (not a performance figure).
 
     python bench/bench_step.py --out bench/results/step.json [--latent-frames 21] [--steps 3]
 """

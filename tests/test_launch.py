@@ -1,4 +1,4 @@
-"""The opt-in fast launch path (crepa_kernels/ops/launch.py).
+"""The fast launch path (crepa_kernels/ops/launch.py; on by default).
 
 Its promise: the same compiled kernel and the same launcher arguments as Triton's own launch, with
 less host work. Checked without a GPU by tests/fake_driver_launch.py, which compiles real kernels for

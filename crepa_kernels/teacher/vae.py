@@ -246,8 +246,8 @@ def drop_encoder(vae: nn.Module) -> int:
 
 
 def channels_last_3d(vae: nn.Module) -> int:
-    """Lay out every 5-D weight of a video VAE (its Conv3d kernels) as channels-last, in place
-    (config key `crepa_vae_channels_last`); returns how many tensors changed layout.
+    """Lay out every 5-D floating-point tensor of a video VAE (its Conv3d kernels) as channels-last,
+    in place (config key `crepa_vae_channels_last`); returns how many tensors changed layout.
 
     cuDNN runs half-precision 3-D convolutions in this layout natively, so the decode skips the
     transposes around each convolution (bench/bench_step.py times it; its frames differ from the
