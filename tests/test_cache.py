@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
@@ -338,6 +339,41 @@ def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
     # the first read paired the old grid (1, 1) with the new features; that was seen and read again
     assert reader.reads == 2
     assert got.grid == (2, 2) and torch.equal(got.features, torch.ones(4, 16))
+
+
+def test_a_read_that_fails_because_of_a_rename_is_read_again(fc, monkeypatch):
+    # safetensors checks the header's sizes against the file it maps: paired with a version of
+    # another size, it raises. The rename explains the error: no warning, the new version is read.
+    import safetensors
+
+    fc.put("k", torch.zeros(1, 64), grid=(1, 1))
+
+    def rename_then_fail():
+        fc.put("k", torch.ones(8, 64), grid=(2, 4))
+        raise RuntimeError("file size is smaller than the required mapping size")
+
+    reader = _ReopeningReader(safetensors.safe_open, rename_then_fail)
+    monkeypatch.setattr(safetensors, "safe_open", reader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fc.get("k")
+    assert reader.reads == 2
+    assert got.grid == (2, 4) and torch.equal(got.features, torch.ones(8, 64))
+
+
+def test_a_read_error_without_a_rename_is_damage(fc, monkeypatch):
+    import safetensors
+
+    fc.put("k", torch.zeros(1, 64), grid=(1, 1))
+
+    def fail():
+        raise RuntimeError("bad storage")
+
+    reader = _ReopeningReader(safetensors.safe_open, fail)
+    monkeypatch.setattr(safetensors, "safe_open", reader)
+    with pytest.warns(UserWarning, match=r"unreadable entry .*\(bad storage\); treating it as absent"):
+        assert fc.get("k") is None
+    assert reader.reads == 1  # not read again: the file did not move
 
 
 def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):

@@ -383,20 +383,28 @@ def _read_entry(path: str):
     writer renaming a new version into place between those opens could pair one version's grid with
     another's features. The file we hold open pins the inode the name pointed to; if the name still
     points to it after the read, no rename happened during the read (a new version is always a new
-    inode, and the held one cannot be reused), so every open saw that one version."""
+    inode, and the held one cannot be reused), so every open saw that one version. Such a pairing
+    can also make safe_open raise (one version's header sizes against another's file): an error
+    while the name moved is a rename, read again; an error on a file that stayed is damage, raised."""
     from safetensors import safe_open
 
     for _ in range(_READ_ATTEMPTS):
         with open(path, "rb") as pin:
             pinned = os.fstat(pin.fileno())
-            with safe_open(path, framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensor = fh.get_tensor(_TENSOR_NAME) if _TENSOR_NAME in fh.keys() else None
+            error = None
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                    tensor = fh.get_tensor(_TENSOR_NAME) if _TENSOR_NAME in fh.keys() else None
+            except Exception as e:  # noqa: BLE001 - judged below by whether the name moved
+                error = e
             try:
                 now = os.stat(path)
             except FileNotFoundError:
                 continue
             if (now.st_dev, now.st_ino) == (pinned.st_dev, pinned.st_ino):
+                if error is not None:
+                    raise error
                 return meta, tensor
     return None
 
