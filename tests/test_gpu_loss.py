@@ -203,3 +203,16 @@ def test_full_fused_token_block_gives_the_same_numbers_at_wan480(monkeypatch, dt
     # the gradient is stored in the input dtype: a bf16 value may land one rounding step away
     rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
     torch.testing.assert_close(grad_f, grad_h, rtol=rtol, atol=rtol * float(grad_h.abs().max()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    # Triton launches on the current device: the launch sites switch to the tensors' device.
+    torch.cuda.set_device(0)
+    p, f = (t.to("cuda:1") for t in _inputs(torch.float32, frames=5, dim=256))
+    ref, g_ref = _loss_and_grad(p.double(), f.double(), "torch", **WAN480)
+    got, g_got = _loss_and_grad(p, f, "triton", **WAN480)
+    assert torch.cuda.current_device() == 0 and g_got.device == p.device
+    assert abs(got.loss.item() - ref.loss.item()) <= 1e-5
+    assert (g_got.double() - g_ref).abs().max() / g_ref.abs().max() <= 1e-4
+

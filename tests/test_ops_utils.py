@@ -266,3 +266,80 @@ def test_resample_of_an_empty_feature_dim_on_the_torch_path(monkeypatch, grids):
     assert out.shape == (2, 2, grids[1][0] * grids[1][1], 0)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Device guard: Triton launches on the current CUDA device, whatever device the tensors live on.
+
+
+class _Placed:
+    """Stands in for a tensor on a device this machine may not have (only ``.device`` is read)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    calls = []
+
+    class _Device:
+        def __init__(self, index):
+            calls.append(index)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    return calls
+
+
+def test_device_guard_switches_only_to_another_cuda_device(cuda_calls):
+    from crepa_kernels.ops.utils import device_guard
+
+    with device_guard(_Placed("cuda:1")):
+        pass
+    assert cuda_calls == [1]
+    for device in ("cuda:0", "cpu", "cuda"):  # current already, no CUDA, no index: nothing to switch
+        with device_guard(_Placed(device)):
+            pass
+    assert cuda_calls == [1]
+    # While a graph is traced (a fake tensor, not a plain one) the compiled graph guards the device.
+    with device_guard(_Placed("cuda:1"), traceable=True):
+        pass
+    assert cuda_calls == [1]
+
+
+def test_every_launch_site_is_guarded_by_its_tensors_device(monkeypatch):
+    # Record the guards the launch sites open, on the interpreter's CPU tensors: the forward, the
+    # backward (which wraps its resample backward's own guard), and the separate resample's two.
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import resample, similarity
+
+    seen = []
+
+    def record(t, traceable=False):
+        import contextlib
+
+        seen.append((t.shape, traceable))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(similarity, "device_guard", record)
+    monkeypatch.setattr(resample, "device_guard", record)
+    p = torch.randn(1, 3, 6, 8, requires_grad=True)
+    f = torch.randn(1, 3, 4, 8)
+    for fused in ("1", "0"):
+        monkeypatch.setenv(FUSED_RESAMPLE_ENV, fused)
+        seen.clear()
+        crepa_loss(p, f, projected_grid=(2, 3), features_grid=(2, 2), backend="triton").loss.backward()
+        shapes = [shape for shape, _ in seen]
+        if fused == "1":  # forward on p; backward on p, then its resample backward on the (1, 3, 4, 8) gradient
+            assert shapes == [p.shape, p.shape, torch.Size([1, 3, 4, 8])], shapes
+        else:  # resample p, similarity forward, similarity backward, resample backward
+            assert shapes == [p.shape, torch.Size([1, 3, 4, 8]), torch.Size([1, 3, 4, 8]),
+                              torch.Size([1, 3, 4, 8])], shapes
+        assert not any(traceable for _, traceable in seen)  # eager calls: the direct front end

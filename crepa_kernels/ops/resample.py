@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, cdiv, direct_launch_ok, next_power_of_2, num_warps_for, triton_available,
+from .utils import (FLOAT_DTYPES, cdiv, device_guard, direct_launch_ok, next_power_of_2, num_warps_for, triton_available,
                     triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
@@ -315,16 +315,18 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
     block_m = _token_block(m_out, block_d, _FWD_TILE)
     n_tok_blocks = cdiv(m_out, block_m)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
-    _kernel(_resample_fwd_kernel, traceable)[grid](
-        x, out, T, D, in_h, in_w, out_h, out_w,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        n_tok_blocks,
-        IS_FP64=x.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=num_warps_for(2 * block_m * block_d),  # 4 taps per element: half the usual share
-    )
+    with device_guard(x, traceable):
+        _kernel(_resample_fwd_kernel, traceable)[grid](
+            x, out, T, D, in_h, in_w, out_h, out_w,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            n_tok_blocks,
+            IS_FP64=x.dtype == torch.float64,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps_for(2 * block_m * block_d),  # 4 taps per element: half the usual share
+        )
     return out
+
 
 
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
@@ -348,18 +350,19 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     block_n = _token_block(n_in, block_d, _BWD_TILE)
     n_tok_blocks = cdiv(n_in, block_n)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
-    _kernel(_resample_bwd_kernel, traceable)[grid](
-        grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-        grad_in.stride(0), grad_in.stride(1),
-        n_tok_blocks,
-        IS_FP64=grad_out.dtype == torch.float64,
-        R_H=_contributor_bound(in_h, out_h),
-        R_W=_contributor_bound(in_w, out_w),
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps_for(2 * block_n * block_d),  # several contributions per element
-    )
+    with device_guard(grad_out, traceable):
+        _kernel(_resample_bwd_kernel, traceable)[grid](
+            grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+            grad_in.stride(0), grad_in.stride(1),
+            n_tok_blocks,
+            IS_FP64=grad_out.dtype == torch.float64,
+            R_H=_contributor_bound(in_h, out_h),
+            R_W=_contributor_bound(in_w, out_w),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps_for(2 * block_n * block_d),  # several contributions per element
+        )
     return grad_in
 
 

@@ -25,7 +25,7 @@ from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token
                        check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, direct_launch_ok, elements_per_thread,
+from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
                     fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2, num_warps_for,
                     triton_supports)
 
@@ -711,10 +711,12 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     pnorm = torch.empty((B, T, N), **kw)
     fnorm = torch.empty((B, T, N), **kw)
     cos = torch.empty((B, T, S, N), **kw)
-    _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
-                    cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
-                    block_d=block_d or None, traceable=traceable, resample_p=_resample_arg(grids))
+    with device_guard(projected, traceable):
+        _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
+                        cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
+                        block_d=block_d or None, traceable=traceable, resample_p=_resample_arg(grids))
     return total, self_tok, pnorm, fnorm, cos
+
 
 
 def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple[int, int]]:
@@ -739,6 +741,14 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
     with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel gathers it there directly. An unneeded gradient
     comes back as an empty tensor (custom ops cannot return None)."""
+    with device_guard(projected, traceable):
+        return _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
+                                  cumulative, normalize_neighbour_sum, need_projected, need_features, block_d,
+                                  grids, traceable)
+
+
+def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
+                       normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
     kw = dict(distance=distance, tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
               block_d=block_d or None, traceable=traceable)
     resample_p = _resample_arg(grids)

@@ -1,6 +1,7 @@
 """Launch settings, interpreter detection and dtype helpers shared by the Triton ops."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -88,6 +89,23 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
 def is_plain_tensor(t) -> bool:
     """A real tensor (or Parameter), not a subclass such as the fake tensors of graph tracing."""
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+
+
+def device_guard(t: torch.Tensor, traceable: bool = False):
+    """A context that makes ``t``'s CUDA device the current one for the launches inside it.
+
+    Triton launches a kernel on the current device whatever device its tensors live on, so tensors on
+    cuda:1 while cuda:0 is current would be read from the wrong GPU. A no-op when that device is
+    already current, off CUDA, and while a graph is traced or compiled (``traceable`` with a fake
+    tensor, or torch.compile running): the compiled graph guards its own device."""
+    device = t.device
+    if device.type != "cuda" or device.index is None:
+        return contextlib.nullcontext()
+    if traceable and (not is_plain_tensor(t) or torch.compiler.is_compiling()):
+        return contextlib.nullcontext()
+    if device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 FUSED_RESAMPLE_ENV = "CREPA_KERNELS_FUSED_RESAMPLE"
