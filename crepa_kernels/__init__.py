@@ -18,6 +18,7 @@ def info() -> dict:
     import torch
 
     from .functional import last_backend_choice
+    from .ops.launch import fast_launch_status
     from .ops.utils import interpreter_enabled, switches_set, triton_available
 
     triton_version = None
@@ -36,6 +37,7 @@ def info() -> dict:
         "triton_interpreter": interpreter_enabled(),
         "auto_backend_on_cuda": "triton" if triton_available() else "torch",
         "auto_backend_on_cpu": "torch",
-        "switches": switches_set(),  # CREPA_KERNELS_* overrides in effect (benchmark comparisons, fast launch)
+        "switches": switches_set(),  # CREPA_KERNELS_* overrides in effect (benchmark comparisons)
+        "fast_launch": fast_launch_status(),
         "last_call": last_backend_choice(),
     }

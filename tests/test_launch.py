@@ -89,3 +89,26 @@ def test_launch_hooks_get_triton_launches(fake_driver_results):
 def test_cache_keys_hold_no_tensors(fake_driver_results):
     assert fake_driver_results["cache_keys_hold_tensors"] is False
     assert 0 < fake_driver_results["cache_entries"] <= 64
+
+
+def test_info_says_whether_the_fast_launch_applies_and_why_not(monkeypatch):
+    import crepa_kernels
+    import triton
+
+    monkeypatch.delenv(launch.FAST_LAUNCH_ENV, raising=False)
+    checked = triton.__version__.startswith(launch.CHECKED_TRITON) and torch.version.hip is None
+    assert crepa_kernels.info()["fast_launch"].startswith("on" if checked else "off")
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "0")
+    assert crepa_kernels.info()["fast_launch"] == f"off ({launch.FAST_LAUNCH_ENV}=0)"
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "yes")
+    assert crepa_kernels.info()["fast_launch"].startswith(f"error: {launch.FAST_LAUNCH_ENV} must be 0 or 1")
+    monkeypatch.delenv(launch.FAST_LAUNCH_ENV)
+    monkeypatch.setattr(launch, "CHECKED_TRITON", ("0.0.",))
+    launch._supported.cache_clear()
+    try:
+        assert crepa_kernels.info()["fast_launch"] == (
+            f"off (triton {triton.__version__} is not one of the checked 0.0.x)" if torch.version.hip is None
+            else "off (ROCm: Triton's own launch)")
+    finally:
+        monkeypatch.undo()
+        launch._supported.cache_clear()

@@ -54,6 +54,25 @@ def _supported() -> bool:
     return triton.__version__.startswith(CHECKED_TRITON)
 
 
+def fast_launch_status() -> str:
+    """Whether compiled kernels launch through the fast path here, and if not, why (for ``info()``)."""
+    try:
+        enabled = fast_launch_enabled()
+    except ValueError as e:
+        return f"error: {e}"
+    if not enabled:
+        return f"off ({FAST_LAUNCH_ENV}=0)"
+    if not triton_available():
+        return "off (no triton)"
+    if torch.version.hip is not None:
+        return "off (ROCm: Triton's own launch)"
+    import triton
+
+    if not _supported():
+        return f"off (triton {triton.__version__} is not one of the checked {', '.join(CHECKED_TRITON)}x)"
+    return "on (the interpreter and profilers take Triton's own launch)"
+
+
 def _idle(hook) -> bool:
     """True for an unset launch hook: None, or an empty hook chain (Triton 3.6+)."""
     return hook is None or getattr(hook, "calls", None) == []
