@@ -19,6 +19,7 @@ import torch
 
 from ._plotting import headless_pyplot
 from .functional import crepa_loss
+from .ops.launch import fast_launch_status
 from .ops.utils import interpreter_enabled, switches_set
 
 
@@ -217,6 +218,7 @@ def environment(device) -> dict:
         "commit": commit,
         "triton_interpreter": interpreter_enabled(),
         "switches": switches_set(),  # CREPA_KERNELS_* set for the whole run (rows record their own overrides)
+        "fast_launch": fast_launch_status(),  # the default launch path (on since commit 649547d)
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

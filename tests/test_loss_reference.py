@@ -286,6 +286,9 @@ def test_info_and_benchmark_environment_list_the_switches_set(monkeypatch):
     want = {"CREPA_KERNELS_BWD_WINDOW_MIB": "64", "CREPA_KERNELS_FAST_LAUNCH": "1"}
     assert crepa_kernels.info()["switches"] == want
     assert environment("cpu")["switches"] == want
+    monkeypatch.setenv("CREPA_KERNELS_FAST_LAUNCH", "0")  # results say which launch path ran
+    off = "off (CREPA_KERNELS_FAST_LAUNCH=0)"
+    assert environment("cpu")["fast_launch"] == crepa_kernels.info()["fast_launch"] == off
 
 
 def test_auto_picks_torch_on_cpu_and_info_says_why():
