@@ -298,7 +298,9 @@ def cuda_calls(monkeypatch):
     return calls
 
 
-def test_device_guard_switches_only_to_another_cuda_device(cuda_calls):
+def test_device_guard_switches_only_to_another_cuda_device(cuda_calls, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from crepa_kernels.ops.utils import device_guard
 
     with device_guard(_Placed("cuda:1")):
@@ -308,9 +310,31 @@ def test_device_guard_switches_only_to_another_cuda_device(cuda_calls):
         with device_guard(_Placed(device)):
             pass
     assert cuda_calls == [1]
-    # While a graph is traced (a fake tensor, not a plain one) the compiled graph guards the device.
-    with device_guard(_Placed("cuda:1"), traceable=True):
+    # While a graph is traced (a fake tensor, or torch.compile running) the graph guards the device.
+    with FakeTensorMode():
+        fake = torch.empty(2, device="cuda:1")
+    with device_guard(fake):
         pass
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with device_guard(_Placed("cuda:1")):
+        pass
+    assert cuda_calls == [1]
+
+
+def test_device_guard_guards_an_eager_tensor_subclass(cuda_calls):
+    # A subclass takes the custom-op front end in eager mode; it still launches on its own device.
+    from crepa_kernels.ops.utils import device_guard
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = torch.zeros(2).as_subclass(Sub)
+    type(sub).device = property(lambda self: torch.device("cuda:1"))  # where this machine has no GPU
+    try:
+        with device_guard(sub):
+            pass
+    finally:
+        del type(sub).device
     assert cuda_calls == [1]
 
 
@@ -322,10 +346,10 @@ def test_every_launch_site_is_guarded_by_its_tensors_device(monkeypatch):
 
     seen = []
 
-    def record(t, traceable=False):
+    def record(t):
         import contextlib
 
-        seen.append((t.shape, traceable))
+        seen.append((t.shape, type(t)))
         return contextlib.nullcontext()
 
     monkeypatch.setattr(similarity, "device_guard", record)
@@ -342,4 +366,4 @@ def test_every_launch_site_is_guarded_by_its_tensors_device(monkeypatch):
         else:  # resample p, similarity forward, similarity backward, resample backward
             assert shapes == [p.shape, torch.Size([1, 3, 4, 8]), torch.Size([1, 3, 4, 8]),
                               torch.Size([1, 3, 4, 8])], shapes
-        assert not any(traceable for _, traceable in seen)  # eager calls: the direct front end
+        assert all(kind is torch.Tensor for _, kind in seen)

@@ -315,7 +315,7 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
     block_m = _token_block(m_out, block_d, _FWD_TILE)
     n_tok_blocks = cdiv(m_out, block_m)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
-    with device_guard(x, traceable):
+    with device_guard(x):
         _kernel(_resample_fwd_kernel, traceable)[grid](
             x, out, T, D, in_h, in_w, out_h, out_w,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -350,7 +350,7 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     block_n = _token_block(n_in, block_d, _BWD_TILE)
     n_tok_blocks = cdiv(n_in, block_n)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
-    with device_guard(grad_out, traceable):
+    with device_guard(grad_out):
         _kernel(_resample_bwd_kernel, traceable)[grid](
             grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),

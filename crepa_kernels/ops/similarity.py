@@ -711,7 +711,7 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
     pnorm = torch.empty((B, T, N), **kw)
     fnorm = torch.empty((B, T, N), **kw)
     cos = torch.empty((B, T, S, N), **kw)
-    with device_guard(projected, traceable):
+    with device_guard(projected):
         _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, distance=distance, tau=tau,
                         cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
                         block_d=block_d or None, traceable=traceable, resample_p=_resample_arg(grids))
@@ -741,7 +741,7 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
     with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel gathers it there directly. An unneeded gradient
     comes back as an empty tensor (custom ops cannot return None)."""
-    with device_guard(projected, traceable):
+    with device_guard(projected):
         return _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
                                   cumulative, normalize_neighbour_sum, need_projected, need_features, block_d,
                                   grids, traceable)

@@ -91,21 +91,27 @@ def is_plain_tensor(t) -> bool:
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
-def device_guard(t: torch.Tensor, traceable: bool = False):
+def device_guard(t: torch.Tensor):
     """A context that makes ``t``'s CUDA device the current one for the launches inside it.
 
     Triton launches a kernel on the current device whatever device its tensors live on, so tensors on
     cuda:1 while cuda:0 is current would be read from the wrong GPU. A no-op when that device is
-    already current, off CUDA, and while a graph is traced or compiled (``traceable`` with a fake
-    tensor, or torch.compile running): the compiled graph guards its own device."""
+    already current, off CUDA, and while a graph is traced (a fake tensor, or torch.compile running):
+    the compiled graph guards its own device. Eager tensor subclasses are guarded like plain tensors."""
     device = t.device
     if device.type != "cuda" or device.index is None:
         return contextlib.nullcontext()
-    if traceable and (not is_plain_tensor(t) or torch.compiler.is_compiling()):
+    if torch.compiler.is_compiling() or _is_fake(t):
         return contextlib.nullcontext()
     if device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device.index)
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(t, torch.Tensor) and is_fake(t)
 
 
 FUSED_RESAMPLE_ENV = "CREPA_KERNELS_FUSED_RESAMPLE"
