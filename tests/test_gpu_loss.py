@@ -95,9 +95,11 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
     l1 = step(a1, f)
     l1.backward()
     # torch.compile builds each kernel's TTIR (scalars as constants on torch <= 2.11) to find the
-    # tensors it writes; a kernel that does not build there is taken to write all its inputs.
+    # tensors it writes; a kernel that does not build there is taken to write all its inputs, with a
+    # warning ("Encountered an exception in identify_mutated_tensors" / "identify_accessed_tensors",
+    # "assuming every input is mutated") on the logger that module writes to, torch._dynamo's.
     records = _Records()
-    wrap_log = logging.getLogger("torch._higher_order_ops.triton_kernel_wrap")
+    wrap_log = logging.getLogger("torch._dynamo")
     wrap_log.addHandler(records)
     try:
         with _fresh_compiles():
@@ -108,7 +110,7 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
                 torch.cuda.synchronize()
     finally:
         wrap_log.removeHandler(records)
-    assert not [m for m in records.messages if "identify_mutated_tensors" in m], records.messages[:1]
+    assert not [m for m in records.messages if "assuming every input is mutated" in m], records.messages[:1]
     assert torch.allclose(l1, l2, atol=1e-6)
     assert torch.allclose(a1.grad, a2.grad, atol=1e-6, rtol=1e-5)
     # The compiled backward is the one the switch asks for.
