@@ -376,6 +376,28 @@ def test_a_read_error_without_a_rename_is_damage(fc, monkeypatch):
     assert reader.reads == 1  # not read again: the file did not move
 
 
+def test_an_entry_replaced_and_failing_during_every_read_names_the_last_error(fc, monkeypatch):
+    import safetensors
+
+    fc.put("k", torch.zeros(1, 64), grid=(1, 1))
+    versions = iter(range(1, 10**6))
+
+    def rename_then_fail():
+        fc.put("k", torch.full((1, 64), float(next(versions))), grid=(1, 1))
+        raise RuntimeError("mapping size mismatch")
+
+    reader = _ReopeningReader(safetensors.safe_open, rename_then_fail)
+
+    def churn(path, framework):
+        reader.reads = 0
+        return reader(path, framework)
+
+    monkeypatch.setattr(safetensors, "safe_open", churn)
+    with pytest.warns(UserWarning, match=r"replaced during each of 8 reads \(the last read failed: mapping size "
+                                         r"mismatch\); treating it as absent"):
+        assert fc.get("k") is None
+
+
 def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):
     import safetensors
 

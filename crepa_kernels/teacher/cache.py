@@ -326,12 +326,13 @@ class FeatureCache:
             read = _read_entry(path)
         except FileNotFoundError:
             return None
+        except _ReplacedDuringReads as e:
+            last = "" if e.last_error is None else f" (the last read failed: {e.last_error})"
+            warnings.warn(f"feature cache: entry {path} was replaced during each of {_READ_ATTEMPTS} reads{last}; "
+                          "treating it as absent", stacklevel=2)
+            return None
         except Exception as e:  # a file damaged outside our writes (disk fault, foreign tool)
             warnings.warn(f"feature cache: unreadable entry {path} ({e}); treating it as absent", stacklevel=2)
-            return None
-        if read is None:
-            warnings.warn(f"feature cache: entry {path} was replaced during each of {_READ_ATTEMPTS} reads; "
-                          "treating it as absent", stacklevel=2)
             return None
         meta, tensor = read
         if meta.get("key") != key or tensor is None:
@@ -376,8 +377,8 @@ _READ_ATTEMPTS = 8
 
 
 def _read_entry(path: str):
-    """(metadata, features tensor or None) of one version of the entry, or None when another
-    process replaced it during every attempt.
+    """(metadata, features tensor or None) of one version of the entry; `_ReplacedDuringReads` when
+    another process replaced it during every attempt.
 
     safe_open may open the file more than once by name (the header, then the tensor storage), so a
     writer renaming a new version into place between those opens could pair one version's grid with
@@ -388,6 +389,7 @@ def _read_entry(path: str):
     while the name moved is a rename, read again; an error on a file that stayed is damage, raised."""
     from safetensors import safe_open
 
+    error = None
     for _ in range(_READ_ATTEMPTS):
         with open(path, "rb") as pin:
             pinned = os.fstat(pin.fileno())
@@ -406,7 +408,16 @@ def _read_entry(path: str):
                 if error is not None:
                     raise error
                 return meta, tensor
-    return None
+    raise _ReplacedDuringReads(error)
+
+
+class _ReplacedDuringReads(Exception):
+    """Every read attempt of an entry overlapped a rename of it; holds the last attempt's error, if any
+    (also where a file system reports unstable inode numbers, the error is kept)."""
+
+    def __init__(self, last_error: "Exception | None"):
+        super().__init__(last_error)
+        self.last_error = last_error
 
 
 def _write_atomic(final: str, data: bytes) -> None:
