@@ -329,12 +329,33 @@ class _ReopeningReader:
         return Handle()
 
 
-def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
+def _reader(monkeypatch, between, every_attempt=False):
+    """Install a _ReopeningReader as safe_open; ``every_attempt``: ``between`` runs in each read
+    attempt, not only the first."""
     import safetensors
 
+    reader = _ReopeningReader(safetensors.safe_open, between)
+
+    def each_attempt(path, framework):
+        reader.reads = 0
+        return reader(path, framework)
+
+    monkeypatch.setattr(safetensors, "safe_open", each_attempt if every_attempt else reader)
+    return reader
+
+
+def _rename_then_fail(fc, features, grid, message):
+    """A writer's rename landing mid-read, after which safetensors raises ``message``; ``features``:
+    a tensor, or a callable giving each write's tensor."""
+    def between():
+        fc.put("k", features() if callable(features) else features, grid=grid)
+        raise RuntimeError(message)
+    return between
+
+
+def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
     fc.put("k", torch.zeros(1, 64), grid=(1, 1))
-    reader = _ReopeningReader(safetensors.safe_open, lambda: fc.put("k", torch.ones(4, 16), grid=(2, 2)))
-    monkeypatch.setattr(safetensors, "safe_open", reader)
+    reader = _reader(monkeypatch, lambda: fc.put("k", torch.ones(4, 16), grid=(2, 2)))
     got = fc.get("k")
     # the first read paired the old grid (1, 1) with the new features; that was seen and read again
     assert reader.reads == 2
@@ -344,16 +365,9 @@ def test_a_rename_during_a_read_does_not_mix_two_versions(fc, monkeypatch):
 def test_a_read_that_fails_because_of_a_rename_is_read_again(fc, monkeypatch):
     # safetensors checks the header's sizes against the file it maps: paired with a version of
     # another size, it raises. The rename explains the error: no warning, the new version is read.
-    import safetensors
-
     fc.put("k", torch.zeros(1, 64), grid=(1, 1))
-
-    def rename_then_fail():
-        fc.put("k", torch.ones(8, 64), grid=(2, 4))
-        raise RuntimeError("file size is smaller than the required mapping size")
-
-    reader = _ReopeningReader(safetensors.safe_open, rename_then_fail)
-    monkeypatch.setattr(safetensors, "safe_open", reader)
+    reader = _reader(monkeypatch, _rename_then_fail(fc, torch.ones(8, 64), (2, 4),
+                                                    "file size is smaller than the required mapping size"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = fc.get("k")
@@ -362,56 +376,34 @@ def test_a_read_that_fails_because_of_a_rename_is_read_again(fc, monkeypatch):
 
 
 def test_a_read_error_without_a_rename_is_damage(fc, monkeypatch):
-    import safetensors
-
     fc.put("k", torch.zeros(1, 64), grid=(1, 1))
 
     def fail():
         raise RuntimeError("bad storage")
 
-    reader = _ReopeningReader(safetensors.safe_open, fail)
-    monkeypatch.setattr(safetensors, "safe_open", reader)
+    reader = _reader(monkeypatch, fail)
     with pytest.warns(UserWarning, match=r"unreadable entry .*\(bad storage\); treating it as absent"):
         assert fc.get("k") is None
     assert reader.reads == 1  # not read again: the file did not move
 
 
 def test_an_entry_replaced_and_failing_during_every_read_names_the_last_error(fc, monkeypatch):
-    import safetensors
-
     fc.put("k", torch.zeros(1, 64), grid=(1, 1))
     versions = iter(range(1, 10**6))
-
-    def rename_then_fail():
-        fc.put("k", torch.full((1, 64), float(next(versions))), grid=(1, 1))
-        raise RuntimeError("mapping size mismatch")
-
-    reader = _ReopeningReader(safetensors.safe_open, rename_then_fail)
-
-    def churn(path, framework):
-        reader.reads = 0
-        return reader(path, framework)
-
-    monkeypatch.setattr(safetensors, "safe_open", churn)
+    _reader(monkeypatch, _rename_then_fail(fc, lambda: torch.full((1, 64), float(next(versions))), (1, 1),
+                                           "mapping size mismatch"), every_attempt=True)
     with pytest.warns(UserWarning, match=r"replaced during each of 8 reads \(the last read failed: mapping size "
                                          r"mismatch\); treating it as absent"):
         assert fc.get("k") is None
 
 
 def test_an_entry_replaced_during_every_read_reads_as_absent(fc, monkeypatch):
-    import safetensors
-
     fc.put("k", torch.zeros(1, 64), grid=(1, 1))
     versions = iter(range(1, 10**6))
-    reader = _ReopeningReader(safetensors.safe_open,
-                              lambda: fc.put("k", torch.full((1, 64), float(next(versions))), grid=(1, 1)))
-
-    def churn(path, framework):
-        reader.reads = 0  # a writer lands between the header and the tensor reads of every attempt
-        return reader(path, framework)
-
-    monkeypatch.setattr(safetensors, "safe_open", churn)
-    with pytest.warns(UserWarning, match="replaced during each of 8 reads"):
+    # a writer lands between the header and the tensor reads of every attempt
+    _reader(monkeypatch, lambda: fc.put("k", torch.full((1, 64), float(next(versions))), grid=(1, 1)),
+            every_attempt=True)
+    with pytest.warns(UserWarning, match="replaced during each of 8 reads; treating it as absent"):
         assert fc.get("k") is None
     monkeypatch.undo()
     assert fc.get("k").features[0, 0].item() == 8.0  # the entry itself is whole: the last version written
