@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, cdiv, device_guard, direct_launch_ok, next_power_of_2, num_warps_for, triton_available,
-                    triton_supports)
+from .utils import (FLOAT_DTYPES, cdiv, device_guard, direct_launch_ok, next_power_of_2, num_warps_for,
+                    triton_available, triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -326,7 +326,6 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
             num_warps=num_warps_for(2 * block_m * block_d),  # 4 taps per element: half the usual share
         )
     return out
-
 
 
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,

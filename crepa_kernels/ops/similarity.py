@@ -25,9 +25,9 @@ from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token
                        check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
-                    fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2, num_warps_for,
-                    triton_supports)
+from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, device_guard, direct_launch_ok,
+                    elements_per_thread, fused_halves_token_block, is_plain_tensor, merged_backward_enabled,
+                    next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -716,7 +716,6 @@ def _forward_impl(projected, features, distance, tau, cumulative, normalize_neig
                         cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
                         block_d=block_d or None, traceable=traceable, resample_p=_resample_arg(grids))
     return total, self_tok, pnorm, fnorm, cos
-
 
 
 def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple[int, int]]:
