@@ -93,9 +93,14 @@ class CrepaLoss(nn.Module):
                      hidden_grid: Optional[Sequence[int]] = None) -> None:
         """The checks ``forward`` applies to the student's side of a call, for a caller with costly work
         to do before it (a teacher decode): a call that cannot succeed fails before that work."""
+        self._checked_hidden(hidden_states, step, hidden_grid)
+
+    def _checked_hidden(self, hidden_states, step, hidden_grid):
+        """(hidden_states as (B, T, N, D), its (h, w) grid or None), after the student side's checks."""
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
-        _spatial_grid("hidden_grid", hidden_grid, hidden_states)
+        hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         check_step(step)
+        return hidden_states, hidden_grid
 
     def forward(
         self,
@@ -108,11 +113,9 @@ class CrepaLoss(nn.Module):
     ):
         # Every argument is checked before the schedule is consulted: a bad call fails on every step,
         # not only on the weighted ones, and changes no schedule state.
-        hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
+        hidden_states, hidden_grid = self._checked_hidden(hidden_states, step, hidden_grid)
         frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim)
-        hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
-        check_step(step)
         if hidden_states.shape[0] != frame_features.shape[0]:
             raise ValueError(f"hidden_states holds {hidden_states.shape[0]} videos but frame_features "
                              f"{frame_features.shape[0]}: they must be the same batch")

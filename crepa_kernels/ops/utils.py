@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _TRITON_IMPORTS: "bool | None" = None
 
@@ -101,17 +102,11 @@ def device_guard(t: torch.Tensor):
     device = t.device
     if device.type != "cuda" or device.index is None:
         return contextlib.nullcontext()
-    if torch.compiler.is_compiling() or _is_fake(t):
+    if torch.compiler.is_compiling() or (isinstance(t, torch.Tensor) and is_fake(t)):
         return contextlib.nullcontext()
     if device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device.index)
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return isinstance(t, torch.Tensor) and is_fake(t)
 
 
 FUSED_RESAMPLE_ENV = "CREPA_KERNELS_FUSED_RESAMPLE"

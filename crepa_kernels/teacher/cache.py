@@ -389,7 +389,6 @@ def _read_entry(path: str):
     while the name moved is a rename, read again; an error on a file that stayed is damage, raised."""
     from safetensors import safe_open
 
-    error = None
     for _ in range(_READ_ATTEMPTS):
         with open(path, "rb") as pin:
             pinned = os.fstat(pin.fileno())
