@@ -7,8 +7,10 @@
 #                   spent), 60 s for host and 105 s for profile; the A/B writes its JSON after each
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
-#   CHECK_PARTS     comma-separated parts to run (default all): bench,tests,ab,offload,host,profile,step;
-#                   each part keeps its share of CHECK_BUDGET_S when others are left out
+#   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
+#                   step, and tune (opt-in: the launch-setting sweep of bench/tune_kernels.py at wan480,
+#                   CHECK_TUNE_S seconds, default 180, on top of the budget); each part keeps its share
+#                   of CHECK_BUDGET_S when others are left out
 #   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 480; 0:
 #                   none); each part's limit is cut to what is left (10 s kept for the end), and a
 #                   part with under 20 s left is skipped, so a caller's own time limit never cuts
@@ -21,8 +23,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results}
 BUDGET=${CHECK_BUDGET_S:-420}
-ALL_PARTS="bench,tests,ab,offload,host,profile,step"
-PARTS=",${CHECK_PARTS:-$ALL_PARTS},"
+DEFAULT_PARTS="bench,tests,ab,offload,host,profile,step"
+ALL_PARTS="$DEFAULT_PARTS,tune"
+PARTS=",${CHECK_PARTS:-$DEFAULT_PARTS},"
 PARTS=${PARTS// /}
 for part in ${PARTS//,/ }; do
   if [[ ",$ALL_PARTS," != *",$part,"* ]]; then
@@ -34,6 +37,11 @@ want() { [[ "$PARTS" == *",$1,"* ]]; }
 DEADLINE=${CHECK_DEADLINE_S:-480}
 if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   echo "CHECK_DEADLINE_S: expected a whole number of seconds, got '$DEADLINE'" >&2
+  exit 2
+fi
+TUNE_S=${CHECK_TUNE_S:-180}
+if ! [[ "$TUNE_S" =~ ^[0-9]+$ ]]; then
+  echo "CHECK_TUNE_S: expected a whole number of seconds, got '$TUNE_S'" >&2
   exit 2
 fi
 # fits NAME SECONDS: sets LIMIT to SECONDS cut to what is left before the deadline; false (with a
@@ -112,6 +120,15 @@ if want profile && fits profile 60; then
     CREPA_KERNELS_MERGED_BWD=1 timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 \
       --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null || status=1
   fi
+fi
+
+if want tune && fits tune "$TUNE_S"; then
+  # the sweep stops starting variants at its budget; 45 s cover the variant in flight and the
+  # defaults of the kernels and dtypes still to come (each runs at least its default)
+  budget=$(( LIMIT > 75 ? LIMIT - 45 : 30 ))
+  echo "== launch-setting sweep of the hot kernels at wan480 (limit ${LIMIT}s, budget ${budget}s)"
+  timeout "$LIMIT" python3 bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s "$budget" \
+    --out "$OUT_DIR/tune_wan480.json" || status=1
 fi
 
 if ! want step || ! fits step "$step_s"; then

@@ -243,6 +243,35 @@ def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, pac
         assert len(names) == 3 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr
 
 
+def _gpu_check_calls(tmp_path, **env):
+    """The python3 command lines gpu_check.sh runs under ``env``, through a stand-in python3 that
+    only records them (one line each), and the script's exit status."""
+    fake, log = tmp_path / "bin", tmp_path / "calls.txt"
+    fake.mkdir(parents=True)
+    (fake / "python3").write_text(f'#!/bin/bash\necho "$*" >> {log}\n')
+    (fake / "python3").chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{fake}:{os.environ['PATH']}",
+                               **env})
+    return proc, (log.read_text().splitlines() if log.exists() else [])
+
+
+def test_gpu_check_runs_the_tuning_sweep_only_when_asked(tmp_path):
+    proc, calls = _gpu_check_calls(tmp_path / "default", CHECK_DEADLINE_S="0")
+    assert proc.returncode == 0 and calls and not any("tune_kernels" in c for c in calls), proc.stdout
+    proc, calls = _gpu_check_calls(tmp_path / "tune", CHECK_PARTS="tune", CHECK_TUNE_S="100", CHECK_DEADLINE_S="0")
+    tune = [c for c in calls if "tune_kernels" in c]
+    assert proc.returncode == 0 and len(tune) == 1, proc.stdout + proc.stderr
+    # 45 s of the part's limit are kept for the variant in flight and the defaults still to run
+    assert "--preset wan480 --dtypes fp32,bf16 --budget-s 55 " in tune[0] and "tune_wan480.json" in tune[0]
+
+
+def test_gpu_check_refuses_a_bad_tuning_limit(tmp_path):
+    proc, calls = _gpu_check_calls(tmp_path, CHECK_PARTS="tune", CHECK_TUNE_S="3m")
+    assert proc.returncode == 2 and "CHECK_TUNE_S: expected a whole number of seconds, got '3m'" in proc.stderr
+    assert calls == []
+
+
 # ------------------------------------------------------------------ the figures a results row reports
 def test_presets_are_the_shapes_the_readme_names():
     # (frames, DiT grid, DINOv2 grid, D), from the README's preset list, B = 1
@@ -322,3 +351,81 @@ def test_ab_table_compares_each_variant_with_the_first_and_takes_median_rounds(m
     second = dict(rows[0], variant="other", queued_ms=4.0, synced_ms=3.0)
     line = ab_settings.table(rows + [second]).splitlines()[-1]
     assert "| other |" in line and "| 2.00 |" in line and "| 3.00 |" in line
+
+
+def test_tune_kernels_quick(tmp_path):
+    """Each hot kernel's default and a chosen variant, launched as crepa_loss launches them, on the
+    interpreter."""
+    out = tmp_path / "tune.json"
+    tries = [a for k in ("sim_bwd", "resample_bwd", "sim_fwd") for a in ("--try", f"{k}:block_n=4")]
+    proc = _run("tune_kernels.py", "--preset", "tiny_fused", "--dtypes", "fp32", "--max-variants", "1",
+                *tries, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert "not a performance figure" in report["timer"] and report["preset"]["name"] == "tiny_fused"
+    assert [(r["kernel"], r["dtype"]) for r in report["results"]] == \
+        [("sim_bwd", "fp32"), ("resample_bwd", "fp32"), ("sim_fwd", "fp32")]
+    for r in report["results"]:
+        default, variant = r["rows"]
+        assert default["tune"] == {} and default["valid"] and default["ms"] > 0
+        assert default["settings"]["block_n"] != 4
+        # another token block: other programs, the same bits
+        assert variant["tune"] == {"block_n": 4} and variant["settings"]["block_n"] == 4
+        assert variant["bits_equal"] and variant["max_rel_diff"] == 0
+        assert r["cut_short"] and r["best"]["valid"]
+
+
+@pytest.mark.parametrize("spec", ["sim_bwd", "fwd:block_n=4", "sim_bwd:block_n=3", "sim_bwd:blocks=4",
+                                  "sim_bwd:block_n=four"])
+def test_tune_kernels_rejects_bad_tries(spec, capsys):
+    sys.path.insert(0, HERE)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(HERE)
+    with pytest.raises(SystemExit) as exit_:
+        tk.main(["--preset", "tiny_fused", "--try", spec])
+    assert exit_.value.code == 2 and f"--try {spec!r}:" in capsys.readouterr().err
+
+
+def test_tune_sweep_never_reports_an_invalid_variant_as_best(monkeypatch):
+    """A variant whose results differ beyond rounding is marked invalid however fast it is, and the
+    per-setting winners are tried together."""
+    sys.path.insert(0, HERE)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(HERE)
+    ref = torch.arange(1.0, 5.0)
+    last = {}
+
+    class StubCase:  # a kernel whose results and speed depend on its settings
+        def __init__(self, kernel, preset, dtype, device):
+            self.default, self.dim, self.bytes, self.window = (4, 64, 4), 64, 1000, (0, 2)
+            self.tolerance = tk.TOLERANCE[dtype]
+
+        def run(self, tune):
+            last["tune"] = tune or {}
+            if tune == {"block_n": 8}:
+                return [ref * 1.01]  # wrong
+            if (tune or {}).get("block_d") == 32:
+                return [ref * (1 + 2e-7)]  # a different summation order: rounding
+            return [ref.clone()]
+
+    speed = {(): 1.0, (("block_n", 8),): 0.2, (("block_n", 2),): 0.8, (("block_d", 32),): 0.9,
+             (("block_d", 32), ("block_n", 2)): 0.5}
+
+    def timed(fn):
+        fn()
+        ms = speed.get(tuple(sorted(last["tune"].items())), 1.2)
+        return ms, ms, ms
+
+    monkeypatch.setattr(tk, "Case", StubCase)
+    res = tk.sweep("sim_fwd", tk.PRESETS["tiny_fused"], "fp32", "cpu", timed, None, float("inf"))
+    rows = {tuple(sorted(r["tune"].items())): r for r in res["rows"]}
+    assert len(rows) == len(res["rows"]) == 1 + len(tk.candidates((4, 64, 4), 64)) + 1
+    assert not rows[(("block_n", 8),)]["valid"]  # the fastest single variant, but wrong
+    assert rows[(("block_d", 32),)]["valid"] and not rows[(("block_d", 32),)]["bits_equal"]
+    # block_n 2 (0.8 ms) and block_d 32 (0.9 ms) beat the default: tried together, at 0.5 ms the best
+    assert res["best"]["tune"] == {"block_n": 2, "block_d": 32} and res["best"]["ms"] == 0.5
+    assert res["best"]["speedup_vs_default"] == 2.0 and not res["cut_short"]

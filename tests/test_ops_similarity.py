@@ -1068,3 +1068,73 @@ def test_fused_resample_grid_side_limit():
     f = torch.zeros(1, 1, 2, 1, device=DEV)
     with pytest.raises(ValueError, match="grid sides above"):
         crepa_loss(p, f, projected_grid=(1, n), features_grid=(1, 2), backend="triton")
+
+
+def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch):
+    """The settings bench/tune_kernels.py reports as each kernel's default are the ones a plain launch
+    uses, and its overrides reach the launch (blocks, grid, warps, stages) without changing the
+    results: token block, warps and stages do not touch the summation order."""
+    from crepa_kernels.ops import resample, similarity
+
+    launches = []
+
+    def recording(real):
+        def pick(kernel, traceable):
+            launcher = real(kernel, traceable)
+
+            class Record:
+                def __getitem__(self, grid):
+                    def launch(*args, **meta):
+                        launches.append((kernel, grid, meta))
+                        return launcher[grid](*args, **meta)
+                    return launch
+            return Record()
+        return pick
+
+    monkeypatch.setattr(similarity, "_kernel", recording(similarity._kernel))
+    monkeypatch.setattr(resample, "_kernel", recording(resample._kernel))
+    g = torch.Generator().manual_seed(5)
+    B, T, D, grids = 1, 3, 40, (3, 5, 2, 3)  # projected on 3x5, resampled to features' 2x3
+    p = torch.randn(B, T, 15, D, generator=g).to(DEV)
+    f = torch.randn(B, T, 6, D, generator=g).to(DEV)
+    N, acc = f.shape[2], torch.float32
+    kw = dict(distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False, resample_p=grids)
+
+    def forward(tune):
+        outs = [torch.full((B, T, N), float("nan"), device=DEV) for _ in range(4)]
+        outs.append(torch.full((B, T, num_slots(1, T, False), N), float("nan"), device=DEV))
+        _launch_forward(p, f, *outs, **kw, tune=tune)
+        return outs
+
+    side = forward(None)
+    g_total = torch.full((), 0.5, device=DEV).expand(B, T, N)
+
+    def backward(tune):
+        dp = torch.full((B, 2, N, D), float("nan"), device=DEV)
+        _launch_backward(p, f, side[2], side[3], side[4], g_total, None, dp, None, frames=(1, 2), **kw, tune=tune)
+        return [dp]
+
+    def resample_backward(tune):
+        return [resample._launch_bwd(backward(None)[0], *grids, tune=tune)]
+
+    cases = [(forward, similarity._neighbour_cosine_fwd_kernel,
+              similarity.forward_settings(f.shape, 1, False, acc, p.device, fused=True)),
+             (backward, similarity._neighbour_cosine_bwd_kernel,
+              similarity.backward_settings(f.shape, 1, False, acc, p.device, fused=True)),
+             (resample_backward, resample._resample_bwd_kernel, resample.bwd_settings(15, D))]
+    for run, kernel, (block_n, block_d, warps) in cases:
+        launches.clear()
+        ref = run(None)
+        (_, grid, meta), = [x for x in launches if x[0] is kernel]
+        assert (meta["BLOCK_N"], meta["BLOCK_D"], meta["num_warps"]) == (block_n, block_d, warps)
+        assert "num_stages" not in meta  # a default launch keeps Triton's own depth
+        other_n = block_n // 2 if block_n >= 4 else block_n * 2
+        tune = {"block_n": other_n, "num_warps": 8 if warps != 8 else 4, "num_stages": 1}
+        launches.clear()
+        out = run(tune)
+        (_, grid2, meta), = [x for x in launches if x[0] is kernel]
+        assert (meta["BLOCK_N"], meta["BLOCK_D"], meta["num_warps"], meta["num_stages"]) == \
+            (other_n, block_d, tune["num_warps"], 1)
+        assert grid2[0] != grid[0]  # the grid follows the token block
+        for a, b in zip(out, ref):
+            assert not a.isnan().any() and torch.equal(a, b)

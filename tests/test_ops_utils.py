@@ -367,3 +367,22 @@ def test_every_launch_site_is_guarded_by_its_tensors_device(monkeypatch):
             assert shapes == [p.shape, torch.Size([1, 3, 4, 8]), torch.Size([1, 3, 4, 8]),
                               torch.Size([1, 3, 4, 8])], shapes
         assert all(kind is torch.Tensor for _, kind in seen)
+
+
+def test_launch_overrides_replace_only_what_they_name():
+    from crepa_kernels.ops.utils import apply_tune
+
+    assert apply_tune(8, 64, 4, None) == (8, 64, 4, {}) == apply_tune(8, 64, 4, {})
+    assert apply_tune(8, 64, 4, {"block_n": 2, "num_warps": 8}) == (2, 64, 8, {})
+    # Triton's own pipelining depth stays unless one is given (any positive int, not only powers of two)
+    assert apply_tune(8, 64, 4, {"num_stages": 3, "block_d": 128}) == (8, 128, 4, {"num_stages": 3})
+
+
+@pytest.mark.parametrize("tune, match", [({"block_m": 4}, "unknown setting"), ({"block_n": 3}, "power of two"),
+                                         ({"num_warps": 0}, "positive int"), ({"num_stages": True}, "positive int"),
+                                         ({"block_d": 64.0}, "positive int")])
+def test_bad_launch_overrides_name_the_setting(tune, match):
+    from crepa_kernels.ops.utils import apply_tune
+
+    with pytest.raises(ValueError, match=match):
+        apply_tune(8, 64, 4, tune)

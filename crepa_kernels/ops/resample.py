@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, cdiv, device_guard, direct_launch_ok, next_power_of_2, num_warps_for,
-                    triton_available, triton_supports)
+from .utils import (FLOAT_DTYPES, apply_tune, cdiv, device_guard, direct_launch_ok, next_power_of_2,
+                    num_warps_for, triton_available, triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -328,11 +328,20 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
     return out
 
 
+def bwd_settings(n_in: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) of the backward writing ``n_in`` input tokens of ``D`` features."""
+    block_d = _feature_block(D)
+    block_n = _token_block(n_in, block_d, _BWD_TILE)
+    return block_n, block_d, num_warps_for(2 * block_n * block_d)  # several contributions per element
+
+
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
-                traceable: bool = False, out: "torch.Tensor | None" = None) -> torch.Tensor:
+                traceable: bool = False, out: "torch.Tensor | None" = None,
+                tune: "dict | None" = None) -> torch.Tensor:
     # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
     # is consumed in place without materialising it. `out`: a (B, T, n_in, D) destination whose
-    # frames are dense (e.g. a frame slice of a larger gradient); by default a new tensor.
+    # frames are dense (e.g. a frame slice of a larger gradient); by default a new tensor. `tune`:
+    # launch-setting overrides (`utils.apply_tune`), for tuning sweeps.
     B, T, _, D = grad_out.shape
     n_in = in_h * in_w
     if out is None:
@@ -345,8 +354,7 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
                              f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if grad_in.numel() == 0:
         return grad_in
-    block_d = _feature_block(D)
-    block_n = _token_block(n_in, block_d, _BWD_TILE)
+    block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(n_in, D), tune)
     n_tok_blocks = cdiv(n_in, block_n)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
     with device_guard(grad_out):
@@ -360,7 +368,8 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
             R_W=_contributor_bound(in_w, out_w),
             BLOCK_N=block_n,
             BLOCK_D=block_d,
-            num_warps=num_warps_for(2 * block_n * block_d),  # several contributions per element
+            num_warps=num_warps,
+            **extra,
         )
     return grad_in
 

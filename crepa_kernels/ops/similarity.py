@@ -25,9 +25,9 @@ from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token
                        check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (FLOAT_DTYPES, accumulation_dtype, bwd_window_bytes, cdiv, device_guard, direct_launch_ok,
-                    elements_per_thread, fused_halves_token_block, is_plain_tensor, merged_backward_enabled,
-                    next_power_of_2, num_warps_for, triton_supports)
+from .utils import (FLOAT_DTYPES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard,
+                    direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
+                    merged_backward_enabled, next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -556,17 +556,18 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
 def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,
                     tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                     block_d: int | None = None, traceable: bool = False,
-                    resample_p: tuple[int, int, int, int] | None = None) -> None:
+                    resample_p: tuple[int, int, int, int] | None = None, tune: dict | None = None) -> None:
     """Writes every element of total/self_tok/pnorm/fnorm (B, T, N) and cos (B, T, S, N), all
     contiguous in the accumulation dtype. Inputs may have any strides. ``traceable`` launches through
     ``wrap_triton`` (inside the custom ops, so torch.compile can capture the kernel).
     ``resample_p = (in_h, in_w, out_h, out_w)``: projected is (B, T, in_h * in_w, D) and is resampled
-    to features' N = out_h * out_w tokens as it is read."""
+    to features' N = out_h * out_w tokens as it is read. ``tune``: launch-setting overrides
+    (`utils.apply_tune`), for tuning sweeps."""
     B, T, N, D = features.shape
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
-    acc = total.dtype
-    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, 1, block_d,
-                                            fused=resample_p is not None)
+    block_n, bd, num_warps = forward_settings(features.shape, distance, cumulative, total.dtype, projected.device,
+                                              block_d, resample_p is not None)
+    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0:
@@ -580,16 +581,34 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
         *(resample_p or (1, 1, 1, 1)),
         S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
         CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
-        IS_FP64=acc == torch.float64, RESAMPLE_P=resample_p is not None,
-        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps,
+        IS_FP64=total.dtype == torch.float64, RESAMPLE_P=resample_p is not None,
+        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
     )
+
+
+def forward_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
+                     block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) of the forward for features of ``shape`` (B, T, N, D);
+    ``fused``: with the projected side's resample fused in."""
+    B, T, N, D = shape
+    s_pad = next_power_of_2(num_slots(distance, T, cumulative))
+    return _launch_config(B, T, N, D, s_pad, acc, device, 1, block_d, fused=fused)
+
+
+def backward_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
+                      tiles: int = 1, block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) of the backward for features of ``shape`` (the whole clip's,
+    also for a frame window); ``tiles``: 2 when it computes both gradients."""
+    B, T, N, D = shape
+    s_pad = next_power_of_2(num_slots(distance, T, cumulative))
+    return _launch_config(B, T, N, D, s_pad, acc, device, max(tiles, 1), block_d, fused=fused)
 
 
 def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
                      *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                      block_d: int | None = None, traceable: bool = False,
                      resample_p: tuple[int, int, int, int] | None = None,
-                     frames: tuple[int, int] | None = None) -> None:
+                     frames: tuple[int, int] | None = None, tune: dict | None = None) -> None:
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
     skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None.
     With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
@@ -600,11 +619,11 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     if resample_p is not None and d_features is not None:
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
-    acc = pnorm.dtype
     tiles = (d_projected is not None) + (d_features is not None)
     # Launch settings from the whole clip, so every window runs the same compiled kernel.
-    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, acc, projected.device, max(tiles, 1), block_d,
-                                            fused=resample_p is not None)
+    block_n, bd, num_warps = backward_settings(features.shape, distance, cumulative, pnorm.dtype, projected.device,
+                                               tiles, block_d, resample_p is not None)
+    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * tc * n_blocks,)
     if B * tc * N == 0 or (d_projected is None and d_features is None):
@@ -628,7 +647,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
         HAS_GT=g_total is not None, HAS_GS=g_self is not None,
         COMPUTE_DP=d_projected is not None, COMPUTE_DF=d_features is not None,
         RESAMPLE_P=resample_p is not None, TAPS_FP64=projected.dtype == torch.float64,
-        num_warps=num_warps,
+        num_warps=num_warps, **extra,
     )
 
 

@@ -217,3 +217,26 @@ def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:
     ept = elements_per_thread() if ept is None else ept
     warps = next_power_of_2(max(1, int(block_elems) // (32 * ept)))
     return max(2, min(8, warps))
+
+
+TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
+
+
+def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None") -> tuple[int, int, int, dict]:
+    """(BLOCK_N, BLOCK_D, num_warps, extra launch options) with a tuning sweep's overrides applied.
+
+    ``tune`` maps some of ``TUNE_KEYS`` to ints and replaces the shape-derived settings it names
+    (``bench/tune_kernels.py`` times the hot kernels this way); ``num_stages`` is passed to Triton only
+    when given, so a default launch keeps Triton's own pipelining depth. None or {}: the defaults."""
+    if not tune:
+        return block_n, block_d, num_warps, {}
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown:
+        raise ValueError(f"tune: unknown setting(s) {unknown}; expected some of {list(TUNE_KEYS)}")
+    for key, value in tune.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tune[{key!r}] must be a positive int, got {value!r}")
+        if key != "num_stages" and value & (value - 1):
+            raise ValueError(f"tune[{key!r}] must be a power of two, got {value}")
+    extra = {"num_stages": tune["num_stages"]} if "num_stages" in tune else {}
+    return (tune.get("block_n", block_n), tune.get("block_d", block_d), tune.get("num_warps", num_warps), extra)
