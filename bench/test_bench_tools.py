@@ -429,3 +429,15 @@ def test_tune_sweep_never_reports_an_invalid_variant_as_best(monkeypatch):
     # block_n 2 (0.8 ms) and block_d 32 (0.9 ms) beat the default: tried together, at 0.5 ms the best
     assert res["best"]["tune"] == {"block_n": 2, "block_d": 32} and res["best"]["ms"] == 0.5
     assert res["best"]["speedup_vs_default"] == 2.0 and not res["cut_short"]
+
+
+def test_host_ab_loads_another_revision_beside_this_checkout(tmp_path):
+    """bench/host_ab.py: a git revision's package, renamed, runs interleaved with this checkout's."""
+    out = tmp_path / "ab.json"
+    proc = _run("host_ab.py", "--base", "HEAD", "--rounds", "2", "--calls", "5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["base"] == "HEAD" and "not a GPU time" in report["note"]
+    assert [len(report["rounds_us"][k]) for k in ("base", "new")] == [2, 2]
+    assert all(t > 0 for k in ("base", "new") for t in report["rounds_us"][k])
+    assert report["new_over_base"]["min"] <= report["new_over_base"]["median"] <= report["new_over_base"]["max"]

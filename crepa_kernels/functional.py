@@ -124,15 +124,14 @@ def crepa_loss(
             per_video = per_video / total.shape[1]
         loss = -weight * per_video.mean()
     if not torch.compiler.is_compiling():  # bookkeeping for info() (calls that succeeded); not for graphs
-        _last_choice.update(backend=chosen, reason=reason, device=str(projected.device))
+        _last_choice.update(backend=chosen, reason=reason, device=projected.device)  # a str when read
     return CrepaOutput(loss, total, self_sim)
 
 
 def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumulative, normalize_neighbour_sum,
                        loss_scale=None):
     """(total, self_sim, loss): loss = loss_scale * mean(total) when computed with them, else None."""
-    from .ops.resample import resample_tokens
-    from .ops.similarity import _neighbour_cosine
+    resample_tokens, _neighbour_cosine = _triton_ops()
 
     projected_resample = None
     if plan.pool:
@@ -153,8 +152,25 @@ def _similarity_triton(projected, features, plan: TokenPlan, distance, tau, cumu
     return out if loss_scale is not None else (*out, None)
 
 
+_TRITON_OPS: tuple = ()
+
+
+def _triton_ops():
+    """(resample_tokens, _neighbour_cosine), imported on first use: the torch backend never needs triton."""
+    global _TRITON_OPS
+    if not _TRITON_OPS:
+        from .ops.resample import resample_tokens
+        from .ops.similarity import _neighbour_cosine
+
+        _TRITON_OPS = (resample_tokens, _neighbour_cosine)
+    return _TRITON_OPS
+
+
 def last_backend_choice() -> dict:
-    return dict(_last_choice)
+    out = dict(_last_choice)
+    if "device" in out:
+        out["device"] = str(out["device"])
+    return out
 
 
 # ------------------------------------------------------------------ validation

@@ -11,13 +11,15 @@ weights the forward used, so it is deterministic and needs no atomics.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, apply_tune, cdiv, device_guard, direct_launch_ok, next_power_of_2,
-                    num_warps_for, triton_available, triton_supports)
+from .utils import (FLOAT_DTYPES, apply_tune, cdiv, device_guard, direct_launch_ok, elements_per_thread,
+                    next_power_of_2, num_warps_for, triton_available, triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -330,9 +332,14 @@ def _launch_fwd(x: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
 
 def bwd_settings(n_in: int, D: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) of the backward writing ``n_in`` input tokens of ``D`` features."""
+    return _bwd_settings(n_in, D, elements_per_thread())
+
+
+@functools.lru_cache(maxsize=256)  # on every backward window's path
+def _bwd_settings(n_in: int, D: int, ept: int) -> tuple[int, int, int]:
     block_d = _feature_block(D)
     block_n = _token_block(n_in, block_d, _BWD_TILE)
-    return block_n, block_d, num_warps_for(2 * block_n * block_d)  # several contributions per element
+    return block_n, block_d, num_warps_for(2 * block_n * block_d, ept)  # several contributions per element
 
 
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,

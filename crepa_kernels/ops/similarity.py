@@ -500,6 +500,7 @@ def _split(x: float) -> tuple[float, float]:
     return hi, float(x - hi)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments, on every launch's path
 def _window_args(distance: int, T: int, cumulative: bool, tau: float):
     """(d, S, S_PAD, (inv_tau_hi, inv_tau_lo, eps_hi, eps_lo)): the clamped neighbour distance, the
     slot count and its power-of-two padding, and the float scalars every similarity kernel takes."""
@@ -565,8 +566,8 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     (`utils.apply_tune`), for tuning sweeps."""
     B, T, N, D = features.shape
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
-    block_n, bd, num_warps = forward_settings(features.shape, distance, cumulative, total.dtype, projected.device,
-                                              block_d, resample_p is not None)
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, total.dtype, projected.device, 1, block_d,
+                                            fused=resample_p is not None)  # as forward_settings gives them
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
@@ -620,9 +621,10 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     tiles = (d_projected is not None) + (d_features is not None)
-    # Launch settings from the whole clip, so every window runs the same compiled kernel.
-    block_n, bd, num_warps = backward_settings(features.shape, distance, cumulative, pnorm.dtype, projected.device,
-                                               tiles, block_d, resample_p is not None)
+    # Launch settings from the whole clip, so every window runs the same compiled kernel (as
+    # backward_settings gives them).
+    block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, pnorm.dtype, projected.device, max(tiles, 1),
+                                            block_d, fused=resample_p is not None)
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * tc * n_blocks,)
@@ -742,6 +744,11 @@ def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple
     each) covering ``frames``, their sizes differing by at most one: the buffer a window needs is as
     small as that number of windows allows (wan480 fp32, 21 frames of ~8.02 MiB under 128 MiB:
     11 + 10, not 15 + 6). No frames: one empty window."""
+    return list(_frame_windows(frames, frame_bytes, limit_bytes))
+
+
+@functools.lru_cache(maxsize=256)  # on every backward's path
+def _frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> tuple[tuple[int, int], ...]:
     per = max(1, limit_bytes // max(1, frame_bytes))
     count = max(1, cdiv(frames, per))
     size, extra = divmod(frames, count)
@@ -750,7 +757,7 @@ def frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> list[tuple
         tc = size + (i < extra)
         out.append((t0, tc))
         t0 += tc
-    return out
+    return tuple(out)
 
 
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
@@ -772,7 +779,9 @@ def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, 
     resample_p = _resample_arg(grids)
     if resample_p is not None and need_features:
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
-    df = torch.empty(features.shape if need_features else (0,), dtype=features.dtype, device=features.device)
+    # An unneeded gradient is an empty tensor (a custom op cannot return None), or None on the eager path.
+    df = (torch.empty(features.shape if need_features else (0,), dtype=features.dtype, device=features.device)
+          if need_features or traceable else None)
     if resample_p is None or not need_projected:
         dp = torch.empty(projected.shape if need_projected else (0,), dtype=projected.dtype,
                          device=projected.device)
@@ -791,7 +800,7 @@ def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, 
     if torch.compiler.is_compiling() or not (is_plain_tensor(projected) and is_plain_tensor(pnorm)):
         windows = [(0, T)]  # traced into a graph (fake tensors): one window, the compiler plans the memory
     else:
-        windows = frame_windows(T, B * N * D * projected.element_size(), bwd_window_bytes())
+        windows = _frame_windows(T, B * N * D * projected.element_size(), bwd_window_bytes())
     if len(windows) == 1:
         dp_res = torch.empty((B, T, N, D), dtype=projected.dtype, device=projected.device)
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp_res, None,

@@ -1,0 +1,131 @@
+"""Host cost of a crepa_loss forward + backward, this checkout against another revision, interleaved.
+
+The package of ``--base`` (a git revision) is exported into a temporary directory under another
+name (``crepa_kernels_base``, its custom ops in their own namespace), so both versions load into one
+process. The Triton kernels of both are stubbed out, as in ``test_bench_host.py``, and rounds of
+``--calls`` calls alternate between them: a drift of the machine's speed (on small VMs, up to 2x
+between runs) falls on both alike. Reported: each version's median over the rounds of its per-round
+median call time, and the median, minimum and maximum over the rounds of new / base.
+
+    python bench/host_ab.py --base HEAD~1 [--preset wan480_grids] [--rounds 15] [--calls 300]
+
+Set ``CREPA_KERNELS_BWD_WINDOW_MIB=1`` to split wan480_grids' backward into two frame windows.
+These are host times of this machine's CPU (CPU tensors, kernels stubbed), not GPU times.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors reach the (stubbed) Triton path
+
+import torch  # noqa: E402
+
+BASE_NAME = "crepa_kernels_base"
+KERNELS = {"similarity": ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel",
+                          "_neighbour_cosine_resample_bwd_kernel"),
+           "resample": ("_resample_fwd_kernel", "_resample_bwd_kernel")}
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def export_base(rev: str, into: str) -> str:
+    """``rev``'s crepa_kernels/ as package BASE_NAME under ``into`` (every mention renamed, the
+    torch.library namespace included); returns ``into``."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "crepa_kernels"],
+                             capture_output=True, check=True).stdout
+    tar_path = os.path.join(into, "base.tar")
+    with open(tar_path, "wb") as fh:
+        fh.write(archive)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(into, filter="data")
+    os.rename(os.path.join(into, "crepa_kernels"), os.path.join(into, BASE_NAME))
+    for folder, _, files in os.walk(os.path.join(into, BASE_NAME)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(text.replace("crepa_kernels", BASE_NAME))
+    return into
+
+
+def stubbed_step(package: str, preset: str):
+    """One forward + backward of ``package``'s crepa_loss at ``preset``, its kernels stubbed."""
+    pkg = importlib.import_module(package)
+    for module, names in KERNELS.items():
+        mod = importlib.import_module(f"{package}.ops.{module}")
+        for name in names:
+            setattr(mod, name, _NoLaunch())
+    bm = importlib.import_module(f"{package}.benchmark")
+    presets = dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))
+    pr = presets[preset]
+    p = torch.zeros(pr.shapes["projected"], requires_grad=True)
+    f = torch.zeros(pr.shapes["features"])
+
+    def step():
+        p.grad = None
+        pkg.crepa_loss(p, f, projected_grid=pr.projected_grid, features_grid=pr.features_grid, weight=0.5,
+                       backend="triton").loss.backward()
+    return step
+
+
+def interleave(steps: dict, rounds: int, calls: int, warmup: int = 100) -> dict:
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    per = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            per[name].append(statistics.median(times) * 1e6)
+    return per
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="git revision to compare with (e.g. HEAD~1, main)")
+    ap.add_argument("--preset", default="wan480_grids", help="wan480_grids (wan480's grids, T 4, D 64) or a "
+                    "benchmark preset (CPU allocations then weigh in)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--out", default=None, help="JSON path")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, export_base(args.base, tmp))
+        steps = {"base": stubbed_step(BASE_NAME, args.preset), "new": stubbed_step("crepa_kernels", args.preset)}
+        per = interleave(steps, args.rounds, args.calls)
+    ratios = [n / b for n, b in zip(per["new"], per["base"])]
+    report = {"base": args.base, "preset": args.preset, "rounds": args.rounds, "calls": args.calls,
+              "switches": {k: v for k, v in os.environ.items() if k.startswith("CREPA_KERNELS_")},
+              "median_us": {k: statistics.median(v) for k, v in per.items()}, "rounds_us": per,
+              "new_over_base": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+              "note": "host time with the Triton kernels stubbed out, CPU tensors; not a GPU time"}
+    print(f"base {report['median_us']['base']:.1f} us, new {report['median_us']['new']:.1f} us; new/base median "
+          f"{report['new_over_base']['median']:.3f} [{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
