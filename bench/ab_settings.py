@@ -6,7 +6,9 @@ on all variants alike; a variant's figure is its median over the rounds. Per var
 host keeps ahead, as in a training step) and ``synced_ms`` (the median of single synced calls: adds
 the host's latency before the first kernel), both for forward + backward of the whole crepa_loss,
 plus the allocator's peak above the inputs. The switches are read at call time, so one process
-serves every variant.
+serves every variant. ``--tuned TUNE_JSON`` adds a variant ``tuned`` that runs the default switches
+with each kernel's best launch settings from a ``bench/tune_kernels.py`` report (per dtype), so a
+sweep's per-kernel gains can be checked on whole calls.
 
     python bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \\
         --variant default= --variant win128=CREPA_KERNELS_BWD_WINDOW_MIB=128 --out ab.json
@@ -17,6 +19,7 @@ timings, no memory figure, not a performance figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from crepa_kernels import benchmark as bm  # noqa: E402
+from crepa_kernels.ops.utils import launch_overrides  # noqa: E402
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -48,8 +52,29 @@ def _one_round(run, device, synced: int, queued: int) -> dict:
     return {"synced_ms": r["median_ms"], "queued_ms": r["queued_ms"], "peak_extra_bytes": r.get("peak_extra_bytes")}
 
 
+def tuned_overrides(path: str) -> dict[str, dict]:
+    """dtype -> kernel -> the best settings of a bench/tune_kernels.py report (kernels whose default
+    was best are left out)."""
+    with open(path) as fh:
+        report = json.load(fh)
+    out: dict[str, dict] = {}
+    for r in report.get("results", []):
+        best = r.get("best")
+        if best and best.get("valid") and best.get("tune"):
+            out.setdefault(r["dtype"], {})[r["kernel"]] = dict(best["tune"])
+    return out
+
+
+@contextlib.contextmanager
+def _variant(env: dict, launch: "dict | None"):
+    with bm.environment_override(env), launch_overrides(launch):
+        yield
+
+
 def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, rounds: int, warmup: int,
-           synced: int, queued: int, device) -> list[dict]:
+           synced: int, queued: int, device, launch: "dict | None" = None) -> list[dict]:
+    """``launch``: variant name -> dtype -> launch-setting overrides (`launch_overrides`) it runs with."""
+    launch = launch or {}
     pr = bm.PRESETS[preset]
     rows = []
     for dtype in dtypes:
@@ -59,7 +84,7 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
         failed = {}  # a variant that raises is dropped with its error: the others still compare
         for name, env in variants:  # warm-up: compiles each variant's kernels outside the timed rounds
             try:
-                with bm.environment_override(env):
+                with _variant(env, launch.get(name, {}).get(dtype)):
                     for _ in range(warmup):
                         run()
             except Exception as exc:
@@ -69,7 +94,7 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
                 if name in failed:
                     continue
                 try:
-                    with bm.environment_override(env):
+                    with _variant(env, launch.get(name, {}).get(dtype)):
                         per[name].append(_one_round(run, device, synced, queued))
                 except Exception as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
@@ -82,6 +107,7 @@ def run_ab(preset: str, dtypes: list[str], variants: list[tuple[str, dict]], *, 
             q = [x["queued_ms"] for x in r]
             peaks = [x["peak_extra_bytes"] for x in r if x["peak_extra_bytes"] is not None]
             rows.append({"preset": preset, "dtype": dtype, "variant": name, "environment_override": env,
+                         "launch_overrides": launch.get(name, {}).get(dtype) or {},
                          "queued_ms": statistics.median(q), "queued_min_ms": min(q), "queued_max_ms": max(q),
                          "synced_ms": statistics.median(x["synced_ms"] for x in r),
                          "peak_extra_bytes": max(peaks) if peaks else None, "rounds": r})
@@ -111,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="wan480", choices=sorted(bm.PRESETS))
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--variant", action="append", default=[], help="NAME= or NAME=KEY=VALUE[,KEY=VALUE]")
+    ap.add_argument("--tuned", metavar="TUNE_JSON", help="add a variant 'tuned': the default switches with each "
+                    "kernel's best launch settings from a bench/tune_kernels.py report, per dtype")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--synced", type=int, default=10, help="single synced calls per round")
@@ -119,6 +147,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in (args.variant or ["default="])]
+        launch = {}
+        if args.tuned:
+            try:
+                launch["tuned"] = tuned_overrides(args.tuned)
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"--tuned: cannot read tuned settings from {args.tuned!r}: {e}") from None
+            for dtype, per_dtype in launch["tuned"].items():
+                try:
+                    with launch_overrides(per_dtype):  # checks them before anything runs
+                        pass
+                except ValueError as e:
+                    raise ValueError(f"--tuned: {args.tuned!r}, {dtype}: {e}") from None
+            variants.append(("tuned", {}))
         names = [name for name, _ in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"--variant: names must differ, got {', '.join(names)}")
@@ -137,7 +178,7 @@ def main(argv=None) -> int:
               "queued_calls": args.queued, "results": []}
     for dtype in dtypes:  # the file is rewritten after each dtype: a time limit keeps what finished
         report["results"] += run_ab(args.preset, [dtype], variants, rounds=args.rounds, warmup=args.warmup,
-                                    synced=args.synced, queued=args.queued, device=device)
+                                    synced=args.synced, queued=args.queued, device=device, launch=launch)
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(report, fh, indent=2)

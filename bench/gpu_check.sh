@@ -9,8 +9,8 @@
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
 #                   step, and tune (opt-in: the launch-setting sweep of bench/tune_kernels.py at wan480,
-#                   CHECK_TUNE_S seconds, default 180, on top of the budget); each part keeps its share
-#                   of CHECK_BUDGET_S when others are left out
+#                   then an A/B of its winners on whole calls; CHECK_TUNE_S seconds, default 240, on top
+#                   of the budget); each part keeps its share of CHECK_BUDGET_S when others are left out
 #   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 480; 0:
 #                   none); each part's limit is cut to what is left (10 s kept for the end), and a
 #                   part with under 20 s left is skipped, so a caller's own time limit never cuts
@@ -39,7 +39,7 @@ if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   echo "CHECK_DEADLINE_S: expected a whole number of seconds, got '$DEADLINE'" >&2
   exit 2
 fi
-TUNE_S=${CHECK_TUNE_S:-180}
+TUNE_S=${CHECK_TUNE_S:-240}
 if ! [[ "$TUNE_S" =~ ^[0-9]+$ ]]; then
   echo "CHECK_TUNE_S: expected a whole number of seconds, got '$TUNE_S'" >&2
   exit 2
@@ -123,12 +123,21 @@ if want profile && fits profile 60; then
 fi
 
 if want tune && fits tune "$TUNE_S"; then
-  # the sweep stops starting variants at its budget; 45 s cover the variant in flight and the
-  # defaults of the kernels and dtypes still to come (each runs at least its default)
-  budget=$(( LIMIT > 75 ? LIMIT - 45 : 30 ))
-  echo "== launch-setting sweep of the hot kernels at wan480 (limit ${LIMIT}s, budget ${budget}s)"
-  timeout "$LIMIT" python3 bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s "$budget" \
+  # The sweep stops starting variants at its budget (45 s before its limit cover the variant in flight
+  # and the defaults still to come); the last 70 s of the part time its winners on whole calls.
+  tune_end=$(( SECONDS + LIMIT ))
+  sweep_limit=$(( LIMIT > 145 ? LIMIT - 70 : LIMIT ))
+  budget=$(( sweep_limit > 75 ? sweep_limit - 45 : 30 ))
+  echo "== launch-setting sweep of the hot kernels at wan480 (limit ${sweep_limit}s, budget ${budget}s)"
+  timeout "$sweep_limit" python3 bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s "$budget" \
     --out "$OUT_DIR/tune_wan480.json" || status=1
+  ab_limit=$(( tune_end - SECONDS ))
+  if [ -s "$OUT_DIR/tune_wan480.json" ] && [ "$ab_limit" -ge 20 ]; then
+    echo "== interleaved A/B at wan480: defaults vs the sweep's best settings (limit ${ab_limit}s)"
+    timeout "$ab_limit" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+      --variant default= --tuned "$OUT_DIR/tune_wan480.json" --out "$OUT_DIR/ab_tuned_wan480.json" 2>&1 \
+      | tail -n 8 || status=1
+  fi
 fi
 
 if ! want step || ! fits step "$step_s"; then

@@ -108,6 +108,33 @@ def test_ab_settings_keeps_comparing_when_a_variant_fails(tmp_path):
     assert "| tiny | fp32 | broken | failed: ValueError" in proc.stdout
 
 
+def test_ab_settings_times_a_sweeps_best_settings_as_a_variant(tmp_path):
+    """--tuned: a variant 'tuned' with each kernel's best settings for its dtype from a tune report;
+    kernels whose default won (an empty best) and other dtypes' settings are left out."""
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"results": [
+        {"kernel": "sim_bwd", "dtype": "fp32", "best": {"valid": True, "tune": {"block_n": 4, "num_warps": 4}}},
+        {"kernel": "sim_fwd", "dtype": "fp32", "best": {"valid": True, "tune": {}}},
+        {"kernel": "sim_fwd", "dtype": "bf16", "best": {"valid": True, "tune": {"block_n": 8}}}]}))
+    out = tmp_path / "ab.json"
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "1", "--warmup", "1",
+                "--synced", "1", "--queued", "1", "--variant", "default=", "--tuned", str(tune), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["launch_overrides"]) for r in rows] == \
+        [("default", {}), ("tuned", {"sim_bwd": {"block_n": 4, "num_warps": 4}})]
+    assert all(r["queued_ms"] > 0 and "error" not in r for r in rows)
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"results": [
+    {"kernel": "sim_bwdd", "dtype": "fp32", "best": {"valid": True, "tune": {"block_n": 4}}}]})])
+def test_ab_settings_refuses_a_bad_tune_report(tmp_path, content):
+    tune = tmp_path / "tune.json"
+    tune.write_text(content)
+    proc = _run("ab_settings.py", "--preset", "tiny", "--tuned", str(tune))
+    assert proc.returncode == 2 and "--tuned" in proc.stderr.splitlines()[-1], proc.stderr
+
+
 @pytest.mark.parametrize("specs", [["nameonly"], ["=X=1"], ["bad=PATH=/tmp"], ["bad=CREPA_KERNELS_X"],
                                    ["a=", "a=CREPA_KERNELS_FUSED_RESAMPLE=0"]])
 def test_ab_settings_rejects_bad_variants(specs):
@@ -248,7 +275,10 @@ def _gpu_check_calls(tmp_path, **env):
     only records them (one line each), and the script's exit status."""
     fake, log = tmp_path / "bin", tmp_path / "calls.txt"
     fake.mkdir(parents=True)
-    (fake / "python3").write_text(f'#!/bin/bash\necho "$*" >> {log}\n')
+    # it records its command line and writes "{}" where a sweep is told to write its report
+    (fake / "python3").write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
+                                  'if [[ "$*" == *tune_kernels.py* ]]; then while [ $# -gt 0 ]; do '
+                                  '[ "$1" = --out ] && echo {} > "$2"; shift; done; fi\n')
     (fake / "python3").chmod(0o755)
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OUT": str(tmp_path / "out"), "PATH": f"{fake}:{os.environ['PATH']}",
@@ -259,11 +289,16 @@ def _gpu_check_calls(tmp_path, **env):
 def test_gpu_check_runs_the_tuning_sweep_only_when_asked(tmp_path):
     proc, calls = _gpu_check_calls(tmp_path / "default", CHECK_DEADLINE_S="0")
     assert proc.returncode == 0 and calls and not any("tune_kernels" in c for c in calls), proc.stdout
-    proc, calls = _gpu_check_calls(tmp_path / "tune", CHECK_PARTS="tune", CHECK_TUNE_S="100", CHECK_DEADLINE_S="0")
-    tune = [c for c in calls if "tune_kernels" in c]
-    assert proc.returncode == 0 and len(tune) == 1, proc.stdout + proc.stderr
-    # 45 s of the part's limit are kept for the variant in flight and the defaults still to run
-    assert "--preset wan480 --dtypes fp32,bf16 --budget-s 55 " in tune[0] and "tune_wan480.json" in tune[0]
+    proc, calls = _gpu_check_calls(tmp_path / "tune", CHECK_PARTS="tune", CHECK_TUNE_S="200", CHECK_DEADLINE_S="0")
+    scripts = [c for c in calls if "bench/" in c]
+    assert proc.returncode == 0 and len(scripts) == 2, proc.stdout + proc.stderr  # the sweep, then the A/B
+    sweep, ab = scripts
+    # of the part's 200 s the A/B keeps 70; of the sweep's 130, 45 cover the variant in flight and
+    # the defaults still to run
+    assert "tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s 85 " in sweep
+    assert "tune_wan480.json" in sweep
+    assert "ab_settings.py --preset wan480" in ab and "--variant default= --tuned" in ab
+    assert ab.split("--tuned ")[1].split()[0] == sweep.split("--out ")[1].split()[0]
 
 
 def test_gpu_check_refuses_a_bad_tuning_limit(tmp_path):

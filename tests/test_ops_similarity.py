@@ -1138,3 +1138,52 @@ def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch
         assert grid2[0] != grid[0]  # the grid follows the token block
         for a, b in zip(out, ref):
             assert not a.isnan().any() and torch.equal(a, b)
+
+
+def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
+    """What bench/ab_settings.py --tuned relies on: inside `launch_overrides`, the three hot kernels of
+    a crepa_loss call launch with the given settings (the same results), and outside with their own."""
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import resample, similarity
+    from crepa_kernels.ops.utils import launch_overrides
+
+    launches = []
+
+    def recording(real):
+        def pick(kernel, traceable):
+            launcher = real(kernel, traceable)
+
+            class Record:
+                def __getitem__(self, grid):
+                    def launch(*args, **meta):
+                        launches.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), meta))
+                        return launcher[grid](*args, **meta)
+                    return launch
+            return Record()
+        return pick
+
+    monkeypatch.setattr(similarity, "_kernel", recording(similarity._kernel))
+    monkeypatch.setattr(resample, "_kernel", recording(resample._kernel))
+    g = torch.Generator().manual_seed(2)
+    p0 = torch.randn(1, 3, 15, 40, generator=g).to(DEV)
+    f = torch.randn(1, 3, 6, 40, generator=g).to(DEV)
+
+    def run():
+        launches.clear()
+        p = p0.clone().requires_grad_(True)
+        out = crepa_loss(p, f, projected_grid=(3, 5), features_grid=(2, 3), weight=0.5, backend="triton")
+        out.loss.backward()
+        return out.loss.detach(), p.grad, {name: meta for name, meta in launches}
+
+    loss, grad, default = run()
+    tuned = {"sim_fwd": {"block_n": 4}, "sim_bwd": {"num_warps": 8, "num_stages": 1}, "resample_bwd": {"block_n": 4}}
+    with launch_overrides(tuned):
+        loss_t, grad_t, metas = run()
+    assert set(default) == set(metas) == {"_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel",
+                                          "_resample_bwd_kernel"}
+    assert metas["_neighbour_cosine_fwd_kernel"]["BLOCK_N"] == 4 != default["_neighbour_cosine_fwd_kernel"]["BLOCK_N"]
+    assert metas["_neighbour_cosine_bwd_kernel"]["num_warps"] == 8 != default["_neighbour_cosine_bwd_kernel"]["num_warps"]
+    assert metas["_neighbour_cosine_bwd_kernel"]["num_stages"] == 1
+    assert metas["_resample_bwd_kernel"]["BLOCK_N"] == 4 != default["_resample_bwd_kernel"]["BLOCK_N"]
+    assert torch.equal(loss_t, loss) and torch.equal(grad_t, grad)
+    assert run()[2] == default  # outside the block: the shape's own settings again

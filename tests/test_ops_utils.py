@@ -386,3 +386,22 @@ def test_bad_launch_overrides_name_the_setting(tune, match):
 
     with pytest.raises(ValueError, match=match):
         apply_tune(8, 64, 4, tune)
+
+
+def test_launch_overrides_are_checked_first_and_restored_after_an_error():
+    from crepa_kernels.ops.utils import LAUNCH_OVERRIDES, launch_overrides
+
+    with launch_overrides({"sim_bwd": {"num_warps": 4}}):
+        with pytest.raises(ValueError, match="unknown kernel 'sim_bwdd'"):
+            with launch_overrides({"sim_bwdd": {"num_warps": 4}}):
+                pass
+        with pytest.raises(ValueError, match="power of two"):
+            with launch_overrides({"sim_fwd": {"block_n": 6}}):
+                pass
+        assert LAUNCH_OVERRIDES == {"sim_bwd": {"num_warps": 4}}  # a refused one changed nothing
+        with pytest.raises(RuntimeError):
+            with launch_overrides({"resample_bwd": {"block_n": 4}}):
+                assert LAUNCH_OVERRIDES == {"resample_bwd": {"block_n": 4}}
+                raise RuntimeError
+        assert LAUNCH_OVERRIDES == {"sim_bwd": {"num_warps": 4}}
+    assert LAUNCH_OVERRIDES == {}

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, apply_tune, cdiv, device_guard, direct_launch_ok, elements_per_thread,
-                    next_power_of_2, num_warps_for, triton_available, triton_supports)
+from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, apply_tune, cdiv, device_guard, direct_launch_ok,
+                    elements_per_thread, next_power_of_2, num_warps_for, triton_available, triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -361,7 +361,8 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
                              f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if grad_in.numel() == 0:
         return grad_in
-    block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(n_in, D), tune)
+    block_n, block_d, num_warps, extra = apply_tune(
+        *bwd_settings(n_in, D), LAUNCH_OVERRIDES.get("resample_bwd") if tune is None else tune)
     n_tok_blocks = cdiv(n_in, block_n)
     grid = (n_tok_blocks * B * T, cdiv(D, block_d))
     with device_guard(grad_out):

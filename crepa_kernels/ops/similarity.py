@@ -25,8 +25,8 @@ from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token
                        check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (FLOAT_DTYPES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard,
-                    direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
+from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv,
+                    device_guard, direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
                     merged_backward_enabled, next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
@@ -568,7 +568,8 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, total.dtype, projected.device, 1, block_d,
                                             fused=resample_p is not None)  # as forward_settings gives them
-    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
+    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,
+                                               LAUNCH_OVERRIDES.get("sim_fwd") if tune is None else tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * T * n_blocks,)
     if B * T * N == 0:
@@ -625,7 +626,8 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     # backward_settings gives them).
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, pnorm.dtype, projected.device, max(tiles, 1),
                                             block_d, fused=resample_p is not None)
-    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps, tune)
+    block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,
+                                               LAUNCH_OVERRIDES.get("sim_bwd") if tune is None else tune)
     n_blocks = cdiv(N, block_n)
     grid = (B * tc * n_blocks,)
     if B * tc * N == 0 or (d_projected is None and d_features is None):

@@ -220,6 +220,34 @@ def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:
 
 
 TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
+# The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
+# similarity forward and backward (every launch of each) and the resample backward.
+TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd")
+# kernel name -> overrides, consulted by launches not given their own: empty unless a benchmark fills it
+# through `launch_overrides` (bench/ab_settings.py --tuned times tuned settings through whole calls).
+LAUNCH_OVERRIDES: dict = {}
+
+
+@contextlib.contextmanager
+def launch_overrides(overrides: "dict | None"):
+    """Within the block, launches of the named kernels (``TUNABLE_KERNELS``) take these settings
+    (kernel name -> overrides as `apply_tune` takes them), for benchmarking; the previous ones come
+    back afterwards, also after an error. Checked before anything changes."""
+    overrides = dict(overrides or {})
+    for kernel, tune in overrides.items():
+        if kernel not in TUNABLE_KERNELS:
+            raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; expected some of {list(TUNABLE_KERNELS)}")
+        if not isinstance(tune, dict):
+            raise ValueError(f"launch_overrides[{kernel!r}] must be a dict of settings, got {tune!r}")
+        apply_tune(1, 1, 1, tune)
+    saved = dict(LAUNCH_OVERRIDES)
+    LAUNCH_OVERRIDES.clear()
+    LAUNCH_OVERRIDES.update(overrides)
+    try:
+        yield
+    finally:
+        LAUNCH_OVERRIDES.clear()
+        LAUNCH_OVERRIDES.update(saved)
 
 
 def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None") -> tuple[int, int, int, dict]:
