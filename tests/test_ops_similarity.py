@@ -1070,10 +1070,9 @@ def test_fused_resample_grid_side_limit():
         crepa_loss(p, f, projected_grid=(1, n), features_grid=(1, 2), backend="triton")
 
 
-def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch):
-    """The settings bench/tune_kernels.py reports as each kernel's default are the ones a plain launch
-    uses, and its overrides reach the launch (blocks, grid, warps, stages) without changing the
-    results: token block, warps and stages do not touch the summation order."""
+def _record_launches(monkeypatch) -> list:
+    """Every kernel launch of the similarity and resample ops from now on, as (kernel, grid, meta),
+    launched as before."""
     from crepa_kernels.ops import resample, similarity
 
     launches = []
@@ -1093,6 +1092,16 @@ def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch
 
     monkeypatch.setattr(similarity, "_kernel", recording(similarity._kernel))
     monkeypatch.setattr(resample, "_kernel", recording(resample._kernel))
+    return launches
+
+
+def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch):
+    """The settings bench/tune_kernels.py reports as each kernel's default are the ones a plain launch
+    uses, and its overrides reach the launch (blocks, grid, warps, stages) without changing the
+    results: token block, warps and stages do not touch the summation order."""
+    from crepa_kernels.ops import resample, similarity
+
+    launches = _record_launches(monkeypatch)
     g = torch.Generator().manual_seed(5)
     B, T, D, grids = 1, 3, 40, (3, 5, 2, 3)  # projected on 3x5, resampled to features' 2x3
     p = torch.randn(B, T, 15, D, generator=g).to(DEV)
@@ -1144,26 +1153,9 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
     """What bench/ab_settings.py --tuned relies on: inside `launch_overrides`, the three hot kernels of
     a crepa_loss call launch with the given settings (the same results), and outside with their own."""
     from crepa_kernels import crepa_loss
-    from crepa_kernels.ops import resample, similarity
     from crepa_kernels.ops.utils import launch_overrides
 
-    launches = []
-
-    def recording(real):
-        def pick(kernel, traceable):
-            launcher = real(kernel, traceable)
-
-            class Record:
-                def __getitem__(self, grid):
-                    def launch(*args, **meta):
-                        launches.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), meta))
-                        return launcher[grid](*args, **meta)
-                    return launch
-            return Record()
-        return pick
-
-    monkeypatch.setattr(similarity, "_kernel", recording(similarity._kernel))
-    monkeypatch.setattr(resample, "_kernel", recording(resample._kernel))
+    launches = _record_launches(monkeypatch)
     g = torch.Generator().manual_seed(2)
     p0 = torch.randn(1, 3, 15, 40, generator=g).to(DEV)
     f = torch.randn(1, 3, 6, 40, generator=g).to(DEV)
@@ -1173,7 +1165,7 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
         p = p0.clone().requires_grad_(True)
         out = crepa_loss(p, f, projected_grid=(3, 5), features_grid=(2, 3), weight=0.5, backend="triton")
         out.loss.backward()
-        return out.loss.detach(), p.grad, {name: meta for name, meta in launches}
+        return out.loss.detach(), p.grad, {kernel.fn.__name__: meta for kernel, _, meta in launches}
 
     loss, grad, default = run()
     tuned = {"sim_fwd": {"block_n": 4}, "sim_bwd": {"num_warps": 8, "num_stages": 1}, "resample_bwd": {"block_n": 4}}
