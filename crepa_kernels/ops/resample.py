@@ -348,7 +348,8 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
     # is consumed in place without materialising it. `out`: a (B, T, n_in, D) destination whose
     # frames are dense (e.g. a frame slice of a larger gradient); by default a new tensor. `tune`:
-    # launch-setting overrides (`utils.apply_tune`), for tuning sweeps.
+    # launch-setting overrides (`utils.apply_tune`), for tuning sweeps; without it, those
+    # `utils.launch_overrides` set, if any.
     B, T, _, D = grad_out.shape
     n_in = in_h * in_w
     if out is None:

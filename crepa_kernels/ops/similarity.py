@@ -563,7 +563,7 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     ``wrap_triton`` (inside the custom ops, so torch.compile can capture the kernel).
     ``resample_p = (in_h, in_w, out_h, out_w)``: projected is (B, T, in_h * in_w, D) and is resampled
     to features' N = out_h * out_w tokens as it is read. ``tune``: launch-setting overrides
-    (`utils.apply_tune`), for tuning sweeps."""
+    (`utils.apply_tune`), for tuning sweeps; without it, those `utils.launch_overrides` set, if any."""
     B, T, N, D = features.shape
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, total.dtype, projected.device, 1, block_d,
@@ -615,7 +615,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None.
     With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
     the resampled projected, on features' N tokens. ``frames = (t0, tc)`` computes only frames
-    t0 .. t0 + tc - 1: the gradient buffers are then (B, tc, N, D)."""
+    t0 .. t0 + tc - 1: the gradient buffers are then (B, tc, N, D). ``tune`` as in `_launch_forward`."""
     B, T, N, D = features.shape
     t0, tc = frames if frames is not None else (0, T)
     if resample_p is not None and d_features is not None:
@@ -767,7 +767,8 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
     with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel gathers it there directly. An unneeded gradient
-    comes back as an empty tensor (custom ops cannot return None)."""
+    comes back as an empty tensor (custom ops cannot return None); an unneeded d features comes back
+    as None on the eager path (``traceable`` False)."""
     with device_guard(projected):
         return _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
                                   cumulative, normalize_neighbour_sum, need_projected, need_features, block_d,
