@@ -156,14 +156,17 @@ _TRITON_OPS: tuple = ()
 
 
 def _triton_ops():
-    """(resample_tokens, _neighbour_cosine), imported on first use: the torch backend never needs triton."""
+    """(resample_tokens, _neighbour_cosine), imported on first use: the torch backend never needs triton.
+    Kept for later calls by eager calls only, so that a graph being traced has no global to write."""
     global _TRITON_OPS
-    if not _TRITON_OPS:
-        from .ops.resample import resample_tokens
-        from .ops.similarity import _neighbour_cosine
+    if _TRITON_OPS:
+        return _TRITON_OPS
+    from .ops.resample import resample_tokens
+    from .ops.similarity import _neighbour_cosine
 
+    if not torch.compiler.is_compiling():
         _TRITON_OPS = (resample_tokens, _neighbour_cosine)
-    return _TRITON_OPS
+    return resample_tokens, _neighbour_cosine
 
 
 def last_backend_choice() -> dict:
