@@ -157,16 +157,17 @@ _TRITON_OPS: tuple = ()
 
 def _triton_ops():
     """(resample_tokens, _neighbour_cosine), imported on first use: the torch backend never needs triton.
-    Kept for later calls by eager calls only, so that a graph being traced has no global to write."""
+    A graph being traced imports them and never touches the cache: a guard on it would make the
+    graph recompile once an eager call fills it."""
     global _TRITON_OPS
-    if _TRITON_OPS:
-        return _TRITON_OPS
-    from .ops.resample import resample_tokens
-    from .ops.similarity import _neighbour_cosine
+    if torch.compiler.is_compiling() or not _TRITON_OPS:
+        from .ops.resample import resample_tokens
+        from .ops.similarity import _neighbour_cosine
 
-    if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return resample_tokens, _neighbour_cosine
         _TRITON_OPS = (resample_tokens, _neighbour_cosine)
-    return resample_tokens, _neighbour_cosine
+    return _TRITON_OPS
 
 
 def last_backend_choice() -> dict:

@@ -405,3 +405,38 @@ def test_launch_overrides_are_checked_first_and_restored_after_an_error():
                 raise RuntimeError
         assert LAUNCH_OVERRIDES == {"sim_bwd": {"num_warps": 4}}
     assert LAUNCH_OVERRIDES == {}
+
+
+def test_an_eager_call_does_not_make_a_compiled_graph_recompile(monkeypatch):
+    """A graph compiled before the first eager call must not be guarded on what that call caches (a
+    compiled training step followed by eager validation would recompile, and fail under the
+    fail_on_recompile stance). Kernels stubbed: the trace runs on fake CPU tensors."""
+    import torch._dynamo
+
+    from crepa_kernels import crepa_loss, functional
+    from crepa_kernels.ops import resample, similarity
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for module, names in ((similarity, ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel")),
+                          (resample, ("_resample_bwd_kernel",))):
+        for name in names:
+            monkeypatch.setattr(module, name, NoLaunch())
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    monkeypatch.setattr(functional, "_TRITON_OPS", ())  # as in a process that has not called it yet
+    p, f = torch.zeros(1, 3, 15, 8), torch.zeros(1, 3, 6, 8)
+
+    def loss(p, f):
+        return crepa_loss(p, f, projected_grid=(3, 5), features_grid=(2, 3), weight=0.5, backend="triton").loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    try:
+        compiled(p, f)
+        loss(p, f)  # eager: fills the cache
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(p, f)
+    finally:
+        torch._dynamo.reset()
