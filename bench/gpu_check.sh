@@ -8,9 +8,10 @@
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
-#                   step, and tune (opt-in: the launch-setting sweep of bench/tune_kernels.py at wan480,
-#                   then an A/B of its winners on whole calls; CHECK_TUNE_S seconds, default 240, on top
-#                   of the budget); each part keeps its share of CHECK_BUDGET_S when others are left out
+#                   step, and tune (opt-in, last: the launch-setting sweep of bench/tune_kernels.py at
+#                   wan480, then, given 160 s or more, an A/B of its winners on whole calls in its last
+#                   70 s; CHECK_TUNE_S seconds, default 240, at least 90, on top of the budget); each
+#                   part keeps its share of CHECK_BUDGET_S when others are left out
 #   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 480; 0:
 #                   none); each part's limit is cut to what is left (10 s kept for the end), and a
 #                   part with under 20 s left is skipped, so a caller's own time limit never cuts
@@ -35,15 +36,17 @@ for part in ${PARTS//,/ }; do
 done
 want() { [[ "$PARTS" == *",$1,"* ]]; }
 DEADLINE=${CHECK_DEADLINE_S:-480}
-if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
+if ! [[ "$DEADLINE" =~ ^[0-9]{1,6}$ ]]; then
   echo "CHECK_DEADLINE_S: expected a whole number of seconds, got '$DEADLINE'" >&2
   exit 2
 fi
+DEADLINE=$(( 10#$DEADLINE ))  # base 10: a leading zero is not octal
 TUNE_S=${CHECK_TUNE_S:-240}
-if ! [[ "$TUNE_S" =~ ^[0-9]+$ ]]; then
+if ! [[ "$TUNE_S" =~ ^[0-9]{1,6}$ ]]; then
   echo "CHECK_TUNE_S: expected a whole number of seconds, got '$TUNE_S'" >&2
   exit 2
 fi
+TUNE_S=$(( 10#$TUNE_S ))
 # fits NAME SECONDS: sets LIMIT to SECONDS cut to what is left before the deadline; false (with a
 # message) when under 20 s are left.
 fits() {
@@ -122,24 +125,6 @@ if want profile && fits profile 60; then
   fi
 fi
 
-if want tune && fits tune "$TUNE_S"; then
-  # The sweep stops starting variants at its budget (45 s before its limit cover the variant in flight
-  # and the defaults still to come); the last 70 s of the part time its winners on whole calls.
-  tune_end=$(( SECONDS + LIMIT ))
-  sweep_limit=$(( LIMIT > 145 ? LIMIT - 70 : LIMIT ))
-  budget=$(( sweep_limit > 75 ? sweep_limit - 45 : 30 ))
-  echo "== launch-setting sweep of the hot kernels at wan480 (limit ${sweep_limit}s, budget ${budget}s)"
-  timeout "$sweep_limit" python3 bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s "$budget" \
-    --out "$OUT_DIR/tune_wan480.json" || status=1
-  ab_limit=$(( tune_end - SECONDS ))
-  if [ -s "$OUT_DIR/tune_wan480.json" ] && [ "$ab_limit" -ge 20 ]; then
-    echo "== interleaved A/B at wan480: defaults vs the sweep's best settings (limit ${ab_limit}s)"
-    timeout "$ab_limit" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
-      --variant default= --tuned "$OUT_DIR/tune_wan480.json" --out "$OUT_DIR/ab_tuned_wan480.json" 2>&1 \
-      | tail -n 8 || status=1
-  fi
-fi
-
 if ! want step || ! fits step "$step_s"; then
   :
 elif python3 -c "import diffusers" 2>/dev/null; then
@@ -150,6 +135,34 @@ elif python3 -c "import diffusers" 2>/dev/null; then
 else
   echo "== CREPA step benchmark skipped: diffusers is not importable (carry its wheel in .whl/)"
 fi
+if want tune && fits tune "$TUNE_S"; then
+  if [ "$LIMIT" -lt 90 ]; then
+    echo "== tune skipped: it needs at least 90 s and has ${LIMIT}s (CHECK_TUNE_S=${TUNE_S}, CHECK_DEADLINE_S=${DEADLINE})"
+  else
+    # The sweep stops starting variants at its budget, 45 s before its limit (for the variant in flight
+    # and the defaults still to come); a part of 160 s or more keeps its last 70 s for timing the
+    # winners on whole calls.
+    tune_end=$(( SECONDS + LIMIT ))
+    sweep_limit=$(( LIMIT >= 160 ? LIMIT - 70 : LIMIT ))
+    budget=$(( sweep_limit - 45 ))
+    rm -f "$OUT_DIR/tune_wan480.json"  # the A/B must read this run's report, not an earlier one
+    echo "== launch-setting sweep of the hot kernels at wan480 (limit ${sweep_limit}s, budget ${budget}s)"
+    timeout "$sweep_limit" python3 bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s "$budget" \
+      --out "$OUT_DIR/tune_wan480.json" || status=1
+    ab_limit=$(( tune_end - SECONDS ))
+    if [ "$LIMIT" -lt 160 ]; then
+      echo "== A/B of the sweep's winners skipped: the part had ${LIMIT}s, under 160"
+    elif [ ! -s "$OUT_DIR/tune_wan480.json" ]; then
+      echo "== A/B of the sweep's winners skipped: the sweep wrote no report"
+    elif [ "$ab_limit" -ge 20 ]; then
+      echo "== interleaved A/B at wan480: defaults vs the sweep's best settings (limit ${ab_limit}s)"
+      timeout "$ab_limit" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
+        --variant default= --tuned "$OUT_DIR/tune_wan480.json" --out "$OUT_DIR/ab_tuned_wan480.json" 2>&1 \
+        | tail -n 8 || status=1
+    fi
+  fi
+fi
+
 if [ -n "${OUT:-}" ]; then
   mapfile -t written < <(comm -13 <(printf '%s\n' "$before") <(listing) | cut -d' ' -f3- | sort)
   if [ "${#written[@]}" -gt 7 ]; then

@@ -301,6 +301,40 @@ def test_gpu_check_runs_the_tuning_sweep_only_when_asked(tmp_path):
     assert ab.split("--tuned ")[1].split()[0] == sweep.split("--out ")[1].split()[0]
 
 
+@pytest.mark.parametrize("tune_s, budget, ab", [("0", None, False), ("10", None, False), ("08", None, False),
+                                                ("150", 105, False), ("0200", 85, True)])
+def test_gpu_check_sizes_the_tuning_part_from_its_limit(tmp_path, tune_s, budget, ab):
+    """Under 90 s the part is skipped; under 160 s the sweep has it all (no A/B); a leading zero is
+    not octal."""
+    proc, calls = _gpu_check_calls(tmp_path, CHECK_PARTS="tune", CHECK_TUNE_S=tune_s, CHECK_DEADLINE_S="0")
+    scripts = [c for c in calls if "bench/" in c]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+    if budget is None:
+        assert scripts == [] and "== tune skipped: it needs at least 90 s" in proc.stdout, proc.stdout
+        return
+    assert f"--budget-s {budget} " in scripts[0]
+    assert ("ab_settings.py" in " ".join(scripts)) is ab and len(scripts) == 1 + ab
+    assert ab or "A/B of the sweep's winners skipped: the part had 150s, under 160" in proc.stdout
+
+
+def test_gpu_check_never_times_an_earlier_sweeps_winners(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tune_wan480.json").write_text('{"results": []}')  # left by an earlier run
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    # a sweep that dies before writing its report
+    (bin_ / "python3").write_text('#!/bin/bash\n[[ "$*" == *tune_kernels.py* ]] && exit 1\n'
+                                  f'echo "$*" >> {tmp_path / "calls.txt"}\n')
+    (bin_ / "python3").chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(out), "PATH": f"{bin_}:{os.environ['PATH']}",
+                               "CHECK_PARTS": "tune", "CHECK_DEADLINE_S": "0"})
+    assert proc.returncode == 1 and "the sweep wrote no report" in proc.stdout, proc.stdout + proc.stderr
+    calls = (tmp_path / "calls.txt").read_text() if (tmp_path / "calls.txt").exists() else ""
+    assert "ab_settings.py" not in calls
+
+
 def test_gpu_check_refuses_a_bad_tuning_limit(tmp_path):
     proc, calls = _gpu_check_calls(tmp_path, CHECK_PARTS="tune", CHECK_TUNE_S="3m")
     assert proc.returncode == 2 and "CHECK_TUNE_S: expected a whole number of seconds, got '3m'" in proc.stderr
