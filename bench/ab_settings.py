@@ -52,11 +52,15 @@ def _one_round(run, device, synced: int, queued: int) -> dict:
     return {"synced_ms": r["median_ms"], "queued_ms": r["queued_ms"], "peak_extra_bytes": r.get("peak_extra_bytes")}
 
 
-def tuned_overrides(path: str) -> dict[str, dict]:
-    """dtype -> kernel -> the best settings of a bench/tune_kernels.py report (kernels whose default
-    was best are left out)."""
+def tuned_overrides(path: str, preset: str) -> dict[str, dict]:
+    """dtype -> kernel -> the best settings of a bench/tune_kernels.py report measured at ``preset``
+    (kernels whose default was best are left out); a report of another preset is refused, since the
+    settings are per shape."""
     with open(path) as fh:
         report = json.load(fh)
+    measured = (report.get("preset") or {}).get("name")
+    if measured != preset:
+        raise ValueError(f"the report was measured at preset {measured!r}, not {preset!r}")
     out: dict[str, dict] = {}
     for r in report.get("results", []):
         best = r.get("best")
@@ -150,8 +154,8 @@ def main(argv=None) -> int:
         launch = {}
         if args.tuned:
             try:
-                launch["tuned"] = tuned_overrides(args.tuned)
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                launch["tuned"] = tuned_overrides(args.tuned, args.preset)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
                 raise ValueError(f"--tuned: cannot read tuned settings from {args.tuned!r}: {e}") from None
             for dtype, per_dtype in launch["tuned"].items():
                 try:

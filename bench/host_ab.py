@@ -51,7 +51,10 @@ def export_base(rev: str, into: str) -> str:
     with open(tar_path, "wb") as fh:
         fh.write(archive)
     with tarfile.open(tar_path) as tar:
-        tar.extractall(into, filter="data")
+        try:
+            tar.extractall(into, filter="data")
+        except TypeError:  # Python before 3.10.12 has no extraction filters (a git archive of our own tree)
+            tar.extractall(into)
     os.rename(os.path.join(into, "crepa_kernels"), os.path.join(into, BASE_NAME))
     for folder, _, files in os.walk(os.path.join(into, BASE_NAME)):
         for name in files:
@@ -70,6 +73,8 @@ def stubbed_step(package: str, preset: str):
     for module, names in KERNELS.items():
         mod = importlib.import_module(f"{package}.ops.{module}")
         for name in names:
+            if not hasattr(mod, name):  # a revision with other kernels would run them unstubbed
+                raise SystemExit(f"{package}.ops.{module} has no kernel {name}: this script cannot stub that revision")
             setattr(mod, name, _NoLaunch())
     bm = importlib.import_module(f"{package}.benchmark")
     presets = dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))

@@ -14,8 +14,10 @@ tl.dot, and triton 3.8 emits the same PTX for 1 to 4 stages); ``--try`` takes ``
 Every variant's outputs are compared with the default's: ``bits_equal`` (the same bits) and
 ``max_rel_diff`` (the largest difference over the largest magnitude). A variant differing by more
 than the tolerance of its output dtype is marked invalid and never reported as best: settings that
-change results beyond rounding are a defect, not a speed-up. The token block and the warps should
-leave the bits alone; the feature block sets the summation order over D.
+change results beyond rounding are a defect, not a speed-up. Outputs are filled with NaN before
+each variant's checked run, so an element it leaves unwritten fails. The feature block sets the
+summation order over D; the token block and the warps usually leave the bits alone, though on a GPU
+the layout of a reduction over D can follow them.
 
 On a GPU each timing is ``triton.testing.do_bench`` (L2 flushed before every run; median and p20 /
 p80 over about ``--rep-ms`` of runs). Without one it runs on Triton's interpreter as a smoke test
@@ -94,6 +96,7 @@ class Case:
             def run(tune):
                 similarity._launch_forward(p, f, *outs, **kw, tune=tune)
                 return outs
+            self.outputs = outs
             # inputs read once, the side buffers written once
             self.bytes = (p.numel() + f.numel()) * el + sum(t.numel() * t.element_size() for t in outs)
         elif kernel == "sim_bwd":
@@ -104,6 +107,7 @@ class Case:
                 similarity._launch_backward(p, f, pnorm, fnorm, cos, g_total, None, dp_res, None, frames=(t0, tc),
                                             **kw, tune=tune)
                 return [dp_res]
+            self.outputs = [dp_res]
             d = min(DISTANCE, T - 1)
             f_frames = min(T, t0 + tc + d) - max(0, t0 - d)  # the window's frames and its neighbours
             side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size() * tc // T
@@ -118,11 +122,17 @@ class Case:
             def run(tune):
                 resample._launch_bwd(dp_res, *self.resample_p, out=dst, tune=tune)
                 return [dst]
+            self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
         else:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.run = run
         self.tolerance = TOLERANCE[dtype]
+
+    def reset(self) -> None:
+        """NaN in every output, so that an element a variant leaves unwritten fails the comparison."""
+        for t in self.outputs:
+            t.fill_(float("nan"))
 
 
 def candidates(default: tuple[int, int, int], dim: int) -> list[dict]:
@@ -211,10 +221,13 @@ def _compare(out: list, ref: list) -> tuple[bool, float]:
 def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth) -> dict:
     row = {"tune": dict(tune), "settings": _settings(case.default, tune)}
     try:
+        case.reset()
         outs = case.run(tune or None)  # compiles this variant outside the timing
         if ref is not None:
             row["bits_equal"], row["max_rel_diff"] = _compare(outs, ref)
             row["valid"] = row["max_rel_diff"] <= case.tolerance
+        elif any(bool(t.isnan().any()) for t in outs):
+            raise RuntimeError("the default settings left NaN in the outputs (unwritten elements?)")
         else:
             row["bits_equal"], row["max_rel_diff"], row["valid"] = True, 0.0, True
         ms, p20, p80 = timed(lambda: case.run(tune or None))
@@ -242,6 +255,7 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
     base = measure_variant(case, {}, None, timed, bandwidth)
     if "error" in base:
         return {"kernel": kernel, "dtype": dtype_name, "error": base["error"], "rows": [base]}
+    case.reset()
     ref = [t.clone() for t in case.run(None)]
     rows, cut = [base], False
     limit = float("inf") if max_variants is None else max_variants

@@ -221,7 +221,8 @@ def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:
 
 TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
 # The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
-# similarity forward and backward (every launch of each) and the resample backward.
+# similarity forward and backward (every launch of each; not the one-pass backward) and the resample
+# backward.
 TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd")
 # kernel name -> overrides, consulted by launches not given their own: empty unless a benchmark fills it
 # through `launch_overrides` (bench/ab_settings.py --tuned times tuned settings through whole calls).
@@ -231,8 +232,12 @@ LAUNCH_OVERRIDES: dict = {}
 @contextlib.contextmanager
 def launch_overrides(overrides: "dict | None"):
     """Within the block, launches of the named kernels (``TUNABLE_KERNELS``) take these settings
-    (kernel name -> overrides as `apply_tune` takes them), for benchmarking; the previous ones come
-    back afterwards, also after an error. Checked before anything changes."""
+    (kernel name -> overrides as `apply_tune` takes them), for benchmarking eager calls; the previous
+    ones come back afterwards, also after an error. Checked before anything changes.
+
+    Two limits: a graph torch.compile traces inside the block keeps the settings it saw (and one
+    traced outside ignores them), and the one-pass backward (``CREPA_KERNELS_MERGED_BWD=1``) is not
+    tunable, so ``sim_bwd`` / ``resample_bwd`` settings do not reach it."""
     overrides = dict(overrides or {})
     for kernel, tune in overrides.items():
         if kernel not in TUNABLE_KERNELS:
