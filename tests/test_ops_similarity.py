@@ -1070,6 +1070,15 @@ def test_fused_resample_grid_side_limit():
         crepa_loss(p, f, projected_grid=(1, n), features_grid=(1, 2), backend="triton")
 
 
+def _same_up_to_layout(a, b):
+    """Bitwise on the interpreter. On a GPU other warps or token blocks may lay a reduction out
+    differently (the sum over the neighbour slots, say), so there the two agree to fp32 rounding."""
+    if a.is_cuda:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    else:
+        assert torch.equal(a, b)
+
+
 def _record_launches(monkeypatch) -> list:
     """Every kernel launch of the similarity and resample ops from now on, as (kernel, grid, meta),
     launched as before."""
@@ -1098,7 +1107,7 @@ def _record_launches(monkeypatch) -> list:
 def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch):
     """The settings bench/tune_kernels.py reports as each kernel's default are the ones a plain launch
     uses, and its overrides reach the launch (blocks, grid, warps, stages) without changing the
-    results: token block, warps and stages do not touch the summation order."""
+    results beyond rounding: token block, warps and stages do not touch the summation order over D."""
     from crepa_kernels.ops import resample, similarity
 
     launches = _record_launches(monkeypatch)
@@ -1146,7 +1155,8 @@ def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch
             (other_n, block_d, tune["num_warps"], 1)
         assert grid2[0] != grid[0]  # the grid follows the token block
         for a, b in zip(out, ref):
-            assert not a.isnan().any() and torch.equal(a, b)
+            assert not a.isnan().any()
+            _same_up_to_layout(a, b)
 
 
 def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
@@ -1177,5 +1187,6 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
     assert metas["_neighbour_cosine_bwd_kernel"]["num_warps"] == 8 != default["_neighbour_cosine_bwd_kernel"]["num_warps"]
     assert metas["_neighbour_cosine_bwd_kernel"]["num_stages"] == 1
     assert metas["_resample_bwd_kernel"]["BLOCK_N"] == 4 != default["_resample_bwd_kernel"]["BLOCK_N"]
-    assert torch.equal(loss_t, loss) and torch.equal(grad_t, grad)
+    _same_up_to_layout(loss_t, loss)
+    _same_up_to_layout(grad_t, grad)
     assert run()[2] == default  # outside the block: the shape's own settings again
