@@ -114,18 +114,17 @@ class CrepaConfig:
             raise ValueError("crepa_self_flow=true: the self-flow teacher is not supported by crepa_kernels; "
                              "use crepa_feature_source='encoder' or 'backbone'")
 
-        # crepa_use_backbone_features is the boolean form of crepa_feature_source.
+        # crepa_use_backbone_features is the boolean form of crepa_feature_source. A trainer's namespace
+        # carries both, each at its default (False, 'encoder') unless set, so the backbone is chosen when
+        # either asks for it; neither default can overrule the other key.
         use_backbone, raw_source = norm.get("crepa_use_backbone_features"), norm.get("crepa_feature_source")
         source = None if raw_source is None else _feature_source(raw_source)
         if source is not None:
             kwargs["feature_source"] = source
-        if use_backbone is not None:
-            want = "backbone" if _as_bool("crepa_use_backbone_features", use_backbone) else "encoder"
-            if source is not None and source != want:
-                raise ValueError(
-                    f"crepa_use_backbone_features={use_backbone!r} and crepa_feature_source={raw_source!r} disagree"
-                )
-            kwargs["feature_source"] = want
+        if use_backbone is not None and _as_bool("crepa_use_backbone_features", use_backbone):
+            kwargs["feature_source"] = "backbone"
+        elif use_backbone is not None and source is None:
+            kwargs["feature_source"] = "encoder"
         # None means "use the default" for keys users leave unset on a CLI namespace, except
         # crepa_lambda: the trainer reads a None weight as 0 (CREPA adds nothing).
         if "crepa_lambda" in norm and norm["crepa_lambda"] is None:

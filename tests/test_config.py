@@ -125,8 +125,10 @@ def test_the_common_trainers_newer_keys_and_feature_source_names():
     c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, "crepa_teacher_block_index": 5,
                                "crepa_feature_source": "internal", "crepa_use_backbone_features": True})
     assert c.feature_source == "backbone"
-    with pytest.raises(ValueError, match="crepa_feature_source='external' disagree"):
-        CrepaConfig.from_dict({"crepa_feature_source": "external", "crepa_use_backbone_features": True})
+    # either key asks for the backbone: the other one's default cannot overrule it
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, "crepa_teacher_block_index": 5,
+                               "crepa_feature_source": "external", "crepa_use_backbone_features": True})
+    assert c.feature_source == "backbone"
     # any case and spacing, with or without the boolean form
     assert CrepaConfig.from_dict({"crepa_feature_source": "Encoder",
                                   "crepa_use_backbone_features": False}).feature_source == "encoder"
@@ -224,3 +226,19 @@ def test_backbone_teacher_falls_back_to_the_student_block_with_a_warning():
         c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 3, "crepa_feature_source": "backbone",
                                    "crepa_teacher_block_index": 3})
     assert c.teacher_block == 3
+
+
+@pytest.mark.parametrize("flag, source", [(True, "encoder"), (False, "backbone"), ("true", None), (True, None)])
+def test_a_trainer_namespace_selects_the_backbone_through_either_key(flag, source):
+    """A trainer's namespace holds both keys, one of them at its default (False / 'encoder')."""
+    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=2, crepa_teacher_block_index=6,
+                            crepa_use_backbone_features=flag, crepa_feature_source=source)
+    c = CrepaConfig.from_namespace(ns)
+    assert c.feature_source == "backbone" and c.use_backbone_features and c.teacher_block == 6
+
+
+def test_both_feature_source_keys_at_their_defaults_mean_the_encoder():
+    ns = argparse.Namespace(crepa_enabled=True, crepa_block_index=2, crepa_use_backbone_features=False,
+                            crepa_feature_source="encoder")
+    assert CrepaConfig.from_namespace(ns).feature_source == "encoder"
+    assert CrepaConfig.from_dict({"crepa_use_backbone_features": "false"}).feature_source == "encoder"

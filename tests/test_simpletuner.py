@@ -435,3 +435,32 @@ def test_use_tae_on_a_model_without_a_tiny_autoencoder_falls_back_with_a_warning
 def test_an_image_model_object_is_refused():
     with pytest.raises(ValueError, match="image model"):
         CrepaRegularizer(namespace(), "cpu", hidden_size=8, model_foundation=_Foundation(None, mode="IMAGE"))
+
+
+@pytest.mark.parametrize("keys", [dict(crepa_use_backbone_features=True),
+                                  dict(crepa_feature_source="backbone"),
+                                  dict(crepa_use_backbone_features=True, crepa_feature_source="encoder")])
+def test_a_trainer_namespace_reaches_backbone_mode_through_either_key(keys):
+    """Trainers' model code reads regularizer.use_backbone_features / teacher_block_index to decide
+    which hidden states to return; both keys sit in the namespace, one at its default."""
+    args = SimpleNamespace(**{**TRAINER_DEFAULTS, "crepa_enabled": True, "crepa_teacher_block_index": 12, **keys})
+    reg = CrepaRegularizer(args, "cpu", hidden_size=16)
+    assert reg.use_backbone_features is True and reg.teacher_block_index == 12 and reg.use_tae is False
+    assert reg.scheduler is None  # until attach_to_model
+    reg.attach_to_model(nn.Module())
+    assert reg.scheduler is reg.loss.scheduler and reg.scheduler.get_weight(0) == 0.5
+    plain = CrepaRegularizer(SimpleNamespace(**{**TRAINER_DEFAULTS, "crepa_enabled": True,
+                                                "crepa_encoder_image_size": 56}), "cpu", hidden_size=16,
+                             encoder=tiny_vit())
+    assert plain.use_backbone_features is False and plain.teacher_block_index is None
+
+
+def test_max_train_steps_none_reads_as_zero_and_bad_values_fail_early():
+    args = SimpleNamespace(**{**TRAINER_DEFAULTS, "crepa_enabled": True, "crepa_use_backbone_features": True,
+                              "crepa_teacher_block_index": 9})
+    reg = CrepaRegularizer(args, "cpu", hidden_size=16, max_train_steps=None)
+    reg.attach_to_model(nn.Module())  # the reference accepts None; so does attach here
+    assert reg.max_train_steps == 0
+    for bad in (-1, 2.5, True, "100"):
+        with pytest.raises(ValueError, match="max_train_steps must be a non-negative int or None"):
+            CrepaRegularizer(args, "cpu", hidden_size=16, max_train_steps=bad)

@@ -51,12 +51,12 @@ class CrepaRegularizer:
             model has a Tiny AutoEncoder, its ``decode_latents_to_pixels`` decodes (as the trainer does), and
             the kept frames are encoded here. Image models (its
             ``crepa_mode`` IMAGE) are refused: the loss reads 3-D hidden states as frames.
-        max_train_steps: for schedules whose ``crepa_decay_steps`` is 0.
+        max_train_steps: for schedules whose ``crepa_decay_steps`` is 0 (None reads as 0, as in the reference).
         encoder: a ``DinoEncoder`` or a timm DINOv2 ViT to use instead of loading ``crepa_encoder``.
     """
 
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
-                 max_train_steps: int = 0, encoder: Optional[nn.Module] = None):
+                 max_train_steps: Optional[int] = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
         irepa = config.get("irepa_enabled", False) if isinstance(config, Mapping) else getattr(config, "irepa_enabled", False)
         if self.config.enabled and _as_bool("irepa_enabled", irepa or False):
@@ -85,6 +85,12 @@ class CrepaRegularizer:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size = hidden_size
         self.model_foundation = model_foundation
+        # The reference accepts None (its schedules read the horizon only when decaying without
+        # crepa_decay_steps, which warns): read as 0, and anything else checked now, not at attach time.
+        if max_train_steps is None:
+            max_train_steps = 0
+        if isinstance(max_train_steps, bool) or not isinstance(max_train_steps, int) or max_train_steps < 0:
+            raise ValueError(f"max_train_steps must be a non-negative int or None, got {max_train_steps!r}")
         self.max_train_steps = max_train_steps
         self.enabled = self.config.enabled
         self.block_index = self.config.block_index
@@ -97,6 +103,25 @@ class CrepaRegularizer:
     @property
     def projector(self) -> Optional[nn.Module]:
         return None if self.loss is None else self.loss.projector
+
+    # Attributes the reference sets and trainers' model code reads (e.g. getattr(regularizer,
+    # "use_backbone_features", False) to decide which hidden states to return).
+    @property
+    def use_backbone_features(self) -> bool:
+        return self.config.use_backbone_features
+
+    @property
+    def teacher_block_index(self) -> Optional[int]:
+        return self.config.teacher_block_index
+
+    @property
+    def use_tae(self) -> bool:
+        return self.config.use_tae
+
+    @property
+    def scheduler(self):
+        """The coefficient schedule (None until attach_to_model creates the loss module)."""
+        return None if self.loss is None else self.loss.scheduler
 
     @property
     def encoder_dim(self) -> Optional[int]:
