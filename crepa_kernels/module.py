@@ -188,7 +188,13 @@ class CrepaLoss(nn.Module):
         if problems:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was loaded):\n\t"
                                + "\n\t".join(problems))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # Torch tells _load_from_state_dict strict=True whatever the caller asked; without strict a
+        # missing schedule entry keeps the current schedule, as torch keeps any other missing entry.
+        self._keep_missing_schedule = not strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._keep_missing_schedule = False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -201,10 +207,12 @@ class CrepaLoss(nn.Module):
             # type problems itself; a bad schedule entry only this module sees.
             error_msgs.extend(p for p in problems if p.startswith(key))
             state_dict[key] = _KEEP_SCHEDULE
-        else:
+        elif key not in state_dict:
             # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
-            # the schedule travelled with it) loads strictly too, with a fresh schedule.
-            state_dict.setdefault(key, {})
+            # the schedule travelled with it) loads strictly too, with a fresh schedule; with
+            # load_state_dict(strict=False) on this module the schedule stays as it is. (Loaded as part
+            # of a parent module, this module cannot tell the caller's strict: a fresh schedule.)
+            state_dict[key] = _KEEP_SCHEDULE if getattr(self, "_keep_missing_schedule", False) else {}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -232,6 +240,10 @@ class CrepaLoss(nn.Module):
         extra = state_dict.get(key, {})
         if extra is not _KEEP_SCHEDULE:
             try:
+                if isinstance(extra, dict) and set(extra) - {"scheduler"}:
+                    # e.g. the schedule's own state one level too high: it would load as a fresh schedule
+                    raise ValueError(f"expected a dict with the one key 'scheduler' (the schedule's state), got "
+                                     f"keys {sorted(extra)}")
                 parse_state(extra.get("scheduler", {}) if isinstance(extra, dict) else extra)
             except (TypeError, ValueError) as e:
                 problems.append(f"{key}: {e}")

@@ -250,3 +250,26 @@ def test_recoverable_threshold_builds_the_graph_on_the_step_it_recovers(align_wi
     assert loss.requires_grad
     loss.backward()
     assert m.projector[1].bias.grad is not None and m.projector[1].bias.grad.abs().sum() > 0
+
+
+def test_a_schedule_entry_in_the_wrong_shape_is_refused_not_reset():
+    """The schedule's own state one level too high (or a misspelt wrapper) would load as a fresh
+    schedule, switching CREPA back on after a permanent cutoff: it is refused, and nothing changes."""
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 0, "crepa_cutoff_step": 2})
+    m = CrepaLoss(c, 8, 6)
+    state = m.state_dict()
+    for bad in ({"similarity_ema": 0.95, "cut_off": True}, {"schedulr": {"similarity_ema": None, "cut_off": True}}):
+        with pytest.raises(RuntimeError, match="expected a dict with the one key 'scheduler'"):
+            m.load_state_dict({**state, "_extra_state": bad})
+
+
+def test_a_non_strict_load_without_the_schedule_keeps_the_schedule():
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 0, "crepa_similarity_threshold": 0.5,
+                               "crepa_threshold_mode": "permanent"})
+    m = CrepaLoss(c, 8, 6)
+    m.scheduler.load_state_dict({"similarity_ema": 0.9, "cut_off": True})  # latched
+    projector_only = {k: v for k, v in m.state_dict().items() if k != "_extra_state"}
+    m.load_state_dict(projector_only, strict=False)
+    assert m.scheduler.state_dict() == {"similarity_ema": 0.9, "cut_off": True}
+    m.load_state_dict(projector_only)  # strict: a checkpoint without a schedule starts a fresh one
+    assert m.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
