@@ -497,6 +497,98 @@ def test_module_moved_behind_the_managers_back_is_detected():
         assert torch.equal(used.fc.weight, Toy().fc.weight.double())
 
 
+@pytest.mark.parametrize("change", ["cast_one_submodule", "replace_a_parameter", "add_a_buffer"])
+def test_any_change_behind_the_managers_back_is_refused_not_undone(change):
+    """Not only the first tensor: a submodule cast on its own, a Parameter replaced (as by
+    load_state_dict(assign=True)) or a tensor added would be undone or lost by the next use."""
+    toy = Toy()
+    m = OffloadManager("offload", emulate_device=True)
+    with m.use(toy):
+        pass
+    if change == "cast_one_submodule":
+        toy.low.float()  # not the module's first tensor
+    elif change == "replace_a_parameter":
+        toy.low.weight = nn.Parameter(torch.ones(4, 8, dtype=torch.bfloat16), requires_grad=False)
+    else:
+        toy.register_buffer("extra", torch.ones(2))
+    with pytest.raises(RuntimeError, match="after the offload manager packed it.*unregister"):
+        with m.use(toy):
+            pass
+    with pytest.raises(RuntimeError, match="after the offload manager packed it"):
+        m.prefetch(toy)
+    m.unregister(toy)  # as the message says: the change stays
+    if change == "cast_one_submodule":
+        assert toy.low.weight.dtype == torch.float32
+    elif change == "replace_a_parameter":
+        assert torch.equal(toy.low.weight, torch.ones(4, 8, dtype=torch.bfloat16))
+    with m.use(toy) as used:  # packed afresh, with the change
+        if change == "cast_one_submodule":  # (Toy's forward feeds that layer bf16: not run)
+            assert used.low.weight.dtype == torch.float32 and m.is_resident(toy)
+        else:
+            assert torch.isfinite(used(X)).all()
+
+
+@pytest.mark.parametrize("how", ["unregister", "evict_all", "auto_eviction"])
+def test_a_module_moved_while_resident_keeps_its_move(how):
+    """A resident module the user moved is not re-pointed at the manager's host copy by unregister;
+    evicting it (by evict_all, or to make room) is refused instead of undoing the move."""
+    toy, other = Toy(), Toy(seed=1)
+    free = [10**12]
+    m = OffloadManager("resident" if how != "auto_eviction" else "auto", emulate_device=True,
+                       margin_bytes=0, memory_probe=lambda: free[0])
+    with m.use(toy):
+        pass
+    assert m.is_resident(toy)
+    toy.double()
+    if how == "unregister":
+        m.unregister(toy)
+        assert toy.fc.weight.dtype == torch.float64 and toy.low.weight.dtype == torch.float64
+        return
+    free[0] = 0  # "auto" must now evict toy to bring in the other module
+    with pytest.raises(RuntimeError, match="after the offload manager packed it"):
+        if how == "evict_all":
+            m.evict_all()
+        else:
+            with m.use(other):
+                pass
+    assert toy.fc.weight.dtype == torch.float64
+
+
+def test_tensors_of_a_collected_module_can_join_a_new_one():
+    import gc
+
+    lin = nn.Linear(4, 4).requires_grad_(False)
+    m = OffloadManager("offload", emulate_device=True)
+    a = nn.Sequential(lin)
+    with m.use(a):
+        pass
+    del a
+    gc.collect()
+    with m.use(nn.Sequential(lin)) as b:  # its old owner is gone: not "another managed module"
+        assert b(torch.ones(1, 4)).shape == (1, 4)
+    assert len(m._owned) == 2  # the collected owner's entries were pruned, not kept
+
+
+def test_a_prefetch_the_device_has_no_room_for_is_skipped_not_raised(monkeypatch):
+    """Prefetching the encoder inside use(vae) must not turn a fit into an out-of-memory error."""
+    vae, enc = Toy(), Toy(seed=1)
+    m = OffloadManager("offload", emulate_device=True)
+    real_empty = torch.empty
+
+    def capped(*args, **kwargs):  # room for one module's copy at a time
+        if kwargs.get("dtype") is torch.uint8 and len(args) == 1 and len([s for s in m._slots.values()
+                                                                          if s.device_buf is not None]) >= 1:
+            raise torch.OutOfMemoryError("emulated: no room for a second module")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", capped)
+    with m.use(vae):
+        assert m.prefetch(enc) is False
+    assert m.stats.prefetches_skipped == 1
+    with m.use(enc) as used:  # one after the other fits
+        assert torch.isfinite(used(X)).all()
+
+
 # ------------------------------------------------------------------------------------------ memory
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
