@@ -492,3 +492,22 @@ def test_precompute_rejects_bad_arguments(fc):
         precompute_features([], lambda x: x, fc, "k")
     with pytest.raises(TypeError, match="features"):
         precompute_features(["a"], lambda x: "not a tensor", fc, lambda x: "k_" + x, progress=False)
+
+
+def test_the_longest_key_can_be_stored(tmp_path):
+    """Keys run to 200 characters; the temp file a write goes through must fit a 255-byte name too."""
+    cache = FeatureCache(str(tmp_path))
+    key = "k" * 200
+    cache.put(key, torch.ones(2, 4, 8))
+    assert torch.equal(cache.get(key).features, torch.ones(2, 4, 8))
+    assert temp_files(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_features_are_refused_and_nothing_is_written(tmp_path, bad):
+    cache = FeatureCache(str(tmp_path))
+    x = torch.ones(2, 4, 8)
+    x[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="key 'clip0' hold NaN or Inf values; not cached"):
+        cache.put("clip0", x)
+    assert "clip0" not in cache and list(cache.keys()) == [] and temp_files(str(tmp_path)) == []

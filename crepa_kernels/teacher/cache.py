@@ -294,7 +294,8 @@ class FeatureCache:
     def put(self, key: str, features: torch.Tensor, grid: Optional[Sequence[int]] = None) -> str:
         """Store `features` (copied to the CPU, contiguous) and their token `grid`; returns the path.
 
-        A `grid` (h, w) describes the token axis, the second-to-last: `(..., h * w, D)`."""
+        A `grid` (h, w) describes the token axis, the second-to-last: `(..., h * w, D)`. Features
+        holding NaN or Inf are refused (nothing is written)."""
         key = self._check_key(key)
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features: got {type(features).__name__}, expected a torch.Tensor")
@@ -312,7 +313,11 @@ class FeatureCache:
         meta = {"format": FORMAT, "key": key}
         if grid is not None:
             meta["grid"] = f"{grid[0]},{grid[1]}"
-        data = save({_TENSOR_NAME: features.detach().to("cpu").contiguous()}, metadata=meta)
+        cpu = features.detach().to("cpu").contiguous()
+        if cpu.is_floating_point() and not bool(torch.isfinite(cpu).all()):
+            # stored, they would make the loss NaN at every later read of this entry
+            raise ValueError(f"features for key {key!r} hold NaN or Inf values; not cached")
+        data = save({_TENSOR_NAME: cpu}, metadata=meta)
         final = self.path(key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         _write_atomic(final, data)
@@ -421,9 +426,10 @@ class _ReplacedDuringReads(Exception):
 
 def _write_atomic(final: str, data: bytes) -> None:
     """Publish `data` at `final` all at once: temp file in the same directory, fsync, rename."""
-    directory, name = os.path.split(final)
-    # pid + random suffix: unique across processes and across threads of one process
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+    directory = os.path.dirname(final)
+    # pid + random suffix: unique across processes and across threads of one process; not the key,
+    # which (up to 200 characters) would take the name past the file system's 255-byte limit
+    tmp = os.path.join(directory, f".{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
