@@ -185,9 +185,15 @@ class _Slot:
     finalizer: Optional[weakref.finalize] = None
 
 
-def _unregister_host(ptr: int) -> None:
+def _release_slot(ptr: Optional[int], copy_stream=None) -> None:
+    """Run as a slot goes (collected with its module, or unregistered), before its buffers are freed:
+    a copy still in flight (a prefetch never used) ends first, since it reads the host pages and writes
+    the device block; then the host pages are unregistered (``ptr``: registered pinning)."""
     try:  # at interpreter exit the driver may already be gone; nothing useful to report then
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        if copy_stream is not None:
+            copy_stream.synchronize()
+        if ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
     except Exception:
         pass
 
@@ -393,8 +399,8 @@ class OffloadManager:
         slot = _Slot(name=name, entries=entries, nbytes=nbytes, host=host, host_views=views,
                      stat_modules=stat_modules, module=weakref.ref(module),
                      ids=frozenset(id(e.tensor) for e in entries))
-        if reg_ptr is not None:
-            slot.finalizer = weakref.finalize(slot, _unregister_host, reg_ptr)
+        if self._cuda:
+            slot.finalizer = weakref.finalize(slot, _release_slot, reg_ptr, self._copy_stream)
         self._point(slot, views)  # the module's original storage is released here
         owner = weakref.ref(slot)
         for e in entries:
