@@ -132,16 +132,18 @@ def decode_setting(vae, name: str):
     channels_last = "channels_last_3d" in name
     # Only the 5-D (Conv3d) weights: the VAE's 2-D convolutions cannot take a 3-D layout. Run inside
     # the offload manager's use(): the re-laid-out weights are new device tensors outside its buffer
-    # until exit restores contiguous copies and leaving use() points every weight back at host RAM.
+    # until exit gives every weight its own data back (the manager's views, which it checks are
+    # still there when the VAE leaves the device).
     weights = [p for p in vae.parameters() if p.dim() == 5] if channels_last else []
+    originals = [w.data for w in weights]
     with cudnn.flags(**flags):
         for w in weights:
             w.data = w.data.contiguous(memory_format=torch.channels_last_3d)
         try:
             yield channels_last
         finally:
-            for w in weights:
-                w.data = w.data.contiguous()
+            for w, data in zip(weights, originals):
+                w.data = data
 
 
 DECODE_SETTINGS = ("default", "cudnn_benchmark", "channels_last_3d", "channels_last_3d+cudnn_benchmark")
