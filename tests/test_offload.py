@@ -724,3 +724,19 @@ def test_gpu_no_race_with_busy_compute_stream():
     for ya, yb in outs:
         assert torch.equal(ya, ref_a) and torch.equal(yb, ref_b)
     assert m.stats.pending_copies == 0 and m.stats.copy_seconds > 0
+
+
+def test_a_change_made_inside_a_failing_use_is_kept_and_still_reported():
+    """The body raised, so leaving use() must not raise over it: the changed tensor keeps the user's
+    data, the rest goes back to the host copy, and the next use reports the change."""
+    toy = Toy()
+    m = OffloadManager("offload", emulate_device=True)
+    with pytest.raises(KeyError):
+        with m.use(toy):
+            mine = toy.low.weight.data.clone()  # same dtype, the user's own storage
+            toy.low.weight.data = mine
+            raise KeyError("the body's own error")
+    assert toy.low.weight.data_ptr() == mine.data_ptr() and not m.is_resident(toy)
+    with pytest.raises(RuntimeError, match="tensor 'low.weight' was moved or cast"):
+        with m.use(toy):
+            pass

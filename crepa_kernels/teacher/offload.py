@@ -439,12 +439,13 @@ class OffloadManager:
     @staticmethod
     def _point(slot: _Slot, views: list[torch.Tensor], only_ours: bool = False) -> None:
         """Point the module's tensors at ``views``; with ``only_ours``, only those whose data is still
-        what the manager last gave them (a tensor the user moved or cast keeps the user's data)."""
+        what the manager last gave them (a tensor the user moved or cast keeps the user's data, and the
+        change is still reported at the module's next use)."""
         ptrs = []
         for i, (e, v) in enumerate(zip(slot.entries, views)):
             if only_ours and i < len(slot.expected_ptrs) and (
                     e.tensor.data_ptr() != slot.expected_ptrs[i] or e.tensor.dtype != e.dtype):
-                ptrs.append(e.tensor.data_ptr())
+                ptrs.append(slot.expected_ptrs[i])
                 continue
             e.tensor.data = v
             ptrs.append(v.data_ptr())
