@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -611,7 +613,7 @@ def test_adapter_errors(diffusers):
     ltx = adapter_for(_ltx(diffusers, timestep_conditioning=True))
     with pytest.raises(ValueError, match=r"timestep must hold 1 or B=2 values, got shape \(3,\)"):
         ltx.decode(_latents(8), timestep=torch.zeros(3))
-    with pytest.raises(ValueError, match="latents are on meta but the VAE weights are on cpu"):
+    with pytest.raises(ValueError, match="latents are on meta but the VAE runs on cpu"):
         adapter.decode(torch.empty(1, 4, 1, 4, 4, device="meta"))
     # The adapter class itself checks what adapter_for checks.
     with pytest.raises(TypeError, match="vae: unsupported class Linear"):
@@ -620,6 +622,41 @@ def test_adapter_errors(diffusers):
         VaeAdapter(_wan(diffusers), "ltxvideo")
     with pytest.raises(ValueError, match="family must be one of"):
         VaeAdapter(_wan(diffusers), None)
+
+
+def test_a_vae_with_layerwise_casting_decodes_in_its_compute_dtype(diffusers):
+    """diffusers' layerwise casting stores the weights in float8 and computes in another dtype: the
+    latents go in that compute dtype (vae.dtype, as its pipelines cast them), not the storage one."""
+    plain, cast = _wan(diffusers), _wan(diffusers)
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert next(cast.parameters()).dtype == torch.float8_e4m3fn
+    adapter = adapter_for(cast)
+    z = _latents(4, t=1)
+    assert adapter.denormalize(z).dtype == torch.float32
+    out = adapter.decode(z)
+    # the same frames as the plain VAE's, up to the float8 storage of the weights
+    assert torch.isfinite(out).all() and (out - adapter_for(plain).decode(z)).abs().max() < 0.2
+
+
+def test_a_vae_offloaded_by_hooks_takes_latents_on_its_execution_device(diffusers):
+    """Under diffusers' or accelerate's offloading the weights sit on the CPU (or meta) and a hook moves
+    them before each forward: the latents must be on the hook's device, not the weights'."""
+    vae = _wan(diffusers)
+    vae.decoder._hf_hook = types.SimpleNamespace(execution_device="meta")  # an accelerate-style hook
+    adapter = adapter_for(vae)
+    with pytest.raises(ValueError, match="latents are on cpu but the VAE runs on meta"):
+        adapter.decode(_latents(4, t=1))
+
+
+def test_the_decode_timestep_is_checked_before_the_decode(diffusers):
+    ltx = adapter_for(_ltx(diffusers, timestep_conditioning=True))
+    z = _latents(8, t=1)
+    for bad in (float("nan"), 500.0, -0.1, torch.tensor([0.5, float("nan")]), torch.tensor(2.0)):
+        with pytest.raises(ValueError, match=r"timestep must be in \[0, 1\]"):
+            ltx.decode(z, timestep=bad)
+    with pytest.raises(TypeError, match="timestep must be a float .* tensor, got dtype torch.bool"):
+        ltx.decode(z, timestep=torch.tensor(True))
+    assert ltx.decode(z, timestep=torch.tensor(1)).shape[0] == 2  # an int tensor in range is a timestep
 
 
 def test_wan_decode_matches_manual_denormalisation(diffusers):

@@ -11,7 +11,7 @@ imported here (the package must import without it):
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,31 @@ def _config_get(vae: nn.Module, key: str, default: Any = None) -> Any:
     if isinstance(config, dict):
         return config.get(key, default)
     return getattr(config, key, default)
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device a VAE's inputs must be on: its weights' device, or, under diffusers' offloading
+    (enable_model_cpu_offload, group offloading, sequential offload) the device its hooks move the
+    weights to before each forward. None for a module without tensors."""
+    device = None
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:  # older diffusers: the weights' device
+        get_module_execution_device = None
+    if get_module_execution_device is not None:
+        try:
+            device = get_module_execution_device(module)
+        except (StopIteration, ValueError, AttributeError, RuntimeError):
+            device = None
+    if device is None:
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        device = None if first is None else first.device
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors always carry an index
+    return device
 
 
 class VaeAdapter:
@@ -112,7 +137,13 @@ class VaeAdapter:
         return latent_height * self.spatial_compression, latent_width * self.spatial_compression
 
     def _vae_dtype(self) -> torch.dtype:
-        first = next(_unwrap(self.vae).parameters(), None)
+        """The dtype the VAE computes in, as diffusers' pipelines cast latents to (``vae.dtype``): with
+        layerwise casting the weights are stored in another (e.g. float8) and cast per layer."""
+        inner = _unwrap(self.vae)
+        dtype = getattr(inner, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+        first = next((p for p in inner.parameters() if p.is_floating_point()), None)
         return torch.float32 if first is None else first.dtype
 
     def _wan_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +195,16 @@ class VaeAdapter:
                 raise ValueError(
                     f"timestep must hold 1 or B={batch} values, got shape {tuple(timestep.shape)}"
                 )
+            if not (timestep.is_floating_point() or timestep.dtype in _INT_DTYPES):
+                raise TypeError(f"timestep must be a float (or int) tensor, got dtype {timestep.dtype}")
+            values = timestep.detach().double()
+            # one host read of at most B values, before a decode that costs far more
+            if not bool(((values >= 0) & (values <= 1)).all()):
+                raise ValueError(f"timestep must be in [0, 1] (the decoder scales it by 1000), got {timestep!r}")
             return timestep.to(device=device, dtype=dtype).reshape(-1).expand(batch).contiguous()
         if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            if not 0.0 <= float(timestep) <= 1.0:  # NaN fails this too
+                raise ValueError(f"timestep must be in [0, 1] (the decoder scales it by 1000), got {timestep!r}")
             return torch.full((batch,), float(timestep), device=device, dtype=dtype)
         raise TypeError(f"timestep must be None, a float or a tensor, got {type(timestep).__name__} ({timestep!r})")
 
@@ -173,15 +212,16 @@ class VaeAdapter:
     def decode(self, latents: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """Latents `(B, C, T, h, w)` -> frames `(B, pixel_frames(T), 3, H, W)` in [0, 1] (a permuted view).
 
-        `timestep` is the decode timestep of a timestep-conditioned LTX decoder (default 0.0); VAEs without
-        timestep conditioning ignore it, as diffusers' pipelines do.
+        `timestep` is the decode timestep of a timestep-conditioned LTX decoder (default 0.0), in [0, 1];
+        VAEs without timestep conditioning ignore it, as diffusers' pipelines do. No decode noise is mixed
+        into the latents (diffusers' LTX pipelines with ``decode_noise_scale=0``): the teacher stays
+        deterministic. The latents must be on the device the VAE runs on (under diffusers' offloading
+        hooks, where they move its weights).
         """
         self._check_latents(latents)
-        first = next(_unwrap(self.vae).parameters(), None)
-        if first is not None and first.device != latents.device:
-            raise ValueError(
-                f"latents are on {latents.device} but the VAE weights are on {first.device}; move one of them"
-            )
+        device = _execution_device(_unwrap(self.vae))
+        if device is not None and device != latents.device:
+            raise ValueError(f"latents are on {latents.device} but the VAE runs on {device}; move one of them")
         z = self.denormalize(latents)
         if self.timestep_conditioning:
             temb = self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)
