@@ -90,7 +90,7 @@ class Case:
         self.window = (t0, tc)
         el = p.element_size()
         if kernel == "sim_fwd":
-            self.default = similarity.forward_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
+            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
             outs = [torch.empty_like(t) for t in side] + [torch.empty_like(cos)]
 
             def run(tune):
@@ -100,7 +100,7 @@ class Case:
             # inputs read once, the side buffers written once
             self.bytes = (p.numel() + f.numel()) * el + sum(t.numel() * t.element_size() for t in outs)
         elif kernel == "sim_bwd":
-            self.default = similarity.backward_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
+            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
             dp_res = torch.empty((B, tc, N, D), dtype=dtype, device=device)
 
             def run(tune):

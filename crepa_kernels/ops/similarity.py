@@ -567,7 +567,7 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     B, T, N, D = features.shape
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, total.dtype, projected.device, 1, block_d,
-                                            fused=resample_p is not None)  # as forward_settings gives them
+                                            fused=resample_p is not None)  # as launch_settings gives them
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,
                                                LAUNCH_OVERRIDES.get("sim_fwd") if tune is None else tune)
     n_blocks = cdiv(N, block_n)
@@ -588,19 +588,11 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     )
 
 
-def forward_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
-                     block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) of the forward for features of ``shape`` (B, T, N, D);
-    ``fused``: with the projected side's resample fused in."""
-    B, T, N, D = shape
-    s_pad = next_power_of_2(num_slots(distance, T, cumulative))
-    return _launch_config(B, T, N, D, s_pad, acc, device, 1, block_d, fused=fused)
-
-
-def backward_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
-                      tiles: int = 1, block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) of the backward for features of ``shape`` (the whole clip's,
-    also for a frame window); ``tiles``: 2 when it computes both gradients."""
+def launch_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
+                    tiles: int = 1, block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) the similarity kernels launch with for features of ``shape``
+    (B, T, N, D; the whole clip's, also for a backward frame window). ``tiles``: 1 for the forward and
+    for a backward computing one gradient, 2 for both; ``fused``: the projected side's resample fused in."""
     B, T, N, D = shape
     s_pad = next_power_of_2(num_slots(distance, T, cumulative))
     return _launch_config(B, T, N, D, s_pad, acc, device, max(tiles, 1), block_d, fused=fused)
@@ -623,7 +615,7 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     tiles = (d_projected is not None) + (d_features is not None)
     # Launch settings from the whole clip, so every window runs the same compiled kernel (as
-    # backward_settings gives them).
+    # launch_settings gives them).
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, pnorm.dtype, projected.device, max(tiles, 1),
                                             block_d, fused=resample_p is not None)
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,

@@ -52,9 +52,6 @@ def _config_get(vae: nn.Module, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _execution_device(module: nn.Module) -> Optional[torch.device]:
     """The device a VAE's inputs must be on: its weights' device, or, under diffusers' offloading
     (enable_model_cpu_offload, group offloading, sequential offload) the device its hooks move the
@@ -195,7 +192,7 @@ class VaeAdapter:
                 raise ValueError(
                     f"timestep must hold 1 or B={batch} values, got shape {tuple(timestep.shape)}"
                 )
-            if not (timestep.is_floating_point() or timestep.dtype in _INT_DTYPES):
+            if timestep.dtype == torch.bool or timestep.is_complex():
                 raise TypeError(f"timestep must be a float (or int) tensor, got dtype {timestep.dtype}")
             values = timestep.detach().double()
             # one host read of at most B values, before a decode that costs far more
