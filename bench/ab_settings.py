@@ -8,7 +8,9 @@ the host's latency before the first kernel), both for forward + backward of the 
 plus the allocator's peak above the inputs. The switches are read at call time, so one process
 serves every variant. ``--tuned TUNE_JSON`` adds a variant ``tuned`` that runs the default switches
 with each kernel's best launch settings from a ``bench/tune_kernels.py`` report (per dtype), so a
-sweep's per-kernel gains can be checked on whole calls.
+sweep's per-kernel gains can be checked on whole calls; where the report swept the one-pass backward
+(``merged_bwd``), a variant ``tuned_merged`` runs it (``CREPA_KERNELS_MERGED_BWD=1``) with the same
+settings.
 
     python bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \\
         --variant default= --variant win128=CREPA_KERNELS_BWD_WINDOW_MIB=128 --out ab.json
@@ -55,13 +57,13 @@ def _one_round(run, device, synced: int, queued: int) -> dict:
 def tuned_overrides(path: str, preset: str) -> dict[str, dict]:
     """dtype -> kernel -> the best settings of a bench/tune_kernels.py report measured at ``preset``
     (kernels whose default was best are left out); a report of another preset is refused, since the
-    settings are per shape."""
+    settings are per shape. The kernel names the report swept are under the key ``"swept"``."""
     with open(path) as fh:
         report = json.load(fh)
     measured = (report.get("preset") or {}).get("name")
     if measured != preset:
         raise ValueError(f"the report was measured at preset {measured!r}, not {preset!r}")
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {"swept": sorted({r["kernel"] for r in report.get("results", [])})}
     for r in report.get("results", []):
         best = r.get("best")
         if best and best.get("valid") and best.get("tune"):
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
                 launch["tuned"] = tuned_overrides(args.tuned, args.preset)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
                 raise ValueError(f"--tuned: cannot read tuned settings from {args.tuned!r}: {e}") from None
+            swept = launch["tuned"].pop("swept")
             for dtype, per_dtype in launch["tuned"].items():
                 try:
                     with launch_overrides(per_dtype):  # checks them before anything runs
@@ -164,6 +167,9 @@ def main(argv=None) -> int:
                 except ValueError as e:
                     raise ValueError(f"--tuned: {args.tuned!r}, {dtype}: {e}") from None
             variants.append(("tuned", {}))
+            if "merged_bwd" in swept:
+                launch["tuned_merged"] = launch["tuned"]
+                variants.append(("tuned_merged", {"CREPA_KERNELS_MERGED_BWD": "1"}))
         names = [name for name, _ in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"--variant: names must differ, got {', '.join(names)}")

@@ -29,8 +29,8 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 # 64: 3 and 2; 1024: one); FAST_LAUNCH=0 launches through Triton's binder instead of past it
 # (crepa_kernels/ops/launch.py; the fast launch is the default since these rows and the A/B said it pays);
 # FUSED_HALF_BLOCK_N=0 gives the fused-resample kernels the unfused token block (16-byte tap loads);
-# MERGED_BWD=1 runs the fused-resample backward as one gather kernel (no resampled-grid buffer, no
-# frame windows; off by default until these rows and the A/B say it pays).
+# MERGED_BWD=1 runs the fused-resample backward as one kernel over bands of input rows (no
+# resampled-grid buffer, no frame windows; off by default until these rows and the A/B say it pays).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
     (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),

@@ -126,6 +126,23 @@ def test_ab_settings_times_a_sweeps_best_settings_as_a_variant(tmp_path):
     assert all(r["queued_ms"] > 0 and "error" not in r for r in rows)
 
 
+def test_ab_settings_runs_the_tuned_one_pass_backward_where_the_sweep_covered_it(tmp_path):
+    """A report that swept merged_bwd adds a variant 'tuned_merged': the one-pass backward switched on,
+    with the same per-dtype settings as 'tuned' (its own among them)."""
+    tune = tmp_path / "tune.json"
+    best = {"sim_fwd": {"block_n": 2}, "merged_bwd": {"rows": 1, "block_d": 16}}
+    tune.write_text(json.dumps({"preset": {"name": "tiny"}, "results": [
+        {"kernel": k, "dtype": "fp32", "best": {"valid": True, "tune": t}} for k, t in best.items()]}))
+    out = tmp_path / "ab.json"
+    proc = _run("ab_settings.py", "--preset", "tiny", "--dtypes", "fp32", "--rounds", "1", "--warmup", "1",
+                "--synced", "1", "--queued", "1", "--variant", "default=", "--tuned", str(tune), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["environment_override"], r["launch_overrides"]) for r in rows] == \
+        [("default", {}, {}), ("tuned", {}, best), ("tuned_merged", {"CREPA_KERNELS_MERGED_BWD": "1"}, best)]
+    assert all(r["queued_ms"] > 0 and "error" not in r for r in rows)
+
+
 @pytest.mark.parametrize("content, why", [
     ("not json", "Expecting value"),
     (json.dumps({"preset": {"name": "tiny"}, "results": [
@@ -428,28 +445,29 @@ def test_ab_table_compares_each_variant_with_the_first_and_takes_median_rounds(m
 
 def test_tune_kernels_quick(tmp_path):
     """Each hot kernel's default and a chosen variant, launched as crepa_loss launches them, on the
-    interpreter."""
+    interpreter; the one-pass backward's variant is another band height."""
     out = tmp_path / "tune.json"
     tries = [a for k in ("sim_bwd", "resample_bwd", "sim_fwd") for a in ("--try", f"{k}:block_n=4")]
     proc = _run("tune_kernels.py", "--preset", "tiny_fused", "--dtypes", "fp32", "--max-variants", "1",
-                *tries, "--out", str(out))
+                *tries, "--try", "merged_bwd:rows=1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "not a performance figure" in report["timer"] and report["preset"]["name"] == "tiny_fused"
     assert [(r["kernel"], r["dtype"]) for r in report["results"]] == \
-        [("sim_bwd", "fp32"), ("resample_bwd", "fp32"), ("sim_fwd", "fp32")]
+        [("sim_bwd", "fp32"), ("resample_bwd", "fp32"), ("sim_fwd", "fp32"), ("merged_bwd", "fp32")]
     for r in report["results"]:
+        key, value = ("rows", 1) if r["kernel"] == "merged_bwd" else ("block_n", 4)
         default, variant = r["rows"]
         assert default["tune"] == {} and default["valid"] and default["ms"] > 0
-        assert default["settings"]["block_n"] != 4
-        # another token block: other programs, the same bits
-        assert variant["tune"] == {"block_n": 4} and variant["settings"]["block_n"] == 4
+        assert default["settings"][key] != value
+        # another token block or band: other programs, the same bits
+        assert variant["tune"] == {key: value} and variant["settings"][key] == value
         assert variant["bits_equal"] and variant["max_rel_diff"] == 0
         assert r["cut_short"] and r["best"]["valid"]
 
 
 @pytest.mark.parametrize("spec", ["sim_bwd", "fwd:block_n=4", "sim_bwd:block_n=3", "sim_bwd:blocks=4",
-                                  "sim_bwd:block_n=four"])
+                                  "sim_bwd:block_n=four", "sim_bwd:rows=2", "merged_bwd:block_n=4"])
 def test_tune_kernels_rejects_bad_tries(spec, capsys):
     sys.path.insert(0, HERE)
     try:
@@ -475,6 +493,7 @@ def test_tune_sweep_never_reports_an_invalid_variant_as_best(monkeypatch):
     class StubCase:  # a kernel whose results and speed depend on its settings
         def __init__(self, kernel, preset, dtype, device):
             self.default, self.dim, self.bytes, self.window = (4, 64, 4), 64, 1000, (0, 2)
+            self.keys = tk.TUNE_KEYS
             self.tolerance = tk.TOLERANCE[dtype]
             self.out = torch.zeros(4)
 

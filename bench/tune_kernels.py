@@ -5,7 +5,9 @@ reproducible); this measures how good that function's choices are. For each kern
 wan480 call - the similarity forward with the projected side's resample fused in (``sim_fwd``), the
 similarity backward of one frame window (``sim_bwd``) and the resample backward of that window
 (``resample_bwd``) - it times the default settings and variations of them: the token block, the
-warps and the feature block, one at a time, then the best of each combined. Inputs and launch
+warps and the feature block, one at a time, then the best of each combined. The opt-in one-pass
+backward (``merged_bwd``, the whole clip in one launch, in place of both backward kernels in every
+window) is swept the same way, over its band height (``rows``), warps and feature block. Inputs and launch
 arguments are the ones crepa_loss passes (a stride-0 loss gradient, the first backward window, the
 window's slice of the input-grid gradient as destination). ``--try KERNEL:KEY=VALUE,...`` times
 chosen overrides first. Triton's pipelining depth is not swept (no load in these kernels feeds a
@@ -42,10 +44,12 @@ import torch  # noqa: E402
 from crepa_kernels import benchmark as bm  # noqa: E402
 from crepa_kernels.alignment import plan_tokens  # noqa: E402
 from crepa_kernels.ops import resample, similarity  # noqa: E402
-from crepa_kernels.ops.utils import (TUNE_KEYS, accumulation_dtype, apply_tune, bwd_window_bytes,  # noqa: E402
-                                     next_power_of_2)
+from crepa_kernels.ops.utils import (BAND_TUNE_KEYS, TUNE_KEYS, accumulation_dtype, apply_tune,  # noqa: E402
+                                     bwd_window_bytes, elements_per_thread, next_power_of_2, tune_keys)
 
-KERNELS = ("sim_bwd", "resample_bwd", "sim_fwd")  # by their share of the wan480 call's GPU time
+# By their share of the wan480 call's GPU time; then the opt-in one-pass backward, which replaces the
+# two backward kernels in every window.
+KERNELS = ("sim_bwd", "resample_bwd", "sim_fwd", "merged_bwd")
 # The benchmark presets whose projected grid is the larger (resampled inside the similarity kernels),
 # and an interpreter-sized one that takes that path too (its D spans several feature blocks).
 PRESETS = {**{k: v for k, v in bm.PRESETS.items() if v.projected_grid[0] * v.projected_grid[1]
@@ -65,6 +69,7 @@ class Case:
 
     def __init__(self, kernel: str, preset: bm.Preset, dtype: torch.dtype, device):
         self.kernel = kernel
+        self.keys = tune_keys(kernel)
         self.dim = preset.dim
         p, f = bm.make_inputs(preset, dtype, device)
         B, T, _, D = f.shape
@@ -124,6 +129,23 @@ class Case:
                 return [dst]
             self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
+        elif kernel == "merged_bwd":
+            sms = similarity._sm_count(p.device.index or 0) if p.device.type == "cuda" else 132
+            config = similarity._band_launch_config(B, T, *self.resample_p, D, acc == torch.float64, sms, None,
+                                                    elements_per_thread())
+            if config is None:
+                raise ValueError(f"preset {preset.name}: the grids are too wide for the one-pass backward's bands")
+            self.default = (config[0], config[3], config[5])  # rows, BLOCK_D, num_warps
+            self.window = (0, T)  # the whole clip in one launch
+            self.lanes = config[1:3]
+            dp = torch.empty(p.shape, dtype=dtype, device=device)
+
+            def run(tune):
+                similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, **kw, tune=tune)
+                return [dp]
+            self.outputs = [dp]
+            side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size()
+            self.bytes = (p.numel() + f.numel() + dp.numel()) * el + side_bytes
         else:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.run = run
@@ -135,11 +157,17 @@ class Case:
             t.fill_(float("nan"))
 
 
-def candidates(default: tuple[int, int, int], dim: int) -> list[dict]:
+def candidates(default: tuple[int, int, int], dim: int, kernel: str = "sim_fwd") -> list[dict]:
     """Overrides to try around the default (BLOCK_N, BLOCK_D, num_warps), one setting at a time, in
     the order they are timed (the ones judged likelier to matter first); feature blocks stay within
-    the next power of two of ``dim``."""
+    the next power of two of ``dim``. The one-pass backward's first setting is its band height:
+    1 to 4 rows, then its warps and a feature block from 8 to 64."""
     block_n, block_d, warps = default
+    if kernel == "merged_bwd":
+        out = [{"rows": r} for r in (1, 2, 3, 4) if r != block_n]
+        out += [{"num_warps": w} for w in (4, 8) if w != warps]
+        out += [{"block_d": b} for b in (block_d // 2, block_d * 2) if 8 <= b <= min(64, next_power_of_2(dim))]
+        return out
     # No num_stages: these kernels feed no tl.dot, and triton 3.8 emits the same PTX for 1 to 4 stages.
     out = [{"block_n": n} for n in (block_n // 2, block_n * 2, block_n * 4) if 2 <= n <= 64]
     out += [{"num_warps": w} for w in (2, 4, 8) if w != warps]
@@ -176,7 +204,7 @@ def parse_tries(specs: list[str]) -> dict[str, list[dict]]:
                 raise ValueError(f"--try {spec!r}: {item!r} is not KEY=INT")
             tune[key] = int(value)
         try:
-            apply_tune(1, 1, 1, tune)  # names an unknown key or a bad value
+            apply_tune(1, 1, 1, tune, tune_keys(kernel))  # names an unknown key or a bad value
         except ValueError as e:
             raise ValueError(f"--try {spec!r}: {e}") from None
         out.setdefault(kernel, []).append(tune)
@@ -219,7 +247,7 @@ def _compare(out: list, ref: list) -> tuple[bool, float]:
 
 
 def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth) -> dict:
-    row = {"tune": dict(tune), "settings": _settings(case.default, tune)}
+    row = {"tune": dict(tune), "settings": _settings(case.default, tune, case.keys[0])}
     try:
         case.reset()
         outs = case.run(tune or None)  # compiles this variant outside the timing
@@ -240,9 +268,9 @@ def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth
     return row
 
 
-def _settings(default, tune) -> dict:
+def _settings(default, tune, first: str = "block_n") -> dict:
     block_n, block_d, warps = default
-    return {"block_n": tune.get("block_n", block_n), "block_d": tune.get("block_d", block_d),
+    return {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
             "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
 
 
@@ -259,7 +287,7 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
     ref = [t.clone() for t in case.run(None)]
     rows, cut = [base], False
     limit = float("inf") if max_variants is None else max_variants
-    for phase in (list(extra or []) + candidates(case.default, case.dim), None):  # then the winners together
+    for phase in (list(extra or []) + candidates(case.default, case.dim, kernel), None):  # then the winners together
         if phase is None:
             mix = combined(rows)
             phase = [mix] if mix is not None and not cut and all(r["tune"] != mix for r in rows) else []
@@ -273,7 +301,7 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
             r["speedup_vs_default"] = base["ms"] / r["ms"]
     valid = [r for r in rows if r.get("valid") and "ms" in r]
     best = min(valid, key=lambda r: r["ms"])
-    return {"kernel": kernel, "dtype": dtype_name, "default_settings": _settings(case.default, {}),
+    return {"kernel": kernel, "dtype": dtype_name, "default_settings": _settings(case.default, {}, case.keys[0]),
             "window": case.window if kernel != "sim_fwd" else None, "io_bytes": case.bytes,
             "default_ms": base["ms"], "best": best, "cut_short": cut, "rows": rows}
 
@@ -289,7 +317,8 @@ def main(argv=None) -> int:
                     help="at most this many variants per kernel and dtype besides the default (smoke tests)")
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:KEY=VALUE[,KEY=VALUE]",
                     help="an override to time first for one kernel, e.g. sim_bwd:block_n=16,num_warps=4 "
-                         f"(keys: {', '.join(TUNE_KEYS)}); repeatable")
+                         f"(keys: {', '.join(TUNE_KEYS)}; for merged_bwd {', '.join(BAND_TUNE_KEYS)}); "
+                         "repeatable")
     ap.add_argument("--rep-ms", type=int, default=40, help="do_bench's timed span per variant (GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)

@@ -95,15 +95,15 @@ def cases():
     yield ("similarity bwd fp64", bwd, {"default": "fp64"},
            dict(S_PAD=4, BLOCK_N=8, BLOCK_D=32, CUMULATIVE=False, NORMALIZE=False, **flags, **plain))
     merged = similarity._neighbour_cosine_resample_bwd_kernel
-    # The one-pass fused-resample backward at its launch tile (16 x 64, 4 warps), a wider one, and the
-    # small token blocks of small grids (a 1-D/2-D layout mix there once broke a Triton 3.6 layout pass).
-    for dt, fp64, block_p, block_d, warps in (("fp32", False, 16, 64, 4), ("bf16", False, 16, 64, 4),
-                                              ("fp64", True, 16, 64, 4), ("fp32", False, 8, 128, 4),
-                                              ("bf16", False, 2, 16, 2)):
+    # The one-pass fused-resample backward at its wan480 tiles (F 128 x Q 64 lanes, 16 columns, 8 warps),
+    # larger bands, and the tiny tiles of small grids.
+    for dt, fp64, q_pad, f_pad, block_d, warps in (("fp32", False, 64, 128, 16, 8), ("bf16", False, 64, 128, 16, 8),
+                                                   ("fp64", True, 64, 128, 8, 4), ("fp32", False, 256, 256, 8, 8),
+                                                   ("bf16", False, 16, 16, 64, 2)):
         ptrs = {"default": "fp64" if fp64 else "fp32", "p_ptr": dt, "f_ptr": dt, "dp_ptr": dt}
-        yield (f"similarity+resample bwd {dt} BLOCK_P={block_p}", merged, ptrs,
-               dict(S_PAD=4, BLOCK_P=block_p, BLOCK_D=block_d, CUMULATIVE=block_p == 8, NORMALIZE=block_p == 8,
-                    HAS_GT=True, HAS_GS=block_p != 2, R_H=3, R_W=2, TAPS_FP64=fp64), warps)
+        yield (f"similarity+resample bwd {dt} Q_PAD={q_pad}", merged, ptrs,
+               dict(S_PAD=4, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=block_d, CUMULATIVE=q_pad == 256,
+                    NORMALIZE=q_pad == 256, HAS_GT=True, HAS_GS=q_pad != 16, R_H=3, R_W=2, TAPS_FP64=fp64), warps)
     rf, rb = resample._resample_fwd_kernel, resample._resample_bwd_kernel
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)
@@ -112,7 +112,7 @@ def cases():
 
 # One fp32 case of each kernel is also compiled with the scalar types a torch.compile graph gives it.
 TORCH_COMPILE_CASES = ("similarity fwd fp32 fused resample", "similarity bwd fp32 fused resample",
-                       "similarity bwd fp32 both grads", "similarity+resample bwd fp32 BLOCK_P=16",
+                       "similarity bwd fp32 both grads", "similarity+resample bwd fp32 Q_PAD=64",
                        "resample fwd fp32", "resample bwd fp32")
 
 

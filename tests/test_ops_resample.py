@@ -158,6 +158,20 @@ def test_backward_range_is_exactly_the_contributors(dtype):
         assert int(count.max()) <= rs._contributor_bound(n, m), f"bound {n}->{m}"
 
 
+def test_band_contributor_bound():
+    # The outputs touching any of `rows` consecutive inputs (the bands of the one-pass similarity
+    # backward), counted from F.interpolate's own weights, never exceed _contributor_bound(n, m, rows),
+    # and a one-row band is the per-input bound.
+    for n in range(1, 25):
+        for m in range(1, 25):
+            W = F.interpolate(torch.eye(n, dtype=torch.float64)[None], size=m, mode="linear",
+                              align_corners=False)[0].T  # (m, n)
+            for rows in range(1, 5):
+                most = max(int((W[:, r0:r0 + rows] != 0).any(dim=1).sum()) for r0 in range(n))
+                assert most <= rs._contributor_bound(n, m, rows), f"{n}->{m}, {rows} rows"
+            assert rs._contributor_bound(n, m, 1) == rs._contributor_bound(n, m)
+
+
 def test_contributor_bound_values():
     # The wan480 axes (30 -> 37, 52 -> 37) and 16 -> 37.
     assert [rs._contributor_bound(n, 37) for n in (30, 52, 16)] == [3, 2, 5]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from crepa_kernels.ops.similarity import _launch_backward, _launch_forward, neighbour_cosine, num_slots
+from crepa_kernels.ops import utils
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -898,6 +899,80 @@ def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtyp
     _assert_grad_close(got.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("in_grid, out_grid, rows", [
+    ((5, 7), (3, 4), 2),  # down both; bands of 2, 2 and 1 rows
+    ((3, 4), (7, 5), 1),  # up both
+    ((3, 4), (7, 5), 2),
+    ((2, 9), (6, 3), 1),  # up one axis, down the other
+    ((9, 2), (2, 6), 4),  # bands of 4, 4 and 1 rows
+    ((4, 3), (11, 2), 3),  # many output rows per band
+])
+def test_merged_backward_bands_and_d_chunks(in_grid, out_grid, rows):
+    """Forced band heights, several bands (the last one short), two D chunks of several blocks each
+    (the last block cut by D): every element written (the gradient starts as NaN) and equal to the
+    gradient of F.interpolate followed by the oracle, with strided upstream gradients of both outputs."""
+    from crepa_kernels.ops import similarity
+
+    g = torch.Generator().manual_seed(27)
+    B, T, D = 1, 3, 34  # 9 blocks of 4 columns: two chunks
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV)
+    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV)
+    grids = (*in_grid, *out_grid)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
+    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV).transpose(1, 2)
+    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV)
+    tune = {"rows": rows, "block_d": 4}
+    config = similarity._band_launch_config(B, T, *grids, D, True, 132, 4, utils.elements_per_thread(), rows)
+    assert config[0] == rows and config[4] // 4 < 9  # the forced bands, and more than one D chunk
+    dp = torch.full_like(p, float("nan"))
+    assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=grids,
+                                              tune=tune, **kw)
+    pl = p.clone().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(pl, f, in_grid, out_grid, **kw)
+    want = torch.autograd.grad((ref_total * g_total).sum() + (ref_self * g_self).sum(), pl)[0]
+    _assert_grad_close(dp, want, 1e-9)
+
+
+def test_merged_backward_takes_launch_overrides(monkeypatch):
+    # utils.launch_overrides reaches the one-pass launch (bench/ab_settings.py --tuned times it so).
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    seen, real = [], similarity._band_launch_config
+    monkeypatch.setattr(similarity, "_band_launch_config", lambda *a: seen.append(a) or real(*a))
+    g = torch.Generator().manual_seed(29)
+    p = torch.randn(1, 3, 15, 8, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 16, 8, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False, projected_resample=((3, 5), (4, 4)))
+    with utils.launch_overrides({"merged_bwd": {"rows": 2, "block_d": 4, "num_warps": 2}}):
+        got = torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0]
+    assert [a[-4:] for a in seen] == [(4, utils.elements_per_thread(), 2, 2)]  # block_d, ept, rows, warps
+    ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
+    _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
+
+
+def test_merged_backward_falls_back_where_bands_do_not_fit(monkeypatch):
+    # Grids too wide for a one-row band: the one-pass launcher declines and the two-pass backward
+    # gives the gradient.
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    monkeypatch.setattr(similarity, "_BAND_MAX_LANES", 8)
+    calls, real = [], similarity._launch_merged_backward
+    monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    g = torch.Generator().manual_seed(28)
+    p = torch.randn(1, 3, 3 * 9, 6, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 2 * 5, 6, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=((3, 9), (2, 5)), **kw)
+    got = torch.autograd.grad(total.sum() + self_tok.sum(), p)[0]
+    assert calls == [False]
+    ref_total, ref_self = _interpolated_oracle(p, f, (3, 9), (2, 5), **kw)
+    _assert_grad_close(got, torch.autograd.grad(ref_total.sum() + ref_self.sum(), p)[0], 1e-9)
+
+
 @pytest.mark.parametrize("use", ["total", "self"])
 def test_merged_backward_with_one_output_used(monkeypatch, use):
     # Only one of the two upstream gradients exists (the other output is not in the graph).
@@ -966,7 +1041,8 @@ def test_merged_backward_zero_vectors(monkeypatch, in_grid, out_grid):
 
 def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buffer(monkeypatch):
     """Called directly with a NaN-filled gradient it leaves no element unwritten; through autograd it
-    launches once and allocates nothing but the input-grid gradient (no resampled-grid buffer)."""
+    launches once and allocates nothing but the input-grid gradient and its programs' staging slices
+    (no resampled-grid buffer)."""
     from crepa_kernels.ops import similarity
 
     g = torch.Generator().manual_seed(25)
@@ -1003,7 +1079,11 @@ def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buff
     (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), pg)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert calls == ["_launch_merged_backward"]
-    assert max(sizes) == pg.numel() * 4 and sizes.count(pg.numel() * 4) == 1
+    rows, _, f_pad, block_d, d_chunk, _ = similarity._band_launch_config(
+        B, T, 3, 5, 4, 4, D, False, 132 if DEV == "cpu" else similarity._sm_count(torch.cuda.current_device()),
+        None, utils.elements_per_thread())
+    programs = B * T * -(-3 // rows) * -(-D // d_chunk)
+    assert sorted(sizes) == sorted([pg.numel() * 4, programs * f_pad * block_d * 4])
     assert torch.isfinite(grad).all()
 
 

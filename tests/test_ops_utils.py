@@ -378,6 +378,22 @@ def test_launch_overrides_replace_only_what_they_name():
     assert apply_tune(8, 64, 4, {"num_stages": 3, "block_d": 128}) == (8, 128, 4, {"num_stages": 3})
 
 
+def test_the_one_pass_backward_takes_band_rows_and_nothing_else():
+    # merged_bwd's first setting is the band height (any positive int); other kernels do not take it.
+    from crepa_kernels.ops.utils import BAND_TUNE_KEYS, LAUNCH_OVERRIDES, apply_tune, launch_overrides
+
+    assert apply_tune(None, 16, None, {"rows": 3, "num_warps": 4}, BAND_TUNE_KEYS) == (3, 16, 4, {})
+    with pytest.raises(ValueError, match="unknown setting"):
+        apply_tune(None, 16, None, {"block_n": 4}, BAND_TUNE_KEYS)
+    for bad in ({"merged_bwd": {"block_n": 4}}, {"sim_bwd": {"rows": 2}}, {"merged_bwd": {"rows": 0}}):
+        with pytest.raises(ValueError):
+            with launch_overrides(bad):
+                pass
+    with launch_overrides({"merged_bwd": {"rows": 3, "block_d": 8}}):
+        assert LAUNCH_OVERRIDES == {"merged_bwd": {"rows": 3, "block_d": 8}}
+    assert LAUNCH_OVERRIDES == {}
+
+
 @pytest.mark.parametrize("tune, match", [({"block_m": 4}, "unknown setting"), ({"block_n": 3}, "power of two"),
                                          ({"num_warps": 0}, "positive int"), ({"num_stages": True}, "positive int"),
                                          ({"block_d": 64.0}, "positive int")])

@@ -283,14 +283,16 @@ def check_grid_sides(in_grid: tuple[int, int], out_grid: tuple[int, int]) -> Non
                          f"got in_grid={tuple(in_grid)}, out_grid={tuple(out_grid)}")
 
 
-def _contributor_bound(n_in: int, n_out: int) -> int:
-    # Most outputs with a nonzero weight on one input along an axis (the backward's loop length).
-    # They have src in (i - 1, i + 1) (see `_axis_contributors`); their exact coordinates
-    # S(o) = (n * (2o + 1) - m) / (2m) are n/m apart. The fp32 src is off from S by < 3 * 2^-24 * n
-    # (fp64 by far less), so while n * m <= 2^21 the integer 2m * S stays in the closed
-    # [2m(i - 1), 2m(i + 1)]: at most floor(2m/n) + 1 outputs (the borders i = 0 and i = n - 1 span
-    # less). Larger axes keep one output of margin: there rounding widens the span by < 1 output.
-    return (2 * n_out) // n_in + (1 if n_in * n_out <= 1 << 21 else 2)
+def _contributor_bound(n_in: int, n_out: int, rows: int = 1) -> int:
+    # Most outputs with a nonzero weight on one input along an axis (the backward's loop length), or
+    # on any of ``rows`` consecutive inputs (the bands of the one-pass similarity backward).
+    # They have src in (i - 1, i + rows) (see `_axis_contributors`: (i - 1, i + 1) per input); their
+    # exact coordinates S(o) = (n * (2o + 1) - m) / (2m) are n/m apart. The fp32 src is off from S by
+    # < 3 * 2^-24 * n (fp64 by far less), so while n * m <= 2^21 the integer 2m * S stays in the
+    # closed [2m(i - 1), 2m(i + rows)]: at most floor((rows + 1) m / n) + 1 outputs (the borders
+    # i = 0 and i + rows = n span less). Larger axes keep one output of margin: there rounding widens
+    # the span by < 1 output.
+    return ((rows + 1) * n_out) // n_in + (1 if n_in * n_out <= 1 << 21 else 2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 from torch.library import register_autograd, triton_op
 
-from .resample import (_axis_scale, _axis_taps, _contributor_bound, _input_token_contributors, _tap_weight,
-                       check_grid_sides, resample_tokens)
+from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
+                       _input_token_contributors, check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv,
+from .utils import (BAND_TUNE_KEYS, FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv,
                     device_guard, direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
                     merged_backward_enabled, next_power_of_2, num_warps_for, triton_supports)
 
@@ -344,131 +344,155 @@ def _pick(vec, idx, lanes):
     return tl.sum(tl.where(lanes == idx, vec, 0), axis=0)
 
 
-@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w", "ROWS", "CHUNK_BLOCKS"])
 def _neighbour_cosine_resample_bwd_kernel(
-    p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr,
-    T, N, D, d, S, NUM_P_BLOCKS, NUM_D_BLOCKS,
+    p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, stage_ptr,
+    T, N, D, d, S, NUM_BANDS, ROWS, CHUNK_BLOCKS,
     inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
     sgt_b, sgt_t, sgt_n,
     sgs_b, sgs_t, sgs_n,
     in_h, in_w, out_h, out_w,
-    S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_GT: tl.constexpr, HAS_GS: tl.constexpr,
+    S_PAD: tl.constexpr, Q_PAD: tl.constexpr, F_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GT: tl.constexpr, HAS_GS: tl.constexpr,
     R_H: tl.constexpr, R_W: tl.constexpr, TAPS_FP64: tl.constexpr,
 ):
-    """The fused-resample backward in one gather: d projected on the input grid, with no
-    resampled-grid gradient in between.
+    """The fused-resample backward in one pass: d projected on the input grid, with no resampled-grid
+    gradient in memory.
 
-    With W[f, q] the weight of input token q in resampled token f and
-    g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] (W P[t])[f] the resampled-grid gradient of the
-    similarity backward (alpha, beta as in `_neighbour_cosine_bwd_kernel`),
-    d P[t, q'] = sum_f W[f, q'] g[f]. Program (t, d-block, token block, b) owns input tokens q': it
-    walks their contributors f in the resample backward's fixed order, adds
-    W[f, q'] alpha_j[f] F[t + o_j, f] slot by slot, and folds the beta term into the 3x3
-    neighbourhood of q' (every tap of an f that touches q' lies within one token of it):
-    c[q] = sum_f W[f, q'] beta[f] W[f, q], applied once per neighbour q at the end. Deterministic,
-    no atomics; accumulated in fp32 (fp64), no rounding between the two halves."""
+    Program (t, band, D chunk, b) owns a band of ROWS whole rows of frame t's input grid (Q, at most
+    Q_PAD tokens) and the columns of its D chunk. The resampled tokens whose taps touch the band are
+    whole output rows (F, at most F_PAD tokens, one contiguous range). Per block of BLOCK_D columns
+    it forms their resampled-grid gradient, as the two-pass similarity backward does,
+    g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] p_res[f] (alpha, beta from the saved side
+    buffers, p_res through the taps), stages it in the program's own slice of ``stage_ptr`` (a few
+    KiB, rewritten every block, so it stays in L2), and gathers it back into the band:
+    d P[q] = sum over q's contributors f of W[f, q] g[f], in the resample backward's fixed order
+    (rows, then columns). Deterministic, no atomics, accumulated in fp32 (fp64) with no rounding
+    between the two halves. F holds every contributor of the band by `_contributor_bound`'s proof;
+    the launcher sizes the pads (`_band_launch_config`)."""
     ACC = pnorm_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
-    t = pid % T  # frames fastest: programs sharing teacher frames run together (L2 reuse)
+    t = pid % T  # frames fastest: programs sharing teacher frames run together (L2 reuse) ...
     rest = pid // T
-    d_block = rest % NUM_D_BLOCKS
-    rest = rest // NUM_D_BLOCKS
-    p_block = rest % NUM_P_BLOCKS
-    b = rest // NUM_P_BLOCKS
+    band = rest % NUM_BANDS  # ... then the neighbouring bands, which share their edge rows
+    rest = rest // NUM_BANDS
+    num_chunks = tl.cdiv(tl.cdiv(D, BLOCK_D), CHUNK_BLOCKS)
+    chunk = rest % num_chunks
+    b = rest // num_chunks
     n_in = in_h * in_w
+    scale_h = _axis_scale(in_h, out_h, TAPS_FP64)
+    scale_w = _axis_scale(in_w, out_w, TAPS_FP64)
 
-    # Every per-token value is a (BLOCK_P, 1) column of the tile's layout (1-D vectors mixed with
-    # tiles trip a layout pass of some Triton versions).
-    offs_q = p_block * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)[:, None]
-    q_mask = offs_q < n_in
-    ih, iw, scale_h, scale_w, oh_lo, oh_count, ow_lo, ow_count = _input_token_contributors(
-        offs_q, in_h, in_w, out_h, out_w, TAPS_FP64)
+    # The band's first and last input rows and the output rows oh_a .. oh_b - 1 touching them.
+    r0 = band * ROWS
+    r1 = tl.minimum(r0 + ROWS, in_h) - 1
+    two = tl.arange(0, 2)
+    ends = tl.where(two == 0, r0, r1).to(tl.int32)
+    lo, count = _axis_contributors(ends, in_h, out_h, scale_h)
+    oh_a = _pick(lo, 0, two).to(tl.int64)
+    oh_b = _pick(lo + count, 1, two).to(tl.int64)
 
-    # Per slot (frame distance and direction): its partner frame and its weight w_j / den[t].
+    # F lanes: the resampled tokens, their taps, and alpha / beta as `_neighbour_cosine_bwd_kernel`.
+    f_tok = oh_a * out_w + tl.arange(0, F_PAD).to(tl.int64)
+    f_mask = f_tok < oh_b * out_w
+    o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(f_tok, in_h, in_w, out_h, out_w, sp_n, TAPS_FP64)
     j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
-    u_all = t + offset.to(tl.int64)
-    valid_all = in_window & (u_all >= 0) & (u_all < T)
+    u = t + offset.to(tl.int64)
+    valid = in_window & (u >= 0) & (u < T)
+    u = tl.where(valid, u, t)
     inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
     eps = _split_scalar(eps_hi, eps_lo, ACC)
     w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
     w_base = tl.where(in_window, w_base, 0.0)
-    scale_all = _slot_weights(u_all * 0 + t, w_base, offset, in_window, T, NORMALIZE)
-    scale_all = tl.where(valid_all, scale_all, 0.0)
+    m_f = valid[:, None] & f_mask[None, :]
+    t_frames = u * 0 + t
+    scale_f = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
+    g_f = _slot_grad(gt_ptr, gs_ptr, b, t_frames, f_tok, m_f, j, scale_f,
+                     sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
+    cos_f = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + f_tok[None, :],
+                    mask=m_f, other=0.0).to(ACC)
+    np_t = tl.load(pnorm_ptr + (b * T + t) * N + f_tok, mask=f_mask, other=1.0).to(ACC)
+    proj = tl.sum(g_f * cos_f, axis=0)
+    above = np_t > eps  # clamp_min passes no gradient at equality
+    beta = tl.where(above, proj / tl.where(above, np_t * np_t, 1.0), 0.0)
+    # Per slot, inside the loop over D, alpha_j is rebuilt from these rows and the slot's scalars (its
+    # frame, weight, teacher norms): no cross-lane reduction there.
+    np_c = tl.maximum(np_t, eps)
+    g_t = tl.zeros([F_PAD], dtype=ACC)
+    g_s = tl.zeros([F_PAD], dtype=ACC)
+    if HAS_GT:
+        g_t = tl.load(gt_ptr + b * sgt_b + t * sgt_t + f_tok * sgt_n, mask=f_mask, other=0.0).to(ACC)
+    if HAS_GS:
+        g_s = tl.load(gs_ptr + b * sgs_b + t * sgs_t + f_tok * sgs_n, mask=f_mask, other=0.0).to(ACC)
+    den = tl.sum(tl.where(valid, w_base, 0.0), axis=0)  # 1 + the neighbour weights used at frame t
 
-    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
-    d_mask = cols < D
-    stat_row = (b * T + t) * N
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
-    # Neighbour coefficients, entry (dh + 1) * 4 + (dw + 1) for the input token (ih + dh, iw + dw).
-    nb = tl.arange(0, 16)[None, :]
-    coef = tl.zeros([BLOCK_P, 16], dtype=ACC)
-    # One flat loop over the contributors (rows, then columns: the resample backward's order). Nested
-    # loops, or the weight computed before the first load, make Triton 3.6's layout pass emit invalid
-    # IR (tests/compile_kernels.py compiles this kernel unspecialised).
-    for r in range(R_H * R_W):
-        kh = r // R_W
-        kw = r % R_W
-        oh = oh_lo + kh
-        h0, h1, lh0, lh1 = _axis_taps(oh, in_h, scale_h)
-        ow = ow_lo + kw
-        w0, w1, lw0, lw1 = _axis_taps(ow, in_w, scale_w)
-        touch = q_mask & (kh < oh_count) & (kw < ow_count)  # (oh, ow) on the grid and touching the token
-        fidx = oh.to(tl.int64) * out_w + ow  # read only where touch (masked loads)
-        np_f = tl.load(pnorm_ptr + stat_row + fidx, mask=touch, other=1.0).to(ACC)
-        wgt = tl.where(touch, _tap_weight(ih, h0, h1, lh0, lh1) * _tap_weight(iw, w0, w1, lw0, lw1), 0.0).to(ACC)
-        inv_np = 1.0 / tl.maximum(np_f, eps)
-        g_t = tl.zeros([BLOCK_P, 1], dtype=ACC)
-        g_s = tl.zeros([BLOCK_P, 1], dtype=ACC)
-        if HAS_GT:
-            g_t = tl.load(gt_ptr + b * sgt_b + t * sgt_t + fidx * sgt_n, mask=touch, other=0.0).to(ACC)
-        if HAS_GS:
-            g_s = tl.load(gs_ptr + b * sgs_b + t * sgs_t + fidx * sgs_n, mask=touch, other=0.0).to(ACC)
-        proj = tl.zeros([BLOCK_P, 1], dtype=ACC)
-        for jj in range(S):
-            u = _pick(u_all, jj, j)
-            m = touch & (_pick(valid_all.to(tl.int32), jj, j) != 0)
-            g = g_t * _pick(scale_all, jj, j)  # zero where m is false: masked loads, zero weight
-            if jj == 0:
-                g += g_s
-            cos = tl.load(cos_ptr + ((b * T + t) * S + jj) * N + fidx, mask=m, other=0.0).to(ACC)
-            nf = tl.load(fnorm_ptr + (b * T + u) * N + fidx, mask=m, other=1.0).to(ACC)
-            proj += g * cos
-            alpha = g * inv_np / tl.maximum(nf, eps) * wgt
-            fu = tl.load(f_ptr + b * sf_b + u * sf_t + fidx * sf_n + cols * sf_d, mask=m & d_mask,
+    # Q lanes: the band's input tokens and their contributors on the output grid.
+    q_tok = r0 * in_w + tl.arange(0, Q_PAD).to(tl.int64)
+    q_mask = q_tok < (r1 + 1) * in_w
+    ih, iw, _sh, _sw, q_oh_lo, q_oh_count, q_ow_lo, q_ow_count = _input_token_contributors(
+        q_tok, in_h, in_w, out_h, out_w, TAPS_FP64)
+
+    cols0 = tl.arange(0, BLOCK_D).to(tl.int64)
+    p_frame = p_ptr + b * sp_b + t * sp_t
+    f_rows = f_tok[:, None] * sf_n
+    stage = stage_ptr + pid * (F_PAD * BLOCK_D)  # this program's slice, (F_PAD, BLOCK_D) row-major
+    cols32 = tl.arange(0, BLOCK_D)
+    stage_f = tl.arange(0, F_PAD)[:, None] * BLOCK_D + cols32[None, :]  # int32: below 2^15
+    out_rows = ((b * T + t) * n_in + q_tok)[:, None] * D
+    blk_lo = chunk * CHUNK_BLOCKS
+    blk_hi = tl.minimum(blk_lo + CHUNK_BLOCKS, tl.cdiv(D, BLOCK_D))
+    for blk in range(blk_lo, blk_hi):
+        # Blocks start at multiples of BLOCK_D and only D cuts one: aligned, and masks constant over
+        # aligned groups of columns (vector loads where D is a multiple of 16).
+        cols = blk * BLOCK_D + cols0
+        d_mask = (cols < D)[None, :]
+        fd_mask = f_mask[:, None] & d_mask
+        p_res = _load_resampled(p_frame, o00, o01, o10, o11, cols * sp_d, fd_mask, lh0, lh1, lw0, lw1,
+                                p_ptr.dtype.element_ty, ACC)
+        s = tl.zeros([F_PAD, BLOCK_D], dtype=ACC)
+        for jj in range(S):  # the slots of the window only (a loop: one teacher tile live at a time)
+            # Slot jj as `_slot_geometry` numbers it: frame distance k_j, partner frame u_j, weight.
+            jm = tl.maximum(jj - 1, 0)
+            if CUMULATIVE:
+                k_j = jm // 2 + 1
+            else:
+                k_j = jm * 0 + d
+            u_j = t + tl.where(jj == 0, 0, tl.where(jm % 2 == 0, -k_j, k_j)).to(tl.int64)
+            ok_j = (u_j >= 0) & (u_j < T)
+            u_j = tl.where(ok_j, u_j, t)
+            scale_j = tl.where(jj == 0, 1.0, tl.exp(-k_j.to(ACC) * inv_tau)).to(ACC)
+            if NORMALIZE:
+                scale_j = scale_j / den
+            # alpha_j = g_cos / (|p| |f_u|), g_cos as `_slot_grad` forms it
+            g_j = tl.zeros([F_PAD], dtype=ACC)
+            if HAS_GT:
+                g_j += g_t * scale_j
+            if HAS_GS:
+                g_j += tl.where(jj == 0, g_s, 0.0)
+            nf_j = tl.load(fnorm_ptr + (b * T + u_j) * N + f_tok, mask=f_mask & ok_j, other=1.0).to(ACC)
+            a_j = tl.where(ok_j, g_j / (np_c * tl.maximum(nf_j, eps)), 0.0)
+            fj = tl.load(f_ptr + b * sf_b + u_j * sf_t + f_rows + cols[None, :] * sf_d, mask=fd_mask & ok_j,
                          other=0.0).to(ACC)
-            acc += alpha * fu
-        above = np_f > eps  # as clamp_min: no gradient through the norm at equality
-        beta = tl.where(above, proj / tl.where(above, np_f * np_f, 1.0), 0.0)
-        # The beta term: W[f, q'] beta[f] times each tap W[f, q] of f (taps coincide at a border).
-        beta_w = beta * wgt
-        for tap in tl.static_range(4):
-            if tap // 2 == 0:
-                hi, lh = h0, lh0
-            else:
-                hi, lh = h1, lh1
-            if tap % 2 == 0:
-                wi, lw = w0, lw0
-            else:
-                wi, lw = w1, lw1
-            entry = (hi - ih + 1) * 4 + (wi - iw + 1)
-            coef += tl.where(nb == entry, beta_w * (lh * lw).to(ACC), 0.0)
-
-    p_frame = p_ptr + b * sp_b + t * sp_t + cols * sp_d
-    for e in range(11):  # entries 0..10 (dh, dw in -1..1); 3 and 7 are never set
-        cq = tl.sum(tl.where(nb == e, coef, 0.0), axis=1, keep_dims=True)
-        qh = ih + (e // 4 - 1)
-        qw = iw + (e % 4 - 1)
-        ok = q_mask & (qh >= 0) & (qh < in_h) & (qw >= 0) & (qw < in_w) & (cq != 0.0)
-        q = tl.where(ok, qh.to(tl.int64) * in_w + qw, 0)
-        pq = tl.load(p_frame + q * sp_n, mask=ok & d_mask, other=0.0).to(ACC)
-        acc -= cq * pq
-
-    out = ((b * T + t) * n_in + offs_q) * D + cols
-    tl.store(dp_ptr + out, acc.to(dp_ptr.dtype.element_ty), mask=q_mask & d_mask)
+            s += a_j[:, None] * fj
+        g = s - beta[:, None] * p_res
+        tl.debug_barrier()  # every thread is done reading the previous block's g
+        tl.store(stage + stage_f, g)
+        tl.debug_barrier()  # ... and every thread's g is written
+        # d P[q] = sum of W[f, q] g[f] over q's contributors, rows then columns.
+        acc = tl.zeros([Q_PAD, BLOCK_D], dtype=ACC)
+        for r in range(R_H * R_W):
+            c_oh = q_oh_lo + r // R_W
+            c_ow = q_ow_lo + r % R_W
+            touch = q_mask & (r // R_W < q_oh_count) & (r % R_W < q_ow_count)
+            wgt = (_axis_weight(c_oh, ih, in_h, out_h, scale_h)
+                   * _axis_weight(c_ow, iw, in_w, out_w, scale_w)).to(ACC)
+            local = tl.where(touch, (c_oh - oh_a.to(tl.int32)) * out_w + c_ow, 0)  # < F_PAD where touching
+            gq = tl.load(stage + local[:, None] * BLOCK_D + cols32[None, :], mask=touch[:, None], other=0.0,
+                         cache_modifier=".cg")
+            acc += wgt[:, None] * gq
+        tl.store(dp_ptr + out_rows + cols[None, :], acc.to(dp_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,57 +671,110 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     )
 
 
-# Token block and tile of the one-pass fused-resample backward. Compiled as crepa_loss launches it at
-# wan480 (bench/kernel_registers.py --configs merged_backward, sm_90): 16 x 64 tiles on 4 warps take
-# 103-106 registers per thread in fp32 and 93-96 in bf16 and fp16 on triton 3.6 and 3.8, no spills;
-# 16 x 128 on 8 warps took 128 (fp32) and spilled in bf16 on 3.8 (80 registers); 32 x 128, 199-214.
-# fp64 (gradcheck) uses the same tile.
-_MERGED_BLOCK_P = 16
-_MERGED_TILE = 1024
+# Lanes of the one-pass backward's tiles (F and Q of `_band_launch_config`): a band whose tiles would
+# pass it (grids over 512 tokens wide, or 256 in fp64) takes the two-pass backward.
+_BAND_MAX_LANES = 512
+# Elements of its largest (F or Q) tile. Compiled as crepa_loss launches it at wan480 (sm_90, fp32,
+# 8 warps, bench/kernel_registers.py): F tiles of 128 x 16 (the default) take 128 registers per thread
+# on triton 3.8 and 3.6 (bf16: 114-116), 256 x 8 128, 256 x 16 222 and 128 x 32 234, none spilling.
+_BAND_TILE = 2048
+# Bands grow only while a block keeps at least this many columns (64-byte rows in fp32).
+_BAND_MIN_BLOCK_D = 16
+
+
+def _band_pads(in_h: int, in_w: int, out_h: int, out_w: int, rows: int) -> tuple[int, int]:
+    """(Q_PAD, F_PAD) of bands of ``rows`` input rows (see `_band_launch_config`)."""
+    rows = min(rows, in_h)
+    return (next_power_of_2(rows * in_w),
+            next_power_of_2(min(_contributor_bound(in_h, out_h, rows), out_h) * out_w))
 
 
 @functools.lru_cache(maxsize=1024)
-def _merged_launch_config(n_in: int, D: int, block_d: int | None, ept: int):
-    """(BLOCK_P, BLOCK_D, num_warps) of the one-pass fused-resample backward. Its tiles are
-    (BLOCK_P, BLOCK_D): the gradient being gathered and one teacher tile at a time. The D blocks are a
-    grid axis, so small token blocks still give many programs (wan480: 21 x 98 x 24)."""
-    block_p = max(2, min(_MERGED_BLOCK_P, next_power_of_2(n_in)))
+def _band_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w: int, D: int, fp64: bool,
+                        sms: int, block_d: int | None, ept: int, rows: int | None = None,
+                        num_warps: int | None = None):
+    """(ROWS, Q_PAD, F_PAD, BLOCK_D, D_CHUNK, num_warps) of the one-pass fused-resample backward, or
+    None where even a one-row band exceeds _BAND_MAX_LANES (the two-pass backward runs then).
+
+    A band of ROWS input rows holds Q = ROWS * in_w tokens; the output rows touching it are at most
+    `_contributor_bound(in_h, out_h, ROWS)`, F of them. Both are padded to powers of two. ROWS
+    minimises the lanes all bands process per column, bands * (4 F + Q) (F carries the teacher
+    tiles, the taps and g), the smaller tiles winning a tie, among the bands whose blocks keep
+    _BAND_MIN_BLOCK_D columns (one row always qualifies); BLOCK_D keeps the larger tile at most
+    _BAND_TILE elements (8 to 64 columns); the D axis is cut into chunks until about 8 programs per
+    SM run, each chunk at least 4 blocks. ``rows``, ``block_d``, ``num_warps``: overrides (tuning)."""
+    budget = _BAND_TILE // (2 if fp64 else 1)
+    if rows is None:
+        limit = _BAND_MAX_LANES // (2 if fp64 else 1)
+        best = None
+        for r in range(1, in_h + 1):
+            q, f = _band_pads(in_h, in_w, out_h, out_w, r)
+            if max(q, f) > limit or (r > 1 and max(q, f) * _BAND_MIN_BLOCK_D > budget):
+                break  # both pads grow with the rows
+            key = (cdiv(in_h, r) * (4 * f + q), f + q)
+            if best is None or key < best[0]:
+                best = (key, r)
+        if best is None:
+            return None
+        rows = best[1]
+    rows = min(rows, in_h)
+    q, f = _band_pads(in_h, in_w, out_h, out_w, rows)
     if block_d is None:
-        block_d = max(16, min(_MERGED_TILE // block_p, 128, next_power_of_2(D)))
-    return block_p, block_d, num_warps_for(block_p * block_d * 2, ept)
+        block_d = max(8, min(64, next_power_of_2(D), 1 << max(0, (budget // max(q, f)).bit_length() - 1)))
+    n_blocks = cdiv(D, block_d)
+    programs = max(1, B * T * cdiv(in_h, rows))
+    chunks = max(1, min(cdiv(8 * sms, programs), n_blocks // 4))
+    d_chunk = cdiv(n_blocks, chunks) * block_d
+    return rows, q, f, block_d, d_chunk, num_warps or num_warps_for((q + f) * block_d, ept)
 
 
 def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
                             distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                             resample_p: tuple[int, int, int, int], block_d: int | None = None,
-                            traceable: bool = False) -> None:
+                            traceable: bool = False, tune: dict | None = None) -> bool:
     """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) in one
-    launch: the similarity backward and the resample backward of a fused-resample forward together."""
+    launch: the similarity backward and the resample backward of a fused-resample forward together.
+    False (nothing written) where the grids are too wide for its bands (`_band_launch_config`).
+    ``tune``: overrides of ``utils.BAND_TUNE_KEYS``; without it, those `utils.launch_overrides` set."""
     B, T, N, D = features.shape
     in_h, in_w, out_h, out_w = resample_p
-    n_in = in_h * in_w
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
-    block_p, bd, num_warps = _merged_launch_config(n_in, D, block_d, elements_per_thread())
-    if B * T * n_in * D == 0:
-        return
-    n_p, n_d = cdiv(n_in, block_p), cdiv(D, bd)
+    fp64 = pnorm.dtype == torch.float64
+    device = projected.device
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    tune = LAUNCH_OVERRIDES.get("merged_bwd") if tune is None else tune
+    rows, bd, num_warps, extra = apply_tune(None, block_d, None, tune, BAND_TUNE_KEYS)
+    config = _band_launch_config(B, T, in_h, in_w, out_h, out_w, D, fp64, sms, bd, elements_per_thread(),
+                                 rows, num_warps)
+    if config is None:
+        return False
+    rows, q_pad, f_pad, bd, d_chunk, num_warps = config
+    if B * T * in_h * in_w * D == 0:
+        return True
+    bands = cdiv(in_h, rows)
+    grid = B * T * bands * cdiv(D, d_chunk)
+    chunk_blocks = d_chunk // bd
+    # Each program's (F_PAD, BLOCK_D) staging slice for its resampled-grid gradient.
+    stage = torch.empty((grid * f_pad * bd,), dtype=pnorm.dtype, device=device)
     gt = g_total if g_total is not None else pnorm
     gs = g_self if g_self is not None else pnorm
     kernel = _kernel(_neighbour_cosine_resample_bwd_kernel, traceable)
-    kernel[(B * T * n_p * n_d,)](
-        projected, features, pnorm, fnorm, cos, gt, gs, d_projected,
-        T, N, D, d, S, n_p, n_d,
+    kernel[(grid,)](
+        projected, features, pnorm, fnorm, cos, gt, gs, d_projected, stage,
+        T, N, D, d, S, bands, rows, chunk_blocks,
         *scalars,
         *projected.stride(), *features.stride(),
         *(g_total.stride() if g_total is not None else (0, 0, 0)),
         *(g_self.stride() if g_self is not None else (0, 0, 0)),
         in_h, in_w, out_h, out_w,
-        S_PAD=s_pad, BLOCK_P=block_p, BLOCK_D=bd,
+        S_PAD=s_pad, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=bd,
         CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
         HAS_GT=g_total is not None, HAS_GS=g_self is not None,
         R_H=_contributor_bound(in_h, out_h), R_W=_contributor_bound(in_w, out_w),
-        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps,
+        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
     )
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -785,9 +862,10 @@ def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, 
         return dp, df
     if merged_backward_enabled():
         dp = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
-        _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp,
-                                resample_p=resample_p, **kw)
-        return dp, df
+        if _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp,
+                                   resample_p=resample_p, **kw):
+            return dp, df
+        del dp
     # The resampled-grid gradient is produced and scattered to the input grid in frame windows of at
     # most bwd_window_bytes() (128 MiB): at wan480 fp32 the whole of it would be 168 MiB, alive next to
     # the 192 MiB input-grid gradient at the backward's memory peak.

@@ -133,13 +133,14 @@ MERGED_BWD_ENV = "CREPA_KERNELS_MERGED_BWD"
 
 
 def merged_backward_enabled() -> bool:
-    """Whether the backward of a fused-resample similarity runs as one gather kernel that writes the
+    """Whether the backward of a fused-resample similarity runs as one kernel that writes the
     input-grid gradient directly (``CREPA_KERNELS_MERGED_BWD=1``), instead of the similarity backward
     into a resampled-grid buffer followed by the resample backward, in frame windows (the default).
-    One launch instead of two per window, no resampled-grid buffer, and 579 instead of 932 MB of
-    unique bytes at wan480 fp32, for more reads that must hit the caches; the same numbers up to
+    Programs own bands of input rows and stage each block of their resampled-grid gradient in a
+    small L2-resident slice: one launch, no resampled-grid buffer, and 579 instead of 932 MB of
+    unique bytes at wan480 fp32, for the band edges' rows computed twice. The same numbers up to
     fp32 summation order (fp16 / bf16 inputs also skip the rounding of the resampled-grid gradient
-    to the input dtype). Off until a GPU A/B times it."""
+    to the input dtype). Grids too wide for its bands take the default. Off until a GPU A/B times it."""
     return env_flag(MERGED_BWD_ENV, False)
 
 
@@ -220,10 +221,20 @@ def num_warps_for(block_elems: int, ept: "int | None" = None) -> int:
 
 
 TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
+# The one-pass backward's settings: ``rows`` (input rows per band, any positive int) instead of a
+# token block.
+BAND_TUNE_KEYS = ("rows", "block_d", "num_warps", "num_stages")
 # The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
-# similarity forward and backward (every launch of each; not the one-pass backward) and the resample
-# backward.
-TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd")
+# similarity forward and backward (every launch of each), the resample backward, and the one-pass
+# fused-resample backward (``CREPA_KERNELS_MERGED_BWD=1``).
+TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd", "merged_bwd")
+
+
+def tune_keys(kernel: str) -> tuple:
+    """The settings ``kernel`` (one of ``TUNABLE_KERNELS``) takes overrides for."""
+    return BAND_TUNE_KEYS if kernel == "merged_bwd" else TUNE_KEYS
+
+
 # kernel name -> overrides, consulted by launches not given their own: empty unless a benchmark fills it
 # through `launch_overrides` (bench/ab_settings.py --tuned times tuned settings through whole calls).
 LAUNCH_OVERRIDES: dict = {}
@@ -235,16 +246,16 @@ def launch_overrides(overrides: "dict | None"):
     (kernel name -> overrides as `apply_tune` takes them), for benchmarking eager calls; the previous
     ones come back afterwards, also after an error. Checked before anything changes.
 
-    Two limits: a graph torch.compile traces inside the block keeps the settings it saw (and one
-    traced outside ignores them), and the one-pass backward (``CREPA_KERNELS_MERGED_BWD=1``) is not
-    tunable, so ``sim_bwd`` / ``resample_bwd`` settings do not reach it."""
+    One limit: a graph torch.compile traces inside the block keeps the settings it saw (and one
+    traced outside ignores them). The one-pass backward (``CREPA_KERNELS_MERGED_BWD=1``) takes
+    ``merged_bwd`` settings only: ``sim_bwd`` / ``resample_bwd`` ones do not reach it."""
     overrides = dict(overrides or {})
     for kernel, tune in overrides.items():
         if kernel not in TUNABLE_KERNELS:
             raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; expected some of {list(TUNABLE_KERNELS)}")
         if not isinstance(tune, dict):
             raise ValueError(f"launch_overrides[{kernel!r}] must be a dict of settings, got {tune!r}")
-        apply_tune(1, 1, 1, tune)
+        apply_tune(1, 1, 1, tune, tune_keys(kernel))
     saved = dict(LAUNCH_OVERRIDES)
     LAUNCH_OVERRIDES.clear()
     LAUNCH_OVERRIDES.update(overrides)
@@ -255,21 +266,24 @@ def launch_overrides(overrides: "dict | None"):
         LAUNCH_OVERRIDES.update(saved)
 
 
-def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None") -> tuple[int, int, int, dict]:
+def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None",
+               keys: tuple = TUNE_KEYS) -> tuple[int, int, int, dict]:
     """(BLOCK_N, BLOCK_D, num_warps, extra launch options) with a tuning sweep's overrides applied.
 
-    ``tune`` maps some of ``TUNE_KEYS`` to ints and replaces the shape-derived settings it names
+    ``tune`` maps some of ``keys`` (``TUNE_KEYS``, or ``BAND_TUNE_KEYS`` where the first setting is
+    ``rows``, not ``block_n``) to ints and replaces the shape-derived settings it names
     (``bench/tune_kernels.py`` times the hot kernels this way); ``num_stages`` is passed to Triton only
     when given, so a default launch keeps Triton's own pipelining depth. None or {}: the defaults."""
     if not tune:
         return block_n, block_d, num_warps, {}
-    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    unknown = sorted(set(tune) - set(keys))
     if unknown:
-        raise ValueError(f"tune: unknown setting(s) {unknown}; expected some of {list(TUNE_KEYS)}")
+        raise ValueError(f"tune: unknown setting(s) {unknown}; expected some of {list(keys)}")
     for key, value in tune.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"tune[{key!r}] must be a positive int, got {value!r}")
-        if key != "num_stages" and value & (value - 1):
+        if key not in ("num_stages", "rows") and value & (value - 1):
             raise ValueError(f"tune[{key!r}] must be a power of two, got {value}")
     extra = {"num_stages": tune["num_stages"]} if "num_stages" in tune else {}
-    return (tune.get("block_n", block_n), tune.get("block_d", block_d), tune.get("num_warps", num_warps), extra)
+    first = keys[0]
+    return (tune.get(first, block_n), tune.get("block_d", block_d), tune.get("num_warps", num_warps), extra)
