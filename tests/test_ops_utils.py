@@ -456,3 +456,22 @@ def test_an_eager_call_does_not_make_a_compiled_graph_recompile(monkeypatch):
             compiled(p, f)
     finally:
         torch._dynamo.reset()
+
+
+def test_getenv_answers_as_os_environ_does(monkeypatch):
+    # The launch path's environment reads see every change made through os.environ, and fall back to
+    # os.environ.get where os.environ is not the object they know.
+    import os
+
+    from crepa_kernels.ops.utils import getenv
+
+    name = "CREPA_KERNELS_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) is None
+    for value in ("1", "", "x y", "caf\u00e9", "\udcff"):  # the last: a byte that is not UTF-8
+        monkeypatch.setenv(name, value)
+        assert getenv(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert getenv(name) is None
+    monkeypatch.setattr(os, "environ", {name: "replaced"})
+    assert getenv(name) == "replaced"

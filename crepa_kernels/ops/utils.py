@@ -30,13 +30,34 @@ def triton_available() -> bool:
 
 _TRITON_TRUE = ("1", "true", "yes", "on")  # Triton's reading of a boolean variable (any case)
 
+# os.environ.get costs about 2 us (the name is encoded, an unset name raises and catches a KeyError),
+# and one crepa_loss call reads about a dozen variables. On POSIX os.environ keeps its contents in a
+# dict keyed by the encoded names, which it reads and writes itself: a lookup there gives the same
+# answer for a fraction of the cost. Anything else (another platform, os.environ replaced) takes
+# os.environ.get.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(_ENVIRON, "_data", None) if os.name == "posix" else None
+_ENV_KEYS: dict = {}
+
+
+def getenv(name: str) -> "str | None":
+    """``os.environ.get(name)``, faster on the launch path."""
+    data = _ENV_DATA
+    if type(data) is not dict or os.environ is not _ENVIRON:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = data.get(key)
+    return None if value is None else os.fsdecode(value)
+
 
 def interpreter_enabled() -> bool:
     """True when Triton runs our kernels through its CPU interpreter: TRITON_INTERPRET is on as
     Triton reads it (1, true, yes or on, in any case), and, once the kernels exist, they were
     defined as interpreted functions (Triton decides that when a kernel is defined, so a variable
     set after ``crepa_kernels.ops`` was imported changes nothing)."""
-    if os.environ.get("TRITON_INTERPRET", "").lower() not in _TRITON_TRUE:
+    if (getenv("TRITON_INTERPRET") or "").lower() not in _TRITON_TRUE:
         return False
     resample = sys.modules.get("crepa_kernels.ops.resample")
     kernel = getattr(resample, "_resample_fwd_kernel", None)
@@ -79,7 +100,7 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
     ``CREPA_KERNELS_FRONT_END=custom_op`` sends every call through the custom ops (for comparison)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    front_end = os.environ.get(FRONT_END_ENV)
+    front_end = getenv(FRONT_END_ENV)
     if front_end is not None and front_end != "auto":
         if front_end not in FRONT_ENDS:
             raise ValueError(f"{FRONT_END_ENV} must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
@@ -155,7 +176,7 @@ def switches_set() -> dict:
 
 def env_flag(name: str, default: bool) -> bool:
     """A 0/1 switch read from the environment at call time; unset gives ``default``."""
-    value = os.environ.get(name)
+    value = getenv(name)
     if value is None:
         return default
     if value in ("0", "1"):
@@ -166,7 +187,7 @@ def env_flag(name: str, default: bool) -> bool:
 def env_positive_int(name: str, default: int, expected: str, power_of_two: bool = False) -> int:
     """A positive int (a power of two if asked) read from the environment at call time; unset gives
     ``default``; anything else is an error naming the variable and ``expected``."""
-    value = os.environ.get(name)
+    value = getenv(name)
     if value is None:
         return default
     n = int(value) if value.isascii() and value.isdigit() else 0  # plain digits only ("1_6", " 16" refused)
