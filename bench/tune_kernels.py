@@ -130,14 +130,13 @@ class Case:
             self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
         elif kernel == "merged_bwd":
-            sms = similarity._sm_count(p.device.index or 0) if p.device.type == "cuda" else 132
+            sms = similarity._device_sms(p.device)
             config = similarity._band_launch_config(B, T, *self.resample_p, D, acc == torch.float64, sms, None,
                                                     elements_per_thread())
             if config is None:
                 raise ValueError(f"preset {preset.name}: the grids are too wide for the one-pass backward's bands")
             self.default = (config[0], config[3], config[5])  # rows, BLOCK_D, num_warps
             self.window = (0, T)  # the whole clip in one launch
-            self.lanes = config[1:3]
             dp = torch.empty(p.shape, dtype=dtype, device=device)
 
             def run(tune):

@@ -172,6 +172,36 @@ def test_band_contributor_bound():
             assert rs._contributor_bound(n, m, 1) == rs._contributor_bound(n, m)
 
 
+@pytest.mark.parametrize("fused", [False, True])  # fp32 src as two roundings, or one (a fused multiply-add)
+def test_band_contributor_bound_on_large_axes(fused):
+    # Past what F.interpolate can check cheaply, and past n * m = 2^21 where the bound keeps a
+    # margin: the outputs touching a band, from the fp32 coordinate src = max(scale * (o + 0.5) - 0.5, 0)
+    # as the kernels compute it (scale rounded to fp32), never exceed _contributor_bound(n, m, rows).
+    import numpy as np
+
+    for n, m in ((1000, 3000), (3000, 1000), (2048, 2047), (2047, 2048), (4096, 1531), (1531, 4096),
+                 (1 << 12, (1 << 12) + 1), (37, 4000), (4000, 37)):
+        scale = np.float32(np.float64(n) / np.float64(m))
+        o = np.arange(m, dtype=np.float64) + 0.5
+        if fused:
+            src = (np.float64(scale) * o - 0.5).astype(np.float32)
+        else:
+            src = (scale * o.astype(np.float32)).astype(np.float32) - np.float32(0.5)
+        src = np.maximum(src, np.float32(0))
+        i0 = np.minimum(src.astype(np.int64), n - 1)
+        i1 = np.minimum(i0 + 1, n - 1)
+        l1 = src - i0.astype(np.float32)
+        first = np.where(l1 == 1.0, i1, i0)  # the lowest and highest input each output weighs (nonzero)
+        last = np.where(l1 == 0.0, i0, i1)
+        assert (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all()
+        for rows in (1, 2, 3):
+            r0 = np.arange(n)
+            # outputs o touch band [r0, r0 + rows) iff first[o] < r0 + rows and last[o] >= r0 (both
+            # non-decreasing in o)
+            count = np.searchsorted(first, r0 + rows, side="left") - np.searchsorted(last, r0, side="left")
+            assert int(count.max()) <= rs._contributor_bound(n, m, rows), f"{n}->{m}, {rows} rows, fused={fused}"
+
+
 def test_contributor_bound_values():
     # The wan480 axes (30 -> 37, 52 -> 37) and 16 -> 37.
     assert [rs._contributor_bound(n, 37) for n in (30, 52, 16)] == [3, 2, 5]

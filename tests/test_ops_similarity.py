@@ -899,40 +899,131 @@ def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtyp
     _assert_grad_close(got.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
 
 
-@pytest.mark.parametrize("in_grid, out_grid, rows", [
-    ((5, 7), (3, 4), 2),  # down both; bands of 2, 2 and 1 rows
-    ((3, 4), (7, 5), 1),  # up both
-    ((3, 4), (7, 5), 2),
-    ((2, 9), (6, 3), 1),  # up one axis, down the other
-    ((9, 2), (2, 6), 4),  # bands of 4, 4 and 1 rows
-    ((4, 3), (11, 2), 3),  # many output rows per band
+# (cumulative, normalize_neighbour_sum, upstream gradients, dtype) of the banded cases below
+BAND_FLAGS = {"both": (True, True, "total+self", torch.float64),
+              "plain-total": (False, False, "total", torch.float32),
+              "self-only": (True, False, "self", torch.float64)}
+
+
+@pytest.mark.parametrize("in_grid, out_grid, rows, flags", [
+    ((5, 7), (3, 4), 2, "both"),  # down both; bands of 2, 2 and 1 rows
+    ((3, 4), (7, 5), 1, "both"),  # up both
+    ((3, 4), (7, 5), 2, "plain-total"),
+    ((2, 9), (6, 3), 1, "both"),  # up one axis, down the other
+    ((9, 2), (2, 6), 4, "self-only"),  # bands of 4, 4 and 1 rows
+    ((4, 3), (11, 2), 3, "both"),  # many output rows per band
+    ((5, 7), (3, 4), 1, "plain-total"),
 ])
-def test_merged_backward_bands_and_d_chunks(in_grid, out_grid, rows):
+def test_merged_backward_bands_and_d_chunks(in_grid, out_grid, rows, flags):
     """Forced band heights, several bands (the last one short), two D chunks of several blocks each
     (the last block cut by D): every element written (the gradient starts as NaN) and equal to the
-    gradient of F.interpolate followed by the oracle, with strided upstream gradients of both outputs."""
+    gradient of F.interpolate followed by the oracle, with strided upstream gradients of one or both
+    outputs, for each window setting."""
     from crepa_kernels.ops import similarity
 
+    cumulative, normalize, used, dtype = BAND_FLAGS[flags]
     g = torch.Generator().manual_seed(27)
     B, T, D = 1, 3, 34  # 9 blocks of 4 columns: two chunks
-    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    kw = dict(distance=1, tau=0.9, cumulative=cumulative, normalize_neighbour_sum=normalize)
     n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
-    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV)
-    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV)
+    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV, dtype)
     grids = (*in_grid, *out_grid)
-    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
-    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV).transpose(1, 2)
-    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, cumulative, normalize, 0, grids,
+                                                       traceable=False)
+    acc = pnorm.dtype
+    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV, acc).transpose(1, 2)
+    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV, acc)
+    g_total, g_self = (x if name in used else None for x, name in ((g_total, "total"), (g_self, "self")))
     tune = {"rows": rows, "block_d": 4}
-    config = similarity._band_launch_config(B, T, *grids, D, True, 132, 4, utils.elements_per_thread(), rows)
+    config = similarity._band_launch_config(B, T, *grids, D, dtype == torch.float64, 132, 4,
+                                            utils.elements_per_thread(), rows)
     assert config[0] == rows and config[4] // 4 < 9  # the forced bands, and more than one D chunk
     dp = torch.full_like(p, float("nan"))
     assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=grids,
                                               tune=tune, **kw)
+    pl = p.detach().double().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(pl, f.double(), in_grid, out_grid, **kw)
+    objective = sum((ref * up.double()).sum() for ref, up in ((ref_total, g_total), (ref_self, g_self))
+                    if up is not None)
+    want = torch.autograd.grad(objective, pl)[0]
+    _assert_grad_close(dp.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
+
+
+def test_merged_backward_runs_a_large_batch_in_several_launches(monkeypatch):
+    # Past _BAND_PROGRAMS_PER_SM programs per SM a launch takes a share of the work items and the
+    # next one the rest, reusing the same staging slices: every element written, the oracle's values.
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setattr(similarity, "_device_sms", lambda device: 1)  # 16 programs per launch
+    launches, real_kernel = [], similarity._kernel
+
+    def counting_kernel(kernel, traceable):
+        launcher = real_kernel(kernel, traceable)
+
+        class Counted:
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return launcher[grid]
+        return Counted()
+    monkeypatch.setattr(similarity, "_kernel", counting_kernel)
+    sizes, real_empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: sizes.append(real_empty(*a, **k)) or sizes[-1])
+    g = torch.Generator().manual_seed(31)
+    B, T, D, grids = 2, 3, 8, (5, 4, 3, 3)
+    p = torch.randn(B, T, 20, D, generator=g, dtype=torch.float64).to(DEV)
+    f = torch.randn(B, T, 9, D, generator=g, dtype=torch.float64).to(DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=True)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, False, True, 0, grids, traceable=False)
+    g_total = torch.randn(B, T, 9, generator=g, dtype=torch.float64).to(DEV)
+    dp = torch.full_like(p, float("nan"))
+    launches.clear()
+    sizes.clear()
+    assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, resample_p=grids,
+                                              tune={"rows": 1, "block_d": 8}, **kw)
+    assert launches == [(16,), (14,)]  # B * T * 5 bands = 30 items
+    assert [s.numel() for s in sizes] == [16 * 8 * 8]  # 16 slices of F_PAD 8 (2 rows of 3) x 8 columns
     pl = p.clone().requires_grad_(True)
-    ref_total, ref_self = _interpolated_oracle(pl, f, in_grid, out_grid, **kw)
-    want = torch.autograd.grad((ref_total * g_total).sum() + (ref_self * g_self).sum(), pl)[0]
+    ref_total, _ = _interpolated_oracle(pl, f, (5, 4), (3, 3), **kw)
+    want = torch.autograd.grad((ref_total * g_total).sum(), pl)[0]
     _assert_grad_close(dp, want, 1e-9)
+
+
+def test_merged_backward_propagates_nan_as_the_two_pass_backward_does():
+    # A NaN in one projected element and one teacher element reaches the same gradient elements
+    # through both backward paths (bands of one row, so the poisoned rows sit in several bands), and
+    # every finite element agrees.
+    from crepa_kernels.ops import similarity
+
+    g = torch.Generator().manual_seed(30)
+    B, T, D, grids = 1, 3, 12, (4, 5, 3, 3)
+    p = torch.randn(B, T, 20, D, generator=g, dtype=torch.float64).to(DEV)
+    f = torch.randn(B, T, 9, D, generator=g, dtype=torch.float64).to(DEV)
+    p[0, 1, 7, 3] = float("nan")
+    f[0, 2, 4, 5] = float("nan")
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
+    g_total = torch.randn(B, T, 9, generator=g, dtype=torch.float64).to(DEV)
+    merged = torch.full_like(p, 0.5)
+    assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, merged, resample_p=grids,
+                                              tune={"rows": 1}, **kw)
+    two_pass, _ = similarity._backward_launches(p, f, pnorm, fnorm, cos, g_total, None, 1, 0.9, True, True, True,
+                                                False, 0, grids, False)
+    assert merged.isnan().any() and not merged.isnan().all()
+    assert torch.equal(merged.isnan(), two_pass.isnan())
+    ok = ~two_pass.isnan()
+    _assert_grad_close(merged[ok], two_pass[ok], 1e-12)
+
+
+def test_merged_backward_keeps_its_tile_budget_under_a_callers_block_d():
+    # crepa_loss's block_d (a similarity-kernel setting, up to 256) only caps the band's block.
+    from crepa_kernels.ops import similarity
+
+    args = (1, 21, 30, 52, 37, 37, 1536, False, 132, None, utils.elements_per_thread(), None, None)
+    default = similarity._band_launch_config(*args)
+    assert default[3] * max(default[1], default[2]) <= similarity._BAND_TILE
+    assert similarity._band_launch_config(*args, 256) == default  # the last argument: the caller's cap
+    assert similarity._band_launch_config(*args, 4)[3] == 4
 
 
 def test_merged_backward_takes_launch_overrides(monkeypatch):
@@ -948,28 +1039,33 @@ def test_merged_backward_takes_launch_overrides(monkeypatch):
     kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False, projected_resample=((3, 5), (4, 4)))
     with utils.launch_overrides({"merged_bwd": {"rows": 2, "block_d": 4, "num_warps": 2}}):
         got = torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0]
-    assert [a[-4:] for a in seen] == [(4, utils.elements_per_thread(), 2, 2)]  # block_d, ept, rows, warps
+    # block_d, elements per thread, rows, warps (the overrides), and no cap from the caller
+    assert [a[-5:] for a in seen] == [(4, utils.elements_per_thread(), 2, 2, None)]
     ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
     _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
 
 
+
 def test_merged_backward_falls_back_where_bands_do_not_fit(monkeypatch):
-    # Grids too wide for a one-row band: the one-pass launcher declines and the two-pass backward
-    # gives the gradient.
+    # A one-row band of a strong vertical upsampling touches 12 output rows of 12 tokens: past the
+    # lane limit (128 in fp64), so the one-pass launcher declines and the two-pass backward gives
+    # the gradient. In fp32 (256 lanes) a 4 x 4 -> 37 x 37 grid declines too.
     from crepa_kernels.ops import similarity
 
+    ept = utils.elements_per_thread()
+    assert similarity._band_launch_config(1, 3, 2, 3, 12, 12, 6, True, 132, None, ept) is None
+    assert similarity._band_launch_config(1, 21, 4, 4, 37, 37, 1536, False, 132, None, ept) is None
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
-    monkeypatch.setattr(similarity, "_BAND_MAX_LANES", 8)
     calls, real = [], similarity._launch_merged_backward
     monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
     g = torch.Generator().manual_seed(28)
-    p = torch.randn(1, 3, 3 * 9, 6, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
-    f = torch.randn(1, 3, 2 * 5, 6, generator=g, dtype=torch.float64, device=DEV)
+    p = torch.randn(1, 3, 2 * 3, 6, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 12 * 12, 6, generator=g, dtype=torch.float64, device=DEV)
     kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False)
-    total, self_tok = neighbour_cosine(p, f, projected_resample=((3, 9), (2, 5)), **kw)
+    total, self_tok = neighbour_cosine(p, f, projected_resample=((2, 3), (12, 12)), **kw)
     got = torch.autograd.grad(total.sum() + self_tok.sum(), p)[0]
     assert calls == [False]
-    ref_total, ref_self = _interpolated_oracle(p, f, (3, 9), (2, 5), **kw)
+    ref_total, ref_self = _interpolated_oracle(p, f, (2, 3), (12, 12), **kw)
     _assert_grad_close(got, torch.autograd.grad(ref_total.sum() + ref_self.sum(), p)[0], 1e-9)
 
 
@@ -1079,10 +1175,9 @@ def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buff
     (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), pg)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert calls == ["_launch_merged_backward"]
-    rows, _, f_pad, block_d, d_chunk, _ = similarity._band_launch_config(
-        B, T, 3, 5, 4, 4, D, False, 132 if DEV == "cpu" else similarity._sm_count(torch.cuda.current_device()),
-        None, utils.elements_per_thread())
-    programs = B * T * -(-3 // rows) * -(-D // d_chunk)
+    rows, _, f_pad, block_d, d_chunk, _, items, programs = similarity._band_launch_config(
+        B, T, 3, 5, 4, 4, D, False, similarity._device_sms(pg.device), None, utils.elements_per_thread())
+    assert programs == items == B * T * -(-3 // rows) * -(-D // d_chunk)  # few items: one program each
     assert sorted(sizes) == sorted([pg.numel() * 4, programs * f_pad * block_d * 4])
     assert torch.isfinite(grad).all()
 

@@ -25,9 +25,10 @@ from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight
                        _input_token_contributors, check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (BAND_TUNE_KEYS, FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune, bwd_window_bytes, cdiv,
-                    device_guard, direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
-                    merged_backward_enabled, next_power_of_2, num_warps_for, triton_supports)
+from .utils import (BAND_TUNE_KEYS, FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune,
+                    bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
+                    fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2,
+                    num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -344,10 +345,10 @@ def _pick(vec, idx, lanes):
     return tl.sum(tl.where(lanes == idx, vec, 0), axis=0)
 
 
-@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w", "ROWS", "CHUNK_BLOCKS"])
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w", "ROWS", "CHUNK_BLOCKS", "ITEM0"])
 def _neighbour_cosine_resample_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, stage_ptr,
-    T, N, D, d, S, NUM_BANDS, ROWS, CHUNK_BLOCKS,
+    T, N, D, d, S, NUM_BANDS, ROWS, CHUNK_BLOCKS, ITEM0,
     inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
@@ -361,9 +362,10 @@ def _neighbour_cosine_resample_bwd_kernel(
     """The fused-resample backward in one pass: d projected on the input grid, with no resampled-grid
     gradient in memory.
 
-    Program (t, band, D chunk, b) owns a band of ROWS whole rows of frame t's input grid (Q, at most
-    Q_PAD tokens) and the columns of its D chunk. The resampled tokens whose taps touch the band are
-    whole output rows (F, at most F_PAD tokens, one contiguous range). Per block of BLOCK_D columns
+    Work item ITEM0 + program id, (t, band, D chunk, b), is a band of ROWS whole rows of frame t's
+    input grid (Q, at most Q_PAD tokens) and the columns of a D chunk (a launch covers at most
+    `_band_launch_config`'s programs; larger grids take several). The resampled tokens whose taps
+    touch the band are whole output rows (F, at most F_PAD tokens, one contiguous range). Per block of BLOCK_D columns
     it forms their resampled-grid gradient, as the two-pass similarity backward does,
     g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] p_res[f] (alpha, beta from the saved side
     buffers, p_res through the taps), stages it in the program's own slice of ``stage_ptr`` (a few
@@ -374,8 +376,9 @@ def _neighbour_cosine_resample_bwd_kernel(
     the launcher sizes the pads (`_band_launch_config`)."""
     ACC = pnorm_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
-    t = pid % T  # frames fastest: programs sharing teacher frames run together (L2 reuse) ...
-    rest = pid // T
+    item = ITEM0 + pid
+    t = item % T  # frames fastest: items sharing teacher frames run together (L2 reuse) ...
+    rest = item // T
     band = rest % NUM_BANDS  # ... then the neighbouring bands, which share their edge rows
     rest = rest // NUM_BANDS
     num_chunks = tl.cdiv(tl.cdiv(D, BLOCK_D), CHUNK_BLOCKS)
@@ -439,7 +442,7 @@ def _neighbour_cosine_resample_bwd_kernel(
     f_rows = f_tok[:, None] * sf_n
     stage = stage_ptr + pid * (F_PAD * BLOCK_D)  # this program's slice, (F_PAD, BLOCK_D) row-major
     cols32 = tl.arange(0, BLOCK_D)
-    stage_f = tl.arange(0, F_PAD)[:, None] * BLOCK_D + cols32[None, :]  # int32: below 2^15
+    stage_f = tl.arange(0, F_PAD)[:, None] * BLOCK_D + cols32[None, :]  # int32: F_PAD * BLOCK_D < 2^31
     out_rows = ((b * T + t) * n_in + q_tok)[:, None] * D
     blk_lo = chunk * CHUNK_BLOCKS
     blk_hi = tl.minimum(blk_lo + CHUNK_BLOCKS, tl.cdiv(D, BLOCK_D))
@@ -516,6 +519,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> int:
+    """The SMs of a CUDA device; an H100's 132 elsewhere (the interpreter), so launch settings match."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _split(x: float) -> tuple[float, float]:
     """x as an fp32 head plus the rest. Triton's launch passes Python floats as fp32, so fp64
     kernels see x to about 48 bits there; a torch.compile graph passes fp64 and the interpreter a
@@ -534,8 +544,7 @@ def _window_args(distance: int, T: int, cumulative: bool, tau: float):
 
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
                    device: torch.device, tiles: int, block_d: int | None, fused: bool = False):
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
+    sms = _device_sms(device)
     return _launch_config_for(B, T, N, D, s_pad, acc_dtype == torch.float64, sms, tiles, block_d,
                               elements_per_thread(), fused, fused_halves_token_block() if fused else True)
 
@@ -671,15 +680,19 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     )
 
 
-# Lanes of the one-pass backward's tiles (F and Q of `_band_launch_config`): a band whose tiles would
-# pass it (grids over 512 tokens wide, or 256 in fp64) takes the two-pass backward.
-_BAND_MAX_LANES = 512
-# Elements of its largest (F or Q) tile. Compiled as crepa_loss launches it at wan480 (sm_90, fp32,
-# 8 warps, bench/kernel_registers.py): F tiles of 128 x 16 (the default) take 128 registers per thread
-# on triton 3.8 and 3.6 (bf16: 114-116), 256 x 8 128, 256 x 16 222 and 128 x 32 234, none spilling.
+# Elements of the one-pass backward's larger (F or Q) tile, and the fewest columns a block keeps, so
+# tiles have at most _BAND_TILE / _BAND_MIN_COLS lanes (half in fp64): a grid whose one-row band
+# needs more (a wide grid, or one upsampled so much vertically that a band touches many output rows)
+# takes the two-pass backward. Compiled as crepa_loss launches it at wan480 (sm_90, fp32, 8 warps,
+# bench/kernel_registers.py): F tiles of 128 x 16 (the default) take 128 registers per thread on
+# triton 3.8 and 3.6 (bf16: 118-120), 256 x 8 125, 256 x 16 226 and 128 x 32 234, none spilling.
 _BAND_TILE = 2048
+_BAND_MIN_COLS = 8
 # Bands grow only while a block keeps at least this many columns (64-byte rows in fp32).
 _BAND_MIN_BLOCK_D = 16
+# Programs per SM in one launch at most: more work items take more launches, so the staging buffer
+# (one slice per program) stays under 16 * SMs * _BAND_TILE values whatever the batch.
+_BAND_PROGRAMS_PER_SM = 16
 
 
 def _band_pads(in_h: int, in_w: int, out_h: int, out_w: int, rows: int) -> tuple[int, int]:
@@ -692,20 +705,24 @@ def _band_pads(in_h: int, in_w: int, out_h: int, out_w: int, rows: int) -> tuple
 @functools.lru_cache(maxsize=1024)
 def _band_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w: int, D: int, fp64: bool,
                         sms: int, block_d: int | None, ept: int, rows: int | None = None,
-                        num_warps: int | None = None):
-    """(ROWS, Q_PAD, F_PAD, BLOCK_D, D_CHUNK, num_warps) of the one-pass fused-resample backward, or
-    None where even a one-row band exceeds _BAND_MAX_LANES (the two-pass backward runs then).
+                        num_warps: int | None = None, max_block_d: int | None = None):
+    """(ROWS, Q_PAD, F_PAD, BLOCK_D, D_CHUNK, num_warps, items, programs) of the one-pass
+    fused-resample backward, or None where a one-row band's tiles would pass
+    _BAND_TILE / _BAND_MIN_COLS lanes (the two-pass backward runs then).
 
     A band of ROWS input rows holds Q = ROWS * in_w tokens; the output rows touching it are at most
     `_contributor_bound(in_h, out_h, ROWS)`, F of them. Both are padded to powers of two. ROWS
     minimises the lanes all bands process per column, bands * (4 F + Q) (F carries the teacher
     tiles, the taps and g), the smaller tiles winning a tie, among the bands whose blocks keep
     _BAND_MIN_BLOCK_D columns (one row always qualifies); BLOCK_D keeps the larger tile at most
-    _BAND_TILE elements (8 to 64 columns); the D axis is cut into chunks until about 8 programs per
-    SM run, each chunk at least 4 blocks. ``rows``, ``block_d``, ``num_warps``: overrides (tuning)."""
+    _BAND_TILE elements (8 to 64 columns, at most ``max_block_d``); the D axis is cut into chunks
+    until there are about 8 work items (frame, band, chunk) per SM, each chunk at least 4 blocks; a
+    launch runs at most _BAND_PROGRAMS_PER_SM programs per SM, one item each (more items take more
+    launches).
+    ``rows``, ``block_d``, ``num_warps``: exact overrides (tuning)."""
     budget = _BAND_TILE // (2 if fp64 else 1)
+    limit = budget // _BAND_MIN_COLS
     if rows is None:
-        limit = _BAND_MAX_LANES // (2 if fp64 else 1)
         best = None
         for r in range(1, in_h + 1):
             q, f = _band_pads(in_h, in_w, out_h, out_w, r)
@@ -720,12 +737,15 @@ def _band_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w:
     rows = min(rows, in_h)
     q, f = _band_pads(in_h, in_w, out_h, out_w, rows)
     if block_d is None:
-        block_d = max(8, min(64, next_power_of_2(D), 1 << max(0, (budget // max(q, f)).bit_length() - 1)))
+        block_d = max(_BAND_MIN_COLS, min(64, next_power_of_2(D), 1 << max(0, (budget // max(q, f)).bit_length() - 1)))
+        block_d = min(block_d, max_block_d or block_d)
     n_blocks = cdiv(D, block_d)
-    programs = max(1, B * T * cdiv(in_h, rows))
-    chunks = max(1, min(cdiv(8 * sms, programs), n_blocks // 4))
+    bands = max(1, B * T * cdiv(in_h, rows))
+    chunks = max(1, min(cdiv(8 * sms, bands), n_blocks // 4))
     d_chunk = cdiv(n_blocks, chunks) * block_d
-    return rows, q, f, block_d, d_chunk, num_warps or num_warps_for((q + f) * block_d, ept)
+    items = B * T * cdiv(in_h, rows) * cdiv(D, d_chunk)
+    programs = max(1, min(items, _BAND_PROGRAMS_PER_SM * sms))
+    return rows, q, f, block_d, d_chunk, num_warps or num_warps_for((q + f) * block_d, ept), items, programs
 
 
 def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
@@ -734,46 +754,50 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
                             traceable: bool = False, tune: dict | None = None) -> bool:
     """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) in one
     launch: the similarity backward and the resample backward of a fused-resample forward together.
-    False (nothing written) where the grids are too wide for its bands (`_band_launch_config`).
+    False (nothing written) where even one-row bands would need too large tiles (a wide grid, or a
+    strong vertical upsampling; `_band_launch_config`).
     ``tune``: overrides of ``utils.BAND_TUNE_KEYS``; without it, those `utils.launch_overrides` set."""
     B, T, N, D = features.shape
     in_h, in_w, out_h, out_w = resample_p
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     fp64 = pnorm.dtype == torch.float64
     device = projected.device
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
+    sms = _device_sms(device)
     tune = LAUNCH_OVERRIDES.get("merged_bwd") if tune is None else tune
-    rows, bd, num_warps, extra = apply_tune(None, block_d, None, tune, BAND_TUNE_KEYS)
+    rows, bd, num_warps, extra = apply_tune(None, None, None, tune, BAND_TUNE_KEYS)
+    # A caller's block_d (crepa_loss's, for the similarity kernels) only caps the block: the band's
+    # tiles keep their budget.
     config = _band_launch_config(B, T, in_h, in_w, out_h, out_w, D, fp64, sms, bd, elements_per_thread(),
-                                 rows, num_warps)
+                                 rows, num_warps, block_d)
     if config is None:
         return False
-    rows, q_pad, f_pad, bd, d_chunk, num_warps = config
+    rows, q_pad, f_pad, bd, d_chunk, num_warps, items, grid = config
     if B * T * in_h * in_w * D == 0:
         return True
     bands = cdiv(in_h, rows)
-    grid = B * T * bands * cdiv(D, d_chunk)
     chunk_blocks = d_chunk // bd
     # Each program's (F_PAD, BLOCK_D) staging slice for its resampled-grid gradient.
     stage = torch.empty((grid * f_pad * bd,), dtype=pnorm.dtype, device=device)
     gt = g_total if g_total is not None else pnorm
     gs = g_self if g_self is not None else pnorm
     kernel = _kernel(_neighbour_cosine_resample_bwd_kernel, traceable)
-    kernel[(grid,)](
-        projected, features, pnorm, fnorm, cos, gt, gs, d_projected, stage,
-        T, N, D, d, S, bands, rows, chunk_blocks,
-        *scalars,
-        *projected.stride(), *features.stride(),
-        *(g_total.stride() if g_total is not None else (0, 0, 0)),
-        *(g_self.stride() if g_self is not None else (0, 0, 0)),
-        in_h, in_w, out_h, out_w,
-        S_PAD=s_pad, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=bd,
-        CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
-        HAS_GT=g_total is not None, HAS_GS=g_self is not None,
-        R_H=_contributor_bound(in_h, out_h), R_W=_contributor_bound(in_w, out_w),
-        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
-    )
+    # At most `grid` programs per launch (the staging buffer's slices): a larger batch takes several
+    # launches, in item order, on the same stream (each reuses the slices after the previous one).
+    for item0 in range(0, items, grid):
+        kernel[(min(grid, items - item0),)](
+            projected, features, pnorm, fnorm, cos, gt, gs, d_projected, stage,
+            T, N, D, d, S, bands, rows, chunk_blocks, item0,
+            *scalars,
+            *projected.stride(), *features.stride(),
+            *(g_total.stride() if g_total is not None else (0, 0, 0)),
+            *(g_self.stride() if g_self is not None else (0, 0, 0)),
+            in_h, in_w, out_h, out_w,
+            S_PAD=s_pad, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=bd,
+            CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
+            HAS_GT=g_total is not None, HAS_GS=g_self is not None,
+            R_H=_contributor_bound(in_h, out_h), R_W=_contributor_bound(in_w, out_w),
+            TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
+        )
     return True
 
 

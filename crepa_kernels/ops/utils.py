@@ -161,7 +161,8 @@ def merged_backward_enabled() -> bool:
     small L2-resident slice: one launch, no resampled-grid buffer, and 579 instead of 932 MB of
     unique bytes at wan480 fp32, for the band edges' rows computed twice. The same numbers up to
     fp32 summation order (fp16 / bf16 inputs also skip the rounding of the resampled-grid gradient
-    to the input dtype). Grids too wide for its bands take the default. Off until a GPU A/B times it."""
+    to the input dtype). Grids whose one-row bands would need too large tiles (wide, or upsampled
+    strongly in height) take the default. Off until a GPU A/B times it."""
     return env_flag(MERGED_BWD_ENV, False)
 
 
