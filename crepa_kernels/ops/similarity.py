@@ -214,6 +214,30 @@ def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
     return g
 
 
+@triton.jit
+def _centre_slots(gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, toks, tok_mask, j, offset, in_window,
+                  w_base, eps, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n,
+                  ACC: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GT: tl.constexpr, HAS_GS: tl.constexpr):
+    """The slots of centre frame t for its tokens ``toks``: the partner frames u_j = t + o_j (t where
+    the slot is invalid), the (slot, token) mask, g_cos (`_slot_grad`), |p| and beta, the projection
+    of d p onto p^ divided by |p| (zero at or below eps, where F.normalize is linear)."""
+    u = t + offset.to(tl.int64)
+    valid = in_window & (u >= 0) & (u < T)
+    u = tl.where(valid, u, t)
+    m = valid[:, None] & tok_mask[None, :]
+    t_frames = u * 0 + t
+    scale = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
+    g = _slot_grad(gt_ptr, gs_ptr, b, t_frames, toks, m, j, scale,
+                   sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
+    cos = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + toks[None, :],
+                  mask=m, other=0.0).to(ACC)
+    np_t = tl.load(pnorm_ptr + (b * T + t) * N + toks, mask=tok_mask, other=1.0).to(ACC)
+    proj = tl.sum(g * cos, axis=0)
+    above = np_t > eps  # clamp_min passes no gradient at equality
+    beta = tl.where(above, proj / tl.where(above, np_t * np_t, 1.0), 0.0)
+    return u, valid, m, g, np_t, beta
+
+
 @triton.jit(do_not_specialize=["T0", "TC", "in_h", "in_w", "out_h", "out_w"])
 def _neighbour_cosine_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
@@ -260,22 +284,11 @@ def _neighbour_cosine_bwd_kernel(
 
     if COMPUTE_DP:
         # Slots of centre frame t: partner frames u_j = t + o_j.
-        u = t + offset64
-        valid_p = in_window & (u >= 0) & (u < T)
-        u = tl.where(valid_p, u, t)
-        m_p = valid_p[:, None] & n_mask[None, :]
-        t_frames = u * 0 + t
-        scale_p = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
-        g_p = _slot_grad(gt_ptr, gs_ptr, b, t_frames, offs_n, m_p, j, scale_p,
-                         sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
-        cos_p = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + offs_n[None, :],
-                        mask=m_p, other=0.0).to(ACC)
+        u, valid_p, m_p, g_p, np_t, beta = _centre_slots(
+            gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, offs_n, n_mask, j, offset, in_window, w_base, eps,
+            sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
         nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + offs_n[None, :], mask=m_p, other=1.0).to(ACC)
-        np_t = tl.load(pnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
         alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
-        proj_p = tl.sum(g_p * cos_p, axis=0)
-        above_p = np_t > eps  # clamp_min passes no gradient at equality
-        beta = tl.where(above_p, proj_p / tl.where(above_p, np_t * np_t, 1.0), 0.0)
 
     if COMPUTE_DF:
         # Pairs (t', j) whose partner frame is t: t' = t - o_j.
@@ -402,24 +415,13 @@ def _neighbour_cosine_resample_bwd_kernel(
     f_mask = f_tok < oh_b * out_w
     o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(f_tok, in_h, in_w, out_h, out_w, sp_n, TAPS_FP64)
     j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
-    u = t + offset.to(tl.int64)
-    valid = in_window & (u >= 0) & (u < T)
-    u = tl.where(valid, u, t)
     inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
     eps = _split_scalar(eps_hi, eps_lo, ACC)
     w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
     w_base = tl.where(in_window, w_base, 0.0)
-    m_f = valid[:, None] & f_mask[None, :]
-    t_frames = u * 0 + t
-    scale_f = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
-    g_f = _slot_grad(gt_ptr, gs_ptr, b, t_frames, f_tok, m_f, j, scale_f,
-                     sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
-    cos_f = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + f_tok[None, :],
-                    mask=m_f, other=0.0).to(ACC)
-    np_t = tl.load(pnorm_ptr + (b * T + t) * N + f_tok, mask=f_mask, other=1.0).to(ACC)
-    proj = tl.sum(g_f * cos_f, axis=0)
-    above = np_t > eps  # clamp_min passes no gradient at equality
-    beta = tl.where(above, proj / tl.where(above, np_t * np_t, 1.0), 0.0)
+    _u, valid, _m, _g, np_t, beta = _centre_slots(
+        gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, f_tok, f_mask, j, offset, in_window, w_base, eps,
+        sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
     # Per slot, inside the loop over D, alpha_j is rebuilt from these rows and the slot's scalars (its
     # frame, weight, teacher norms): no cross-lane reduction there.
     np_c = tl.maximum(np_t, eps)
