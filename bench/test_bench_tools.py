@@ -128,7 +128,9 @@ def test_ab_settings_times_a_sweeps_best_settings_as_a_variant(tmp_path):
 
 def test_ab_settings_runs_the_tuned_one_pass_backward_where_the_sweep_covered_it(tmp_path):
     """A report that swept merged_bwd adds a variant 'tuned_merged': the one-pass backward switched on,
-    with the same per-dtype settings as 'tuned' (its own among them)."""
+    with the same per-dtype settings as 'tuned' (its own among them). The plumbing only: at preset
+    tiny the features grid is the larger, so no call takes the fused-resample backward (the sweep's
+    own test launches the one-pass kernel with its settings)."""
     tune = tmp_path / "tune.json"
     best = {"sim_fwd": {"block_n": 2}, "merged_bwd": {"rows": 1, "block_d": 16}}
     tune.write_text(json.dumps({"preset": {"name": "tiny"}, "results": [
