@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--variant", action="append", default=[], help="NAME= or NAME=KEY=VALUE[,KEY=VALUE]")
     ap.add_argument("--tuned", metavar="TUNE_JSON", help="add a variant 'tuned': the default switches with each "
-                    "kernel's best launch settings from a bench/tune_kernels.py report, per dtype")
+                    "kernel's best launch settings from a bench/tune_kernels.py report, per dtype (and "
+                    "'tuned_merged', the same with CREPA_KERNELS_MERGED_BWD=1, where the report swept merged_bwd)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--synced", type=int, default=10, help="single synced calls per round")

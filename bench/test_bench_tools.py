@@ -468,6 +468,39 @@ def test_tune_kernels_quick(tmp_path):
         assert r["cut_short"] and r["best"]["valid"]
 
 
+def test_tune_reports_the_one_pass_settings_it_launches(monkeypatch):
+    """A band height sets the one-pass backward's block and warps unless they are given: each
+    variant's reported settings are the BLOCK_D and warps its launch used; a preset whose grids the
+    kernel declines gives an error row, not a traceback."""
+    sys.path.insert(0, HERE)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(HERE)
+    from crepa_kernels.ops import similarity
+
+    case = tk.Case("merged_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu")
+    seen, real = [], similarity._kernel
+
+    def spy(kernel, traceable):
+        launcher = real(kernel, traceable)
+
+        class Spy:
+            def __getitem__(self, grid):
+                return lambda *a, **k: seen.append((k["BLOCK_D"], k["num_warps"])) or launcher[grid](*a, **k)
+        return Spy()
+    monkeypatch.setattr(similarity, "_kernel", spy)
+    for tune in ({}, {"rows": 1}, {"rows": 2, "num_warps": 2}, {"block_d": 8}):
+        seen.clear()
+        case.run(tune or None)
+        settings = tk._settings(case, tune)
+        assert {(settings["block_d"], settings["num_warps"])} == set(seen), (tune, settings, seen)
+        assert all(settings[k] == v for k, v in tune.items())
+    monkeypatch.setattr(similarity, "_band_launch_config", lambda *a, **k: None)
+    res = tk.sweep("merged_bwd", tk.PRESETS["tiny_fused"], "fp32", "cpu", tk._timer(False, 1), None, float("inf"))
+    assert res["rows"] == [] and "tile limit" in res["error"]
+
+
 @pytest.mark.parametrize("spec", ["sim_bwd", "fwd:block_n=4", "sim_bwd:block_n=3", "sim_bwd:blocks=4",
                                   "sim_bwd:block_n=four", "sim_bwd:rows=2", "merged_bwd:block_n=4"])
 def test_tune_kernels_rejects_bad_tries(spec, capsys):

@@ -130,12 +130,18 @@ class Case:
             self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
         elif kernel == "merged_bwd":
-            sms = similarity._device_sms(p.device)
-            config = similarity._band_launch_config(B, T, *self.resample_p, D, acc == torch.float64, sms, None,
-                                                    elements_per_thread())
+            band_args = (B, T, *self.resample_p, D, acc == torch.float64, similarity._device_sms(p.device))
+            config = similarity._band_launch_config(*band_args, None, elements_per_thread())
             if config is None:
-                raise ValueError(f"preset {preset.name}: the grids are too wide for the one-pass backward's bands")
-            self.default = (config[0], config[3], config[5])  # rows, BLOCK_D, num_warps
+                raise ValueError(f"preset {preset.name}: one-row bands of its grids pass the one-pass backward's tile "
+                                 "limit (crepa_loss takes the two-pass backward there)")
+
+            def launched(tune):  # a band height sets its own block unless one is given: report what runs
+                c = similarity._band_launch_config(*band_args, tune.get("block_d"), elements_per_thread(),
+                                                   tune.get("rows"), tune.get("num_warps"))
+                return c[0], c[3], c[5]
+            self.launched = launched
+            self.default = launched({})  # rows, BLOCK_D, num_warps
             self.window = (0, T)  # the whole clip in one launch
             dp = torch.empty(p.shape, dtype=dtype, device=device)
 
@@ -246,7 +252,7 @@ def _compare(out: list, ref: list) -> tuple[bool, float]:
 
 
 def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth) -> dict:
-    row = {"tune": dict(tune), "settings": _settings(case.default, tune, case.keys[0])}
+    row = {"tune": dict(tune), "settings": _settings(case, tune)}
     try:
         case.reset()
         outs = case.run(tune or None)  # compiles this variant outside the timing
@@ -267,8 +273,16 @@ def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth
     return row
 
 
-def _settings(default, tune, first: str = "block_n") -> dict:
-    block_n, block_d, warps = default
+def _settings(case, tune) -> dict:
+    """The settings a variant launches with: its overrides, the rest from the default (the one-pass
+    backward's launch settings derive its block and warps from the band height instead)."""
+    launched = getattr(case, "launched", None)
+    if launched is not None:
+        first, (block_n, block_d, warps) = case.keys[0], launched(tune)
+        return {first: block_n, "block_d": block_d, "num_warps": warps,
+                "num_stages": tune.get("num_stages", "triton default")}
+    block_n, block_d, warps = case.default
+    first = case.keys[0]
     return {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
             "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
 
@@ -278,7 +292,10 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
     """The default and its variants for one kernel and dtype (``extra`` overrides first, then
     `candidates`), until ``deadline`` (time.monotonic) or ``max_variants`` variants besides the
     default."""
-    case = Case(kernel, preset, bm.DTYPES[dtype_name], device)
+    try:
+        case = Case(kernel, preset, bm.DTYPES[dtype_name], device)
+    except ValueError as e:  # a preset this kernel does not cover
+        return {"kernel": kernel, "dtype": dtype_name, "error": f"ValueError: {e}", "rows": []}
     base = measure_variant(case, {}, None, timed, bandwidth)
     if "error" in base:
         return {"kernel": kernel, "dtype": dtype_name, "error": base["error"], "rows": [base]}
@@ -300,7 +317,7 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
             r["speedup_vs_default"] = base["ms"] / r["ms"]
     valid = [r for r in rows if r.get("valid") and "ms" in r]
     best = min(valid, key=lambda r: r["ms"])
-    return {"kernel": kernel, "dtype": dtype_name, "default_settings": _settings(case.default, {}, case.keys[0]),
+    return {"kernel": kernel, "dtype": dtype_name, "default_settings": _settings(case, {}),
             "window": case.window if kernel != "sim_fwd" else None, "io_bytes": case.bytes,
             "default_ms": base["ms"], "best": best, "cut_short": cut, "rows": rows}
 

@@ -840,10 +840,11 @@ def test_fused_resample_backward_windows_a_parameter_too(monkeypatch):
 
 
 @pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
-def test_fused_resample_backward_of_an_empty_clip(monkeypatch, merged):
+@pytest.mark.parametrize("T, D", [(0, 4), (3, 0)])  # no frames; no features
+def test_fused_resample_backward_of_an_empty_clip(monkeypatch, merged, T, D):
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
-    p = torch.zeros(1, 0, 15, 4, device=DEV, requires_grad=True)
-    f = torch.zeros(1, 0, 16, 4, device=DEV)
+    p = torch.zeros(1, T, 15, D, device=DEV, requires_grad=True)
+    f = torch.zeros(1, T, 16, D, device=DEV)
     total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
                                        projected_resample=((3, 5), (4, 4)), token_mean=True)
     (grad,) = torch.autograd.grad(total.sum() + self_tok.sum(), p)
@@ -1044,6 +1045,22 @@ def test_merged_backward_takes_launch_overrides(monkeypatch):
     ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
     _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
 
+
+
+def test_merged_backward_declines_on_rocm(monkeypatch):
+    # Its staging relies on PTX's barrier semantics: a ROCm build takes the two-pass backward.
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    g = torch.Generator().manual_seed(32)
+    p = torch.randn(1, 3, 15, 6, generator=g, dtype=torch.float64, device=DEV)
+    f = torch.randn(1, 3, 16, 6, generator=g, dtype=torch.float64, device=DEV)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, False, False, 0, (3, 5, 4, 4), traceable=False)
+    dp = torch.full_like(p, float("nan"))
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False)
+    assert not similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, None, None, dp, resample_p=(3, 5, 4, 4),
+                                                  **kw)
+    assert dp.isnan().all()  # nothing written
 
 
 def test_merged_backward_falls_back_where_bands_do_not_fit(monkeypatch):

@@ -473,5 +473,11 @@ def test_getenv_answers_as_os_environ_does(monkeypatch):
         assert getenv(name) == os.environ.get(name) == value
     monkeypatch.delenv(name)
     assert getenv(name) is None
+    if os.name == "posix":  # the fast path is the one taken: it reads os.environ's dict, not its get
+        monkeypatch.setenv(name, "set")
+        monkeypatch.setattr(os.environ, "get", lambda *args: "through get", raising=False)
+        assert getenv(name) == "set"
+        monkeypatch.undo()
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "environ", {name: "replaced"})
     assert getenv(name) == "replaced"

@@ -739,12 +739,13 @@ def _band_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w:
     rows = min(rows, in_h)
     q, f = _band_pads(in_h, in_w, out_h, out_w, rows)
     if block_d is None:
-        block_d = max(_BAND_MIN_COLS, min(64, next_power_of_2(D), 1 << max(0, (budget // max(q, f)).bit_length() - 1)))
+        fit = 1 << max(0, (budget // max(q, f)).bit_length() - 1)  # the largest power of two within budget
+        block_d = max(_BAND_MIN_COLS, min(64, next_power_of_2(D), fit))
         block_d = min(block_d, max_block_d or block_d)
     n_blocks = cdiv(D, block_d)
     bands = max(1, B * T * cdiv(in_h, rows))
     chunks = max(1, min(cdiv(8 * sms, bands), n_blocks // 4))
-    d_chunk = cdiv(n_blocks, chunks) * block_d
+    d_chunk = max(1, cdiv(n_blocks, chunks)) * block_d  # one block at least (D = 0 too)
     items = B * T * cdiv(in_h, rows) * cdiv(D, d_chunk)
     programs = max(1, min(items, _BAND_PROGRAMS_PER_SM * sms))
     return rows, q, f, block_d, d_chunk, num_warps or num_warps_for((q + f) * block_d, ept), items, programs
@@ -754,12 +755,18 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
                             distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                             resample_p: tuple[int, int, int, int], block_d: int | None = None,
                             traceable: bool = False, tune: dict | None = None) -> bool:
-    """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) in one
-    launch: the similarity backward and the resample backward of a fused-resample forward together.
-    False (nothing written) where even one-row bands would need too large tiles (a wide grid, or a
-    strong vertical upsampling; `_band_launch_config`).
-    ``tune``: overrides of ``utils.BAND_TUNE_KEYS``; without it, those `utils.launch_overrides` set."""
+    """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) with one
+    kernel (one launch, or several for batches past `_band_launch_config`'s programs): the similarity
+    backward and the resample backward of a fused-resample forward together. False (nothing written)
+    where even one-row bands would need too large tiles (a wide grid, or a strong vertical
+    upsampling; `_band_launch_config`), and on ROCm, where its staging is unchecked.
+    ``tune``: exact overrides of ``utils.BAND_TUNE_KEYS`` (tuning: no tile limit applies); without it,
+    those `utils.launch_overrides` set."""
+    if torch.version.hip is not None:
+        return False  # the staging relies on PTX's bar.sync ordering a block's global writes and reads
     B, T, N, D = features.shape
+    if B * T * N * D == 0:  # nothing to write (d_projected is empty too)
+        return True
     in_h, in_w, out_h, out_w = resample_p
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     fp64 = pnorm.dtype == torch.float64
@@ -774,8 +781,6 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
     if config is None:
         return False
     rows, q_pad, f_pad, bd, d_chunk, num_warps, items, grid = config
-    if B * T * in_h * in_w * D == 0:
-        return True
     bands = cdiv(in_h, rows)
     chunk_blocks = d_chunk // bd
     # Each program's (F_PAD, BLOCK_D) staging slice for its resampled-grid gradient.
@@ -861,7 +866,8 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
                    normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
-    with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel gathers it there directly. An unneeded gradient
+    with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel computes it there directly (where that kernel
+    declines a grid, the windows run as without the switch). An unneeded gradient
     comes back as an empty tensor (custom ops cannot return None); an unneeded d features comes back
     as None on the eager path (``traceable`` False)."""
     with device_guard(projected):
