@@ -376,13 +376,14 @@ def _neighbour_cosine_resample_bwd_kernel(
     gradient in memory.
 
     Work item ITEM0 + program id, (t, band, D chunk, b), is a band of ROWS whole rows of frame t's
-    input grid (Q, at most Q_PAD tokens) and the columns of a D chunk (a launch covers at most
-    `_band_launch_config`'s programs; larger grids take several). The resampled tokens whose taps
-    touch the band are whole output rows (F, at most F_PAD tokens, one contiguous range). Per block of BLOCK_D columns
-    it forms their resampled-grid gradient, as the two-pass similarity backward does,
-    g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] p_res[f] (alpha, beta from the saved side
-    buffers, p_res through the taps), stages it in the program's own slice of ``stage_ptr`` (a few
-    KiB, rewritten every block, so it stays in L2), and gathers it back into the band:
+    input grid (Q, at most Q_PAD tokens) and the columns of a D chunk (a launch runs at most
+    `_band_launch_config`'s programs; larger batches take several launches). The resampled tokens
+    whose taps touch the band are whole output rows (F, at most F_PAD tokens, one contiguous range).
+    Per block of BLOCK_D columns it forms their resampled-grid gradient, as the two-pass similarity
+    backward does, g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] p_res[f] (alpha, beta from the
+    saved side buffers, p_res through the taps), stages it in the program's own slice of
+    ``stage_ptr`` (a few KiB, rewritten every block, so it stays in L2), and gathers it back into
+    the band:
     d P[q] = sum over q's contributors f of W[f, q] g[f], in the resample backward's fixed order
     (rows, then columns). Deterministic, no atomics, accumulated in fp32 (fp64) with no rounding
     between the two halves. F holds every contributor of the band by `_contributor_bound`'s proof;
@@ -693,7 +694,7 @@ _BAND_MIN_COLS = 8
 # Bands grow only while a block keeps at least this many columns (64-byte rows in fp32).
 _BAND_MIN_BLOCK_D = 16
 # Programs per SM in one launch at most: more work items take more launches, so the staging buffer
-# (one slice per program) stays under 16 * SMs * _BAND_TILE values whatever the batch.
+# (one slice per program) holds at most 16 * SMs * _BAND_TILE values whatever the batch.
 _BAND_PROGRAMS_PER_SM = 16
 
 

@@ -30,11 +30,11 @@ def triton_available() -> bool:
 
 _TRITON_TRUE = ("1", "true", "yes", "on")  # Triton's reading of a boolean variable (any case)
 
-# os.environ.get encodes the name and, for an unset one, raises and catches a KeyError (about 0.4 and
-# 1 us on a 2.1 GHz Xeon), and one crepa_loss call reads about a dozen variables. On POSIX os.environ keeps its contents in a
-# dict keyed by the encoded names, which it reads and writes itself: a lookup there gives the same
-# answer for a fraction of the cost. Anything else (another platform, os.environ replaced) takes
-# os.environ.get.
+# os.environ.get encodes the name and, for an unset one, raises and catches a KeyError (about 0.4
+# and 1 us on a 2.1 GHz Xeon), and one crepa_loss call reads about a dozen variables. On POSIX
+# os.environ keeps its contents in a dict keyed by the encoded names, which it reads and writes
+# itself: a lookup there gives the same answer for a fraction of the cost. Anything else (another
+# platform, os.environ replaced) takes os.environ.get.
 _ENVIRON = os.environ
 _ENV_DATA = getattr(_ENVIRON, "_data", None) if os.name == "posix" else None
 _ENV_KEYS: dict = {}
@@ -158,8 +158,9 @@ def merged_backward_enabled() -> bool:
     input-grid gradient directly (``CREPA_KERNELS_MERGED_BWD=1``), instead of the similarity backward
     into a resampled-grid buffer followed by the resample backward, in frame windows (the default).
     Programs own bands of input rows and stage each block of their resampled-grid gradient in a
-    small L2-resident slice: one launch (several for large batches), no resampled-grid buffer, and 579 instead of 932 MB of
-    unique bytes at wan480 fp32, for the band edges' rows computed twice. The same numbers up to
+    small L2-resident slice: one launch (several for large batches), no resampled-grid buffer, and
+    579 instead of 932 MB of unique bytes at wan480 fp32, for resampled-grid rows computed once per
+    band they touch. The same numbers up to
     fp32 summation order (fp16 / bf16 inputs also skip the rounding of the resampled-grid gradient
     to the input dtype). Grids whose one-row bands would need too large tiles (wide, or upsampled
     strongly in height) take the default, as does ROCm. Off until a GPU A/B times it."""
