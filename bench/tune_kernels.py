@@ -45,7 +45,7 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 from crepa_kernels.alignment import plan_tokens  # noqa: E402
 from crepa_kernels.ops import resample, similarity  # noqa: E402
 from crepa_kernels.ops.utils import (BAND_TUNE_KEYS, TUNE_KEYS, accumulation_dtype, apply_tune,  # noqa: E402
-                                     bwd_window_bytes, elements_per_thread, next_power_of_2, tune_keys)
+                                     bwd_window_bytes, next_power_of_2, tune_keys)
 
 # By their share of the wan480 call's GPU time; then the opt-in one-pass backward, which replaces the
 # two backward kernels in every window.
@@ -130,16 +130,13 @@ class Case:
             self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
         elif kernel == "merged_bwd":
-            band_args = (B, T, *self.resample_p, D, acc == torch.float64, similarity._device_sms(p.device))
-            config = similarity._band_launch_config(*band_args, None, elements_per_thread())
-            if config is None:
+            def launched(tune):  # a band height sets its own block unless one is given: report what runs
+                c, _ = similarity.band_settings(B, T, self.resample_p, D, acc == torch.float64, p.device, tune)
+                return None if c is None else (c[0], c[3], c[5])
+
+            if launched({}) is None:
                 raise ValueError(f"preset {preset.name}: one-row bands of its grids pass the one-pass backward's tile "
                                  "limit (crepa_loss takes the two-pass backward there)")
-
-            def launched(tune):  # a band height sets its own block unless one is given: report what runs
-                c = similarity._band_launch_config(*band_args, tune.get("block_d"), elements_per_thread(),
-                                                   tune.get("rows"), tune.get("num_warps"))
-                return c[0], c[3], c[5]
             self.launched = launched
             self.default = launched({})  # rows, BLOCK_D, num_warps
             self.window = (0, T)  # the whole clip in one launch

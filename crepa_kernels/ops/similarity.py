@@ -752,6 +752,18 @@ def _band_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w:
     return rows, q, f, block_d, d_chunk, num_warps or num_warps_for((q + f) * block_d, ept), items, programs
 
 
+def band_settings(B: int, T: int, grids: tuple[int, int, int, int], D: int, fp64: bool, device: torch.device,
+                  tune: dict | None = None, block_d: int | None = None):
+    """`_band_launch_config` as the one-pass backward launches it for features (B, T, out_h * out_w, D)
+    and ``grids = (in_h, in_w, out_h, out_w)``: ``tune`` (checked ``utils.BAND_TUNE_KEYS`` overrides)
+    and a caller's ``block_d`` cap applied. Returns (config, extra launch options); config is None
+    where the kernel declines the grids."""
+    rows, bd, num_warps, extra = apply_tune(None, None, None, tune, BAND_TUNE_KEYS)
+    config = _band_launch_config(B, T, *grids, D, fp64, _device_sms(device), bd, elements_per_thread(),
+                                 rows, num_warps, block_d)
+    return config, extra
+
+
 def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
                             distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                             resample_p: tuple[int, int, int, int], block_d: int | None = None,
@@ -770,22 +782,18 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
         return True
     in_h, in_w, out_h, out_w = resample_p
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
-    fp64 = pnorm.dtype == torch.float64
-    device = projected.device
-    sms = _device_sms(device)
-    tune = LAUNCH_OVERRIDES.get("merged_bwd") if tune is None else tune
-    rows, bd, num_warps, extra = apply_tune(None, None, None, tune, BAND_TUNE_KEYS)
     # A caller's block_d (crepa_loss's, for the similarity kernels) only caps the block: the band's
     # tiles keep their budget.
-    config = _band_launch_config(B, T, in_h, in_w, out_h, out_w, D, fp64, sms, bd, elements_per_thread(),
-                                 rows, num_warps, block_d)
+    config, extra = band_settings(B, T, resample_p, D, pnorm.dtype == torch.float64, projected.device,
+                                  LAUNCH_OVERRIDES.get("merged_bwd") if tune is None else tune, block_d)
     if config is None:
         return False
     rows, q_pad, f_pad, bd, d_chunk, num_warps, items, grid = config
     bands = cdiv(in_h, rows)
     chunk_blocks = d_chunk // bd
+    r_h, r_w = _contributor_bound(in_h, out_h), _contributor_bound(in_w, out_w)
     # Each program's (F_PAD, BLOCK_D) staging slice for its resampled-grid gradient.
-    stage = torch.empty((grid * f_pad * bd,), dtype=pnorm.dtype, device=device)
+    stage = torch.empty((grid * f_pad * bd,), dtype=pnorm.dtype, device=projected.device)
     gt = g_total if g_total is not None else pnorm
     gs = g_self if g_self is not None else pnorm
     kernel = _kernel(_neighbour_cosine_resample_bwd_kernel, traceable)
@@ -803,8 +811,7 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
             S_PAD=s_pad, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=bd,
             CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
             HAS_GT=g_total is not None, HAS_GS=g_self is not None,
-            R_H=_contributor_bound(in_h, out_h), R_W=_contributor_bound(in_w, out_w),
-            TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
+            R_H=r_h, R_W=r_w, TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
         )
     return True
 
