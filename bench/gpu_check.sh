@@ -4,7 +4,7 @@
 # into ${OUT:-bench/results}. Run from the repository root.
 #   CHECK_BUDGET_S  seconds for the parts with a share (default 420); on top come up to 60 s for
 #                   the kernel benchmark's last case (it stops starting cases when its share is
-#                   spent), 60 s for host and 105 s for profile; the A/B writes its JSON after each
+#                   spent), 90 s for host and 105 s for profile; the A/B writes its JSON after each
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
@@ -76,7 +76,7 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
 test_rc=skipped
-# Shares of the budget; host (at most 60 s) and profile (at most 105 s) come on top. The test tier's
+# Shares of the budget; host (at most 90 s) and profile (at most 105 s) come on top. The test tier's
 # 35% (133 s at the 380 s budget a 10-minute device command leaves room for; 147 s at the default)
 # covers its 2^31-element cases, which compile the kernels again for 64-bit strides.
 bench_s=$(( BUDGET * 15 / 100 )); tests_s=$(( BUDGET * 35 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
@@ -113,6 +113,10 @@ if want host && fits host 60; then
   echo "== host cost of a call, kernels stubbed (direct vs custom-op front end)"
   timeout "$LIMIT" python3 -m pytest -q bench/test_bench_host.py --benchmark-enable -p no:cacheprovider \
     --benchmark-json "$OUT_DIR/host_cost.json" --benchmark-columns=min,median,max 2>&1 | tail -n 12 || status=1
+  # where that host time goes: a cProfile of the stubbed call and the cost of each torch primitive it uses
+  if fits host_profile 30; then
+    timeout "$LIMIT" python3 bench/host_profile.py --out "$OUT_DIR/host_profile.txt" > /dev/null || status=1
+  fi
 fi
 if want profile && fits profile 60; then
   echo "== profile of the wan480 step (kernel table, host enqueue cost)"

@@ -580,3 +580,25 @@ def test_host_ab_loads_another_revision_beside_this_checkout(tmp_path):
     assert [len(report["rounds_us"][k]) for k in ("base", "new")] == [2, 2]
     assert all(t > 0 for k in ("base", "new") for t in report["rounds_us"][k])
     assert report["new_over_base"]["min"] <= report["new_over_base"]["median"] <= report["new_over_base"]["max"]
+
+
+def test_host_profile_breaks_a_stubbed_call_down(tmp_path):
+    """bench/host_profile.py: the profile holds crepa_loss once per step and the primitives table
+    every primitive, each with a positive time."""
+    import inspect
+
+    from crepa_kernels import functional
+
+    out = tmp_path / "host_profile.txt"
+    proc = _run("host_profile.py", "--steps", "20", "--top", "60", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert text.strip() == proc.stdout.strip()
+    assert float(text.splitlines()[1].split()[1]) > 0  # "step: X us per call without the profiler"
+    profile, prims = text.split("\nprimitives, host us per call (each alone)\n")
+    rows = [line.split(None, 3) for line in profile.splitlines() if line[:9].strip().replace(".", "").isdigit()]
+    assert len(rows) == 60
+    entry = f"crepa_kernels/functional.py:{inspect.getsourcelines(functional.crepa_loss)[1]}(crepa_loss)"
+    assert {where: float(per_step) for _, _, per_step, where in rows}[entry] == 1.0
+    times = [float(line.split()[0]) for line in prims.splitlines() if line.strip()]
+    assert len(times) == 6 and all(t > 0 for t in times)
