@@ -264,8 +264,8 @@ def test_gpu_check_py_writes_the_rows_measured_before_a_sigterm(monkeypatch, tmp
 
 @pytest.mark.parametrize("parts, packed", [("host", False), ("host,profile", True)])
 def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, packed):
-    # A stand-in python3 writes three files per call of a bench/ script: host makes 1 such call
-    # (3 files, left loose), host and profile make 3 (9 files, packed into one archive, the loose
+    # A stand-in python3 writes three files per call of a bench/ script: host makes 2 such calls
+    # (6 files, left loose), host and profile make 4 (12 files, packed into one archive, the loose
     # copies removed). A file OUT held before the run is neither packed nor removed, and a file
     # written in the same clock tick as the run's start still counts as written.
     import tarfile
@@ -288,9 +288,9 @@ def test_gpu_check_packs_many_result_files_into_one_archive(tmp_path, parts, pac
         assert names == ["gpu_check_results.tgz"], proc.stdout + proc.stderr
         with tarfile.open(out / "gpu_check_results.tgz") as tar:
             packed_names = tar.getnames()
-        assert len(packed_names) == 9 and all(n.startswith("f_") for n in packed_names), packed_names
+        assert len(packed_names) == 12 and all(n.startswith("f_") for n in packed_names), packed_names
     else:
-        assert len(names) == 3 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr
+        assert len(names) == 6 and all(n.startswith("f_") for n in names), proc.stdout + proc.stderr
 
 
 def _gpu_check_calls(tmp_path, **env):
