@@ -325,14 +325,19 @@ def test_weights_round_trip_original_pth(tmp_path, arch, name, reg, swiglu, chun
     torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames), rtol=1e-5, atol=1e-5)
 
 
-def _dinov2_runtime_pos_embed(pos, grid):
+def _dinov2_runtime_pos_embed(pos, grid, registers=False):
     """DINOv2's own `interpolate_pos_encoding` for a square input of `grid` x `grid` patches, as its hub
     models (the reference trainer's encoder) run it at each forward: the class entry kept, the M x M patch
-    grid resized bicubically in float32 with scale factor (grid + 0.1) / M and no antialiasing."""
+    grid resized bicubically in float32. The hub builds the models without registers with
+    interpolate_offset 0.1 and no antialiasing (scale factor (grid + 0.1) / M), the `_reg` ones with
+    interpolate_offset 0 and antialiasing (output size grid x grid)."""
     m = math.isqrt(pos.shape[1] - 1)
     patches = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
-    scale = (grid + 0.1) / m
-    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if registers:
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
+    else:
+        scale = (grid + 0.1) / m
+        patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
     assert patches.shape[-2:] == (grid, grid)
     return torch.cat([pos[:, :1].float(), patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
@@ -361,7 +366,10 @@ def test_register_weights_resampled_from_the_original_layout(tmp_path):
     path = tmp_path / "dino_reg.pth"
     torch.save(original, str(path))
     enc = DinoEncoder("dinov2_vits14_reg4", 28, weights=path, model_kwargs=TINY)
-    want = _dinov2_runtime_pos_embed(original["pos_embed"], 2)
+    # the register family's rule (antialiased, output size), which differs from the other family's here
+    want = _dinov2_runtime_pos_embed(original["pos_embed"], 2, registers=True)
+    other = _dinov2_runtime_pos_embed(original["pos_embed"], 2)
+    assert (want - other).abs().max() > 1e-3
     torch.testing.assert_close(enc.model.pos_embed.detach(), want[:, 1:])
     torch.testing.assert_close(enc.model.cls_token.detach(), original["cls_token"] + want[:, :1])
 

@@ -151,9 +151,11 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _resize_pos_embed_as_dinov2(state: dict, model: nn.Module) -> None:
     """Resize a checkpoint's position embedding to the model's patch grid the way DINOv2 itself does
     (its `interpolate_pos_encoding`, which the reference trainer's hub models run at every forward):
-    bicubic in float32, no antialiasing, scale factor (g + 0.1) / M from the checkpoint's M x M grid to
-    the model's g x g. The class token's entry, where the checkpoint has one, is kept as it is. A grid
-    that is not square, or already the model's, is left alone."""
+    bicubic in float32 from the checkpoint's M x M grid to the model's g x g, with the settings DINOv2's
+    hub gives each family: without registers, no antialiasing and scale factor (g + 0.1) / M; with
+    registers (`dinov2_*_reg`), antialiasing and output size g x g (interpolate_offset 0). The class
+    token's entry, where the checkpoint has one, is kept as it is. A grid that is not square, or already
+    the model's, is left alone."""
     pos = state.get("pos_embed")
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if not torch.is_tensor(pos) or pos.ndim != 3 or grid is None or grid[0] != grid[1]:
@@ -169,8 +171,11 @@ def _resize_pos_embed_as_dinov2(state: dict, model: nn.Module) -> None:
     if m == g:
         return
     patches = pos[:, prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, scale_factor=((g + 0.1) / m, (g + 0.1) / m), mode="bicubic",
-                            antialias=False)
+    if getattr(model, "num_reg_tokens", 0):
+        patches = F.interpolate(patches, size=(g, g), mode="bicubic", antialias=True)
+    else:
+        patches = F.interpolate(patches, scale_factor=((g + 0.1) / m, (g + 0.1) / m), mode="bicubic",
+                                antialias=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, g * g, dim)
     state["pos_embed"] = torch.cat([pos[:, :prefix].float(), patches], dim=1).to(pos.dtype)
 
@@ -180,7 +185,7 @@ def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
 
     timm's own ViT checkpoint filter converts the original names (`mask_token`, `register_tokens`, `w12`/`w3`).
     When the image size differs from the checkpoint's, the position embedding is first resized as DINOv2
-    itself resizes it (see `_resize_pos_embed_as_dinov2`), not by timm's antialiased resize.
+    itself resizes it (see `_resize_pos_embed_as_dinov2`), not by timm's resize.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
