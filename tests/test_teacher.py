@@ -405,6 +405,17 @@ def test_a_cast_keeps_the_pixel_statistics_and_dtype_follows_the_weights():
     torch.testing.assert_close(enc.encode(frames), want, rtol=0, atol=0)
 
 
+def test_an_outer_autocast_does_not_change_the_encoder_dtype():
+    """The encoder runs in its weights' dtype (fixed when built), whatever a training step autocasts to."""
+    enc = DinoEncoder(model=_tiny_vit(), dtype=torch.float32)
+    frames = _frames(1, 2)
+    want = enc.encode(frames)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(enc.encode(frames), want)
+        x = torch.randn(2, 3)
+        assert (x @ x.T).dtype == torch.bfloat16  # the autocast is on around the call, and still on after it
+
+
 def _empty_caches(monkeypatch, tmp_path):
     import huggingface_hub.constants as hf_constants
 
@@ -543,14 +554,14 @@ def _wan(diffusers, **kw):
     return diffusers.AutoencoderKLWan(**args).eval()
 
 
-def _ltx(diffusers, timestep_conditioning=False, scaling_factor=2.0):
+def _ltx(diffusers, timestep_conditioning=False, scaling_factor=2.0, inject_noise=False):
     torch.manual_seed(11)
     vae = diffusers.AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8,
         block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        decoder_inject_noise=(False, True, True, False, False) if inject_noise else (False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
         timestep_conditioning=timestep_conditioning, patch_size=1, patch_size_t=1,
         encoder_causal=True, decoder_causal=False, scaling_factor=scaling_factor,
     ).eval()
@@ -665,6 +676,36 @@ def test_the_decode_timestep_is_checked_before_the_decode(diffusers):
     with pytest.raises(TypeError, match="timestep must be a float .* tensor, got dtype torch.bool"):
         ltx.decode(z, timestep=torch.tensor(True))
     assert ltx.decode(z, timestep=torch.tensor(1)).shape[0] == 2  # an int tensor in range is a timestep
+
+
+def test_an_outer_autocast_does_not_change_the_decode(diffusers):
+    adapter = adapter_for(_wan(diffusers))
+    z = _latents(4, t=2)
+    want = adapter.decode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(adapter.decode(z), want)
+
+
+def test_a_noise_injecting_ltx_decoder_decodes_deterministically_and_leaves_the_rng_alone(diffusers, monkeypatch):
+    """LTX-Video 0.9.1's decoder adds torch.randn noise in some blocks (diffusers passes no generator):
+    the adapter draws it from a fixed seed in a forked RNG."""
+    from crepa_kernels.teacher import vae as vae_module
+
+    vae = _ltx(diffusers, timestep_conditioning=True, inject_noise=True)
+    with torch.no_grad():  # trained 0.9.1 weights have non-zero noise scales; fresh ones start at zero
+        for name, p in vae.named_parameters():
+            if "per_channel_scale" in name:
+                p.fill_(1.0)
+    adapter = adapter_for(vae)
+    assert adapter.injects_noise and not adapter_for(_ltx(diffusers, timestep_conditioning=True)).injects_noise
+    z = _latents(8, t=1, b=1)
+    state = torch.get_rng_state()
+    first = adapter.decode(z, timestep=0.05)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is where it was
+    torch.rand(3)  # moving the caller's stream changes nothing
+    assert torch.equal(adapter.decode(z, timestep=0.05), first)
+    monkeypatch.setattr(vae_module, "DECODE_NOISE_SEED", 1)
+    assert (adapter.decode(z, timestep=0.05) - first).abs().max() > 1e-3  # the noise is there, and seeded
 
 
 def test_wan_decode_matches_manual_denormalisation(diffusers):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae import autocast_off
+
 __all__ = ["DinoEncoder", "resolve_encoder_name", "DINOV2_MODELS", "load_dinov2_state_dict"]
 
 PATCH_SIZE = 14
@@ -407,7 +409,9 @@ class DinoEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames `(B, T, C, H, W)` in [0, 1] -> patch tokens `(B, T, N, D)` float32 (N = grid h * w)."""
+        """Frames `(B, T, C, H, W)` in [0, 1] -> patch tokens `(B, T, N, D)` float32 (N = grid h * w).
+
+        Runs in the weights' dtype (`dtype`); an outer ``torch.autocast`` is switched off for the call."""
         if not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
         if frames.dim() != 5:
@@ -431,13 +435,15 @@ class DinoEncoder(nn.Module):
         prefix = self.num_prefix_tokens
         mean = self.pixel_mean.to(frames.device)
         std = self.pixel_std.to(frames.device)
-        for start in range(0, n, max(step, 1)):
-            x = flat[start:start + step].float()
-            if (h, w) != (self.image_size, self.image_size):
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            x = ((x - mean) / std).to(compute_dtype)
-            tokens = self.model.forward_features(x)
-            out[start:start + step] = tokens[:, prefix:]
+        with autocast_off(frames.device):  # the weights' dtype, whatever an outer autocast asks for
+            for start in range(0, n, max(step, 1)):
+                x = flat[start:start + step].float()
+                if (h, w) != (self.image_size, self.image_size):
+                    x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                      align_corners=False)
+                x = ((x - mean) / std).to(compute_dtype)
+                tokens = self.model.forward_features(x)
+                out[start:start + step] = tokens[:, prefix:]
         return out.view(b, t, self.num_patches, self.embed_dim)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:

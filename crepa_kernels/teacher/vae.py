@@ -10,6 +10,7 @@ imported here (the package must import without it):
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Optional
 
@@ -29,6 +30,33 @@ VAE_FAMILIES = {
 SUPPORTED_VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo")
 _DEFAULT_FAMILY = {"AutoencoderKLWan": "wan", "AutoencoderKLLTXVideo": "ltxvideo",
                    "AutoencoderKLHunyuanVideo": "kandinsky5_video"}
+
+
+# Seed of the noise an LTX-Video 0.9.1-style decoder injects (decoder_inject_noise): drawn in a forked
+# RNG from this seed, so that the teacher is deterministic and the training's random stream untouched.
+DECODE_NOISE_SEED = 0
+
+
+def autocast_off(device: torch.device):
+    """A context in which an outer ``torch.autocast`` does not reach: the teacher runs in its weights'
+    dtype, fixed when it was built, whatever the training step around it autocasts to."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _seeded_noise(device: torch.device):
+    """A context in which the RNG of ``device`` (and the CPU's) starts from DECODE_NOISE_SEED, restored
+    afterwards."""
+    stack = contextlib.ExitStack()
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        stack.enter_context(torch.random.fork_rng(devices=[index]))
+        torch.cuda.default_generators[index].manual_seed(DECODE_NOISE_SEED)
+    else:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.random.default_generator.manual_seed(DECODE_NOISE_SEED)
+    return stack
 
 
 def _unwrap(vae: nn.Module) -> nn.Module:
@@ -115,6 +143,9 @@ class VaeAdapter:
             self.latent_channels = int(_config_get(inner, "latent_channels"))
         self.scaling_factor = float(_config_get(inner, "scaling_factor", 1.0) or 1.0)
         self.timestep_conditioning = bool(_config_get(inner, "timestep_conditioning", False))
+        # LTX-Video 0.9.1's decoder adds torch.randn noise in some blocks (diffusers passes them no generator).
+        self.injects_noise = any(getattr(m, name, None) is not None for m in inner.modules()
+                                 for name in ("per_channel_scale1", "per_channel_scale2"))
         # Per-(device, dtype) copies of the Wan statistics: built once, so decode does no host-to-device copy.
         self._stats_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -211,14 +242,22 @@ class VaeAdapter:
 
         `timestep` is the decode timestep of a timestep-conditioned LTX decoder (default 0.0), in [0, 1];
         VAEs without timestep conditioning ignore it, as diffusers' pipelines do. No decode noise is mixed
-        into the latents (diffusers' LTX pipelines with ``decode_noise_scale=0``): the teacher stays
-        deterministic. The latents must be on the device the VAE runs on (under diffusers' offloading
+        into the latents (diffusers' LTX pipelines with ``decode_noise_scale=0``), and the noise an LTX
+        decoder with ``decoder_inject_noise`` adds inside its blocks is drawn from a fixed seed
+        (``DECODE_NOISE_SEED``) in a forked RNG: the teacher stays deterministic, and the caller's random
+        stream is left as it was. An outer ``torch.autocast`` is switched off: the decode runs in the
+        VAE's dtype. The latents must be on the device the VAE runs on (under diffusers' offloading
         hooks, where they move its weights).
         """
         self._check_latents(latents)
         device = _execution_device(_unwrap(self.vae))
         if device is not None and device != latents.device:
             raise ValueError(f"latents are on {latents.device} but the VAE runs on {device}; move one of them")
+        with autocast_off(latents.device), (_seeded_noise(latents.device) if self.injects_noise
+                                            else contextlib.nullcontext()):
+            return self._decode(latents, timestep)
+
+    def _decode(self, latents: torch.Tensor, timestep) -> torch.Tensor:
         z = self.denormalize(latents)
         if self.timestep_conditioning:
             temb = self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)
