@@ -740,3 +740,46 @@ def test_a_change_made_inside_a_failing_use_is_kept_and_still_reported():
     with pytest.raises(RuntimeError, match="tensor 'low.weight' was moved or cast"):
         with m.use(toy):
             pass
+
+
+def test_a_change_made_inside_a_use_is_reported_as_it_ends_and_the_device_copy_goes():
+    toy = Toy()
+    low_bias = toy.low.bias.detach().clone()
+    m = OffloadManager("offload", emulate_device=True)
+    with pytest.raises(RuntimeError, match="tensor 'low.weight' was moved or cast.*unregister"):
+        with m.use(toy):
+            toy.low.weight.data = toy.low.weight.data.double()
+    # nothing left behind: no device copy, the user's change kept
+    assert not m.is_resident(toy) and m.stats.resident_bytes == 0
+    assert toy.low.weight.dtype == torch.float64 and torch.equal(toy.low.bias, low_bias)
+    m.unregister(toy)
+    with m.use(toy) as used:  # packed afresh, with the change
+        assert used.low.weight.dtype == torch.float64 and m.is_resident(toy)
+
+
+def test_a_module_whose_hooks_move_or_cast_its_weights_is_refused_untouched():
+    import types
+
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval().requires_grad_(False)
+    vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    ptrs = [t.data_ptr() for t in vae.parameters()]
+    m = OffloadManager("offload", emulate_device=True)
+    with pytest.raises(ValueError, match="module AutoencoderKLWan: submodule 'encoder.conv_in' carries "
+                                         "diffusers' 'layerwise_casting' hook.*cannot manage"):
+        with m.use(vae):
+            pass
+    assert [t.data_ptr() for t in vae.parameters()] == ptrs and m.stats.host_bytes == 0
+
+    toy = Toy()
+    toy._hf_hook = types.SimpleNamespace()  # an accelerate-style hook on the module itself
+    with pytest.raises(ValueError, match="module Toy: the module carries accelerate's SimpleNamespace"):
+        m.prefetch(toy)
+    del toy._hf_hook
+    with m.use(toy):  # packed
+        pass
+    toy.low._hf_hook = types.SimpleNamespace()  # added after the packing: refused at the next use
+    with pytest.raises(RuntimeError, match="a hook that moves or casts weights was added .*submodule 'low'"):
+        with m.use(toy):
+            pass

@@ -249,6 +249,18 @@ def test_teacher_leaves_the_device_after_each_use_in_offload_mode():
     assert stats.copies == 2 and stats.releases == 2  # one trip to the device and back each
 
 
+def test_a_vae_with_layerwise_casting_is_left_to_its_hooks_and_the_encoder_still_offloaded():
+    # The manager cannot pack a module whose hooks recast its weights at each forward: the drop-in
+    # decodes with such a VAE as the trainer set it up, and offloads the encoder alone.
+    reg, vae, manager = _offloading_teacher()
+    vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    features, _ = reg.teacher_features(torch.randn(1, 4, 3, 4, 4), vae, num_frames=3)
+    assert features.shape[1] == 3 and torch.isfinite(features).all()
+    assert vae not in manager._slots and next(vae.parameters()).dtype == torch.float8_e4m3fn
+    stats = manager.stats
+    assert stats.copies == stats.releases == 1 and not manager.is_resident(reg.encoder)
+
+
 @pytest.mark.parametrize("failure", ["bad latents", "decode raises"])
 def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch):
     # Bad latents are refused before either module is copied in; a decode that raises (e.g. out of

@@ -206,16 +206,21 @@ class CrepaRegularizer:
         from ..teacher import adapter_for, channels_last_3d, latents_to_features
         from ..teacher.pipeline import _decode_and_encode
 
+        from ..teacher.offload import _weight_hook
+
         manager = self.offload
         encoder = self.encoder
+        # A VAE whose own hooks place or cast its weights (the trainer's offloading or layerwise casting)
+        # is left to them: the manager cannot pack such a module.
+        managed_vae = vae if vae is not None and _weight_hook(vae) is None else None
 
         # Leaving manager.use() applies the offload mode, so the VAE's device copy is gone (unless the
         # mode keeps it) before the encoder runs, and the encoder's after it.
         @contextlib.contextmanager
         def vae_context():
-            if vae is not None:
-                manager.prefetch(vae)
-            with manager.use(vae) if vae is not None else contextlib.nullcontext():
+            if managed_vae is not None:
+                manager.prefetch(managed_vae)
+            with manager.use(managed_vae) if managed_vae is not None else contextlib.nullcontext():
                 manager.prefetch(encoder)  # the encoder's copy overlaps the decode
                 try:
                     yield

@@ -53,8 +53,11 @@ Load weights before the manager first sees a module, or ``unregister`` it first;
 running statistics (batch norm) is refused while in training mode. A module changed behind the
 manager's back (any tensor moved or cast, e.g. by ``.to()`` or ``.float()`` on a submodule, or
 replaced, added or removed, e.g. by ``load_state_dict(assign=True)``) is refused at its next use,
-prefetch, release or eviction, since the manager would undo or lose the change; ``unregister``
-keeps the change, and the next use packs the module afresh.
+prefetch, release or eviction, since the manager would undo or lose the change (a change made
+inside ``use`` is reported as it ends, and the device copy goes all the same); ``unregister``
+keeps the change, and the next use packs the module afresh. For the same reason a module carrying
+a hook that moves or casts its weights at each forward (diffusers' layerwise casting or group
+offloading, accelerate's CPU offload) is refused.
 The ``"auto"`` rule counts the module's own bytes as used, so a module stays only when a second
 copy of it (the next module, activations) would still fit with the margin to spare.
 Prefetching DINOv2 while the VAE decodes keeps both weight sets on the device during the decode;
@@ -118,6 +121,27 @@ def _module_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
         seen.add(id(t))
         out.append((name, t))
     return out
+
+
+def _weight_hook(module: nn.Module) -> Optional[str]:
+    """A hook that moves or casts ``module``'s weights at each forward, described, or None: diffusers'
+    hooks (layerwise casting, group offloading) and accelerate's (model CPU offload). Each rewrites
+    the tensors the manager packs, so the two cannot manage one module."""
+    for name, m in module.named_modules():
+        found = _hook_on(m)
+        if found is not None:
+            return f"{f'submodule {name!r}' if name else 'the module'} carries {found}"
+    return None
+
+
+def _hook_on(m: nn.Module) -> Optional[str]:
+    # plain attributes, looked up in the instance dict (nn.Module's __getattr__ is slow on a miss)
+    registry = m.__dict__.get("_diffusers_hook")
+    hooks = getattr(registry, "hooks", None)
+    if hooks:
+        return f"diffusers' {next(iter(hooks))!r} hook"
+    hook = m.__dict__.get("_hf_hook")
+    return None if hook is None else f"accelerate's {type(hook).__name__}"
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -343,6 +367,9 @@ class OffloadManager:
             for m in module.modules():
                 current.update(id(t) for t in m._parameters.values() if t is not None)
                 current.update(id(t) for t in m._buffers.values() if t is not None)
+                if (m.__dict__.get("_diffusers_hook") is not None or m.__dict__.get("_hf_hook") is not None) \
+                        and _hook_on(m) is not None:
+                    return f"a hook that moves or casts weights was added ({_weight_hook(module)})"
             if current != slot.ids:
                 for cname, t in _module_tensors(module):
                     if id(t) not in slot.ids:
@@ -364,6 +391,13 @@ class OffloadManager:
         for key in [k for k, (t, owner) in self._owned.items() if t() is None or owner() is None]:
             del self._owned[key]
         name = type(module).__name__
+        hook = _weight_hook(module)
+        if hook is not None:
+            raise ValueError(
+                f"module {name}: {hook}, which moves or casts its weights at each forward; the offload "
+                "manager cannot manage such a module (remove the hook, e.g. skip enable_layerwise_casting "
+                "or enable_model_cpu_offload, or leave the module out of the manager)"
+            )
         stat_modules = [weakref.ref(m) for m in module.modules() if getattr(m, "track_running_stats", False)]
         self._check_frozen(name, stat_modules)
         tensors = _module_tensors(module)
@@ -520,7 +554,12 @@ class OffloadManager:
         if slot.device_buf is None:
             return
         if not (force or keep_changes):
-            self._check_unchanged(slot, deep=False)  # use() checked the rest when it began
+            change = self._change(slot, deep=False)  # use() checked the rest when it began
+            if change is not None:
+                # the device copy goes all the same (the changed tensors keep the user's data), and the
+                # change is reported
+                self._drop(slot, keep_changes=True)
+                self._check_unchanged(slot, deep=False)
         if self._cuda:
             try:
                 alloc = slot.alloc_stream
