@@ -289,6 +289,28 @@ def test_weights_round_trip_safetensors(tmp_path):
     torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames))
 
 
+def test_a_dinov2_training_checkpoint_loads_its_backbone(tmp_path):
+    # DINOv2's training checkpoints: {"teacher": {"backbone.*": ..., "dino_head.*": ..., "ibot_head.*": ...}}
+    source = _tiny_vit(seed=3)
+    state = {f"backbone.{k}": v for k, v in _to_original_dinov2(source.state_dict()).items()}
+    state.update({"dino_head.mlp.0.weight": torch.ones(4, 32), "ibot_head.last_layer.weight": torch.ones(8, 4)})
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": state, "iteration": 5}, str(path))
+    loaded = DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
+    frames = _frames(1, 2)
+    torch.testing.assert_close(loaded.encode(frames), DinoEncoder(model=source).encode(frames))
+
+
+def test_hugging_face_transformers_weights_are_named_as_such(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, 32), "embeddings.patch_embeddings.projection.weight":
+               torch.zeros(32, 3, 14, 14), "encoder.layer.0.norm1.weight": torch.zeros(32)}, str(path))
+    with pytest.raises(ValueError, match="holds Hugging Face transformers Dinov2Model weights.*original"):
+        DinoEncoder("dinov2_vits14", 56, weights=str(path), model_kwargs=TINY)
+
+
 @pytest.mark.parametrize("suffix, content", [(".safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"),
                                              (".pth", b"not a zip archive nor a pickle"), (".pt", b"")])
 def test_an_unreadable_weights_file_is_named_in_the_error(tmp_path, suffix, content):

@@ -143,9 +143,16 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path!r} does not hold a state dict (got {type(state).__name__})")
-    for prefix in ("module.", "backbone."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        # DINOv2's training checkpoints hold the backbone next to the heads (dino_head., ibot_head.)
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if any(k.startswith(("embeddings.patch_embeddings.", "encoder.layer.")) for k in state):
+        raise ValueError(
+            f"weights file {path!r} holds Hugging Face transformers Dinov2Model weights (keys "
+            "'embeddings.*', 'encoder.layer.*'), a layout this loader does not read; use the original "
+            "DINOv2 checkpoint (dinov2_vit*14*_pretrain.pth) or timm's model.safetensors")
     # Original checkpoints saved with block chunking name blocks `blocks.<chunk>.<index>.`; the index is global.
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
 
