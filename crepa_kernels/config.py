@@ -88,14 +88,18 @@ class CrepaConfig:
         if not isinstance(d, Mapping):
             raise TypeError(f"from_dict expects a mapping of crepa_* keys, got {type(d).__name__}")
         norm: dict[str, Any] = {}
+        given: dict[str, str] = {}  # normalised name -> the key as written
         for key, value in d.items():
             if not isinstance(key, str):
                 raise TypeError(f"config keys must be strings, got {key!r}")
-            name = (key[2:] if key.startswith("--") else key).replace("-", "_")
+            name = config_key_name(key)
             if not name.startswith("crepa_"):
                 raise ValueError(f"unknown CREPA config key {key!r}: every key starts with 'crepa_'")
             if name not in _NO_FIELD:
                 cls._field_for_key(name)  # unknown keys fail here, with a suggestion
+            if name in given:
+                raise ValueError(f"config keys {given[name]!r} and {key!r} both set {name}; give it once")
+            given[name] = key
             norm[name] = value
 
         kwargs: dict[str, Any] = {}
@@ -139,7 +143,8 @@ class CrepaConfig:
     def from_namespace(cls, obj: Any) -> "CrepaConfig":
         """Build from any object with ``crepa_*`` attributes (argparse namespace, trainer config)."""
         if isinstance(obj, Mapping):
-            items = {k: v for k, v in obj.items() if isinstance(k, str) and k.startswith("crepa_")}
+            # config files may write keys as on the command line (--crepa_lambda, --crepa-lambda)
+            items = {k: v for k, v in obj.items() if isinstance(k, str) and config_key_name(k).startswith("crepa_")}
         else:
             names = [n for n in dir(obj) if n.startswith("crepa_")]
             items = {n: getattr(obj, n) for n in names if not callable(getattr(obj, n))}
@@ -234,6 +239,12 @@ class CrepaConfig:
         if self.encoder_weights is not None and not isinstance(self.encoder_weights, str):
             self.encoder_weights = str(self.encoder_weights)  # a pathlib.Path is fine
         self.encoder_dtype = _choice("crepa_encoder_dtype", self.encoder_dtype, ENCODER_DTYPES)
+
+
+def config_key_name(key: str) -> str:
+    """A config key as written in a JSON file or on a command line (``--crepa-lambda``), as its name
+    (``crepa_lambda``)."""
+    return (key[2:] if key.startswith("--") else key).replace("-", "_")
 
 
 _ALIASES = {"crepa_model": "crepa_encoder"}

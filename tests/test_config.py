@@ -205,6 +205,12 @@ def test_what_is_no_boolean_is_refused(bad):
 def test_dashed_cli_spellings_of_the_keys_are_read():
     c = CrepaConfig.from_dict({"--crepa-lambda": 0.3, "crepa-block-index": 3})
     assert c.lambda_ == 0.3 and c.block_index == 3
+    # a trainer's config.json may keep the command line's spelling: from_namespace reads it too
+    c = CrepaConfig.from_namespace({"--crepa_enabled": True, "--crepa-block-index": 8, "--crepa_lambda": 0.3,
+                                    "--learning_rate": 1e-4})
+    assert c.enabled and c.block_index == 8 and c.lambda_ == 0.3
+    with pytest.raises(ValueError, match="config keys 'crepa_lambda' and '--crepa-lambda' both set crepa_lambda"):
+        CrepaConfig.from_dict({"crepa_lambda": 0.3, "--crepa-lambda": 0.4})
 
 
 @pytest.mark.parametrize("all_frames", [0, -1, None])

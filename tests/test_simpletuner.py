@@ -357,6 +357,9 @@ def test_irepa_is_refused_when_on_and_ignored_when_off():
         CrepaRegularizer(namespace(irepa_enabled=True), "cpu", hidden_size=8)
     with pytest.raises(ValueError, match="irepa_enabled=true"):  # a mapping config too
         CrepaRegularizer({**vars(namespace()), "irepa_enabled": True}, "cpu", hidden_size=8)
+    with pytest.raises(ValueError, match="irepa_enabled=true"):  # written as on the command line
+        CrepaRegularizer({f"--{k}": v for k, v in vars(namespace()).items()} | {"--irepa-enabled": True}, "cpu",
+                         hidden_size=8)
     CrepaRegularizer(namespace(irepa_enabled=False, irepa_spatial_norm_alpha=0.6), "cpu", hidden_size=8)
     CrepaRegularizer(namespace(crepa_enabled=False, irepa_enabled=True), "cpu", hidden_size=8)  # CREPA off
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import CrepaConfig, _as_bool
+from ..config import CrepaConfig, _as_bool, config_key_name
 from ..module import CrepaLoss, _world_size
 
 
@@ -58,7 +58,11 @@ class CrepaRegularizer:
     def __init__(self, config: Any, accelerator: Any, hidden_size: int, *, model_foundation: Any = None,
                  max_train_steps: Optional[int] = 0, encoder: Optional[nn.Module] = None):
         self.config = config if isinstance(config, CrepaConfig) else CrepaConfig.from_namespace(config)
-        irepa = config.get("irepa_enabled", False) if isinstance(config, Mapping) else getattr(config, "irepa_enabled", False)
+        if isinstance(config, Mapping):
+            irepa = next((v for k, v in config.items() if isinstance(k, str) and config_key_name(k) == "irepa_enabled"),
+                         False)
+        else:
+            irepa = getattr(config, "irepa_enabled", False)
         if self.config.enabled and _as_bool("irepa_enabled", irepa or False):
             raise ValueError("irepa_enabled=true: iREPA (a convolutional projector, spatially normalised teacher "
                              "features) is not supported by crepa_kernels; turn it off to use this regularizer")
