@@ -96,11 +96,11 @@ class CrepaLoss(nn.Module):
         self._checked_hidden(hidden_states, step, hidden_grid)
 
     def _checked_hidden(self, hidden_states, step, hidden_grid):
-        """(hidden_states as (B, T, N, D), its (h, w) grid or None), after the student side's checks."""
+        """(hidden_states as (B, T, N, D), its (h, w) grid or None, step as an int), after the student
+        side's checks."""
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
-        check_step(step)
-        return hidden_states, hidden_grid
+        return hidden_states, hidden_grid, check_step(step)
 
     def forward(
         self,
@@ -113,7 +113,7 @@ class CrepaLoss(nn.Module):
     ):
         # Every argument is checked before the schedule is consulted: a bad call fails on every step,
         # not only on the weighted ones, and changes no schedule state.
-        hidden_states, hidden_grid = self._checked_hidden(hidden_states, step, hidden_grid)
+        hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid)
         frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
         if hidden_states.shape[0] != frame_features.shape[0]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Optional, Union
@@ -47,8 +48,14 @@ class CrepaScheduler:
 
     # ----------------------------------------------------------------- state
     def is_cutoff(self) -> bool:
-        """True while the schedule is cut off (latched in permanent mode)."""
+        """True once a cutoff has latched in permanent mode, as the common trainer's scheduler reports it.
+        A recoverable cutoff does not latch, so this stays False in that mode: there the weight of 0
+        (and the ``crepa_cutoff`` log entry) tells a step that is cut off."""
         return self._cut_off
+
+    def get_similarity_ema(self) -> Optional[Union[float, torch.Tensor]]:
+        """The similarity EMA (None before the first finite similarity): the common trainer's name."""
+        return self.similarity_ema
 
     def state_dict(self) -> dict:
         ema = self.similarity_ema
@@ -116,7 +123,7 @@ class CrepaScheduler:
             self.similarity_ema = d * ema + (1.0 - d) * value
 
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
-        check_step(step)
+        step = check_step(step)
         c = self.config
         self.update_ema(similarity)
         if c.threshold_mode == "permanent" and self._cut_off:
@@ -125,9 +132,9 @@ class CrepaScheduler:
         if c.similarity_threshold is not None and self.similarity_ema is not None:
             hit = hit or self.similarity_ema >= c.similarity_threshold
         if hit:
-            self._cut_off = True
+            self._cut_off = c.threshold_mode == "permanent"  # only permanent mode latches
             return 0.0
-        self._cut_off = False  # recoverable mode clears its latch
+        self._cut_off = False
         return self.base_weight(step)
 
 
@@ -149,9 +156,21 @@ def parse_state(state) -> tuple[Optional[float], bool]:
     return (None if ema is None else float(ema)), cut_off
 
 
-def check_step(step) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+def check_step(step) -> int:
+    """``step`` as a Python int: an int, a numpy integer or a one-element integer tensor (what a
+    trainer's global step may be), non-negative; anything else is refused, a bool or a float too."""
+    if torch.is_tensor(step):
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = step.reshape(())  # (a one-element tensor on a GPU: one host read, as int() would be)
+    if not isinstance(step, bool) and type(step).__name__ != "bool_":  # numpy's bool has __index__ too
+        try:
+            value = operator.index(step)
+        except TypeError:
+            value = None
+        if value is not None and value >= 0:
+            return value
+    raise ValueError(f"step must be a non-negative int, got {step!r}")
 
 
 def _check_similarity(similarity):

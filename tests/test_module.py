@@ -242,7 +242,7 @@ def test_recoverable_threshold_builds_the_graph_on_the_step_it_recovers(align_wi
     m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.0, threshold_mode="recoverable"), 4, 4)
     aligned = align_with_e0(m)  # projected == e0 for every token, and the teacher too
     loss, logs = m(torch.randn(1, 3, 2, 4), aligned, step=0)
-    assert loss is None and logs["crepa_cutoff"] is True and m.scheduler.is_cutoff()
+    assert loss is None and logs["crepa_cutoff"] is True and not m.scheduler.is_cutoff()  # no latch
     away = -aligned
     away[..., 1] = 0.5  # cosine -0.89 < 0.5: on again (not exactly opposite, where the gradient is 0)
     loss, logs = m(torch.randn(1, 3, 2, 4), away, step=1)

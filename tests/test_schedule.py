@@ -88,7 +88,8 @@ def test_ema_cutoff_recoverable_recovers():
     for step, x in enumerate(sims):
         ema = x if ema is None else 0.5 * ema + 0.5 * x
         weights.append(s.get_weight(step, similarity=x))
-        assert s.is_cutoff() == (ema >= 0.5)
+        assert not s.is_cutoff()  # as the common trainer's scheduler: only permanent mode latches
+        assert s.get_similarity_ema() == pytest.approx(ema)
     # ema: 0.2, 0.5, 0.7, 0.35, 0.175, 0.0875
     assert weights == [0.5, 0.0, 0.0, 0.5, 0.5, 0.5]
 
@@ -123,9 +124,20 @@ def test_constructor_errors(args, msg):
         CrepaScheduler(*args)
 
 
-def test_bad_step():
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "3", torch.tensor(2.0), torch.tensor([1, 2]), torch.tensor(-1),
+                                 torch.tensor(True)])
+def test_bad_step(bad):
     with pytest.raises(ValueError, match="step must be a non-negative int"):
-        CrepaScheduler(CrepaConfig(), 10).get_weight(-1)
+        CrepaScheduler(CrepaConfig(), 10).get_weight(bad)
+
+
+def test_a_trainers_integer_step_of_another_type_is_read_as_an_int():
+    # a global step kept as a numpy integer or a one-element integer tensor (the common trainer takes them)
+    np = pytest.importorskip("numpy")
+    s = CrepaScheduler(CrepaConfig(lambda_=0.5, warmup_steps=4), 10)
+    for step in (np.int64(2), torch.tensor(2), torch.tensor([2], dtype=torch.int32)):
+        weight = s.get_weight(step)
+        assert type(weight) is float and weight == 0.25
 
 
 def test_tensor_ema_without_threshold_skips_non_finite_steps_on_the_device():

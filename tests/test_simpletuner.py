@@ -331,7 +331,7 @@ def test_use_tae_falls_back_to_the_vae_with_a_warning():
                               "crepa_encoder_image_size": 56})
     with pytest.warns(UserWarning, match="crepa_use_tae=true: .*decodes with the full VAE"):
         reg = CrepaRegularizer(args, "cpu", hidden_size=16, encoder=tiny_vit())
-    assert reg.config.use_tae is True
+    assert reg.config.use_tae is True and reg.use_tae is False  # the reference's attribute after its fall back
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # backbone mode decodes nothing: nothing to warn about
         CrepaRegularizer(SimpleNamespace(**{**args.__dict__, "crepa_use_backbone_features": True,
@@ -429,7 +429,7 @@ def test_the_trainers_model_object_decodes_when_no_vae_is_given():
                            model_foundation=foundation)
     tae.attach_to_model(nn.Module())
     tae.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), object())
-    assert foundation.calls[-1] == ((1, 4, 3, 4, 4), True)
+    assert foundation.calls[-1] == ((1, 4, 3, 4, 4), True) and tae.use_tae is True
 
     with pytest.raises(ValueError, match="must return frames"):
         foundation.frames = torch.rand(9, 3, 32, 32)

@@ -120,6 +120,9 @@ class CrepaRegularizer:
 
     @property
     def use_tae(self) -> bool:
+        """crepa_use_tae, or False after the fall back to the full VAE (as the reference sets it)."""
+        if self.config.enabled and not self.config.use_backbone_features:
+            return self._use_tae
         return self.config.use_tae
 
     @property
