@@ -112,6 +112,8 @@ class CrepaConfig:
         model = norm.get("crepa_model")
         if model:
             kwargs["encoder"] = model
+        elif isinstance(kwargs.get("encoder"), str) and not kwargs["encoder"].strip():
+            del kwargs["encoder"]  # an empty name means the default, as the common trainer reads it
 
         # The trainer's self-flow teacher is not implemented here: its keys are accepted while it is off.
         if _as_bool("crepa_self_flow", norm.get("crepa_self_flow") or False):
@@ -197,7 +199,8 @@ class CrepaConfig:
         if not isinstance(self.encoder, str) or not self.encoder.strip():
             raise ValueError(f"crepa_encoder must be a non-empty model name, got {self.encoder!r}")
         self.encoder_image_size = _int("crepa_encoder_image_size", self.encoder_image_size, minimum=1)
-        if self.encoder_image_size % ENCODER_PATCH_SIZE:
+        # checked where an encoder will be built: a trainer with CREPA off may carry any size
+        if self.enabled and self.encoder_image_size % ENCODER_PATCH_SIZE:
             raise ValueError(
                 f"crepa_encoder_image_size must be a positive multiple of the encoder patch size "
                 f"{ENCODER_PATCH_SIZE}, got {self.encoder_image_size}"
@@ -229,9 +232,9 @@ class CrepaConfig:
         if self.similarity_threshold is not None:
             self.similarity_threshold = _finite_float("crepa_similarity_threshold", self.similarity_threshold)
         self.similarity_ema_decay = _finite_float("crepa_similarity_ema_decay", self.similarity_ema_decay)
-        if not 0.0 <= self.similarity_ema_decay < 1.0:
+        if not 0.0 <= self.similarity_ema_decay <= 1.0:  # 1: the first score, kept (the trainer allows it)
             raise ValueError(
-                f"crepa_similarity_ema_decay must satisfy 0 <= decay < 1, got {self.similarity_ema_decay}"
+                f"crepa_similarity_ema_decay must satisfy 0 <= decay <= 1, got {self.similarity_ema_decay}"
             )
 
         self.offload = _choice("crepa_offload", self.offload, OFFLOAD_MODES)

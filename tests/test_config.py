@@ -151,13 +151,14 @@ def test_unknown_key_suggests_closest():
 @pytest.mark.parametrize("d,msg", [
     ({"crepa_scheduler": "exp"}, "crepa_scheduler must be one of constant, linear, cosine, polynomial; got 'exp'"),
     ({"crepa_threshold_mode": "sticky"}, "crepa_threshold_mode must be one of permanent, recoverable"),
-    ({"crepa_similarity_ema_decay": 1.0}, "crepa_similarity_ema_decay must satisfy 0 <= decay < 1, got 1.0"),
+    ({"crepa_similarity_ema_decay": 1.5}, "crepa_similarity_ema_decay must satisfy 0 <= decay <= 1, got 1.5"),
     ({"crepa_similarity_ema_decay": -0.1}, "crepa_similarity_ema_decay must satisfy"),
     ({"crepa_adjacent_distance": -1}, "crepa_adjacent_distance must be >= 0, got -1"),
     ({"crepa_adjacent_distance": 1.5}, "crepa_adjacent_distance must be an int, got 1.5"),
     ({"crepa_adjacent_tau": 0}, "crepa_adjacent_tau must be > 0 and finite, got 0.0"),
     ({"crepa_adjacent_tau": float("inf")}, "crepa_adjacent_tau must be finite"),
-    ({"crepa_encoder_image_size": 500}, "crepa_encoder_image_size must be a positive multiple of the encoder patch size 14, got 500"),
+    ({"crepa_enabled": True, "crepa_block_index": 1, "crepa_encoder_image_size": 500},
+     "crepa_encoder_image_size must be a positive multiple of the encoder patch size 14, got 500"),
     ({"crepa_encoder_image_size": 0}, "crepa_encoder_image_size must be >= 1"),
     ({"crepa_enabled": True}, "crepa_block_index must be set"),
     ({"crepa_block_index": -2}, "crepa_block_index must be >= 0, got -2"),
@@ -178,6 +179,16 @@ def test_config_errors(d, msg):
     with pytest.raises(ValueError) as e:
         CrepaConfig.from_dict(d)
     assert msg in str(e.value)
+
+
+def test_what_the_common_trainer_accepts_is_accepted():
+    # an empty encoder name is the default; an EMA decay of 1 keeps the first score; with CREPA off
+    # the encoder's image size is not checked (no encoder is built)
+    c = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 1, "crepa_encoder": "",
+                               "crepa_similarity_ema_decay": 1.0})
+    assert c.encoder == "dinov2_vitg14" and c.similarity_ema_decay == 1.0
+    assert CrepaConfig.from_dict({"crepa_model": "dinov2_vitl14", "crepa_encoder": ""}).encoder == "dinov2_vitl14"
+    assert CrepaConfig.from_dict({"crepa_enabled": False, "crepa_encoder_image_size": 512}).encoder_image_size == 512
 
 
 def test_from_dict_requires_mapping():
