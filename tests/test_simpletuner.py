@@ -125,6 +125,11 @@ def test_encoder_mode_with_patch_tokens_matches_reference(tokens):
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     for key, value in ref_logs.items():
         assert logs[key] == pytest.approx(value, abs=1e-5), key
+    # Features passed next to the latents (e.g. a model's own block output) do not replace the
+    # teacher in encoder mode: the reference decodes and encodes whatever it is given.
+    with pytest.warns(UserWarning, match="latents and frame_features in encoder mode.*ignored"):
+        loss2, logs2 = reg.compute_loss(hidden, latents, vae, step=1, frame_features=torch.randn(1, 3, hidden.shape[2], 32))
+    assert abs(loss2.item() - ref_loss.item()) <= 1e-5 and logs2 == logs
 
 
 def test_drop_vae_encoder_and_frames_batch_size_reach_the_teacher():
@@ -290,6 +295,8 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 5), z, vae), ValueError, "hidden_states has D=5"),
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 0, 4, 16), z, vae), ValueError, "hidden_states is empty"),
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, step=1.5), ValueError, "step must be"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(2, 3, 4, 16), z, vae), ValueError,
+     "latents holds 1 videos but hidden_states 2"),
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, hidden_grid=(3, 3)), ValueError,
      "hidden_grid"),
 ])

@@ -168,8 +168,10 @@ class CrepaRegularizer:
                      feature_grid: Optional[Sequence[int]] = None, timestep: Any = None):
         """``(loss or None, logs)`` for one step.
 
-        Encoder mode: decodes ``latents`` with ``vae`` and encodes the kept frames, unless
-        ``frame_features`` (e.g. from a FeatureCache) are given. Backbone mode: ``frame_features``
+        Encoder mode: decodes ``latents`` with ``vae`` and encodes the kept frames; with ``latents``
+        None, ``frame_features`` (e.g. from a FeatureCache) are the teacher instead. Given both, the
+        latents are decoded and ``frame_features`` ignored (with a warning), as the reference does in
+        encoder mode. Backbone mode: ``frame_features``
         are the detached hidden states of ``crepa_teacher_block_index``. Without ``hidden_grid`` the
         token alignment is the reference's (compatible mode); with it, grid mode.
         """
@@ -179,6 +181,11 @@ class CrepaRegularizer:
             raise ValueError("CREPA is enabled but no intermediate hidden_states were provided")
         if self.loss is None:
             raise RuntimeError("call attach_to_model(model) before compute_loss: the projector does not exist yet")
+        if frame_features is not None and latents is not None and not self.config.use_backbone_features:
+            warnings.warn("compute_loss got latents and frame_features in encoder mode: the latents are decoded "
+                          "and encoded, as the reference does, and frame_features is ignored; pass latents=None "
+                          "to use precomputed features", UserWarning, stacklevel=2)
+            frame_features = None
         if frame_features is None:
             if self.config.use_backbone_features:
                 raise ValueError("backbone mode needs frame_features: the detached hidden states of "
@@ -195,6 +202,9 @@ class CrepaRegularizer:
             # the decode and encode are costly: a call the loss would refuse fails before them (with given
             # features, the loss's own checks come first anyway)
             self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid)
+            if torch.is_tensor(latents) and latents.ndim >= 1 and latents.shape[0] != hidden_states.shape[0]:
+                raise ValueError(f"latents holds {latents.shape[0]} videos but hidden_states {hidden_states.shape[0]}: "
+                                 "they must be the same batch")
             # Without a VAE, or for its Tiny AutoEncoder, the trainer's model object decodes.
             frame_features, grid = self.teacher_features(latents, None if self._use_tae else vae,
                                                          num_frames=hidden_states.shape[1], timestep=timestep)
