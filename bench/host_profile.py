@@ -160,11 +160,7 @@ def main(argv=None) -> int:
                      f"{ncalls / args.steps:10.2f}  {where}")
     lines += ["", "primitives, host us per call (each alone)"]
     lines += [f"{us:9.2f}  {name}" for name, us in primitives().items()]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    bm.print_report(lines, args.out)
     return 0
 
 

@@ -57,11 +57,7 @@ def main(argv=None) -> int:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         lines += ["", f"== backend {backend}: host enqueue {enqueue_ms:.3f} ms/step, synced {synced_ms:.3f} ms/step "
                       f"({args.iters} steps)", table]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    bm.print_report(lines, args.out)
     return 0
 
 

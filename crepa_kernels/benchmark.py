@@ -320,6 +320,15 @@ def run_suite(presets, dtypes, providers, modes, device, *, reps: int = 20, warm
     return {"environment": env, "presets": {n: as_dict(PRESETS[n]) for n in presets}, "results": rows}
 
 
+def print_report(lines: list[str], out: Optional[str]) -> None:
+    """Print a text report (one string per line) and, given a path, write it there too."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+
+
 def write_outputs(report: dict, out_dir: str, name: str, plot: bool = True) -> list[str]:
     """results JSON, a markdown table and (if matplotlib imports) a PNG of time and memory."""
     import json
