@@ -354,6 +354,41 @@ def test_a_forward_that_fails_after_a_good_one_leaves_nothing_of_the_good_one():
             getattr(cap, read)
 
 
+def test_a_forward_that_fails_in_another_captures_hook_leaves_nothing_of_the_good_one():
+    # Capture A's start hook refuses the forward before capture B's start hook runs: B must not
+    # report the earlier forward's grid either.
+    case = CASES[0]
+    model = _model(case)
+    with torch.no_grad(), capture_hidden_states(model, 0) as first, capture_hidden_states(model, 1) as second:
+        case.run(model, *LATENT[case.name])
+        assert second.grid is not None
+        with pytest.raises(ValueError, match="hidden_states must be a 5-D tensor"):
+            model(torch.randn(B, 4, 4, 4), timestep=torch.tensor([1, 2]),
+                  encoder_hidden_states=torch.randn(B, 3, 16))
+    for cap in (first, second):
+        for read in ("grid", "hidden"):
+            with pytest.raises(RuntimeError, match="the last WanTransformer3DModel forward raised"):
+                getattr(cap, read)
+
+
+def test_an_attached_capture_is_not_entered_again():
+    # Its exit would remove hooks its owner relies on: later forwards would leave stale tensors.
+    case = CASES[0]
+    model = _model(case)
+    cap = capture_hidden_states(model, 0).attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        with cap:
+            pass
+    assert cap.attached
+    with torch.no_grad():
+        case.run(model, *LATENT[case.name])
+    assert cap.num_forwards == 1
+    cap.detach()
+    with cap:  # entered once, it works as before
+        assert cap.attached
+    assert not cap.attached
+
+
 @pytest.mark.parametrize("grid", [(2.7, 2, 2), "222", (2, 2, None), (2, 2), (True, 2, 2)])
 def test_bad_grid_override_is_refused(grid):
     with pytest.raises(ValueError, match="grid must be an int or 3 ints"):

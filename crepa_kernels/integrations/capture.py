@@ -303,6 +303,11 @@ class HiddenStateCapture:
         self._last_failed = False
 
     def __enter__(self) -> "HiddenStateCapture":
+        if self._handles:
+            # its exit would remove hooks the outer owner still relies on, and later forwards would
+            # silently leave the previous one's tensors in place
+            raise RuntimeError("this capture is already attached (by attach() or an enclosing `with`); "
+                               "use it as it is, or enter it once")
         return self.attach()
 
     def __exit__(self, *exc: Any) -> None:
@@ -385,7 +390,11 @@ class HiddenStateCapture:
             self._last_failed = False
             self.num_forwards += 1
         elif output is None:
+            # the forward raised, possibly before this capture's start hook ran (in another hook):
+            # nothing of an earlier forward may be read as this one's
             self._hidden = self._teacher = None
+            self._grid = None
+            self._last_failed = True
 
     def _on_student_block(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._active:
