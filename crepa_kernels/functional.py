@@ -185,6 +185,8 @@ def _check_tensor(name: str, t) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no data; materialise it first")
     if t.ndim == 3:
         t = t.unsqueeze(2)  # (B, T, D): one token per frame
     elif t.ndim != 4:
@@ -215,10 +217,10 @@ def _check_bool(name: str, v) -> bool:
 
 def _check_positive_float(name: str, v) -> float:
     try:
-        f = float(v)
+        f = float(v) if not isinstance(v, (str, bytes)) else None  # float("1.0") would take a string
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}") from None
-    if isinstance(v, bool) or not (f > 0 and math.isfinite(f)):
+        f = None
+    if f is None or isinstance(v, bool) or not (f > 0 and math.isfinite(f)):
         raise ValueError(f"{name} must be a positive finite number, got {v!r}")
     return f
 
@@ -228,7 +230,7 @@ def _check_weight(w):
         if w.numel() != 1 or not w.is_floating_point():
             raise ValueError(f"weight must be a float or a one-element float tensor, got shape {tuple(w.shape)} {w.dtype}")
         return w.reshape(())
-    if isinstance(w, bool):
+    if isinstance(w, (bool, str, bytes)):
         raise ValueError(f"weight must be a finite number, got {w!r}")
     try:
         f = float(w)

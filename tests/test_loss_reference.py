@@ -253,7 +253,10 @@ BAD = [
     ({"adjacent_tau": 0.0}, ValueError, "adjacent_tau must be a positive finite number"),
     ({"adjacent_tau": float("inf")}, ValueError, "adjacent_tau must be a positive finite number"),
     ({"weight": float("nan")}, ValueError, "weight must be a finite number"),
+    ({"weight": "1"}, ValueError, "weight must be a finite number, got '1'"),
+    ({"adjacent_tau": "1.0"}, ValueError, "adjacent_tau must be a positive finite number, got '1.0'"),
     ({"weight": torch.ones(2)}, ValueError, "weight must be a float or a one-element"),
+    ({"features": torch.ones(1, 2, 3, 4, device="meta")}, ValueError, "features is on the meta device"),
     ({"projected": torch.full((1, 2, 3, 4), float("nan")), "check_finite": True}, ValueError, "projected holds NaN"),
 ]
 

@@ -273,6 +273,8 @@ def test_single_projected_token(backend, n_f, spatial_align):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("distance,cumulative,nns,tau", [
     (1, False, False, 1.0), (2, False, False, 0.7), (3, True, False, 2.0), (2, True, True, 1.3), (9, True, False, 0.4),
+    # 1 / tau past the float32 range: every neighbour weight is 0
+    (2, True, False, 1e-300), (1, False, True, 1e-40),
 ])
 def test_identical_teacher_frames(backend, distance, cumulative, nns, tau):
     B, T = 2, 5

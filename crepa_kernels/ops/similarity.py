@@ -542,7 +542,10 @@ def _window_args(distance: int, T: int, cumulative: bool, tau: float):
     """(d, S, S_PAD, (inv_tau_hi, inv_tau_lo, eps_hi, eps_lo)): the clamped neighbour distance, the
     slot count and its power-of-two padding, and the float scalars every similarity kernel takes."""
     S = num_slots(distance, T, cumulative)
-    return max(0, min(int(distance), T - 1)), S, next_power_of_2(S), (*_split(1.0 / float(tau)), *_split(EPS))
+    # 1 / tau held below the float32 range (where its split would be inf - inf): past 1e30 every
+    # neighbour weight exp(-k / tau) is 0 in float32 and float64 alike
+    inv_tau = min(1.0 / float(tau), 1e30)
+    return max(0, min(int(distance), T - 1)), S, next_power_of_2(S), (*_split(inv_tau), *_split(EPS))
 
 
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
