@@ -37,6 +37,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**63:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {value!r}")
+    return n
+
+
 def _device(value: str) -> str:
     import torch
 
@@ -110,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short CREPA fine-tune of a tiny Wan transformer (no downloads)")
     p.add_argument("--out", default="crepa-demo", type=_out_dir, help="directory for summary.json and curves.png")
     p.add_argument("--steps", type=int, default=100)  # run_demo checks it (>= 2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
@@ -137,7 +147,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+    except (ValueError, TypeError, OSError) as exc:  # bad input or an unusable path: one clear line, no traceback
         print(f"crepa-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -65,6 +65,8 @@ def run_demo(out_dir: str = "crepa-demo", steps: int = 100, seed: int = 0, devic
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out_dir, exist_ok=True)
     vae, transformer, vit = _tiny_models(seed)

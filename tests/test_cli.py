@@ -99,6 +99,8 @@ def test_demo_bad_steps(capsys):
     (["bench", "--reps", "0"], "argument --reps: expected a positive int, got '0'"),
     (["demo", "--out", "FILE"], "exists and is not a directory"),
     (["bench", "--out", "FILE"], "exists and is not a directory"),
+    (["demo", "--seed", "99999999999999999999999"], "argument --seed: expected an int in [0, 2**63)"),
+    (["demo", "--seed", "-1"], "argument --seed: expected an int in [0, 2**63), got '-1'"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, msg, tmp_path, capsys):
     afile = tmp_path / "a_file"
@@ -109,6 +111,14 @@ def test_bad_arguments_are_refused_before_any_work(argv, msg, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    assert main(["demo", "--out", str(afile / "sub"), "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crepa-kernels demo: error: ") and "Not a directory" in err[0]
 
 
 def test_a_cuda_device_index_beyond_the_machine_is_refused(monkeypatch, capsys):
