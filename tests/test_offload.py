@@ -773,6 +773,11 @@ def test_a_module_whose_hooks_move_or_cast_its_weights_is_refused_untouched():
     assert [t.data_ptr() for t in vae.parameters()] == ptrs and m.stats.host_bytes == 0
 
     toy = Toy()
+    toy.low._diffusers_hook = types.SimpleNamespace(hooks={"fbc_block_hook": object()})  # a cache: weights kept
+    with m.use(toy):
+        pass
+    m.unregister(toy)
+    del toy.low._diffusers_hook
     toy._hf_hook = types.SimpleNamespace()  # an accelerate-style hook on the module itself
     with pytest.raises(ValueError, match="module Toy: the module carries accelerate's SimpleNamespace"):
         m.prefetch(toy)

@@ -134,12 +134,17 @@ def _weight_hook(module: nn.Module) -> Optional[str]:
     return None
 
 
+# diffusers hooks that rewrite a module's weights at each forward (its caching hooks and others leave
+# them alone): layerwise casting, group offloading and its lazy prefetch
+_DIFFUSERS_WEIGHT_HOOKS = ("layerwise_casting", "group_offloading")
+
+
 def _hook_on(m: nn.Module) -> Optional[str]:
     # plain attributes, looked up in the instance dict (nn.Module's __getattr__ is slow on a miss)
     registry = m.__dict__.get("_diffusers_hook")
-    hooks = getattr(registry, "hooks", None)
-    if hooks:
-        return f"diffusers' {next(iter(hooks))!r} hook"
+    for name in getattr(registry, "hooks", None) or ():
+        if isinstance(name, str) and any(kind in name for kind in _DIFFUSERS_WEIGHT_HOOKS):
+            return f"diffusers' {name!r} hook"
     hook = m.__dict__.get("_hf_hook")
     return None if hook is None else f"accelerate's {type(hook).__name__}"
 
