@@ -122,7 +122,7 @@ def primitives() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="wan480_grids")
+    ap.add_argument("--preset", default="wan480_grids", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None, help="text file for the report (also printed)")
