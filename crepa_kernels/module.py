@@ -57,7 +57,8 @@ class CrepaLoss(nn.Module):
     ``forward(hidden_states, frame_features, step=...)`` projects the DiT block's hidden states
     (B, T, N, D_h) (or (B, T, D_h)), aligns them with the teacher's features (B, T_f, N_f, D_e) and
     returns ``(loss or None, logs)``. ``loss`` is None when the scheduled weight is 0 (no graph is
-    built; the step's scores are still computed without autograd, logged, and fed to the EMA, as the
+    built, except with a similarity threshold before a permanent cutoff, where the weight depends on
+    the step's own score; the step's scores are still computed, logged, and fed to the EMA, as the
     common trainer does). Logs are detached 0-dim tensors unless ``log_tensors=False`` (then floats,
     one host sync); with a similarity threshold the EMA is a float (its decision reads it on the
     host). The teacher features get no gradient unless ``detach_teacher=False``.
