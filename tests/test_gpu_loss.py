@@ -169,14 +169,20 @@ def test_merged_backward_gives_the_same_numbers_at_wan480(monkeypatch, dtype):
     default's loss and the default's gradient at the flagship shape, up to summation order (fp32) or
     one bf16 rounding step (the default rounds the resampled-grid gradient to bf16 between its two
     kernels; the one-pass kernel does not)."""
+    from crepa_kernels.ops import similarity
     from crepa_kernels.ops.utils import MERGED_BWD_ENV
 
+    launched = []
+    real = similarity._launch_merged_backward
+    monkeypatch.setattr(similarity, "_launch_merged_backward",
+                        lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
     p, f = _inputs(dtype)
     results = []
     for merged in ("0", "1"):
         monkeypatch.setenv(MERGED_BWD_ENV, merged)
         out, grad = _loss_and_grad(p, f, "triton", **WAN480)
         results.append((out.loss.float(), grad.float()))
+    assert launched == [True]  # the one-pass kernel ran (not the default's windows again) in the second call
     (loss_d, grad_d), (loss_m, grad_m) = results
     assert torch.equal(loss_m, loss_d)  # the same forward kernel
     rtol = 1e-5 if dtype == torch.float32 else 2.0**-6
