@@ -1,6 +1,7 @@
 """Tests for block hidden-state capture from tiny, randomly initialised diffusers video transformers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -338,34 +339,22 @@ def test_results_persist_after_exit_and_last_forward_wins():
         cap.hidden
 
 
-def test_a_forward_that_fails_after_a_good_one_leaves_nothing_of_the_good_one():
+@pytest.mark.parametrize("captures", [1, 2])
+def test_a_forward_that_fails_after_a_good_one_leaves_nothing_of_the_good_one(captures):
     # The grid and hidden states of an earlier forward must not be read as those of a later one
-    # that raised (here in the capture's own argument check, before any block ran).
+    # that raised (here in a capture's own argument check, before any block ran). With two captures
+    # the first one's start hook refuses the forward before the second one's runs: the second must
+    # not report the earlier forward either.
     case = CASES[0]
     model = _model(case)
-    with torch.no_grad(), capture_hidden_states(model, 0) as cap:
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        caps = [stack.enter_context(capture_hidden_states(model, i)) for i in range(captures)]
         case.run(model, *LATENT[case.name])
-        assert cap.num_forwards == 1 and cap.grid is not None
+        assert all(cap.num_forwards == 1 and cap.grid is not None for cap in caps)
         with pytest.raises(ValueError, match="hidden_states must be a 5-D tensor"):
             model(torch.randn(B, 4, 4, 4), timestep=torch.tensor([1, 2]),
                   encoder_hidden_states=torch.randn(B, 3, 16))
-    for read in ("grid", "hidden"):
-        with pytest.raises(RuntimeError, match="the last WanTransformer3DModel forward raised"):
-            getattr(cap, read)
-
-
-def test_a_forward_that_fails_in_another_captures_hook_leaves_nothing_of_the_good_one():
-    # Capture A's start hook refuses the forward before capture B's start hook runs: B must not
-    # report the earlier forward's grid either.
-    case = CASES[0]
-    model = _model(case)
-    with torch.no_grad(), capture_hidden_states(model, 0) as first, capture_hidden_states(model, 1) as second:
-        case.run(model, *LATENT[case.name])
-        assert second.grid is not None
-        with pytest.raises(ValueError, match="hidden_states must be a 5-D tensor"):
-            model(torch.randn(B, 4, 4, 4), timestep=torch.tensor([1, 2]),
-                  encoder_hidden_states=torch.randn(B, 3, 16))
-    for cap in (first, second):
+    for cap in caps:
         for read in ("grid", "hidden"):
             with pytest.raises(RuntimeError, match="the last WanTransformer3DModel forward raised"):
                 getattr(cap, read)
