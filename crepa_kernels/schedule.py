@@ -160,7 +160,8 @@ def check_step(step) -> int:
     """``step`` as a Python int: an int, a numpy integer or a one-element integer tensor (what a
     trainer's global step may be), non-negative; anything else is refused, a bool or a float too."""
     if torch.is_tensor(step):
-        if step.numel() != 1 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool \
+                or step.device.type == "meta":
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         step = step.reshape(())  # (a one-element tensor on a GPU: one host read, as int() would be)
     if not isinstance(step, bool) and type(step).__name__ != "bool_":  # numpy's bool has __index__ too

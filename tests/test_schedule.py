@@ -125,7 +125,7 @@ def test_constructor_errors(args, msg):
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "3", torch.tensor(2.0), torch.tensor([1, 2]), torch.tensor(-1),
-                                 torch.tensor(True)])
+                                 torch.tensor(True), torch.tensor(3, device="meta")])
 def test_bad_step(bad):
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         CrepaScheduler(CrepaConfig(), 10).get_weight(bad)

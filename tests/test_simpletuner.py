@@ -359,6 +359,36 @@ def test_a_zero_weight_computes_logs_and_tracks_nothing():
             reg.compute_loss(torch.randn(1, 3, 4, 8), None, None)
 
 
+def test_cached_features_next_to_latents_without_a_decoder_are_the_teacher():
+    # With no VAE and no model object to decode, latents cannot be decoded: the given features are
+    # the teacher, without a warning; with a zero weight nothing is decoded, so nothing is said either.
+    torch.manual_seed(3)
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    hidden, feats = torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, _ = reg.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), None, frame_features=feats)
+        want, _ = reg.compute_loss(hidden, None, None, frame_features=feats)
+        assert torch.equal(loss, want)
+        off = CrepaRegularizer(namespace(crepa_lambda=0.0), "cpu", hidden_size=16, encoder=tiny_vit())
+        off.attach_to_model(nn.Module())
+        assert off.compute_loss(hidden, torch.randn(1, 4, 3, 4, 4), object(), frame_features=feats) == (None, None)
+
+
+def test_a_vae_of_another_kind_is_named_as_unsupported():
+    reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    with pytest.raises(TypeError, match="unsupported VAE class object; supported classes"):
+        reg.compute_loss(torch.randn(1, 3, 4, 16), torch.randn(1, 4, 3, 4, 4), object())
+
+
+def test_with_crepa_off_a_given_encoder_is_not_checked_against_the_config():
+    reg = CrepaRegularizer(namespace(crepa_enabled=False, crepa_encoder_image_size=500), "cpu", hidden_size=16,
+                           encoder=tiny_vit())
+    assert not reg.enabled and reg.compute_loss(torch.randn(1, 3, 4, 16), None, None) == (None, None)
+
+
 def test_irepa_is_refused_when_on_and_ignored_when_off():
     with pytest.raises(ValueError, match="irepa_enabled=true: iREPA .* is not supported"):
         CrepaRegularizer(namespace(irepa_enabled=True), "cpu", hidden_size=8)

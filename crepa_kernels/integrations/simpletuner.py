@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import CrepaConfig, _as_bool, config_key_name
 from ..module import CrepaLoss, _world_size
+from ..schedule import check_step
 
 
 def _device_of(accelerator: Any) -> torch.device:
@@ -98,7 +99,8 @@ class CrepaRegularizer:
         self.max_train_steps = max_train_steps
         self.enabled = self.config.enabled
         self.block_index = self.config.block_index
-        self.encoder = self._wrap_encoder(encoder) if encoder is not None else None
+        # With CREPA off nothing encodes: the encoder is kept as given, unchecked against the config.
+        self.encoder = self._wrap_encoder(encoder) if encoder is not None and self.enabled else encoder
         self.loss: Optional[CrepaLoss] = None
         self._offload = None
         self._adapters: dict[int, Any] = {}
@@ -181,10 +183,12 @@ class CrepaRegularizer:
             raise ValueError("CREPA is enabled but no intermediate hidden_states were provided")
         if self.loss is None:
             raise RuntimeError("call attach_to_model(model) before compute_loss: the projector does not exist yet")
-        if frame_features is not None and latents is not None and not self.config.use_backbone_features:
-            warnings.warn("compute_loss got latents and frame_features in encoder mode: the latents are decoded "
-                          "and encoded, as the reference does, and frame_features is ignored; pass latents=None "
-                          "to use precomputed features", UserWarning, stacklevel=2)
+        # Given latents that can be decoded, encoder mode decodes them, as the reference does, whatever
+        # frame_features holds (said below, once the call is known to compute something).
+        ignored_features = (frame_features is not None and latents is not None
+                            and not self.config.use_backbone_features
+                            and (vae is not None or _decodes_itself(self.model_foundation)))
+        if ignored_features:
             frame_features = None
         if frame_features is None:
             if self.config.use_backbone_features:
@@ -198,6 +202,11 @@ class CrepaRegularizer:
             # As the trainer: a zero weight computes, logs and tracks nothing. Under torch.distributed the
             # projector registered on the wrapped model still needs its (zero) gradient on every rank.
             return (self.loss._zero_loss() if _world_size() > 1 else None), None
+        step = check_step(step)  # once: a step given as a GPU tensor costs its one read here
+        if ignored_features:
+            warnings.warn("compute_loss got latents and frame_features in encoder mode: the latents are decoded "
+                          "and encoded, as the reference does, and frame_features is ignored; pass latents=None "
+                          "to use precomputed features", UserWarning, stacklevel=2)
         if frame_features is None:
             # the decode and encode are costly: a call the loss would refuse fails before them (with given
             # features, the loss's own checks come first anyway)
@@ -229,7 +238,7 @@ class CrepaRegularizer:
         encoder = self.encoder
         # A VAE whose own hooks place or cast its weights (the trainer's offloading or layerwise casting)
         # is left to them: the manager cannot pack such a module.
-        managed_vae = vae if vae is not None and _weight_hook(vae) is None else None
+        managed_vae = vae if isinstance(vae, nn.Module) and _weight_hook(vae) is None else None
 
         # Leaving manager.use() applies the offload mode, so the VAE's device copy is gone (unless the
         # mode keeps it) before the encoder runs, and the encoder's after it.

@@ -54,7 +54,8 @@ running statistics (batch norm) is refused while in training mode. A module chan
 manager's back (any tensor moved or cast, e.g. by ``.to()`` or ``.float()`` on a submodule, or
 replaced, added or removed, e.g. by ``load_state_dict(assign=True)``) is refused at its next use,
 prefetch, release or eviction, since the manager would undo or lose the change (a change made
-inside ``use`` is reported as it ends, and the device copy goes all the same); ``unregister``
+inside ``use`` is reported as the use ends where the mode drops the device copy then, which goes
+all the same; where the mode keeps it, at the next use); ``unregister``
 keeps the change, and the next use packs the module afresh. For the same reason a module carrying
 a hook that moves or casts its weights at each forward (diffusers' layerwise casting or group
 offloading, accelerate's CPU offload) is refused.

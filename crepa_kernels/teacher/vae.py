@@ -47,7 +47,8 @@ def autocast_off(device: torch.device):
 
 def _seeded_noise(device: torch.device):
     """A context in which the RNG of ``device`` (and the CPU's) starts from DECODE_NOISE_SEED, restored
-    afterwards."""
+    afterwards: for CUDA devices and the CPU (on another device the decoder's noise comes from that
+    device's generator as it stands)."""
     stack = contextlib.ExitStack()
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
