@@ -69,7 +69,7 @@ def main() -> int:
                     for mode in modes:
                         for provider in providers:
                             if time.time() > t_end:
-                                skipped.append(f"{preset}/{dtype}/{mode}/{provider}")
+                                skipped.append(f"{preset}/{dtype}/{mode}/{_labelled(provider, env)}")
                                 continue
                             rows.append(_run_case(preset, dtype, mode, provider, env))
     except _Terminated:
@@ -104,13 +104,18 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
+def _labelled(provider: str, env: dict) -> str:
+    """A provider's name with the environment overrides of its rows, e.g. triton[CREPA_KERNELS_X=1]."""
+    return f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]" if env else provider
+
+
 def _run_case(preset: str, dtype: str, mode: str, provider: str, env: dict) -> dict:
     with bm.environment_override(env):
         part = bm.run_suite([preset], [dtype], [provider], [mode], "cuda", progress=False)
     row = part["results"][0]
     if env:
         row["environment_override"] = dict(env)
-        row["provider"] = f"{provider}[{','.join(f'{k}={v}' for k, v in env.items())}]"
+        row["provider"] = _labelled(provider, env)
     brief = row.get("error") or (f"{row['median_ms']:.3f} ms (queued {row['queued_ms']:.3f}), "
                                  f"{row['achieved_gbps']:.0f} GB/s")
     print(f"{preset}/{dtype}/{mode}/{provider}: {brief}", flush=True)

@@ -28,6 +28,8 @@ def _sync():
 
 @pytest.mark.parametrize("preset,dtype,provider,mode", CASES, ids=["-".join(c) for c in CASES])
 def test_crepa_loss(benchmark, preset, dtype, provider, mode):
+    if provider == "torch_compile":
+        torch._dynamo.reset()  # a fresh compile per case: past its recompile limit dynamo would run eager
     p, f = bm.make_inputs(bm.PRESETS[preset], bm.DTYPES[dtype], DEVICE)
     run = bm.build_callable(provider, mode, bm.PRESETS[preset], p, f)
     run()  # compile / warm up outside the timed rounds

@@ -424,10 +424,50 @@ def test_peak_memory_and_speed_are_compared_with_torch_per_dtype():
     assert (bf16["speedup"], bf16["peak_memory_vs_torch"]) == (8.0, 0.125)
 
 
-@pytest.mark.parametrize("name, bandwidth", [("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H200", 4.8e12),
-                                             ("NVIDIA A100-SXM4-80GB", 2.0e12), ("Tesla T4", None)])
+@pytest.mark.parametrize("name, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H100 NVL", 3.9e12),
+    ("NVIDIA H200", 4.8e12), ("NVIDIA GH200 480GB", None), ("NVIDIA A100-SXM4-80GB", 2.039e12),
+    ("NVIDIA A100-SXM4-40GB", 1.555e12), ("NVIDIA A100 80GB PCIe", 1.935e12), ("NVIDIA H800", None),
+    ("Tesla T4", None)])
 def test_device_bandwidth_from_the_names_torch_reports(name, bandwidth):
+    # each device's own vendor figure, or none: never another variant's (an H100 PCIe is not an SXM)
     assert bm.device_bandwidth(name) == bandwidth
+
+
+def test_the_peak_counts_the_gradient_each_call_writes(monkeypatch):
+    # The last warmup call's gradient is freed before the baseline is read, so a call's own gradient
+    # shows in the peak above it, as for any other buffer the call allocates.
+    state = {"allocated": 1000}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 1000 + 200)
+    monkeypatch.setattr(bm, "time_one_call", lambda run, cuda: 1.0)
+
+    def run():
+        pass
+    run.release = lambda: state.update(allocated=1000 - 150)  # the previous call's 150-byte gradient goes
+    out = bm._measure(run, "cpu", True, 1, 3, 100.0, None)
+    assert out["peak_extra_bytes"] == 350
+    p, f = bm.make_inputs(bm.PRESETS["tiny"], torch.float32, "cpu")
+    run = bm.build_callable("torch", "full", bm.PRESETS["tiny"], p, f)
+    run()
+    leaf_grads = [c.cell_contents for c in run.__closure__ if torch.is_tensor(c.cell_contents)]
+    assert any(t.grad is not None for t in leaf_grads)
+    run.release()
+    assert all(t.grad is None for t in leaf_grads)
+
+
+def test_speedups_and_rooflines_from_queued_times_too():
+    rows = [dict(preset="p", dtype="fp32", mode="full", provider=prov, median_ms=ms, p20_ms=ms, p80_ms=ms,
+                 queued_ms=q, io_bytes=10**9, achieved_gbps=10**9 / (ms * 1e-3) / 1e9)
+            for prov, ms, q in (("torch", 8.0, 6.0), ("triton", 2.0, 1.0))]
+    bm.add_speedups(rows, bandwidth=2e12)
+    triton = rows[1]
+    assert triton["speedup"] == 4.0 and triton["speedup_queued"] == 6.0
+    assert triton["roofline_fraction"] == pytest.approx(0.25) and triton["roofline_fraction_queued"] == pytest.approx(0.5)
+    table = bm.markdown_table(rows).splitlines()
+    assert table[0].endswith("| speedup | speedup queued | roofline | memory vs torch |")
+    assert [c.strip() for c in table[3].split("|")[-5:-1]] == ["4.00", "6.00", "25.0%", ""]
 
 
 def test_ab_table_compares_each_variant_with_the_first_and_takes_median_rounds(monkeypatch):

@@ -10,6 +10,7 @@ import contextlib
 import datetime as _dt
 import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -51,13 +52,23 @@ PROVIDERS = ("torch", "torch_compile", "triton")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# Memory bandwidth of known devices in bytes/s (vendor figures), for the achieved-bandwidth ratio.
-BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+# Memory bandwidth of known devices in bytes/s (vendor figures), for the achieved-bandwidth ratio,
+# by the name torch reports (``torch.cuda.get_device_name``), most specific first. A device not
+# listed gets no roofline fraction (None), never another device's figure.
+BANDWIDTH = (
+    (r"H100 80GB HBM3|H100 SXM", 3.35e12),
+    (r"H100 NVL", 3.9e12),
+    (r"H100 PCIe", 2.0e12),
+    (r"(?<![A-Z])H200", 4.8e12),  # not GH200, whose memory differs by model
+    (r"A100-SXM4-80GB|A100 80GB SXM", 2.039e12),
+    (r"A100 80GB PCIe", 1.935e12),
+    (r"A100-SXM4-40GB|A100-PCIE-40GB", 1.555e12),
+)
 
 
 def device_bandwidth(name: str) -> Optional[float]:
-    for key, bw in BANDWIDTH.items():
-        if key in name:
+    for pattern, bw in BANDWIDTH:
+        if re.search(pattern, name):
             return bw
     return None
 
@@ -93,12 +104,22 @@ def build_callable(provider: str, mode: str, preset: Preset, p: torch.Tensor, f:
         def run():
             leaf.grad = None
             fn(leaf, f).backward()
-        return run
-    # backward only: the forward is built outside the timed region, the graph is kept for reuse
-    def run():
-        leaf.grad = None
-        loss.backward(retain_graph=True)
-    loss = fn(leaf, f)
+    else:
+        # backward only: the forward is built outside the timed region, the graph is kept for reuse
+        # (a compiled graph that donates its saved buffers to the backward cannot be run twice)
+        no_donation = (torch._functorch.config.patch(donated_buffer=False)
+                       if provider == "torch_compile" and hasattr(torch._functorch.config, "donated_buffer")
+                       else contextlib.nullcontext())
+        with no_donation:
+            loss = fn(leaf, f)
+
+        def run():
+            leaf.grad = None
+            loss.backward(retain_graph=True)
+    # `measure` calls this before it reads its memory baseline: the previous call's gradient goes, so
+    # the peak above the baseline counts the gradient each call writes (as it counts every other
+    # buffer the call allocates)
+    run.release = lambda: setattr(leaf, "grad", None)
     return run
 
 
@@ -161,7 +182,8 @@ def environment_override(env: dict):
 def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20, max_seconds: float = 20.0,
             queued: Optional[int] = None) -> dict:
     """Time ``run``: CUDA events on a GPU, perf_counter on the CPU. Returns ms quantiles of single
-    synced calls and, on a GPU, the peak memory above what was allocated before them; ``queued_ms``
+    synced calls and, on a GPU, the peak memory above what was allocated before them (the inputs; a
+    ``run.release()`` frees the previous call's output first, so a gradient counts); ``queued_ms``
     (``queued`` calls queued back to back, by default up to 10 and only on a GPU). Events, syncs and
     memory statistics act on ``device``, made the current CUDA device for the duration."""
     is_cuda = torch.device(device).type == "cuda"
@@ -172,6 +194,9 @@ def measure(run: Callable[[], None], device, *, warmup: int = 3, reps: int = 20,
 def _measure(run, device, is_cuda, warmup, reps, max_seconds, queued) -> dict:
     for _ in range(warmup):
         run()
+    release = getattr(run, "release", None)
+    if release is not None:
+        release()  # the last warmup call's output (a gradient) is not part of the baseline
     _sync(device)
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -219,6 +244,10 @@ def environment(device) -> dict:
         "triton_interpreter": interpreter_enabled(),
         "switches": switches_set(),  # CREPA_KERNELS_* set for the whole run (rows record their own overrides)
         "fast_launch": fast_launch_status(),  # the default launch path (on since commit 649547d)
+        # what peak_extra_bytes counts (runs before this field kept the previous call's gradient in the
+        # baseline, so their figures leave the gradient out)
+        "peak_memory": "above the inputs; the gradient a call writes included",
+        "bandwidth_known": dev.type != "cuda" or device_bandwidth(name) is not None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -239,17 +268,23 @@ def run_case(preset: Preset, dtype_name: str, provider: str, mode: str, device, 
 
 
 def add_speedups(rows: list[dict], bandwidth: Optional[float]) -> list[dict]:
-    """speedup = torch time / this time, per (preset, dtype, mode); roofline fraction where known."""
-    base = {(r["preset"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
-            if r["provider"] == "torch" and "median_ms" in r}
+    """speedup = torch time / this time, per (preset, dtype, mode), from the synced medians (a call's
+    host time included) and, as ``speedup_queued``, from the queued times (calls back to back, as in
+    a training step whose GPU work runs ahead of the host); the roofline fractions likewise, where
+    the device's bandwidth is known."""
+    base = {(r["preset"], r["dtype"], r["mode"]): r for r in rows if r["provider"] == "torch" and "median_ms" in r}
     for r in rows:
-        key = (r["preset"], r["dtype"], r["mode"])
-        if key in base and "median_ms" in r:
-            r["speedup"] = base[key] / r["median_ms"]
+        ref = base.get((r["preset"], r["dtype"], r["mode"]))
+        if ref is not None and "median_ms" in r:
+            r["speedup"] = ref["median_ms"] / r["median_ms"]
+            if ref.get("queued_ms") and r.get("queued_ms"):
+                r["speedup_queued"] = ref["queued_ms"] / r["queued_ms"]
         if bandwidth and "achieved_gbps" in r:
             r["roofline_fraction"] = r["achieved_gbps"] * 1e9 / bandwidth
             if r.get("io_bytes") and r.get("io_bytes_recompute"):
                 r["roofline_fraction_recompute"] = r["roofline_fraction"] * r["io_bytes_recompute"] / r["io_bytes"]
+            if r.get("io_bytes") and r.get("queued_ms"):
+                r["roofline_fraction_queued"] = r["io_bytes"] / (r["queued_ms"] * 1e-3) / bandwidth
     mem = {(r["preset"], r["dtype"], r["mode"]): r.get("peak_extra_bytes") for r in rows if r["provider"] == "torch"}
     for r in rows:
         b = mem.get((r["preset"], r["dtype"], r["mode"]))
@@ -262,8 +297,8 @@ def markdown_table(rows: list[dict]) -> str:
     """One line per row; a row with a ``note`` (e.g. an interpreter run, not a performance figure)
     gets a numbered mark after its provider and the note under the table."""
     head = ("| preset | dtype | mode | provider | median ms | p20 | p80 | queued ms | peak extra MiB | GB/s "
-            "| speedup |")
-    lines = [head, "|" + "---|" * 11]
+            "| speedup | speedup queued | roofline | memory vs torch |")
+    lines = [head, "|" + "---|" * 14]
     notes: list[str] = []
     for r in rows:
         provider = r["provider"]
@@ -273,15 +308,19 @@ def markdown_table(rows: list[dict]) -> str:
             provider = f"{provider} [{notes.index(r['note']) + 1}]"
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['dtype']} | {r['mode']} | {provider} | error: {r['error'][:60]} |"
-                         " | | | | | |")
+                         " | | | | | | | | |")
             continue
         mem = r.get("peak_extra_bytes")
         queued = r.get("queued_ms")
+
+        def opt(key, fmt):
+            return "" if r.get(key) is None else format(r[key], fmt)
         lines.append(
             f"| {r['preset']} | {r['dtype']} | {r['mode']} | {provider} | {r['median_ms']:.3f} | "
             f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {'' if queued is None else f'{queued:.3f}'} | "
             f"{'' if mem is None else f'{mem / 2**20:.1f}'} | "
-            f"{r['achieved_gbps']:.1f} | {r.get('speedup', float('nan')):.2f} |"
+            f"{r['achieved_gbps']:.1f} | {r.get('speedup', float('nan')):.2f} | {opt('speedup_queued', '.2f')} | "
+            f"{opt('roofline_fraction', '.1%')} | {opt('peak_memory_vs_torch', '.1%')} |"
         )
     if notes:
         lines.append("")
