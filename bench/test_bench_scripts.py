@@ -33,7 +33,6 @@ def test_bench_step_quick(tmp_path):
     assert report["results"]["ours"]["median_ms"] > 0 and report["results"]["reference"]["median_ms"] > 0
     phases = report["results"]["ours"]["phases_ms"]
     assert set(phases) == {"decode_ms", "encode_ms", "loss_fwd_bwd_ms"} and all(v > 0 for v in phases.values())
-    assert sum(phases.values()) <= report["results"]["ours"]["p80_ms"] * 1.5
     settings = report["results"]["decode_settings"]
     assert list(settings) == ["default", "cudnn_benchmark", "channels_last_3d", "channels_last_3d+cudnn_benchmark"]
     assert settings["default"]["max_abs_diff_vs_default"] == 0.0
