@@ -27,9 +27,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors reach the (stubbed) Triton path
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors reach the (stubbed) Triton path
 
 BASE_NAME = "crepa_kernels_base"
 KERNELS = {"similarity": ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel",
@@ -67,8 +69,14 @@ def export_base(rev: str, into: str) -> str:
     return into
 
 
-def stubbed_step(package: str, preset: str):
-    """One forward + backward of ``package``'s crepa_loss at ``preset``, its kernels stubbed."""
+def presets(bm) -> dict:
+    """A benchmark module's presets, plus wan480_grids: wan480's grids at T 4 and D 64 (the host work
+    does not depend on the sizes, and CPU allocations would at full size)."""
+    return dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))
+
+
+def stubbed_step(package: str, preset: str, device: str = "cpu"):
+    """One forward + backward of ``package``'s crepa_loss at ``preset`` on ``device``, its kernels stubbed."""
     pkg = importlib.import_module(package)
     for module, names in KERNELS.items():
         mod = importlib.import_module(f"{package}.ops.{module}")
@@ -76,11 +84,9 @@ def stubbed_step(package: str, preset: str):
             if not hasattr(mod, name):  # a revision with other kernels would run them unstubbed
                 raise SystemExit(f"{package}.ops.{module} has no kernel {name}: this script cannot stub that revision")
             setattr(mod, name, _NoLaunch())
-    bm = importlib.import_module(f"{package}.benchmark")
-    presets = dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))
-    pr = presets[preset]
-    p = torch.zeros(pr.shapes["projected"], requires_grad=True)
-    f = torch.zeros(pr.shapes["features"])
+    pr = presets(importlib.import_module(f"{package}.benchmark"))[preset]
+    p = torch.zeros(pr.shapes["projected"], device=device, requires_grad=True)
+    f = torch.zeros(pr.shapes["features"], device=device)
 
     def step():
         p.grad = None

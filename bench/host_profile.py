@@ -25,48 +25,16 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
+import host_ab  # noqa: E402  (imports torch; without CUDA it turns Triton's interpreter on first)
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors reach the (stubbed) Triton path
-
 from crepa_kernels import benchmark as bm  # noqa: E402
-from crepa_kernels import crepa_loss  # noqa: E402
-from crepa_kernels.ops import resample, similarity  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = {similarity: ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel",
-                        "_neighbour_cosine_resample_bwd_kernel"),
-           resample: ("_resample_fwd_kernel", "_resample_bwd_kernel")}
-PRESETS = dict(bm.PRESETS, wan480_grids=bm.Preset("wan480_grids", 1, 4, (30, 52), (37, 37), 64))
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def stub_kernels() -> None:
-    for module, names in KERNELS.items():
-        for name in names:
-            setattr(module, name, _NoLaunch())
-
-
-def step_fn(preset: str):
-    pr = PRESETS[preset]
-    p = torch.zeros(pr.shapes["projected"], device=DEVICE, requires_grad=True)
-    f = torch.zeros(pr.shapes["features"], device=DEVICE)
-
-    def step():
-        p.grad = None
-        crepa_loss(p, f, projected_grid=pr.projected_grid, features_grid=pr.features_grid, weight=0.5,
-                   backend="triton").loss.backward()
-    return step
 
 
 def per_call_us(fn, calls: int, rounds: int = 5) -> float:
@@ -122,15 +90,14 @@ def primitives() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="wan480_grids", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="wan480_grids", choices=sorted(host_ab.presets(bm)))
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None, help="text file for the report (also printed)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.top < 1:
         ap.error("--steps and --top must be positive")
-    stub_kernels()
-    step = step_fn(args.preset)
+    step = host_ab.stubbed_step("crepa_kernels", args.preset, DEVICE)
     for _ in range(200):
         step()
     step_us = per_call_us(step, max(1, args.steps // 5))
