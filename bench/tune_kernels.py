@@ -95,7 +95,8 @@ class Case:
         self.window = (t0, tc)
         el = p.element_size()
         if kernel == "sim_fwd":
-            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
+            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True,
+                                                      input_dtype=dtype)
             outs = [torch.empty_like(t) for t in side] + [torch.empty_like(cos)]
 
             def run(tune):
@@ -105,7 +106,8 @@ class Case:
             # inputs read once, the side buffers written once
             self.bytes = (p.numel() + f.numel()) * el + sum(t.numel() * t.element_size() for t in outs)
         elif kernel == "sim_bwd":
-            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True)
+            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True,
+                                                      backward=True, input_dtype=dtype)
             dp_res = torch.empty((B, tc, N, D), dtype=dtype, device=device)
 
             def run(tune):

@@ -1330,7 +1330,8 @@ def test_launch_overrides_reach_each_hot_kernel_and_keep_its_results(monkeypatch
     cases = [(forward, similarity._neighbour_cosine_fwd_kernel,
               similarity.launch_settings(f.shape, 1, False, acc, p.device, fused=True)),
              (backward, similarity._neighbour_cosine_bwd_kernel,
-              similarity.launch_settings(f.shape, 1, False, acc, p.device, fused=True)),
+              similarity.launch_settings(f.shape, 1, False, acc, p.device, fused=True, backward=True,
+                                         input_dtype=p.dtype)),
              (resample_backward, resample._resample_bwd_kernel, resample.bwd_settings(15, D))]
     for run, kernel, (block_n, block_d, warps) in cases:
         launches.clear()

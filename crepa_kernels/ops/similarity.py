@@ -25,8 +25,8 @@ from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight
                        _input_token_contributors, check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (BAND_TUNE_KEYS, FLOAT_DTYPES, LAUNCH_OVERRIDES, accumulation_dtype, apply_tune,
-                    bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
+from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES,
+                    accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
                     fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2,
                     num_warps_for, triton_supports)
 
@@ -549,15 +549,18 @@ def _window_args(distance: int, T: int, cumulative: bool, tau: float):
 
 
 def _launch_config(B: int, T: int, N: int, D: int, s_pad: int, acc_dtype: torch.dtype,
-                   device: torch.device, tiles: int, block_d: int | None, fused: bool = False):
+                   device: torch.device, tiles: int, block_d: int | None, fused: bool = False,
+                   backward: bool = False, input_bytes: int = 4):
     sms = _device_sms(device)
     return _launch_config_for(B, T, N, D, s_pad, acc_dtype == torch.float64, sms, tiles, block_d,
-                              elements_per_thread(), fused, fused_halves_token_block() if fused else True)
+                              elements_per_thread(), fused, fused_halves_token_block() if fused else True,
+                              backward, input_bytes)
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, sms: int, tiles: int,
-                       block_d: int | None, ept: int, fused: bool, halve_fused: bool = True):
+                       block_d: int | None, ept: int, fused: bool, halve_fused: bool = True,
+                       backward: bool = False, input_bytes: int = 4):
     """(BLOCK_N, BLOCK_D, num_warps) from the shape; no autotuning, so launches are reproducible.
 
     `tiles` is how many (S_PAD, BLOCK_N, BLOCK_D) neighbour tiles a program holds per step of its
@@ -566,13 +569,22 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
     kept near 4096 fp32 elements, spread over warps by `num_warps_for`: on an H200 at B=1, T=21,
     N=1369, D=1536, S=3, larger tiles (BLOCK_D=128, 4 warps) made the backward 2-3x slower and did
     not help the forward, consistent with the register counts ptxas reports for them. Token blocks
-    stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16)."""
+    stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16).
+
+    The fused-resample kernels crepa_loss launches (`fused`, not fp64, the default elements per
+    thread) then take the settings a sweep of them measured fastest (bench/tune_kernels.py on an
+    H200 at wan480, `bench/results/NVIDIA_H200-tune_wan480.json`): the forward with half the warps
+    for 4-byte inputs (0.168 vs 0.196 ms) and a quarter for 2-byte ones (0.119 vs 0.164 ms); the
+    backward (``backward``) with 128-byte rows of ``input_bytes``-sized elements, BLOCK_D 32 in
+    fp32 (0.154 vs 0.210 ms per 11-frame window), and a quarter of the warps for 2-byte inputs
+    (0.170 vs 0.211 ms). A ``block_d`` given is kept."""
     budget = (2048 if fp64 else 4096) // tiles
     block_n = max(2, min(16, next_power_of_2(N)))
     while block_n > 4 and B * T * cdiv(N, block_n) < 4 * sms:
         block_n //= 2
     while block_n > 2 and s_pad * block_n * 16 > budget:  # wide windows (cumulative, large d)
         block_n //= 2
+    chosen_d = block_d
     if block_d is None:
         block_d = budget // (s_pad * block_n)
         block_d = max(16, min(block_d, 256, next_power_of_2(D)))
@@ -581,7 +593,7 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
         # The four tap tiles of a fused resample weigh about one more neighbour tile. Compiled with
         # every int argument unspecialised, ptxas (sm_90) gave the fused forward 213 registers per
         # thread at the unfused tile size, so the token block is halved (not BLOCK_D, which sets the
-        # forward's summation order over D: the fused and the separate paths keep the same bits).
+        # forward's summation order over D, as in the separate path).
         # As crepa_loss really launches it at wan480 (strides of 1 and divisibility by 16
         # specialised; bench/kernel_registers.py) the fused kernels take 57-64 registers either way,
         # and the full block gives each thread 16-byte instead of 8-byte tap loads in fp32. Whether
@@ -590,7 +602,18 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
             block_n = max(2, block_n // 2)
         tiles += 1
     elems = s_pad * block_n * block_d * tiles
-    return block_n, block_d, num_warps_for(elems, ept)
+    num_warps = num_warps_for(elems, ept)
+    if fused and not fp64 and ept == DEFAULT_ELEMS_PER_THREAD:
+        narrow = input_bytes <= 2
+        if backward:
+            if chosen_d is None:
+                # the forward's summation order over D is BLOCK_D's; the backward sums over slots only
+                block_d = max(16, min(block_d, 128 // max(1, input_bytes)))
+            if narrow:
+                num_warps = max(2, num_warps // 4)
+        else:
+            num_warps = max(2, num_warps // (4 if narrow else 2))
+    return block_n, block_d, num_warps
 
 
 def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, distance: int,
@@ -606,7 +629,8 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
     B, T, N, D = features.shape
     d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, total.dtype, projected.device, 1, block_d,
-                                            fused=resample_p is not None)  # as launch_settings gives them
+                                            fused=resample_p is not None,
+                                            input_bytes=projected.element_size())  # as launch_settings gives them
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,
                                                LAUNCH_OVERRIDES.get("sim_fwd") if tune is None else tune)
     n_blocks = cdiv(N, block_n)
@@ -628,13 +652,17 @@ def _launch_forward(projected, features, total, self_tok, pnorm, fnorm, cos, *, 
 
 
 def launch_settings(shape, distance: int, cumulative: bool, acc: torch.dtype, device: torch.device,
-                    tiles: int = 1, block_d: int | None = None, fused: bool = False) -> tuple[int, int, int]:
+                    tiles: int = 1, block_d: int | None = None, fused: bool = False, backward: bool = False,
+                    input_dtype: torch.dtype | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) the similarity kernels launch with for features of ``shape``
     (B, T, N, D; the whole clip's, also for a backward frame window). ``tiles``: 1 for the forward and
-    for a backward computing one gradient, 2 for both; ``fused``: the projected side's resample fused in."""
+    for a backward computing one gradient, 2 for both; ``fused``: the projected side's resample fused in;
+    ``backward``: the backward kernel's settings; ``input_dtype``: projected's dtype (default ``acc``)."""
     B, T, N, D = shape
     s_pad = next_power_of_2(num_slots(distance, T, cumulative))
-    return _launch_config(B, T, N, D, s_pad, acc, device, max(tiles, 1), block_d, fused=fused)
+    item = (input_dtype if input_dtype is not None else acc).itemsize
+    return _launch_config(B, T, N, D, s_pad, acc, device, max(tiles, 1), block_d, fused=fused, backward=backward,
+                          input_bytes=item)
 
 
 def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, d_features,
@@ -656,7 +684,8 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     # Launch settings from the whole clip, so every window runs the same compiled kernel (as
     # launch_settings gives them).
     block_n, bd, num_warps = _launch_config(B, T, N, D, s_pad, pnorm.dtype, projected.device, max(tiles, 1),
-                                            block_d, fused=resample_p is not None)
+                                            block_d, fused=resample_p is not None, backward=True,
+                                            input_bytes=projected.element_size())
     block_n, bd, num_warps, extra = apply_tune(block_n, bd, num_warps,
                                                LAUNCH_OVERRIDES.get("sim_bwd") if tune is None else tune)
     n_blocks = cdiv(N, block_n)
