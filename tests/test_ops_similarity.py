@@ -1383,3 +1383,53 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
     _same_up_to_layout(loss_t, loss)
     _same_up_to_layout(grad_t, grad)
     assert run()[2] == default  # outside the block: the shape's own settings again
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_only_backward_scales_in_the_kernel(monkeypatch, merged, dtype):
+    """A backward from the loss alone (a training step's) hands the kernels the 0-dim loss gradient and
+    the factor loss_scale / (B T N) instead of a scaled, expanded tensor. Its gradient is the bits of
+    the general path (taken when the per-frame output's gradient, zero here, is present too), which
+    scales in torch: the factor rounds to the accumulation dtype either way (on a GPU an fp64 kernel
+    gets the factor's low half as fp32, so fp64 agrees to its rounding there). The custom ops reduce
+    the loss in torch's own order (-w, then / B, / T, / N): equal to rounding."""
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import similarity
+    from crepa_kernels.ops.utils import MERGED_BWD_ENV
+
+    monkeypatch.setenv(MERGED_BWD_ENV, "1" if merged else "0")
+    g = torch.Generator().manual_seed(11)
+    p = torch.randn(2, 3, 12, 24, generator=g, dtype=torch.float64).to(DEV, dtype).requires_grad_(True)
+    f = torch.randn(2, 3, 9, 24, generator=g, dtype=torch.float64).to(DEV, dtype)
+    kw = dict(projected_grid=(3, 4), features_grid=(3, 3), adjacent_distance=2, cumulative_neighbors=True,
+              adjacent_tau=0.7, weight=0.3, backend="triton")
+    seen = []
+    real = similarity._launch_backward if not merged else similarity._launch_merged_backward
+    name = "_launch_merged_backward" if merged else "_launch_backward"
+
+    def spy(*a, **k):
+        seen.append((a[5].dim(), k["g_total_scale"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(similarity, name, spy)
+
+    def grad(extra=False):
+        p.grad = None
+        out = crepa_loss(p, f, **kw)
+        (out.loss * 2.5 + (0 * out.alignment.sum() if extra else 0)).backward()
+        return p.grad.clone()
+
+    fast = grad()
+    assert seen and all(s == (0, -0.3 / (2 * 3 * 9)) for s in seen)  # 0-dim g_loss, scale in the kernel
+    seen.clear()
+    general = grad(extra=True)
+    assert seen and all(dim == 3 and scale == 1.0 for dim, scale in seen)
+    monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+    through_ops = grad()
+    if dtype == torch.float32 or not fast.is_cuda:
+        assert torch.equal(fast, general)
+    else:
+        torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-12 * general.abs().max().item())
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(fast, through_ops, rtol=tol, atol=tol * through_ops.abs().max().item())

@@ -26,9 +26,9 @@ from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES,
-                    accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard, direct_launch_ok, elements_per_thread,
-                    fused_halves_token_block, is_plain_tensor, merged_backward_enabled, next_power_of_2,
-                    num_warps_for, triton_supports)
+                    accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard, direct_launch_ok,
+                    elements_per_thread, fused_halves_token_block, is_plain_tensor, merged_backward_enabled,
+                    next_power_of_2, num_warps_for, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -198,14 +198,15 @@ def _slot_weights(frames, w_base, offset, in_window, T, NORMALIZE: tl.constexpr)
 
 
 @triton.jit
-def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
+def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale, gt_mul,
                sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n,
                ACC: tl.constexpr, HAS_GT: tl.constexpr, HAS_GS: tl.constexpr):
-    """g_cos[frame_j, j, n] = g_total * w_j / den + [j == 0] * g_self, zero where the slot is invalid."""
+    """g_cos[frame_j, j, n] = (g_total * gt_mul) * w_j / den + [j == 0] * g_self, zero where the slot is
+    invalid (``gt_mul`` is 1 unless the launcher folds a constant factor of g_total into it)."""
     g = tl.zeros(mask.shape, dtype=ACC)
     if HAS_GT:
         gt = tl.load(gt_ptr + b * sgt_b + frames[:, None] * sgt_t + offs_n[None, :] * sgt_n,
-                     mask=mask, other=0.0).to(ACC)
+                     mask=mask, other=0.0).to(ACC) * gt_mul
         g += gt * scale[:, None]
     if HAS_GS:
         gs = tl.load(gs_ptr + b * sgs_b + frames[:, None] * sgs_t + offs_n[None, :] * sgs_n,
@@ -216,7 +217,7 @@ def _slot_grad(gt_ptr, gs_ptr, b, frames, offs_n, mask, j, scale,
 
 @triton.jit
 def _centre_slots(gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, toks, tok_mask, j, offset, in_window,
-                  w_base, eps, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n,
+                  w_base, eps, gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n,
                   ACC: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GT: tl.constexpr, HAS_GS: tl.constexpr):
     """The slots of centre frame t for its tokens ``toks``: the partner frames u_j = t + o_j (t where
     the slot is invalid), the (slot, token) mask, g_cos (`_slot_grad`), |p| and beta, the projection
@@ -227,7 +228,7 @@ def _centre_slots(gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, toks, tok_m
     m = valid[:, None] & tok_mask[None, :]
     t_frames = u * 0 + t
     scale = _slot_weights(t_frames, w_base, offset, in_window, T, NORMALIZE)
-    g = _slot_grad(gt_ptr, gs_ptr, b, t_frames, toks, m, j, scale,
+    g = _slot_grad(gt_ptr, gs_ptr, b, t_frames, toks, m, j, scale, gt_mul,
                    sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
     cos = tl.load(cos_ptr + ((b * T + t) * S + j.to(tl.int64))[:, None] * N + toks[None, :],
                   mask=m, other=0.0).to(ACC)
@@ -242,7 +243,7 @@ def _centre_slots(gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, toks, tok_m
 def _neighbour_cosine_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, df_ptr,
     T, N, D, d, S, NUM_N_BLOCKS, T0, TC,
-    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo, gt_mul_hi, gt_mul_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
     sgt_b, sgt_t, sgt_n,
@@ -278,6 +279,7 @@ def _neighbour_cosine_bwd_kernel(
     offset64 = offset.to(tl.int64)
     inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
     eps = _split_scalar(eps_hi, eps_lo, ACC)
+    gt_mul = _split_scalar(gt_mul_hi, gt_mul_lo, ACC)
     w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
     w_base = tl.where(in_window, w_base, 0.0)
     row_t = (b * T + t) * N + offs_n
@@ -286,7 +288,7 @@ def _neighbour_cosine_bwd_kernel(
         # Slots of centre frame t: partner frames u_j = t + o_j.
         u, valid_p, m_p, g_p, np_t, beta = _centre_slots(
             gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, offs_n, n_mask, j, offset, in_window, w_base, eps,
-            sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
+            gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
         nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + offs_n[None, :], mask=m_p, other=1.0).to(ACC)
         alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
 
@@ -297,7 +299,7 @@ def _neighbour_cosine_bwd_kernel(
         src = tl.where(valid_f, src, t)
         m_f = valid_f[:, None] & n_mask[None, :]
         scale_f = _slot_weights(src, w_base, offset, in_window, T, NORMALIZE)
-        g_f = _slot_grad(gt_ptr, gs_ptr, b, src, offs_n, m_f, j, scale_f,
+        g_f = _slot_grad(gt_ptr, gs_ptr, b, src, offs_n, m_f, j, scale_f, gt_mul,
                          sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, HAS_GT, HAS_GS)
         cos_f = tl.load(cos_ptr + ((b * T + src) * S + j.to(tl.int64))[:, None] * N + offs_n[None, :],
                         mask=m_f, other=0.0).to(ACC)
@@ -362,7 +364,7 @@ def _pick(vec, idx, lanes):
 def _neighbour_cosine_resample_bwd_kernel(
     p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr, stage_ptr,
     T, N, D, d, S, NUM_BANDS, ROWS, CHUNK_BLOCKS, ITEM0,
-    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo, gt_mul_hi, gt_mul_lo,
     sp_b, sp_t, sp_n, sp_d,
     sf_b, sf_t, sf_n, sf_d,
     sgt_b, sgt_t, sgt_n,
@@ -418,18 +420,19 @@ def _neighbour_cosine_resample_bwd_kernel(
     j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
     inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
     eps = _split_scalar(eps_hi, eps_lo, ACC)
+    gt_mul = _split_scalar(gt_mul_hi, gt_mul_lo, ACC)
     w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
     w_base = tl.where(in_window, w_base, 0.0)
     _u, valid, _m, _g, np_t, beta = _centre_slots(
         gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, f_tok, f_mask, j, offset, in_window, w_base, eps,
-        sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
+        gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
     # Per slot, inside the loop over D, alpha_j is rebuilt from these rows and the slot's scalars (its
     # frame, weight, teacher norms): no cross-lane reduction there.
     np_c = tl.maximum(np_t, eps)
     g_t = tl.zeros([F_PAD], dtype=ACC)
     g_s = tl.zeros([F_PAD], dtype=ACC)
     if HAS_GT:
-        g_t = tl.load(gt_ptr + b * sgt_b + t * sgt_t + f_tok * sgt_n, mask=f_mask, other=0.0).to(ACC)
+        g_t = tl.load(gt_ptr + b * sgt_b + t * sgt_t + f_tok * sgt_n, mask=f_mask, other=0.0).to(ACC) * gt_mul
     if HAS_GS:
         g_s = tl.load(gs_ptr + b * sgs_b + t * sgs_t + f_tok * sgs_n, mask=f_mask, other=0.0).to(ACC)
     den = tl.sum(tl.where(valid, w_base, 0.0), axis=0)  # 1 + the neighbour weights used at frame t
@@ -535,6 +538,15 @@ def _split(x: float) -> tuple[float, float]:
     Python float, where hi + rest is x itself."""
     hi = struct.unpack("f", struct.pack("f", x))[0]  # plain Python: this also runs while tracing
     return hi, float(x - hi)
+
+
+_UNIT = _split(1.0)
+
+
+def _grad_strides(g) -> tuple[int, int, int]:
+    """The (B, T, N) strides a kernel reads a gradient with: (0, 0, 0) for none or a 0-dim one (one
+    value for every token)."""
+    return (0, 0, 0) if g is None or g.dim() == 0 else g.stride()
 
 
 @functools.lru_cache(maxsize=256)  # a pure function of its arguments, on every launch's path
@@ -669,9 +681,12 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
                      *, distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                      block_d: int | None = None, traceable: bool = False,
                      resample_p: tuple[int, int, int, int] | None = None,
-                     frames: tuple[int, int] | None = None, tune: dict | None = None) -> None:
+                     frames: tuple[int, int] | None = None, tune: dict | None = None,
+                     g_total_scale: float = 1.0) -> None:
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
-    skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None.
+    skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None; g_total
+    may also be 0-dim (the same value for every token), and the kernel reads it times
+    ``g_total_scale`` (rounded to the accumulation dtype, as a tensor times a Python float would be).
     With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
     the resampled projected, on features' N tokens. ``frames = (t0, tc)`` computes only frames
     t0 .. t0 + tc - 1: the gradient buffers are then (B, tc, N, D). ``tune`` as in `_launch_forward`."""
@@ -701,10 +716,9 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     kernel[grid](
         projected, features, pnorm, fnorm, cos, gt, gs, dp, df,
         T, N, D, d, S, n_blocks, t0, tc,
-        *scalars,
+        *scalars, *(_UNIT if g_total_scale == 1.0 else _split(g_total_scale)),
         *projected.stride(), *features.stride(),
-        *(g_total.stride() if g_total is not None else (0, 0, 0)),
-        *(g_self.stride() if g_self is not None else (0, 0, 0)),
+        *_grad_strides(g_total), *_grad_strides(g_self),
         *(resample_p or (1, 1, 1, 1)),
         S_PAD=s_pad, BLOCK_N=block_n, BLOCK_D=bd,
         CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
@@ -799,7 +813,8 @@ def band_settings(B: int, T: int, grids: tuple[int, int, int, int], D: int, fp64
 def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
                             distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
                             resample_p: tuple[int, int, int, int], block_d: int | None = None,
-                            traceable: bool = False, tune: dict | None = None) -> bool:
+                            traceable: bool = False, tune: dict | None = None,
+                            g_total_scale: float = 1.0) -> bool:
     """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) with one
     kernel (one launch, or several for batches past `_band_launch_config`'s programs): the similarity
     backward and the resample backward of a fused-resample forward together. False (nothing written)
@@ -835,10 +850,9 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
         kernel[(min(grid, items - item0),)](
             projected, features, pnorm, fnorm, cos, gt, gs, d_projected, stage,
             T, N, D, d, S, bands, rows, chunk_blocks, item0,
-            *scalars,
+            *scalars, *(_UNIT if g_total_scale == 1.0 else _split(g_total_scale)),
             *projected.stride(), *features.stride(),
-            *(g_total.stride() if g_total is not None else (0, 0, 0)),
-            *(g_self.stride() if g_self is not None else (0, 0, 0)),
+            *_grad_strides(g_total), *_grad_strides(g_self),
             in_h, in_w, out_h, out_w,
             S_PAD=s_pad, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=bd,
             CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
@@ -903,23 +917,26 @@ def _frame_windows(frames: int, frame_bytes: int, limit_bytes: int) -> tuple[tup
 
 
 def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
-                   normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
+                   normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable,
+                   g_total_scale=1.0):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
     with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel computes it there directly (where that kernel
     declines a grid, the windows run as without the switch). An unneeded gradient
     comes back as an empty tensor (custom ops cannot return None); an unneeded d features comes back
-    as None on the eager path (``traceable`` False)."""
+    as None on the eager path (``traceable`` False). The kernels read g_total (which may be 0-dim) times
+    ``g_total_scale``."""
     with device_guard(projected):
         return _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau,
                                   cumulative, normalize_neighbour_sum, need_projected, need_features, block_d,
-                                  grids, traceable)
+                                  grids, traceable, g_total_scale)
 
 
 def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, distance, tau, cumulative,
-                       normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable):
+                       normalize_neighbour_sum, need_projected, need_features, block_d, grids, traceable,
+                       g_total_scale=1.0):
     kw = dict(distance=distance, tau=tau, cumulative=cumulative, normalize_neighbour_sum=normalize_neighbour_sum,
-              block_d=block_d or None, traceable=traceable)
+              block_d=block_d or None, traceable=traceable, g_total_scale=g_total_scale)
     resample_p = _resample_arg(grids)
     if resample_p is not None and need_features:
         raise ValueError("the fused resample computes d projected only; resample first when features need grad")
@@ -994,15 +1011,17 @@ def _setup_context(ctx, inputs, output):
     ctx.grids = tuple(inputs[7:])
 
 
-def _input_grads(ctx, g_total, g_self, need_p, need_f, through_op):
+def _input_grads(ctx, g_total, g_self, need_p, need_f, through_op, g_total_scale=1.0):
     """(d projected, d features) from the saved tensors, None where not needed; shared by both front
-    ends. ``through_op`` runs the backward custom op (autograd can see it) instead of the launchers."""
+    ends. ``through_op`` runs the backward custom op (autograd can see it) instead of the launchers,
+    which alone take a ``g_total_scale`` (the kernels read g_total times it)."""
     distance, tau, cumulative, normalize, block_d = ctx.args
     args = (*ctx.saved_tensors, g_total, g_self, distance, tau, cumulative, normalize, need_p, need_f, block_d)
     if through_op:
+        assert g_total_scale == 1.0, "the backward custom op takes no g_total_scale"
         dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(*args, *ctx.grids)
     else:
-        dp, df = _backward_impl(*args, ctx.grids, traceable=False)
+        dp, df = _backward_impl(*args, ctx.grids, traceable=False, g_total_scale=g_total_scale)
     return dp if need_p else None, df if need_f else None
 
 
@@ -1046,6 +1065,16 @@ class _NeighbourCosine(torch.autograd.Function):
         need_p, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_p or need_f) or (g_total is None and g_self is None and g_loss is None):
             return (None,) * 10
+        # create_graph=True (grad mode on): through the custom op, so that differentiating this gradient
+        # again fails with autograd's error (the backward kernel has no derivative) instead of silently
+        # dropping the second-order term.
+        through_op = torch.is_grad_enabled()
+        if g_total is None and g_self is None and not through_op:
+            # Only the loss's gradient (a training step's case): the kernels read the 0-dim g_loss for
+            # every token and scale it themselves, as loss_scale / (B T N) times g_loss would round.
+            B, T, N = ctx.token_shape
+            return _input_grads(ctx, g_loss, None, need_p, need_f, False,
+                                g_total_scale=ctx.loss_scale / (B * T * N)) + (None,) * 8
         if ctx.token_mean:
             # The means' gradients, g / N for every token (and g_loss * scale / (B T N) for the loss),
             # as stride-0 views the kernel reads in place: the values autograd's mean and mul backward
@@ -1056,10 +1085,7 @@ class _NeighbourCosine(torch.autograd.Function):
                 g_loss = g_loss * (ctx.loss_scale / (B * T * N))  # 0-dim: the same for every token
                 g_total = g_loss if g_total is None else g_total + g_loss
             g_total, g_self = (None if g is None else g.unsqueeze(-1).expand(B, T, N) for g in (g_total, g_self))
-        # create_graph=True (grad mode on): through the custom op, so that differentiating this gradient
-        # again fails with autograd's error (the backward kernel has no derivative) instead of silently
-        # dropping the second-order term.
-        return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op=torch.is_grad_enabled()) + (None,) * 8
+        return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------------------------------

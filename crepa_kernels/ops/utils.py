@@ -123,9 +123,10 @@ def device_guard(t: torch.Tensor):
     device = t.device
     if device.type != "cuda" or device.index is None:
         return contextlib.nullcontext()
-    if torch.compiler.is_compiling() or (isinstance(t, torch.Tensor) and is_fake(t)):
+    if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    if device.index == torch.cuda.current_device():
+    # The common case first: the fake-tensor check costs more than the current device's lookup.
+    if device.index == torch.cuda.current_device() or (isinstance(t, torch.Tensor) and is_fake(t)):
         return contextlib.nullcontext()
     return torch.cuda.device(device.index)
 
