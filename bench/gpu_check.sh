@@ -12,6 +12,8 @@
 #                   wan480, then, given 160 s or more, an A/B of its winners on whole calls in its last
 #                   70 s; CHECK_TUNE_S seconds, default 240, at least 90, on top of the budget); each
 #                   part keeps its share of CHECK_BUDGET_S when others are left out
+#   CHECK_HOST_BASE, CHECK_HOST_BASE_ARCHIVE  with the host part: also time the host cost against that
+#                   revision (its `git archive REV crepa_kernels` tar), interleaved, into host_ab.json
 #   CHECK_DEADLINE_S  seconds from the start by which the script must be done (default 480; 0:
 #                   none); each part's limit is cut to what is left (10 s kept for the end), and a
 #                   part with under 20 s left is skipped, so a caller's own time limit never cuts
@@ -116,6 +118,13 @@ if want host && fits host 60; then
   # where that host time goes: a cProfile of the stubbed call and the cost of each torch primitive it uses
   if fits host_profile 30; then
     timeout "$LIMIT" python3 bench/host_profile.py --out "$OUT_DIR/host_profile.txt" > /dev/null || status=1
+  fi
+  # this checkout's host cost against another revision's, CUDA tensors, interleaved (CHECK_HOST_BASE names
+  # the revision, CHECK_HOST_BASE_ARCHIVE its `git archive REV crepa_kernels` tar: the machine has no git)
+  if [ -n "${CHECK_HOST_BASE_ARCHIVE:-}" ] && fits host_ab 30; then
+    echo "== host cost against ${CHECK_HOST_BASE:-base}, CUDA tensors, kernels stubbed"
+    timeout "$LIMIT" python3 bench/host_ab.py --device cuda --base "${CHECK_HOST_BASE:-base}" \
+      --base-archive "$CHECK_HOST_BASE_ARCHIVE" --rounds 15 --calls 300 --out "$OUT_DIR/host_ab.json" || status=1
   fi
 fi
 if want profile && fits profile 60; then

@@ -9,8 +9,13 @@ median call time, and the median, minimum and maximum over the rounds of new / b
 
     python bench/host_ab.py --base HEAD~1 [--preset wan480_grids] [--rounds 15] [--calls 300]
 
+Where the checkout has no git history (a GPU machine's copy), make the base's archive beforehand with
+``git archive --format=tar REV crepa_kernels > base.tar`` and pass ``--base REV --base-archive base.tar``;
+``--device cuda`` puts the tensors on the GPU (the kernels stay stubbed; torch's own small ops and
+allocations then run there, as in a real call).
+
 Set ``CREPA_KERNELS_BWD_WINDOW_MIB=1`` to split wan480_grids' backward into two frame windows.
-These are host times of this machine's CPU (CPU tensors, kernels stubbed), not GPU times.
+These are host times of this machine's CPU (kernels stubbed), not GPU times.
 """
 from __future__ import annotations
 
@@ -44,11 +49,15 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def export_base(rev: str, into: str) -> str:
-    """``rev``'s crepa_kernels/ as package BASE_NAME under ``into`` (every mention renamed, the
-    torch.library namespace included); returns ``into``."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "crepa_kernels"],
-                             capture_output=True, check=True).stdout
+def export_base(rev: str, into: str, archive_path: str | None = None) -> str:
+    """``rev``'s crepa_kernels/ (from git, or the tar at ``archive_path``) as package BASE_NAME under
+    ``into`` (every mention renamed, the torch.library namespace included); returns ``into``."""
+    if archive_path is not None:
+        with open(archive_path, "rb") as fh:
+            archive = fh.read()
+    else:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "crepa_kernels"],
+                                 capture_output=True, check=True).stdout
     tar_path = os.path.join(into, "base.tar")
     with open(tar_path, "wb") as fh:
         fh.write(archive)
@@ -57,6 +66,8 @@ def export_base(rev: str, into: str) -> str:
             tar.extractall(into, filter="data")
         except TypeError:  # Python before 3.10.12 has no extraction filters (a git archive of our own tree)
             tar.extractall(into)
+    if not os.path.isdir(os.path.join(into, "crepa_kernels")):
+        raise SystemExit(f"the archive of {rev} holds no crepa_kernels/ package")
     os.rename(os.path.join(into, "crepa_kernels"), os.path.join(into, BASE_NAME))
     for folder, _, files in os.walk(os.path.join(into, BASE_NAME)):
         for name in files:
@@ -119,17 +130,25 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--base-archive", default=None,
+                    help="tar of the base's crepa_kernels/ (git archive REV crepa_kernels), for a checkout without git")
+    ap.add_argument("--device", default="cpu", help="where the tensors live: cpu (default) or cuda")
     args = ap.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
     with tempfile.TemporaryDirectory() as tmp:
-        sys.path.insert(0, export_base(args.base, tmp))
-        steps = {"base": stubbed_step(BASE_NAME, args.preset), "new": stubbed_step("crepa_kernels", args.preset)}
+        sys.path.insert(0, export_base(args.base, tmp, args.base_archive))
+        steps = {"base": stubbed_step(BASE_NAME, args.preset, args.device),
+                 "new": stubbed_step("crepa_kernels", args.preset, args.device)}
         per = interleave(steps, args.rounds, args.calls)
     ratios = [n / b for n, b in zip(per["new"], per["base"])]
-    report = {"base": args.base, "preset": args.preset, "rounds": args.rounds, "calls": args.calls,
+    device = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    report = {"base": args.base, "preset": args.preset, "device": device, "torch": torch.__version__,
+              "rounds": args.rounds, "calls": args.calls,
               "switches": {k: v for k, v in os.environ.items() if k.startswith("CREPA_KERNELS_")},
               "median_us": {k: statistics.median(v) for k, v in per.items()}, "rounds_us": per,
               "new_over_base": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-              "note": "host time with the Triton kernels stubbed out, CPU tensors; not a GPU time"}
+              "note": f"host time with the Triton kernels stubbed out, tensors on {args.device}; not a GPU time"}
     print(f"base {report['median_us']['base']:.1f} us, new {report['median_us']['new']:.1f} us; new/base median "
           f"{report['new_over_base']['median']:.3f} [{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds")
     if args.out:

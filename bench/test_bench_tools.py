@@ -309,6 +309,16 @@ def _gpu_check_calls(tmp_path, **env):
     return proc, (log.read_text().splitlines() if log.exists() else [])
 
 
+def test_gpu_check_times_the_host_against_a_base_only_when_given_its_archive(tmp_path):
+    proc, calls = _gpu_check_calls(tmp_path / "plain", CHECK_PARTS="host", CHECK_DEADLINE_S="0")
+    assert proc.returncode == 0 and calls and not any("host_ab.py" in c for c in calls), proc.stdout
+    proc, calls = _gpu_check_calls(tmp_path / "ab", CHECK_PARTS="host", CHECK_DEADLINE_S="0",
+                                   CHECK_HOST_BASE="abc123", CHECK_HOST_BASE_ARCHIVE="/tmp/base.tar")
+    ab = [c for c in calls if "host_ab.py" in c]
+    assert proc.returncode == 0 and len(ab) == 1, proc.stdout + proc.stderr
+    assert "--device cuda --base abc123 --base-archive /tmp/base.tar" in ab[0] and "host_ab.json" in ab[0]
+
+
 def test_gpu_check_runs_the_tuning_sweep_only_when_asked(tmp_path):
     proc, calls = _gpu_check_calls(tmp_path / "default", CHECK_DEADLINE_S="0")
     assert proc.returncode == 0 and calls and not any("tune_kernels" in c for c in calls), proc.stdout
@@ -620,6 +630,29 @@ def test_host_ab_loads_another_revision_beside_this_checkout(tmp_path):
     assert [len(report["rounds_us"][k]) for k in ("base", "new")] == [2, 2]
     assert all(t > 0 for k in ("base", "new") for t in report["rounds_us"][k])
     assert report["new_over_base"]["min"] <= report["new_over_base"]["median"] <= report["new_over_base"]["max"]
+
+
+def test_host_ab_takes_the_base_from_an_archive(tmp_path):
+    """bench/host_ab.py --base-archive: the base package comes from a tar (a checkout without git),
+    and a base whose package is not in it is a clear failure, not a run of this checkout twice."""
+    import tarfile
+
+    archive = tmp_path / "base.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(os.path.join(os.path.dirname(HERE), "crepa_kernels"), arcname="crepa_kernels",
+                filter=lambda info: None if "__pycache__" in info.name else info)
+    out = tmp_path / "ab.json"
+    proc = _run("host_ab.py", "--base", "archived", "--base-archive", str(archive), "--rounds", "2", "--calls", "5",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["base"] == "archived" and report["device"] == "cpu" and "tensors on cpu" in report["note"]
+    assert all(t > 0 for k in ("base", "new") for t in report["rounds_us"][k])
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    proc = _run("host_ab.py", "--base", "x", "--base-archive", str(empty), "--rounds", "1", "--calls", "1")
+    assert proc.returncode != 0 and "holds no crepa_kernels/" in proc.stderr
 
 
 def test_host_profile_breaks_a_stubbed_call_down(tmp_path):
