@@ -486,8 +486,8 @@ def test_getenv_answers_as_os_environ_does(monkeypatch):
 def test_fused_launch_settings_follow_the_h200_sweep():
     """At wan480 (B 1, T 21, N 37x37, D 1536, S 3 padded to 4) on 132 SMs, the fused-resample kernels
     launch with the settings bench/tune_kernels.py measured fastest on an H200
-    (bench/results/NVIDIA_H200-tune_wan480.json): forward fp32 (8, 64, 4 warps), bf16 (8, 64, 2);
-    backward fp32 (8, 32, 8), bf16 (8, 64, 2). The sweep's defaults then were (8, 64, 8) for both
+    (bench/results/NVIDIA_H200-tune_wan480*.json): forward fp32 (8, 64, 4 warps), bf16 (8, 64, 2);
+    backward fp32 (8, 32, 2), bf16 (8, 64, 2). The first sweep's defaults were (8, 64, 8) for both
     kernels and dtypes, which the unfused kernels keep; fp64, a caller's BLOCK_D and an elements-per-
     thread override keep the heuristic's choices."""
     from crepa_kernels.ops import similarity
@@ -499,11 +499,11 @@ def test_fused_launch_settings_follow_the_h200_sweep():
 
     assert cfg() == (8, 64, 4)
     assert cfg(input_bytes=2) == (8, 64, 2)
-    assert cfg(backward=True) == (8, 32, 8)
+    assert cfg(backward=True) == (8, 32, 2)
     assert cfg(backward=True, input_bytes=2) == (8, 64, 2)
     for backward in (False, True):
         assert cfg(fused=False, backward=backward) == (16, 64, 8)  # the unfused token block is not halved
         # an elements-per-thread override: the heuristic alone (at half the default: the sweep's defaults)
         assert cfg(backward=backward, e=ept // 2) == (8, 64, 8)
-    assert cfg(backward=True, block_d=64) == (8, 64, 8)  # a caller's BLOCK_D is kept
+    assert cfg(backward=True, block_d=64) == (8, 64, 2)  # a caller's BLOCK_D is kept
     assert cfg(fp64=True, backward=True) == cfg(fp64=True)
