@@ -21,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from crepa_kernels.ops import resample, similarity  # noqa: E402
 
-FLOAT_SCALARS = {"inv_tau_hi", "inv_tau_lo", "eps_hi", "eps_lo"}
+FLOAT_SCALARS = {"inv_tau_hi", "inv_tau_lo", "eps_hi", "eps_lo", "gt_mul_hi", "gt_mul_lo"}
 # How a launcher's scalar arguments reach the compiler:
 #   "jit"       Triton's own launch: Python ints are i32 (or i64), Python floats fp32;
 #   "inductor"  a torch.compile graph (wrap_triton): Python floats are fp64;

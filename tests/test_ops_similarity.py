@@ -1388,12 +1388,11 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_loss_only_backward_scales_in_the_kernel(monkeypatch, merged, dtype):
-    """A backward from the loss alone (a training step's) hands the kernels the 0-dim loss gradient and
-    the factor loss_scale / (B T N) instead of a scaled, expanded tensor. Its gradient is the bits of
-    the general path (taken when the per-frame output's gradient, zero here, is present too), which
-    scales in torch: the factor rounds to the accumulation dtype either way (on a GPU an fp64 kernel
-    gets the factor's low half as fp32, so fp64 agrees to its rounding there). The custom ops reduce
-    the loss in torch's own order (-w, then / B, / T, / N): equal to rounding."""
+    """A backward from the loss alone (a training step's) hands the kernels the 0-dim fp32 loss
+    gradient and the factor loss_scale / (B T N) instead of a scaled, expanded tensor: the bits of the
+    general path (taken when the per-frame output's gradient, zero here, is present too), which
+    scales in torch. fp64 takes the general path (the launch would pass the factor's tail as fp32).
+    The custom ops reduce the loss in torch's own order (-w, then / B, / T, / N): equal to rounding."""
     from crepa_kernels import crepa_loss
     from crepa_kernels.ops import similarity
     from crepa_kernels.ops.utils import MERGED_BWD_ENV
@@ -1421,15 +1420,38 @@ def test_loss_only_backward_scales_in_the_kernel(monkeypatch, merged, dtype):
         return p.grad.clone()
 
     fast = grad()
-    assert seen and all(s == (0, -0.3 / (2 * 3 * 9)) for s in seen)  # 0-dim g_loss, scale in the kernel
+    if dtype == torch.float32:  # the 0-dim g_loss, scaled in the kernel
+        assert seen and all(s == (0, -0.3 / (2 * 3 * 9)) for s in seen)
+    else:
+        assert seen and all(s == (3, 1.0) for s in seen)
     seen.clear()
     general = grad(extra=True)
     assert seen and all(dim == 3 and scale == 1.0 for dim, scale in seen)
+    assert torch.equal(fast, general)
     monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
     through_ops = grad()
-    if dtype == torch.float32 or not fast.is_cuda:
-        assert torch.equal(fast, general)
-    else:
-        torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-12 * general.abs().max().item())
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     torch.testing.assert_close(fast, through_ops, rtol=tol, atol=tol * through_ops.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # weight 1e41: inf loss, as before
+@pytest.mark.parametrize("weight", [1e41, 1e-39, 0.0])
+def test_loss_only_backward_leaves_factors_outside_fp32_normal_range_to_torch(monkeypatch, weight):
+    """A factor loss_scale / (B T N) that the kernels' fp32 head and tail cannot carry as torch's fp32
+    scalar (past fp32's largest value, in its subnormal range, or 0) is applied by torch, as before."""
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import similarity
+
+    seen = []
+    real = similarity._launch_backward
+    monkeypatch.setattr(similarity, "_launch_backward",
+                        lambda *a, **k: seen.append((a[5].dim(), k["g_total_scale"])) or real(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(1, 2, 6, 8, generator=g).to(DEV).requires_grad_(True)
+    f = torch.randn(1, 2, 6, 8, generator=g).to(DEV)
+    crepa_loss(p, f, weight=weight, backend="triton").loss.backward()
+    assert seen and all(s == (3, 1.0) for s in seen)
+    p.grad = None
+    seen.clear()
+    crepa_loss(p, f, weight=0.5, backend="triton").loss.backward()
+    assert seen and all(dim == 0 for dim, _ in seen)

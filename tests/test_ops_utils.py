@@ -488,8 +488,8 @@ def test_fused_launch_settings_follow_the_h200_sweep():
     launch with the settings bench/tune_kernels.py measured fastest on an H200
     (bench/results/NVIDIA_H200-tune_wan480*.json): forward fp32 (8, 64, 4 warps), bf16 (8, 64, 2);
     backward fp32 (8, 32, 2), bf16 (8, 64, 2). The first sweep's defaults were (8, 64, 8) for both
-    kernels and dtypes, which the unfused kernels keep; fp64, a caller's BLOCK_D and an elements-per-
-    thread override keep the heuristic's choices."""
+    kernels and dtypes, which the unfused kernels keep; fp64, an elements-per-thread override and
+    windows of more than 4 slots keep the heuristic's choices, a caller's BLOCK_D its own block."""
     from crepa_kernels.ops import similarity
     from crepa_kernels.ops.utils import DEFAULT_ELEMS_PER_THREAD as ept
 
@@ -507,3 +507,9 @@ def test_fused_launch_settings_follow_the_h200_sweep():
         assert cfg(backward=backward, e=ept // 2) == (8, 64, 8)
     assert cfg(backward=True, block_d=64) == (8, 64, 2)  # a caller's BLOCK_D is kept
     assert cfg(fp64=True, backward=True) == cfg(fp64=True)
+    # 8 slots (distance 3 cumulative): the heuristic's 16 tokens halved for the fused taps, a budget of
+    # 4096 elements over 8 x 16 for 32 columns, 8 x 8 x 32 x 2 tiles = 4096 elements over 8 warps
+    for backward in (False, True):
+        for item in (2, 4):
+            assert similarity._launch_config_for(1, 21, 1369, 1536, 8, False, 132, 1, None, ept, True, True,
+                                                 backward, item) == (8, 32, 8)

@@ -584,12 +584,15 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
     stay small so that enough programs run to fill the GPU (T=21, N=1369 gives ~1800 at BLOCK_N=16).
 
     The fused-resample kernels crepa_loss launches (`fused`, not fp64, the default elements per
-    thread) then take the settings a sweep of them measured fastest (bench/tune_kernels.py on an
+    thread, windows of up to 4 slots: distance 1, or cumulative up to 1) then take the settings a
+    sweep of them measured fastest (bench/tune_kernels.py on an
     H200 at wan480, `bench/results/NVIDIA_H200-tune_wan480*.json`): the forward with half the warps
     for 4-byte inputs (0.168 vs 0.196 ms) and a quarter for 2-byte ones (0.119 vs 0.164 ms); the
     backward (``backward``) with 128-byte rows of ``input_bytes``-sized elements (BLOCK_D 32 in
     fp32) and a quarter of the warps: 0.116 vs 0.210 ms per 11-frame window in fp32, 0.171 vs
-    0.211 ms for the 21 frames in bf16. A ``block_d`` given is kept."""
+    0.211 ms for the 21 frames in bf16. A ``block_d`` given is kept (the warps still follow the rule).
+    Wider windows keep the heuristic: fewer warps on their larger tiles would crowd each thread's
+    registers (255 per thread at 2 warps for 256 slots, sm_90), and no sweep has measured them."""
     budget = (2048 if fp64 else 4096) // tiles
     block_n = max(2, min(16, next_power_of_2(N)))
     while block_n > 4 and B * T * cdiv(N, block_n) < 4 * sms:
@@ -615,7 +618,7 @@ def _launch_config_for(B: int, T: int, N: int, D: int, s_pad: int, fp64: bool, s
         tiles += 1
     elems = s_pad * block_n * block_d * tiles
     num_warps = num_warps_for(elems, ept)
-    if fused and not fp64 and ept == DEFAULT_ELEMS_PER_THREAD:
+    if fused and not fp64 and ept == DEFAULT_ELEMS_PER_THREAD and s_pad <= 4:
         narrow = input_bytes <= 2
         if backward:
             if chosen_d is None:
@@ -685,7 +688,8 @@ def _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_
     """Writes every element of d_projected and/or d_features (contiguous (B, T, N, D); pass None to
     skip one). g_total / g_self are (B, T, N) with any strides (stride 0 included) or None; g_total
     may also be 0-dim (the same value for every token), and the kernel reads it times
-    ``g_total_scale`` (rounded to the accumulation dtype, as a tensor times a Python float would be).
+    ``g_total_scale``, which it gets as an fp32 head plus an fp32 tail (`_split`): in fp32 math, for a
+    factor in fp32's normal range, the fp32 factor a tensor times a Python float would use.
     With ``resample_p`` (as in the forward; d_features must be None) d_projected is the gradient of
     the resampled projected, on features' N tokens. ``frames = (t0, tc)`` computes only frames
     t0 .. t0 + tc - 1: the gradient buffers are then (B, tc, N, D). ``tune`` as in `_launch_forward`."""
@@ -1034,6 +1038,19 @@ def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
 register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
 
 
+_FP32_MIN_NORMAL = 2.0 ** -126
+_FP32_MAX = (2 - 2.0 ** -23) * 2.0 ** 127
+
+
+def _fp32_kernel_factor(factor, g_loss) -> bool:
+    """Whether the kernels can apply ``factor`` to an fp32 ``g_loss`` themselves with torch's rounding:
+    the launch passes it as an fp32 head and tail, which is torch's fp32 scalar for a factor in fp32's
+    normal range. fp64 (an fp32 tail would cut the factor to about 48 bits) and factors outside that
+    range (a tail of inf - inf, or a subnormal head) take torch's multiply."""
+    return (factor is not None and g_loss is not None and g_loss.dtype == torch.float32
+            and _FP32_MIN_NORMAL <= abs(factor) <= _FP32_MAX)
+
+
 class _NeighbourCosine(torch.autograd.Function):
     """The eager front end: the same kernels as the custom ops, launched directly.
 
@@ -1068,20 +1085,19 @@ class _NeighbourCosine(torch.autograd.Function):
         # again fails with autograd's error (the backward kernel has no derivative) instead of silently
         # dropping the second-order term.
         through_op = torch.is_grad_enabled()
-        if g_total is None and g_self is None and not through_op:
+        B, T, N = ctx.token_shape
+        factor = None if ctx.loss_scale is None else ctx.loss_scale / (B * T * N)
+        if g_total is None and g_self is None and not through_op and _fp32_kernel_factor(factor, g_loss):
             # Only the loss's gradient (a training step's case): the kernels read the 0-dim g_loss for
-            # every token and scale it themselves, as loss_scale / (B T N) times g_loss would round.
-            B, T, N = ctx.token_shape
-            return _input_grads(ctx, g_loss, None, need_p, need_f, False,
-                                g_total_scale=ctx.loss_scale / (B * T * N)) + (None,) * 8
+            # every token and scale it themselves, rounding as g_loss * factor does in torch.
+            return _input_grads(ctx, g_loss, None, need_p, need_f, False, g_total_scale=factor) + (None,) * 8
         if ctx.token_mean:
             # The means' gradients, g / N for every token (and g_loss * scale / (B T N) for the loss),
             # as stride-0 views the kernel reads in place: the values autograd's mean and mul backward
             # would materialise.
-            B, T, N = ctx.token_shape
             g_total, g_self = (None if g is None else g / N for g in (g_total, g_self))
             if g_loss is not None:
-                g_loss = g_loss * (ctx.loss_scale / (B * T * N))  # 0-dim: the same for every token
+                g_loss = g_loss * factor  # 0-dim: the same for every token
                 g_total = g_loss if g_total is None else g_total + g_loss
             g_total, g_self = (None if g is None else g.unsqueeze(-1).expand(B, T, N) for g in (g_total, g_self))
         return _input_grads(ctx, g_total, g_self, need_p, need_f, through_op) + (None,) * 8
