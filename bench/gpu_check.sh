@@ -4,7 +4,8 @@
 # into ${OUT:-bench/results}. Run from the repository root.
 #   CHECK_BUDGET_S  seconds for the parts with a share (default 420); on top come up to 60 s for
 #                   the kernel benchmark's last case (it stops starting cases when its share is
-#                   spent), 90 s for host and 105 s for profile; the A/B writes its JSON after each
+#                   spent), 90 s for host (120 with CHECK_HOST_BASE_ARCHIVE) and 105 s for profile;
+#                   the A/B writes its JSON after each
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
 #   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
@@ -78,7 +79,8 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
 test_rc=skipped
-# Shares of the budget; host (at most 90 s) and profile (at most 105 s) come on top. The test tier's
+# Shares of the budget; host (at most 90 s, 120 with a host A/B) and profile (at most 105 s) come on
+# top. The test tier's
 # 35% (133 s at the 380 s budget a 10-minute device command leaves room for; 147 s at the default)
 # covers its 2^31-element cases, which compile the kernels again for 64-bit strides.
 bench_s=$(( BUDGET * 15 / 100 )); tests_s=$(( BUDGET * 35 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
@@ -121,6 +123,9 @@ if want host && fits host 60; then
   fi
   # this checkout's host cost against another revision's, CUDA tensors, interleaved (CHECK_HOST_BASE names
   # the revision, CHECK_HOST_BASE_ARCHIVE its `git archive REV crepa_kernels` tar: the machine has no git)
+  if [ -n "${CHECK_HOST_BASE:-}" ] && [ -z "${CHECK_HOST_BASE_ARCHIVE:-}" ]; then
+    echo "== host A/B skipped: CHECK_HOST_BASE needs CHECK_HOST_BASE_ARCHIVE (the base's git archive tar)"
+  fi
   if [ -n "${CHECK_HOST_BASE_ARCHIVE:-}" ] && fits host_ab 30; then
     echo "== host cost against ${CHECK_HOST_BASE:-base}, CUDA tensors, kernels stubbed"
     timeout "$LIMIT" python3 bench/host_ab.py --device cuda --base "${CHECK_HOST_BASE:-base}" \

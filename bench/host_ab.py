@@ -132,17 +132,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--base-archive", default=None,
                     help="tar of the base's crepa_kernels/ (git archive REV crepa_kernels), for a checkout without git")
-    ap.add_argument("--device", default="cpu", help="where the tensors live: cpu (default) or cuda")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live")
     args = ap.parse_args(argv)
-    if args.device != "cpu" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here")
+    if args.base_archive is not None and not os.path.isfile(args.base_archive):
+        ap.error(f"--base-archive {args.base_archive}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, export_base(args.base, tmp, args.base_archive))
         steps = {"base": stubbed_step(BASE_NAME, args.preset, args.device),
                  "new": stubbed_step("crepa_kernels", args.preset, args.device)}
         per = interleave(steps, args.rounds, args.calls)
     ratios = [n / b for n, b in zip(per["new"], per["base"])]
-    device = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"base": args.base, "preset": args.preset, "device": device, "torch": torch.__version__,
               "rounds": args.rounds, "calls": args.calls,
               "switches": {k: v for k, v in os.environ.items() if k.startswith("CREPA_KERNELS_")},

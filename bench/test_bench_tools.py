@@ -653,6 +653,8 @@ def test_host_ab_takes_the_base_from_an_archive(tmp_path):
         pass
     proc = _run("host_ab.py", "--base", "x", "--base-archive", str(empty), "--rounds", "1", "--calls", "1")
     assert proc.returncode != 0 and "holds no crepa_kernels/" in proc.stderr
+    proc = _run("host_ab.py", "--base", "x", "--base-archive", str(tmp_path / "missing.tar"))
+    assert proc.returncode == 2 and "--base-archive" in proc.stderr and "no such file" in proc.stderr
 
 
 def test_host_profile_breaks_a_stubbed_call_down(tmp_path):

@@ -88,8 +88,9 @@ class Case:
         cos = torch.empty((B, T, S, N), dtype=acc, device=device)
         similarity._launch_forward(p, f, *side, cos, **kw)
         total, self_tok, pnorm, fnorm = side
-        # The first frame window of crepa_loss's backward, and the loss gradient as it reaches the
-        # kernel: one value for every token, read through stride 0.
+        # The first frame window of crepa_loss's backward, and the loss gradient: one value for every
+        # token, read through stride 0 (crepa_loss's loss-only backward hands over the 0-dim gradient
+        # and its factor apart, for the kernel to multiply: the same reads).
         t0, tc = similarity.frame_windows(T, B * N * D * p.element_size(), bwd_window_bytes())[0]
         g_total = torch.full((), 0.25 / (B * T * N), dtype=acc, device=device).expand(B, T, N)
         self.window = (t0, tc)
