@@ -1038,8 +1038,7 @@ def _backward(ctx, g_total, g_self, _g_pnorm, _g_fnorm, _g_cos):
 register_autograd("crepa_kernels::neighbour_cosine_fwd", _backward, setup_context=_setup_context)
 
 
-_FP32_MIN_NORMAL = 2.0 ** -126
-_FP32_MAX = (2 - 2.0 ** -23) * 2.0 ** 127
+_FP32 = torch.finfo(torch.float32)
 
 
 def _fp32_kernel_factor(factor, g_loss) -> bool:
@@ -1048,7 +1047,7 @@ def _fp32_kernel_factor(factor, g_loss) -> bool:
     normal range. fp64 (an fp32 tail would cut the factor to about 48 bits) and factors outside that
     range (a tail of inf - inf, or a subnormal head) take torch's multiply."""
     return (factor is not None and g_loss is not None and g_loss.dtype == torch.float32
-            and _FP32_MIN_NORMAL <= abs(factor) <= _FP32_MAX)
+            and _FP32.tiny <= abs(factor) <= _FP32.max)
 
 
 class _NeighbourCosine(torch.autograd.Function):
