@@ -551,6 +551,24 @@ def test_tune_reports_the_one_pass_settings_it_launches(monkeypatch):
     assert res["rows"] == [] and "tile limit" in res["error"]
 
 
+def test_tune_tries_the_resample_backwards_feature_blocks_per_program_first():
+    """At wan480's D = 1536 in blocks of 128 (twelve): 4, all twelve, then 2 blocks per program, before
+    the settings every kernel takes; one block leaves nothing to chunk. Reported settings name it."""
+    sys.path.insert(0, HERE)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(HERE)
+    wan = tk.candidates((8, 128, 4), 1536, "resample_bwd")
+    assert wan[:3] == [{"d_blocks": 4}, {"d_blocks": 12}, {"d_blocks": 2}]
+    assert wan[3:] == tk.candidates((8, 128, 4), 1536, "sim_bwd")
+    assert not any("d_blocks" in c for c in tk.candidates((8, 128, 4), 128, "resample_bwd"))
+    assert not any("d_blocks" in c for c in tk.candidates((8, 128, 4), 1536, "sim_fwd"))
+    case = tk.Case("resample_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu")
+    assert tk._settings(case, {})["d_blocks"] == 1 and tk._settings(case, {"d_blocks": 3})["d_blocks"] == 3
+    assert "d_blocks" not in tk._settings(tk.Case("sim_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu"), {})
+
+
 @pytest.mark.parametrize("spec", ["sim_bwd", "fwd:block_n=4", "sim_bwd:block_n=3", "sim_bwd:blocks=4",
                                   "sim_bwd:block_n=four", "sim_bwd:rows=2", "merged_bwd:block_n=4"])
 def test_tune_kernels_rejects_bad_tries(spec, capsys):

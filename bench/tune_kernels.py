@@ -5,7 +5,8 @@ reproducible); this measures how good that function's choices are. For each kern
 wan480 call - the similarity forward with the projected side's resample fused in (``sim_fwd``), the
 similarity backward of one frame window (``sim_bwd``) and the resample backward of that window
 (``resample_bwd``) - it times the default settings and variations of them: the token block, the
-warps and the feature block, one at a time, then the best of each combined. The opt-in one-pass
+warps and the feature block (and, for the resample backward, the feature blocks one program computes),
+one at a time, then the best of each combined. The opt-in one-pass
 backward (``merged_bwd``, the whole clip in one launch, in place of both backward kernels in every
 window) is swept the same way, over its band height (``rows``), warps and feature block. Inputs and launch
 arguments are the ones crepa_loss passes (a stride-0 loss gradient, the first backward window, the
@@ -166,7 +167,8 @@ def candidates(default: tuple[int, int, int], dim: int, kernel: str = "sim_fwd")
     """Overrides to try around the default (BLOCK_N, BLOCK_D, num_warps), one setting at a time, in
     the order they are timed (the ones judged likelier to matter first); feature blocks stay within
     the next power of two of ``dim``. The one-pass backward's first setting is its band height:
-    1 to 4 rows, then its warps and a feature block from 8 to 64."""
+    1 to 4 rows, then its warps and a feature block from 8 to 64. The resample backward's sweep
+    starts with the feature blocks one program computes (``d_blocks``, 1 by default)."""
     block_n, block_d, warps = default
     if kernel == "merged_bwd":
         out = [{"rows": r} for r in (1, 2, 3, 4) if r != block_n]
@@ -174,7 +176,13 @@ def candidates(default: tuple[int, int, int], dim: int, kernel: str = "sim_fwd")
         out += [{"block_d": b} for b in (block_d // 2, block_d * 2) if 8 <= b <= min(64, next_power_of_2(dim))]
         return out
     # No num_stages: these kernels feed no tl.dot, and triton 3.8 emits the same PTX for 1 to 4 stages.
-    out = [{"block_n": n} for n in (block_n // 2, block_n * 2, block_n * 4) if 2 <= n <= 64]
+    out = []
+    if kernel == "resample_bwd":
+        # Feature blocks per program first (the same bits, the contributor search run once for several
+        # blocks): 4, all of them, 2.
+        blocks = -(-dim // block_d)
+        out += [{"d_blocks": n} for n in dict.fromkeys((4, blocks, 2)) if 1 < n <= blocks]
+    out += [{"block_n": n} for n in (block_n // 2, block_n * 2, block_n * 4) if 2 <= n <= 64]
     out += [{"num_warps": w} for w in (2, 4, 8) if w != warps]
     out += [{"block_d": b} for b in (block_d // 2, block_d * 2) if 16 <= b <= min(256, next_power_of_2(dim))]
     return out
@@ -283,8 +291,11 @@ def _settings(case, tune) -> dict:
                 "num_stages": tune.get("num_stages", "triton default")}
     block_n, block_d, warps = case.default
     first = case.keys[0]
-    return {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
-            "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
+    out = {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
+           "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
+    if "d_blocks" in case.keys:
+        out["d_blocks"] = tune.get("d_blocks", 1)
+    return out
 
 
 def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwidth, deadline: float,
@@ -333,7 +344,8 @@ def main(argv=None) -> int:
                     help="at most this many variants per kernel and dtype besides the default (smoke tests)")
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:KEY=VALUE[,KEY=VALUE]",
                     help="an override to time first for one kernel, e.g. sim_bwd:block_n=16,num_warps=4 "
-                         f"(keys: {', '.join(TUNE_KEYS)}; for merged_bwd {', '.join(BAND_TUNE_KEYS)}); "
+                         f"(keys: {', '.join(TUNE_KEYS)}; resample_bwd also d_blocks; for merged_bwd "
+                         f"{', '.join(BAND_TUNE_KEYS)}); "
                          "repeatable")
     ap.add_argument("--rep-ms", type=int, default=40, help="do_bench's timed span per variant (GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")

@@ -555,3 +555,19 @@ def test_backward_into_a_frame_slice():
     assert torch.equal(into, whole)
     with pytest.raises(ValueError, match="dense frames"):
         rs._launch_bwd(g, 6, 10, 7, 7, out=torch.empty(2, 5, 6, 60, device=DEVICE).transpose(2, 3))
+
+
+@pytest.mark.parametrize("d_blocks", [2, 3, 8])
+def test_backward_with_several_feature_blocks_per_program(d_blocks, nan_outputs):
+    # The d_blocks setting (launch tuning): one program computes several feature blocks in turn. Each
+    # element sums the same contributions in the same order, so the bits are those of one block per
+    # program, and the gradient is the oracle's. D = 40 in blocks of 16 is three blocks, the last one
+    # cut: chunks of 2 (2 + 1), of 3 (all in one), and of more blocks than there are.
+    torch.manual_seed(10)
+    g = torch.randn(2, 3, 7 * 7, 40, device=DEVICE)
+    one = rs._launch_bwd(g, 6, 10, 7, 7, tune={"block_d": 16})
+    many = rs._launch_bwd(g, 6, 10, 7, 7, tune={"block_d": 16, "d_blocks": d_blocks})
+    assert torch.equal(many, one)
+    x = torch.zeros(2, 3, 6 * 10, 40, device=DEVICE, requires_grad=True)
+    (ref,) = torch.autograd.grad(oracle(x, (6, 10), (7, 7)), x, g)
+    assert_rel_close(many, ref, 1e-5, "grad")

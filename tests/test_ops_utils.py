@@ -513,3 +513,19 @@ def test_fused_launch_settings_follow_the_h200_sweep():
         for item in (2, 4):
             assert similarity._launch_config_for(1, 21, 1369, 1536, 8, False, 132, 1, None, ept, True, True,
                                                  backward, item) == (8, 32, 8)
+
+
+def test_only_the_resample_backward_takes_feature_blocks_per_program():
+    # d_blocks: any positive int, for resample_bwd only (its launcher reads it; apply_tune passes it by).
+    from crepa_kernels.ops.utils import LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, apply_tune, launch_overrides
+
+    assert apply_tune(8, 128, 4, {"d_blocks": 3, "num_warps": 2}, RESAMPLE_BWD_TUNE_KEYS) == (8, 128, 2, {})
+    for bad, match in (({"sim_bwd": {"d_blocks": 2}}, "unknown setting"),
+                       ({"merged_bwd": {"d_blocks": 2}}, "unknown setting"),
+                       ({"resample_bwd": {"d_blocks": 0}}, "positive int")):
+        with pytest.raises(ValueError, match=match):
+            with launch_overrides(bad):
+                pass
+    with launch_overrides({"resample_bwd": {"d_blocks": 12}}):
+        assert LAUNCH_OVERRIDES == {"resample_bwd": {"d_blocks": 12}}
+    assert LAUNCH_OVERRIDES == {}

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, apply_tune, cdiv, device_guard, direct_launch_ok,
-                    elements_per_thread, next_power_of_2, num_warps_for, triton_available, triton_supports)
+from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, apply_tune, cdiv, device_guard,
+                    direct_launch_ok, elements_per_thread, next_power_of_2, num_warps_for, triton_available,
+                    triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -200,12 +201,15 @@ if triton_available():
         o_stride_b,
         o_stride_t,
         n_tok_blocks,
+        D_BLOCKS,
         IS_FP64: tl.constexpr,
         R_H: tl.constexpr,
         R_W: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
+        # Program (token block, D chunk): the chunk is D_BLOCKS feature blocks of BLOCK_D, one after
+        # the other, so the token block's contributor search runs once for all of them.
         pid0 = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1).to(tl.int64)
         bt = pid0 // n_tok_blocks
@@ -215,41 +219,44 @@ if triton_available():
         n_in = in_h * in_w
 
         offs_n = tok_block * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 input token ids
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         mask_n = offs_n < n_in
-        mask_d = offs_d < D
 
         ih, iw, scale_h, scale_w, oh_lo, oh_count, ow_lo, ow_count = _input_token_contributors(
             offs_n, in_h, in_w, out_h, out_w, IS_FP64)
 
         base = grad_out_ptr + b * g_stride_b + t * g_stride_t
-        d_off = (offs_d * g_stride_d)[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=scale_h.dtype)
-        # Fixed order (rows, then columns, ascending) makes the sum deterministic; R_H / R_W bound
-        # every token's contributor count, the masks trim each token to its own.
-        for kh in range(R_H):
-            oh = oh_lo + kh
-            wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
-            row_ok = mask_n & (kh < oh_count)
-            for kw in range(R_W):
-                ow = ow_lo + kw
-                ww = _axis_weight(ow, iw, in_w, out_w, scale_w)
-                touch = row_ok & (kw < ow_count)
-                tok = oh.to(tl.int64) * out_w + ow
-                g = tl.load(
-                    base + (tok * g_stride_n)[:, None] + d_off,
-                    mask=touch[:, None] & mask_d[None, :],
-                    other=0.0,
-                ).to(acc.dtype)
-                acc += (wh * ww)[:, None] * g
+        out_base = grad_in_ptr + b * o_stride_b + t * o_stride_t + offs_n[:, None] * D
+        blk_lo = pid_d * D_BLOCKS
+        blk_hi = tl.minimum(blk_lo + D_BLOCKS, tl.cdiv(D, BLOCK_D))
+        for blk in range(blk_lo, blk_hi):
+            offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask_d = offs_d < D
+            d_off = (offs_d * g_stride_d)[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=scale_h.dtype)
+            # Fixed order (rows, then columns, ascending) makes the sum deterministic; R_H / R_W bound
+            # every token's contributor count, the masks trim each token to its own.
+            for kh in range(R_H):
+                oh = oh_lo + kh
+                wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
+                row_ok = mask_n & (kh < oh_count)
+                for kw in range(R_W):
+                    ow = ow_lo + kw
+                    ww = _axis_weight(ow, iw, in_w, out_w, scale_w)
+                    touch = row_ok & (kw < ow_count)
+                    tok = oh.to(tl.int64) * out_w + ow
+                    g = tl.load(
+                        base + (tok * g_stride_n)[:, None] + d_off,
+                        mask=touch[:, None] & mask_d[None, :],
+                        other=0.0,
+                    ).to(acc.dtype)
+                    acc += (wh * ww)[:, None] * g
 
-        # grad_in: tokens and features dense within a frame; frames at (o_stride_b, o_stride_t).
-        in_offs = b * o_stride_b + t * o_stride_t + offs_n[:, None] * D + offs_d[None, :]
-        tl.store(
-            grad_in_ptr + in_offs,
-            acc.to(grad_in_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & mask_d[None, :],
-        )
+            # grad_in: tokens and features dense within a frame; frames at (o_stride_b, o_stride_t).
+            tl.store(
+                out_base + offs_d[None, :],
+                acc.to(grad_in_ptr.dtype.element_ty),
+                mask=mask_n[:, None] & mask_d[None, :],
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,16 +371,20 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
                              f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if grad_in.numel() == 0:
         return grad_in
-    block_n, block_d, num_warps, extra = apply_tune(
-        *bwd_settings(n_in, D), LAUNCH_OVERRIDES.get("resample_bwd") if tune is None else tune)
+    tune = LAUNCH_OVERRIDES.get("resample_bwd") if tune is None else tune
+    block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(n_in, D), tune, RESAMPLE_BWD_TUNE_KEYS)
+    # Feature blocks per program: one unless a sweep says otherwise (the result is the same either way:
+    # every element sums its contributions in the same order).
+    d_blocks = (tune or {}).get("d_blocks", 1)
     n_tok_blocks = cdiv(n_in, block_n)
-    grid = (n_tok_blocks * B * T, cdiv(D, block_d))
+    grid = (n_tok_blocks * B * T, cdiv(cdiv(D, block_d), d_blocks))
     with device_guard(grad_out):
         _kernel(_resample_bwd_kernel, traceable)[grid](
             grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
             grad_in.stride(0), grad_in.stride(1),
             n_tok_blocks,
+            d_blocks,
             IS_FP64=grad_out.dtype == torch.float64,
             R_H=_contributor_bound(in_h, out_h),
             R_W=_contributor_bound(in_w, out_w),

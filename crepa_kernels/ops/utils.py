@@ -248,6 +248,9 @@ TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
 # The one-pass backward's settings: ``rows`` (input rows per band, any positive int) instead of a
 # token block.
 BAND_TUNE_KEYS = ("rows", "block_d", "num_warps", "num_stages")
+# The resample backward's: also ``d_blocks`` (any positive int), the feature blocks one program
+# computes in turn (1 by default; more run the token block's contributor search once for several).
+RESAMPLE_BWD_TUNE_KEYS = TUNE_KEYS + ("d_blocks",)
 # The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
 # similarity forward and backward (every launch of each), the resample backward, and the one-pass
 # fused-resample backward (``CREPA_KERNELS_MERGED_BWD=1``).
@@ -256,7 +259,7 @@ TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd", "merged_bwd")
 
 def tune_keys(kernel: str) -> tuple:
     """The settings ``kernel`` (one of ``TUNABLE_KERNELS``) takes overrides for."""
-    return BAND_TUNE_KEYS if kernel == "merged_bwd" else TUNE_KEYS
+    return {"merged_bwd": BAND_TUNE_KEYS, "resample_bwd": RESAMPLE_BWD_TUNE_KEYS}.get(kernel, TUNE_KEYS)
 
 
 # kernel name -> overrides, consulted by launches not given their own: empty unless a benchmark fills it
@@ -295,8 +298,9 @@ def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None",
                keys: tuple = TUNE_KEYS) -> tuple[int, int, int, dict]:
     """(BLOCK_N, BLOCK_D, num_warps, extra launch options) with a tuning sweep's overrides applied.
 
-    ``tune`` maps some of ``keys`` (``TUNE_KEYS``, or ``BAND_TUNE_KEYS`` where the first setting is
-    ``rows``, not ``block_n``) to ints and replaces the shape-derived settings it names
+    ``tune`` maps some of ``keys`` (``TUNE_KEYS``, ``BAND_TUNE_KEYS`` where the first setting is
+    ``rows``, not ``block_n``, or ``RESAMPLE_BWD_TUNE_KEYS``, whose ``d_blocks`` its launcher reads
+    itself) to ints and replaces the shape-derived settings it names
     (``bench/tune_kernels.py`` times the hot kernels this way); ``num_stages`` is passed to Triton only
     when given, so a default launch keeps Triton's own pipelining depth. None or {}: the defaults."""
     if not tune:
@@ -307,7 +311,7 @@ def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None",
     for key, value in tune.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"tune[{key!r}] must be a positive int, got {value!r}")
-        if key not in ("num_stages", "rows") and value & (value - 1):
+        if key not in ("num_stages", "rows", "d_blocks") and value & (value - 1):
             raise ValueError(f"tune[{key!r}] must be a power of two, got {value}")
     extra = {"num_stages": tune["num_stages"]} if "num_stages" in tune else {}
     first = keys[0]
