@@ -551,21 +551,27 @@ def test_tune_reports_the_one_pass_settings_it_launches(monkeypatch):
     assert res["rows"] == [] and "tile limit" in res["error"]
 
 
-def test_tune_tries_the_resample_backwards_feature_blocks_per_program_first():
-    """At wan480's D = 1536 in blocks of 128 (twelve): 4, all twelve, then 2 blocks per program, before
-    the settings every kernel takes; one block leaves nothing to chunk. Reported settings name it."""
+def test_tune_tries_the_resample_backwards_row_form_and_feature_blocks_per_program_first():
+    """The row form (alone, with 4 feature blocks per program, with 32-token tiles), then, at wan480's
+    D = 1536 in blocks of 128 (twelve), 4, all twelve and 2 blocks per program, before the settings
+    every kernel takes; one block leaves nothing to chunk. Reported settings are what launches."""
     sys.path.insert(0, HERE)
     try:
         import tune_kernels as tk
     finally:
         sys.path.remove(HERE)
     wan = tk.candidates((8, 128, 4), 1536, "resample_bwd")
-    assert wan[:3] == [{"d_blocks": 4}, {"d_blocks": 12}, {"d_blocks": 2}]
-    assert wan[3:] == tk.candidates((8, 128, 4), 1536, "sim_bwd")
-    assert not any("d_blocks" in c for c in tk.candidates((8, 128, 4), 128, "resample_bwd"))
-    assert not any("d_blocks" in c for c in tk.candidates((8, 128, 4), 1536, "sim_fwd"))
-    case = tk.Case("resample_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu")
-    assert tk._settings(case, {})["d_blocks"] == 1 and tk._settings(case, {"d_blocks": 3})["d_blocks"] == 3
+    assert wan[:6] == [{"row_kernel": 1}, {"row_kernel": 1, "d_blocks": 4}, {"row_kernel": 1, "block_n": 32},
+                       {"d_blocks": 4}, {"d_blocks": 12}, {"d_blocks": 2}]
+    assert wan[6:] == tk.candidates((8, 128, 4), 1536, "sim_bwd")
+    assert not any("d_blocks" in c and len(c) == 1 for c in tk.candidates((8, 128, 4), 128, "resample_bwd"))
+    assert not any("d_blocks" in c or "row_kernel" in c for c in tk.candidates((8, 128, 4), 1536, "sim_fwd"))
+    case = tk.Case("resample_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu")  # grids (3, 5) -> (2, 3), D 40
+    assert tk._settings(case, {}) == {"block_n": 16, "block_d": 64, "num_warps": 4, "num_stages": "triton default",
+                                      "d_blocks": 1, "row_kernel": 0}
+    assert tk._settings(case, {"d_blocks": 3})["d_blocks"] == 3
+    rows = tk._settings(case, {"row_kernel": 1})
+    assert (rows["row_kernel"], rows["block_n"]) == (1, 8)  # a 5-token row in 8 lanes
     assert "d_blocks" not in tk._settings(tk.Case("sim_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu"), {})
 
 

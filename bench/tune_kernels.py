@@ -5,8 +5,8 @@ reproducible); this measures how good that function's choices are. For each kern
 wan480 call - the similarity forward with the projected side's resample fused in (``sim_fwd``), the
 similarity backward of one frame window (``sim_bwd``) and the resample backward of that window
 (``resample_bwd``) - it times the default settings and variations of them: the token block, the
-warps and the feature block (and, for the resample backward, the feature blocks one program computes),
-one at a time, then the best of each combined. The opt-in one-pass
+warps and the feature block (and, for the resample backward, its row form and the feature blocks one
+program computes), one at a time, then the best of each combined. The opt-in one-pass
 backward (``merged_bwd``, the whole clip in one launch, in place of both backward kernels in every
 window) is swept the same way, over its band height (``rows``), warps and feature block. Inputs and launch
 arguments are the ones crepa_loss passes (a stride-0 loss gradient, the first backward window, the
@@ -178,8 +178,10 @@ def candidates(default: tuple[int, int, int], dim: int, kernel: str = "sim_fwd")
     # No num_stages: these kernels feed no tl.dot, and triton 3.8 emits the same PTX for 1 to 4 stages.
     out = []
     if kernel == "resample_bwd":
-        # Feature blocks per program first (the same bits, the contributor search run once for several
-        # blocks): 4, all of them, 2.
+        # The row form first (its own tiles; with 4 feature blocks per program; with half-row tiles),
+        # then feature blocks per program of the default form (the same bits, the contributor search
+        # run once for several blocks): 4, all of them, 2.
+        out += [{"row_kernel": 1}, {"row_kernel": 1, "d_blocks": 4}, {"row_kernel": 1, "block_n": 32}]
         blocks = -(-dim // block_d)
         out += [{"d_blocks": n} for n in dict.fromkeys((4, blocks, 2)) if 1 < n <= blocks]
     out += [{"block_n": n} for n in (block_n // 2, block_n * 2, block_n * 4) if 2 <= n <= 64]
@@ -289,13 +291,15 @@ def _settings(case, tune) -> dict:
         first, (block_n, block_d, warps) = case.keys[0], launched(tune)
         return {first: block_n, "block_d": block_d, "num_warps": warps,
                 "num_stages": tune.get("num_stages", "triton default")}
+    if getattr(case, "kernel", None) == "resample_bwd":  # the row form has tiles of its own
+        plan = resample.bwd_plan(case.resample_p[:2], case.resample_p[2:], case.dim, tune)
+        return {"block_n": plan["block_n"], "block_d": plan["block_d"], "num_warps": plan["num_warps"],
+                "num_stages": tune.get("num_stages", "triton default"), "d_blocks": plan["d_blocks"],
+                "row_kernel": int(plan["row_kernel"])}
     block_n, block_d, warps = case.default
     first = case.keys[0]
-    out = {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
-           "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
-    if "d_blocks" in case.keys:
-        out["d_blocks"] = tune.get("d_blocks", 1)
-    return out
+    return {first: tune.get(first, block_n), "block_d": tune.get("block_d", block_d),
+            "num_warps": tune.get("num_warps", warps), "num_stages": tune.get("num_stages", "triton default")}
 
 
 def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwidth, deadline: float,
@@ -344,7 +348,7 @@ def main(argv=None) -> int:
                     help="at most this many variants per kernel and dtype besides the default (smoke tests)")
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:KEY=VALUE[,KEY=VALUE]",
                     help="an override to time first for one kernel, e.g. sim_bwd:block_n=16,num_warps=4 "
-                         f"(keys: {', '.join(TUNE_KEYS)}; resample_bwd also d_blocks; for merged_bwd "
+                         f"(keys: {', '.join(TUNE_KEYS)}; resample_bwd also d_blocks, row_kernel; for merged_bwd "
                          f"{', '.join(BAND_TUNE_KEYS)}); "
                          "repeatable")
     ap.add_argument("--rep-ms", type=int, default=40, help="do_bench's timed span per variant (GPU)")

@@ -108,12 +108,17 @@ def cases():
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)
         yield f"resample bwd {dt}", rb, {"default": dt}, dict(IS_FP64=fp64, R_H=3, R_W=2, BLOCK_N=16, BLOCK_D=128)
+        # the row form at wan480's tiles (a 52-token row, 37 output columns) and a strong upsampling's
+        yield (f"resample bwd rows {dt}", resample._resample_bwd_rows_kernel, {"default": dt},
+               dict(IS_FP64=fp64, R_W=2, BLOCK_W=64, V_PAD=64, BLOCK_D=32))
+        yield (f"resample bwd rows {dt} R_W=24", resample._resample_bwd_rows_kernel, {"default": dt},
+               dict(IS_FP64=fp64, R_W=24, BLOCK_W=4, V_PAD=128, BLOCK_D=16))
 
 
 # One fp32 case of each kernel is also compiled with the scalar types a torch.compile graph gives it.
 TORCH_COMPILE_CASES = ("similarity fwd fp32 fused resample", "similarity bwd fp32 fused resample",
                        "similarity bwd fp32 both grads", "similarity+resample bwd fp32 Q_PAD=64",
-                       "resample fwd fp32", "resample bwd fp32")
+                       "resample fwd fp32", "resample bwd fp32", "resample bwd rows fp32")
 
 
 def main(argv) -> int:

@@ -571,3 +571,54 @@ def test_backward_with_several_feature_blocks_per_program(d_blocks, nan_outputs)
     x = torch.zeros(2, 3, 6 * 10, 40, device=DEVICE, requires_grad=True)
     (ref,) = torch.autograd.grad(oracle(x, (6, 10), (7, 7)), x, g)
     assert_rel_close(many, ref, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("in_grid,out_grid", GRID_CASES)
+def test_row_form_of_the_backward_matches_interpolate(in_grid, out_grid, nan_outputs):
+    # The row form (launch setting row_kernel=1): heights first, then each token gathers its columns.
+    # fp64 against autograd of F.interpolate, every element written, over every axis case; with tiles
+    # of a whole row (up to 64 tokens) and of 2 tokens (several tiles per row, several blocks of D = 40).
+    torch.manual_seed(11)
+    g = torch.randn(1, 1, out_grid[0] * out_grid[1], 40, dtype=torch.float64, device=DEVICE)
+    x = torch.zeros(1, 1, in_grid[0] * in_grid[1], 40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    (ref,) = torch.autograd.grad(oracle(x, in_grid, out_grid), x, g)
+    for tune in ({"row_kernel": 1}, {"row_kernel": 1, "block_n": 2, "block_d": 16, "d_blocks": 2}):
+        torch.testing.assert_close(rs._launch_bwd(g, *in_grid, *out_grid, tune=tune), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("in_grid,out_grid", [((6, 10), (7, 7)), ((7, 7), (6, 10)), ((3, 2), (12, 5))])
+def test_row_form_in_fp32_strided_and_into_a_frame_slice(in_grid, out_grid):
+    # fp32 within rounding of the default form (a different summation order), reading a stride-0 and a
+    # transposed gradient, writing frame windows of a larger gradient; deterministic.
+    torch.manual_seed(12)
+    n_out, n_in = out_grid[0] * out_grid[1], in_grid[0] * in_grid[1]
+    g = torch.randn(1, 2, 24, n_out, device=DEVICE).transpose(2, 3)  # (B, T, N, D), features not unit-stride
+    rows = {"row_kernel": 1}
+    default = rs._launch_bwd(g, *in_grid, *out_grid)
+    whole = rs._launch_bwd(g, *in_grid, *out_grid, tune=rows)
+    assert_rel_close(whole, default, 1e-6, "row form")
+    assert torch.equal(rs._launch_bwd(g, *in_grid, *out_grid, tune=rows), whole)
+    into = torch.full_like(whole, float("nan"))
+    rs._launch_bwd(g[:, :1], *in_grid, *out_grid, out=into[:, :1], tune=rows)
+    rs._launch_bwd(g[:, 1:], *in_grid, *out_grid, out=into[:, 1:], tune=rows)
+    assert torch.equal(into, whole)
+    flat = torch.randn(1, 1, 1, 24, device=DEVICE).expand(1, 2, n_out, 24)  # one value per token: stride 0
+    assert_rel_close(rs._launch_bwd(flat, *in_grid, *out_grid, tune=rows),
+                     rs._launch_bwd(flat.contiguous(), *in_grid, *out_grid), 1e-6, "stride 0")
+
+
+def test_row_form_settings_and_their_limits():
+    # wan480's grids: whole 52-token rows as 64 lanes gathering from 37 output columns (64 lanes),
+    # 32 features per block; a tile's columns follow its block_n. Refused: another row_kernel value, and
+    # tiles that would gather from more than 1024 output columns (1 -> 4096 columns, upsampled).
+    plan = rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 1})
+    assert (plan["row_kernel"], plan["block_n"], plan["v_pad"], plan["block_d"], plan["d_blocks"]) == \
+        (True, 64, 64, 32, 1)
+    assert rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 1, "block_n": 16})["v_pad"] == 16
+    default = rs.bwd_plan((30, 52), (37, 37), 1536)
+    assert (default["row_kernel"], default["v_pad"], default["d_blocks"]) == (False, 0, 1)
+    assert (default["block_n"], default["block_d"], default["num_warps"]) == rs.bwd_settings(30 * 52, 1536)
+    with pytest.raises(ValueError, match="row_kernel"):
+        rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 2})
+    with pytest.raises(ValueError, match="at most 1024 output columns"):
+        rs.bwd_plan((1, 2), (1, 4096), 64, {"row_kernel": 1})

@@ -1383,6 +1383,12 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
     _same_up_to_layout(loss_t, loss)
     _same_up_to_layout(grad_t, grad)
     assert run()[2] == default  # outside the block: the shape's own settings again
+    # the resample backward's row form: another kernel, the same gradient up to summation order
+    with launch_overrides({"resample_bwd": {"row_kernel": 1, "d_blocks": 2}}):
+        loss_r, grad_r, metas = run()
+    assert set(metas) == {"_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel", "_resample_bwd_rows_kernel"}
+    assert torch.equal(loss_r, loss)
+    torch.testing.assert_close(grad_r, grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("merged", [False, True])

@@ -4,7 +4,8 @@
 `F.interpolate(mode="bilinear", align_corners=False)` sampling rule (SPEC section 2), directly on the
 token-major layout: no permute copies. Forward: each output token reads its <= 4 taps. Backward:
 the gather formulation, each input token sums the output tokens whose taps touch it, with the same
-weights the forward used, so it is deterministic and needs no atomics.
+weights the forward used, so it is deterministic and needs no atomics. Its row form (a launch
+setting, `bwd_plan`) sums the touching output rows once per input row, then gathers by column.
 
 `temporal_indices` / `pick_frames` (the temporal subsampling of SPEC section 1, plain torch) live in
 `crepa_kernels.reference` and are re-exported here.
@@ -258,6 +259,86 @@ if triton_available():
                 mask=mask_n[:, None] & mask_d[None, :],
             )
 
+    @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+    def _resample_bwd_rows_kernel(
+        grad_out_ptr,
+        grad_in_ptr,
+        T,
+        D,
+        in_h,
+        in_w,
+        out_h,
+        out_w,
+        g_stride_b,
+        g_stride_t,
+        g_stride_n,
+        g_stride_d,
+        o_stride_b,
+        o_stride_t,
+        n_w_tiles,
+        D_BLOCKS,
+        IS_FP64: tl.constexpr,
+        R_W: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        V_PAD: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # The row form of the same backward (separable: heights, then widths). Program (w tile, input
+        # row ih, frame, D chunk) owns BLOCK_W consecutive tokens of row ih. The output rows touching
+        # ih are the same for all of them (scalars), and the output columns touching the tile are one
+        # run of at most V_PAD from the tile's first contributor (`_contributor_bound` over BLOCK_W
+        # inputs). Per feature block: v[ow] = sum over the rows oh of W_h[oh, ih] g[oh, ow], each
+        # output row read once, unmasked by token; then each token gathers its <= R_W columns of v,
+        # d in[ih, iw] = sum over ow of W_w[ow, iw] v[ow]. Deterministic, no atomics; the sums run in
+        # another order than `_resample_bwd_kernel`'s (rounding apart, the same result).
+        pid0 = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        w_tile = pid0 % n_w_tiles  # tiles of a row fastest, then rows: programs running together
+        rest = pid0 // n_w_tiles  # share their output rows (L2 reuse)
+        ih = (rest % in_h).to(tl.int32)
+        bt = rest // in_h
+        b = bt // T
+        t = bt % T
+
+        scale_h = _axis_scale(in_h, out_h, IS_FP64)
+        scale_w = _axis_scale(in_w, out_w, IS_FP64)
+        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+        w0 = (w_tile * BLOCK_W).to(tl.int32)
+        iw = w0 + tl.arange(0, BLOCK_W)
+        w_mask = iw < in_w
+        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+        ow_first, _c = _axis_contributors(w0, in_w, out_w, scale_w)  # the tile's first contributor
+        v_cols = ow_first + tl.arange(0, V_PAD)
+        v_mask = v_cols < out_w
+
+        base = grad_out_ptr + b * g_stride_b + t * g_stride_t
+        v_rows = v_cols.to(tl.int64) * g_stride_n
+        out_base = (grad_in_ptr + b * o_stride_b + t * o_stride_t
+                    + (ih.to(tl.int64) * in_w + iw.to(tl.int64))[:, None] * D)
+        blk_lo = pid_d * D_BLOCKS
+        blk_hi = tl.minimum(blk_lo + D_BLOCKS, tl.cdiv(D, BLOCK_D))
+        for blk in range(blk_lo, blk_hi):
+            offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask_d = offs_d < D
+            d_off = (offs_d * g_stride_d)[None, :]
+            v = tl.zeros([V_PAD, BLOCK_D], dtype=scale_h.dtype)
+            for kh in range(0, oh_count):  # the rows touching ih, ascending
+                oh = oh_lo + kh
+                wh = _axis_weight(oh, ih, in_h, out_h, scale_h)
+                g = tl.load(base + oh.to(tl.int64) * out_w * g_stride_n + v_rows[:, None] + d_off,
+                            mask=v_mask[:, None] & mask_d[None, :], other=0.0).to(v.dtype)
+                v += wh * g
+            acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=scale_h.dtype)
+            for kw in tl.static_range(R_W):  # each token's columns, ascending
+                ow = ow_lo + kw
+                touch = w_mask & (kw < ow_count)
+                ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0)
+                lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
+                gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
+                acc += ww[:, None] * gv
+            tl.store(out_base + offs_d[None, :], acc.to(grad_in_ptr.dtype.element_ty),
+                     mask=w_mask[:, None] & mask_d[None, :])
+
 
 # --------------------------------------------------------------------------------------------------
 # Launch settings (a function of the shape; no autotuning, so behaviour is reproducible)
@@ -351,13 +432,61 @@ def _bwd_settings(n_in: int, D: int, ept: int) -> tuple[int, int, int]:
     return block_n, block_d, num_warps_for(2 * block_n * block_d, ept)  # several contributions per element
 
 
+# Tile elements of the row form's larger tile (its v, gathered, and result tiles are all that size),
+# and the most output columns a tile may gather from (a strong horizontal upsampling needs many).
+_ROWS_TILE = 2048
+_ROWS_MAX_V_PAD = 1024
+
+
+def _rows_v_pad(in_w: int, out_w: int, block_w: int) -> int:
+    # Output columns touching block_w consecutive input columns: one run of at most this many.
+    return next_power_of_2(max(1, min(_contributor_bound(in_w, out_w, block_w), out_w)))
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_rows_settings(in_w: int, out_w: int, D: int, ept: int, block_w: "int | None" = None,
+                       block_d: "int | None" = None) -> tuple[int, int, int, int]:
+    """(BLOCK_W, V_PAD, BLOCK_D, num_warps) of the row form: tiles of up to 64 tokens of a row."""
+    block_w = block_w or min(next_power_of_2(in_w), 64)
+    v_pad = _rows_v_pad(in_w, out_w, block_w)
+    wide = max(block_w, v_pad)
+    block_d = block_d or max(16, min(_feature_block(D), _ROWS_TILE // wide))
+    return block_w, v_pad, block_d, num_warps_for(2 * wide * block_d, ept)
+
+
+def bwd_plan(in_grid: tuple[int, int], out_grid: tuple[int, int], D: int, tune: "dict | None" = None) -> dict:
+    """How the resample backward launches for ``D`` features from ``out_grid`` back to ``in_grid``, with
+    ``tune`` (checked ``utils.RESAMPLE_BWD_TUNE_KEYS`` overrides) applied: ``row_kernel`` (the row
+    form, ``_resample_bwd_rows_kernel``, taken with ``row_kernel=1``; the token-block form by default),
+    ``block_n`` (its token block; the row form's tile of a row), ``block_d``, ``num_warps``,
+    ``d_blocks`` (feature blocks per program, 1 by default), ``v_pad`` (the row form's output columns
+    per tile, else 0) and ``extra`` (further launch options)."""
+    (in_h, in_w), (out_h, out_w) = in_grid, out_grid
+    tune = tune or {}
+    block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(in_h * in_w, D), tune, RESAMPLE_BWD_TUNE_KEYS)
+    rows = tune.get("row_kernel", 0)
+    if rows not in (0, 1):
+        raise ValueError(f"tune['row_kernel'] must be 1 (the row form) or left out, got {rows!r}")
+    v_pad = 0
+    if rows:
+        block_n, v_pad, block_d, num_warps = _bwd_rows_settings(in_w, out_w, D, elements_per_thread(),
+                                                                tune.get("block_n"), tune.get("block_d"))
+        num_warps = tune.get("num_warps", num_warps)
+        if v_pad > _ROWS_MAX_V_PAD:
+            raise ValueError(f"tune['row_kernel']: the row form holds at most {_ROWS_MAX_V_PAD} output columns per "
+                             f"tile; {block_n} tokens of a {in_w}-wide row touch up to {v_pad} of {out_w} "
+                             f"(a smaller block_n, or the default form)")
+    return {"row_kernel": bool(rows), "block_n": block_n, "block_d": block_d, "num_warps": num_warps,
+            "d_blocks": tune.get("d_blocks", 1), "v_pad": v_pad, "extra": extra}
+
+
 def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w: int,
                 traceable: bool = False, out: "torch.Tensor | None" = None,
                 tune: "dict | None" = None) -> torch.Tensor:
     # grad_out is read through its strides, so an expanded (stride-0) gradient, e.g. from `.sum()`,
     # is consumed in place without materialising it. `out`: a (B, T, n_in, D) destination whose
     # frames are dense (e.g. a frame slice of a larger gradient); by default a new tensor. `tune`:
-    # launch-setting overrides (`utils.apply_tune`), for tuning sweeps; without it, those
+    # launch-setting overrides (`utils.apply_tune`, `bwd_plan`), for tuning sweeps; without it, those
     # `utils.launch_overrides` set, if any.
     B, T, _, D = grad_out.shape
     n_in = in_h * in_w
@@ -372,19 +501,29 @@ def _launch_bwd(grad_out: torch.Tensor, in_h: int, in_w: int, out_h: int, out_w:
     if grad_in.numel() == 0:
         return grad_in
     tune = LAUNCH_OVERRIDES.get("resample_bwd") if tune is None else tune
-    block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(n_in, D), tune, RESAMPLE_BWD_TUNE_KEYS)
-    # Feature blocks per program: one unless a sweep says otherwise (the result is the same either way:
-    # every element sums its contributions in the same order).
-    d_blocks = (tune or {}).get("d_blocks", 1)
-    n_tok_blocks = cdiv(n_in, block_n)
-    grid = (n_tok_blocks * B * T, cdiv(cdiv(D, block_d), d_blocks))
+    if not tune:
+        block_n, block_d, num_warps = bwd_settings(n_in, D)
+        rows, d_blocks, extra = False, 1, {}
+    else:
+        plan = bwd_plan((in_h, in_w), (out_h, out_w), D, tune)
+        rows, block_n, block_d, num_warps = plan["row_kernel"], plan["block_n"], plan["block_d"], plan["num_warps"]
+        d_blocks, extra = plan["d_blocks"], plan["extra"]
+    # Feature blocks per program: one unless a sweep says otherwise (the same bits either way: every
+    # element sums its contributions in the same order; the row form sums them in another).
+    d_chunks = cdiv(cdiv(D, block_d), d_blocks)
+    strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+               grad_in.stride(0), grad_in.stride(1))
     with device_guard(grad_out):
-        _kernel(_resample_bwd_kernel, traceable)[grid](
-            grad_out, grad_in, T, D, in_h, in_w, out_h, out_w,
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-            grad_in.stride(0), grad_in.stride(1),
-            n_tok_blocks,
-            d_blocks,
+        if rows:
+            n_w_tiles = cdiv(in_w, block_n)
+            _kernel(_resample_bwd_rows_kernel, traceable)[(n_w_tiles * in_h * B * T, d_chunks)](
+                grad_out, grad_in, T, D, in_h, in_w, out_h, out_w, *strides, n_w_tiles, d_blocks,
+                IS_FP64=grad_out.dtype == torch.float64, R_W=_contributor_bound(in_w, out_w),
+                BLOCK_W=block_n, V_PAD=plan["v_pad"], BLOCK_D=block_d, num_warps=num_warps, **extra)
+            return grad_in
+        n_tok_blocks = cdiv(n_in, block_n)
+        _kernel(_resample_bwd_kernel, traceable)[(n_tok_blocks * B * T, d_chunks)](
+            grad_out, grad_in, T, D, in_h, in_w, out_h, out_w, *strides, n_tok_blocks, d_blocks,
             IS_FP64=grad_out.dtype == torch.float64,
             R_H=_contributor_bound(in_h, out_h),
             R_W=_contributor_bound(in_w, out_w),

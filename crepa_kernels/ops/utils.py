@@ -249,8 +249,10 @@ TUNE_KEYS = ("block_n", "block_d", "num_warps", "num_stages")
 # token block.
 BAND_TUNE_KEYS = ("rows", "block_d", "num_warps", "num_stages")
 # The resample backward's: also ``d_blocks`` (any positive int), the feature blocks one program
-# computes in turn (1 by default; more run the token block's contributor search once for several).
-RESAMPLE_BWD_TUNE_KEYS = TUNE_KEYS + ("d_blocks",)
+# computes in turn (1 by default; more run the token block's contributor search once for several),
+# and ``row_kernel`` (1: its row form, `resample._resample_bwd_rows_kernel`, whose ``block_n`` is the
+# tile of a row).
+RESAMPLE_BWD_TUNE_KEYS = TUNE_KEYS + ("d_blocks", "row_kernel")
 # The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
 # similarity forward and backward (every launch of each), the resample backward, and the one-pass
 # fused-resample backward (``CREPA_KERNELS_MERGED_BWD=1``).
@@ -299,8 +301,8 @@ def apply_tune(block_n: int, block_d: int, num_warps: int, tune: "dict | None",
     """(BLOCK_N, BLOCK_D, num_warps, extra launch options) with a tuning sweep's overrides applied.
 
     ``tune`` maps some of ``keys`` (``TUNE_KEYS``, ``BAND_TUNE_KEYS`` where the first setting is
-    ``rows``, not ``block_n``, or ``RESAMPLE_BWD_TUNE_KEYS``, whose ``d_blocks`` its launcher reads
-    itself) to ints and replaces the shape-derived settings it names
+    ``rows``, not ``block_n``, or ``RESAMPLE_BWD_TUNE_KEYS``, whose ``d_blocks`` and ``row_kernel``
+    `resample.bwd_plan` reads itself) to ints and replaces the shape-derived settings it names
     (``bench/tune_kernels.py`` times the hot kernels this way); ``num_stages`` is passed to Triton only
     when given, so a default launch keeps Triton's own pipelining depth. None or {}: the defaults."""
     if not tune:
