@@ -591,7 +591,7 @@ def test_row_form_in_fp32_strided_and_into_a_frame_slice(in_grid, out_grid):
     # fp32 within rounding of the default form (a different summation order), reading a stride-0 and a
     # transposed gradient, writing frame windows of a larger gradient; deterministic.
     torch.manual_seed(12)
-    n_out, n_in = out_grid[0] * out_grid[1], in_grid[0] * in_grid[1]
+    n_out = out_grid[0] * out_grid[1]
     g = torch.randn(1, 2, 24, n_out, device=DEVICE).transpose(2, 3)  # (B, T, N, D), features not unit-stride
     rows = {"row_kernel": 1}
     default = rs._launch_bwd(g, *in_grid, *out_grid)

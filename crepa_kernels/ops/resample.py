@@ -461,7 +461,7 @@ def bwd_plan(in_grid: tuple[int, int], out_grid: tuple[int, int], D: int, tune: 
     ``block_n`` (its token block; the row form's tile of a row), ``block_d``, ``num_warps``,
     ``d_blocks`` (feature blocks per program, 1 by default), ``v_pad`` (the row form's output columns
     per tile, else 0) and ``extra`` (further launch options)."""
-    (in_h, in_w), (out_h, out_w) = in_grid, out_grid
+    (in_h, in_w), (_, out_w) = in_grid, out_grid
     tune = tune or {}
     block_n, block_d, num_warps, extra = apply_tune(*bwd_settings(in_h * in_w, D), tune, RESAMPLE_BWD_TUNE_KEYS)
     rows = tune.get("row_kernel", 0)
