@@ -10,7 +10,8 @@ serves every variant. ``--tuned TUNE_JSON`` adds a variant ``tuned`` that runs t
 with each kernel's best launch settings from a ``bench/tune_kernels.py`` report (per dtype), so a
 sweep's per-kernel gains can be checked on whole calls; where the report swept the one-pass backward
 (``merged_bwd``), a variant ``tuned_merged`` runs it (``CREPA_KERNELS_MERGED_BWD=1``) with the same
-settings.
+settings, and where it swept the row-form one (``row_bwd``), a variant ``tuned_row``
+(``CREPA_KERNELS_ROW_BWD=1``).
 
     python bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \\
         --variant default= --variant win128=CREPA_KERNELS_BWD_WINDOW_MIB=128 --out ab.json
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME= or NAME=KEY=VALUE[,KEY=VALUE]")
     ap.add_argument("--tuned", metavar="TUNE_JSON", help="add a variant 'tuned': the default switches with each "
                     "kernel's best launch settings from a bench/tune_kernels.py report, per dtype (and "
-                    "'tuned_merged', the same with CREPA_KERNELS_MERGED_BWD=1, where the report swept merged_bwd)")
+                    "'tuned_merged', the same with CREPA_KERNELS_MERGED_BWD=1, where the report swept merged_bwd, "
+                    "and 'tuned_row', with CREPA_KERNELS_ROW_BWD=1, where it swept row_bwd)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--synced", type=int, default=10, help="single synced calls per round")
@@ -171,6 +173,9 @@ def main(argv=None) -> int:
             if "merged_bwd" in swept:
                 launch["tuned_merged"] = launch["tuned"]
                 variants.append(("tuned_merged", {"CREPA_KERNELS_MERGED_BWD": "1"}))
+            if "row_bwd" in swept:
+                launch["tuned_row"] = launch["tuned"]
+                variants.append(("tuned_row", {"CREPA_KERNELS_ROW_BWD": "1"}))
         names = [name for name, _ in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"--variant: names must differ, got {', '.join(names)}")

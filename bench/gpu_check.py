@@ -30,10 +30,13 @@ from crepa_kernels import benchmark as bm  # noqa: E402
 # (crepa_kernels/ops/launch.py; the fast launch is the default since these rows and the A/B said it pays);
 # FUSED_HALF_BLOCK_N=0 gives the fused-resample kernels the unfused token block (16-byte tap loads);
 # MERGED_BWD=1 runs the fused-resample backward as one kernel over bands of input rows (no
-# resampled-grid buffer, no frame windows; off by default until these rows and the A/B say it pays).
+# resampled-grid buffer, no frame windows; off by default until these rows and the A/B say it pays);
+# ROW_BWD=1 as one kernel over tiles of input rows (the same, with no staging; untimed so far, so
+# right after the defaults).
 PLAN = [
     (["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full", "forward", "backward"], {}),
     (["wan480"], ["fp32", "bf16"], ["torch_compile"], ["full"], {}),
+    (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "backward"], {"CREPA_KERNELS_ROW_BWD": "1"}),
     (["wan480", "small"], ["fp32", "bf16"], ["triton"], ["full"], {"CREPA_KERNELS_FAST_LAUNCH": "0"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "backward"], {"CREPA_KERNELS_MERGED_BWD": "1"}),
     (["wan480"], ["fp32", "bf16"], ["triton"], ["full", "forward"], {"CREPA_KERNELS_FUSED_HALF_BLOCK_N": "0"}),

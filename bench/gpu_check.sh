@@ -101,11 +101,11 @@ if want tests && fits tests "$tests_s"; then
 fi
 
 if want ab && fits ab "$ab_s"; then
-  echo "== interleaved A/B at wan480: defaults vs Triton's own launch, the one-pass backward, the full fused token block"
+  echo "== interleaved A/B at wan480: defaults vs the row-form and the banded one-pass backwards, Triton's own launch"
   timeout "$LIMIT" python3 bench/ab_settings.py --preset wan480 --dtypes fp32,bf16 --rounds 5 \
-    --variant default= --variant triton_launch=CREPA_KERNELS_FAST_LAUNCH=0 \
+    --variant default= --variant row_bwd=CREPA_KERNELS_ROW_BWD=1 \
     --variant merged_bwd=CREPA_KERNELS_MERGED_BWD=1 \
-    --variant full_block=CREPA_KERNELS_FUSED_HALF_BLOCK_N=0 \
+    --variant triton_launch=CREPA_KERNELS_FAST_LAUNCH=0 \
     --out "$OUT_DIR/ab_switches_wan480.json" 2>&1 | tail -n 16 || status=1
 fi
 
@@ -136,10 +136,10 @@ if want profile && fits profile 60; then
   echo "== profile of the wan480 step (kernel table, host enqueue cost)"
   timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 --iters 10 \
     --out "$OUT_DIR/profile_wan480_fp32.txt" > /dev/null || status=1  # the table goes to the file
-  # the one-pass backward's kernel time on its own (the A/B times it only with the host included)
-  if fits profile_merged_bwd 45; then
-    CREPA_KERNELS_MERGED_BWD=1 timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 \
-      --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_merged_bwd.txt" > /dev/null || status=1
+  # the row-form one-pass backward's kernel time on its own (the A/B times it only with the host included)
+  if fits profile_row_bwd 45; then
+    CREPA_KERNELS_ROW_BWD=1 timeout "$LIMIT" python3 bench/profile_loss.py --preset wan480 --dtype fp32 \
+      --iters 10 --backends triton --out "$OUT_DIR/profile_wan480_fp32_row_bwd.txt" > /dev/null || status=1
   fi
 fi
 

@@ -72,6 +72,7 @@ CONFIGS = {
     "features_grad": (True, {}),
     "separate_resample": (False, {"CREPA_KERNELS_FUSED_RESAMPLE": "0"}),
     "merged_backward": (False, {"CREPA_KERNELS_MERGED_BWD": "1"}),
+    "row_backward": (False, {"CREPA_KERNELS_ROW_BWD": "1"}),
 }
 
 

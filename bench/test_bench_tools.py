@@ -23,13 +23,13 @@ def test_kernel_registers_reports_every_hot_kernel_without_spills():
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if "registers=" in line]
-    # 8 compiled variants per dtype: the fused-resample forward and backward and the resample backward
+    # 9 compiled variants per dtype: the fused-resample forward and backward and the resample backward
     # (default); the resample forward, the unfused forward and the backward with d features (features
     # requiring grad); the unfused backward without d features (resample in a separate pass); the
-    # one-pass fused-resample backward (CREPA_KERNELS_MERGED_BWD=1)
-    assert len(rows) == 16, proc.stdout
+    # one-pass fused-resample backward (CREPA_KERNELS_MERGED_BWD=1); its row form (CREPA_KERNELS_ROW_BWD=1)
+    assert len(rows) == 18, proc.stdout
     for kernel in ("_neighbour_cosine_fwd_kernel", "_neighbour_cosine_bwd_kernel", "_resample_fwd_kernel",
-                   "_resample_bwd_kernel", "_neighbour_cosine_resample_bwd_kernel"):
+                   "_resample_bwd_kernel", "_neighbour_cosine_resample_bwd_kernel", "_neighbour_cosine_rows_bwd_kernel"):
         assert sum(kernel in line for line in rows) >= 2, kernel
     # the launch settings keep every kernel free of register spills at the flagship size
     assert all(" spill=0 " in line for line in rows), proc.stdout
@@ -128,11 +128,12 @@ def test_ab_settings_times_a_sweeps_best_settings_as_a_variant(tmp_path):
 
 def test_ab_settings_runs_the_tuned_one_pass_backward_where_the_sweep_covered_it(tmp_path):
     """A report that swept merged_bwd adds a variant 'tuned_merged': the one-pass backward switched on,
-    with the same per-dtype settings as 'tuned' (its own among them). The plumbing only: at preset
-    tiny the features grid is the larger, so no call takes the fused-resample backward (the sweep's
-    own test launches the one-pass kernel with its settings)."""
+    with the same per-dtype settings as 'tuned' (its own among them), and one that swept row_bwd a
+    variant 'tuned_row', the row form switched on. The plumbing only: at preset tiny the features
+    grid is the larger, so no call takes the fused-resample backward (the sweep's own test launches
+    the one-pass kernels with their settings)."""
     tune = tmp_path / "tune.json"
-    best = {"sim_fwd": {"block_n": 2}, "merged_bwd": {"rows": 1, "block_d": 16}}
+    best = {"sim_fwd": {"block_n": 2}, "merged_bwd": {"rows": 1, "block_d": 16}, "row_bwd": {"d_blocks": 4}}
     tune.write_text(json.dumps({"preset": {"name": "tiny"}, "results": [
         {"kernel": k, "dtype": "fp32", "best": {"valid": True, "tune": t}} for k, t in best.items()]}))
     out = tmp_path / "ab.json"
@@ -141,7 +142,8 @@ def test_ab_settings_runs_the_tuned_one_pass_backward_where_the_sweep_covered_it
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["variant"], r["environment_override"], r["launch_overrides"]) for r in rows] == \
-        [("default", {}, {}), ("tuned", {}, best), ("tuned_merged", {"CREPA_KERNELS_MERGED_BWD": "1"}, best)]
+        [("default", {}, {}), ("tuned", {}, best), ("tuned_merged", {"CREPA_KERNELS_MERGED_BWD": "1"}, best),
+         ("tuned_row", {"CREPA_KERNELS_ROW_BWD": "1"}, best)]
     assert all(r["queued_ms"] > 0 and "error" not in r for r in rows)
 
 
@@ -500,19 +502,20 @@ def test_tune_kernels_quick(tmp_path):
     interpreter; the one-pass backward's variant is another band height."""
     out = tmp_path / "tune.json"
     tries = [a for k in ("sim_bwd", "resample_bwd", "sim_fwd") for a in ("--try", f"{k}:block_n=4")]
+    kernels = "sim_bwd,resample_bwd,sim_fwd,row_bwd,merged_bwd"
     proc = _run("tune_kernels.py", "--preset", "tiny_fused", "--dtypes", "fp32", "--max-variants", "1",
-                *tries, "--try", "merged_bwd:rows=1", "--out", str(out))
+                "--kernels", kernels, *tries, "--try", "merged_bwd:rows=1", "--try", "row_bwd:d_blocks=2",
+                "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "not a performance figure" in report["timer"] and report["preset"]["name"] == "tiny_fused"
-    assert [(r["kernel"], r["dtype"]) for r in report["results"]] == \
-        [("sim_bwd", "fp32"), ("resample_bwd", "fp32"), ("sim_fwd", "fp32"), ("merged_bwd", "fp32")]
+    assert [(r["kernel"], r["dtype"]) for r in report["results"]] == [(k, "fp32") for k in kernels.split(",")]
     for r in report["results"]:
-        key, value = ("rows", 1) if r["kernel"] == "merged_bwd" else ("block_n", 4)
+        key, value = {"merged_bwd": ("rows", 1), "row_bwd": ("d_blocks", 2)}.get(r["kernel"], ("block_n", 4))
         default, variant = r["rows"]
         assert default["tune"] == {} and default["valid"] and default["ms"] > 0
         assert default["settings"][key] != value
-        # another token block or band: other programs, the same bits
+        # another token block, band or chunking of D: other programs, the same bits
         assert variant["tune"] == {key: value} and variant["settings"][key] == value
         assert variant["bits_equal"] and variant["max_rel_diff"] == 0
         assert r["cut_short"] and r["best"]["valid"]

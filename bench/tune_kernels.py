@@ -7,8 +7,11 @@ similarity backward of one frame window (``sim_bwd``) and the resample backward 
 (``resample_bwd``) - it times the default settings and variations of them: the token block, the
 warps and the feature block (and, for the resample backward, its row form and the feature blocks one
 program computes), one at a time, then the best of each combined. The opt-in one-pass
-backward (``merged_bwd``, the whole clip in one launch, in place of both backward kernels in every
-window) is swept the same way, over its band height (``rows``), warps and feature block. Inputs and launch
+backwards (the whole clip in one launch, in place of both backward kernels in every window) are
+swept the same way: the row form (``row_bwd``) over its tile of a row, feature blocks per program,
+warps and feature block, and, when named in ``--kernels`` (two H200 sweeps timed it at 1.6-1.8x the
+two-pass backward's kernels), the banded one (``merged_bwd``) over its band height (``rows``), warps
+and feature block. Inputs and launch
 arguments are the ones crepa_loss passes (a stride-0 loss gradient, the first backward window, the
 window's slice of the input-grid gradient as destination). ``--try KERNEL:KEY=VALUE,...`` times
 chosen overrides first. Triton's pipelining depth is not swept (no load in these kernels feeds a
@@ -48,9 +51,10 @@ from crepa_kernels.ops import resample, similarity  # noqa: E402
 from crepa_kernels.ops.utils import (BAND_TUNE_KEYS, TUNE_KEYS, accumulation_dtype, apply_tune,  # noqa: E402
                                      bwd_window_bytes, next_power_of_2, tune_keys)
 
-# By their share of the wan480 call's GPU time; then the opt-in one-pass backward, which replaces the
-# two backward kernels in every window.
-KERNELS = ("sim_bwd", "resample_bwd", "sim_fwd", "merged_bwd")
+# By their share of the wan480 call's GPU time; then the opt-in one-pass backwards, which replace the
+# two backward kernels in every window. The banded one is swept only when asked for.
+KERNELS = ("sim_bwd", "resample_bwd", "sim_fwd", "row_bwd", "merged_bwd")
+DEFAULT_KERNELS = ("sim_bwd", "resample_bwd", "sim_fwd", "row_bwd")
 # The benchmark presets whose projected grid is the larger (resampled inside the similarity kernels),
 # and an interpreter-sized one that takes that path too (its D spans several feature blocks).
 PRESETS = {**{k: v for k, v in bm.PRESETS.items() if v.projected_grid[0] * v.projected_grid[1]
@@ -152,6 +156,26 @@ class Case:
             self.outputs = [dp]
             side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size()
             self.bytes = (p.numel() + f.numel() + dp.numel()) * el + side_bytes
+        elif kernel == "row_bwd":
+            def launched(tune):  # the settings the row form launches with (BLOCK_W as its token block)
+                c, _ = similarity.row_settings(B, T, self.resample_p, D, DISTANCE, CUMULATIVE,
+                                               acc == torch.float64, p.device, tune)
+                return None if c is None else (c[0], c[2], c[3], c[4])
+
+            if launched({}) is None:
+                raise ValueError(f"preset {preset.name}: the row-form one-pass backward declines its grids "
+                                 "(crepa_loss takes the two-pass backward there)")
+            self.launched = launched
+            self.default = launched({})[:3]  # BLOCK_W, BLOCK_D, num_warps
+            self.window = (0, T)  # the whole clip in one launch
+            dp = torch.empty(p.shape, dtype=dtype, device=device)
+
+            def run(tune):
+                assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, **kw, tune=tune)
+                return [dp]
+            self.outputs = [dp]
+            side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size()
+            self.bytes = (p.numel() + f.numel() + dp.numel()) * el + side_bytes
         else:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.run = run
@@ -166,10 +190,18 @@ class Case:
 def candidates(default: tuple[int, int, int], dim: int, kernel: str = "sim_fwd") -> list[dict]:
     """Overrides to try around the default (BLOCK_N, BLOCK_D, num_warps), one setting at a time, in
     the order they are timed (the ones judged likelier to matter first); feature blocks stay within
-    the next power of two of ``dim``. The one-pass backward's first setting is its band height:
-    1 to 4 rows, then its warps and a feature block from 8 to 64. The resample backward's sweep
-    starts with the feature blocks one program computes (``d_blocks``, 1 by default)."""
+    the next power of two of ``dim``. The banded one-pass backward's first setting is its band
+    height: 1 to 4 rows, then its warps and a feature block from 8 to 64; the row-form one's its
+    tile of a row (half and a quarter), then its feature blocks per program, warps and feature block.
+    The resample backward's sweep starts with its row form and the feature blocks one program
+    computes (``d_blocks``, 1 by default)."""
     block_n, block_d, warps = default
+    if kernel == "row_bwd":  # its tile of a row, feature blocks per program, warps, feature block
+        out = [{"block_n": n} for n in (block_n // 2, block_n // 4) if n >= 8]
+        out += [{"d_blocks": n} for n in (1, 4, 16)]
+        out += [{"num_warps": w} for w in (4, 2) if w != warps]
+        out += [{"block_d": b} for b in (block_d // 2, block_d * 2) if 8 <= b <= min(64, next_power_of_2(dim))]
+        return out
     if kernel == "merged_bwd":
         out = [{"rows": r} for r in (1, 2, 3, 4) if r != block_n]
         out += [{"num_warps": w} for w in (4, 8) if w != warps]
@@ -285,12 +317,16 @@ def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth
 
 def _settings(case, tune) -> dict:
     """The settings a variant launches with: its overrides, the rest from the default (the one-pass
-    backward's launch settings derive its block and warps from the band height instead)."""
+    backwards derive theirs from the band height or the row tile instead, and the row form's feature
+    blocks per program from its grid)."""
     launched = getattr(case, "launched", None)
     if launched is not None:
-        first, (block_n, block_d, warps) = case.keys[0], launched(tune)
-        return {first: block_n, "block_d": block_d, "num_warps": warps,
-                "num_stages": tune.get("num_stages", "triton default")}
+        first, (block_n, block_d, warps, *more) = case.keys[0], launched(tune)
+        out = {first: block_n, "block_d": block_d, "num_warps": warps,
+               "num_stages": tune.get("num_stages", "triton default")}
+        if more:
+            out["d_blocks"] = more[0]
+        return out
     if getattr(case, "kernel", None) == "resample_bwd":  # the row form has tiles of its own
         plan = resample.bwd_plan(case.resample_p[:2], case.resample_p[2:], case.dim, tune)
         return {"block_n": plan["block_n"], "block_d": plan["block_d"], "num_warps": plan["num_warps"],
@@ -341,14 +377,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="wan480", choices=sorted(PRESETS))
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--kernels", default=",".join(KERNELS))
+    ap.add_argument("--kernels", default=",".join(DEFAULT_KERNELS), help=f"a subset of {', '.join(KERNELS)}")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop starting variants after this many seconds (each kernel and dtype still runs its default)")
     ap.add_argument("--max-variants", type=int, default=None,
                     help="at most this many variants per kernel and dtype besides the default (smoke tests)")
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="KERNEL:KEY=VALUE[,KEY=VALUE]",
                     help="an override to time first for one kernel, e.g. sim_bwd:block_n=16,num_warps=4 "
-                         f"(keys: {', '.join(TUNE_KEYS)}; resample_bwd also d_blocks, row_kernel; for merged_bwd "
+                         f"(keys: {', '.join(TUNE_KEYS)}; resample_bwd also d_blocks, row_kernel; row_bwd also d_blocks; "
+                         "for merged_bwd "
                          f"{', '.join(BAND_TUNE_KEYS)}); "
                          "repeatable")
     ap.add_argument("--rep-ms", type=int, default=40, help="do_bench's timed span per variant (GPU)")

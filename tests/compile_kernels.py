@@ -104,6 +104,15 @@ def cases():
         yield (f"similarity+resample bwd {dt} Q_PAD={q_pad}", merged, ptrs,
                dict(S_PAD=4, Q_PAD=q_pad, F_PAD=f_pad, BLOCK_D=block_d, CUMULATIVE=q_pad == 256,
                     NORMALIZE=q_pad == 256, HAS_GT=True, HAS_GS=q_pad != 16, R_H=3, R_W=2, TAPS_FP64=fp64), warps)
+    rows = similarity._neighbour_cosine_rows_bwd_kernel
+    # The row-form one-pass backward at its wan480 tiles (64 tokens of a row, 64 resampled columns, 16
+    # features, 8 warps), a cumulative window with both gradients, and fp64.
+    for dt, fp64, s_pad, block_d, cumulative in (("fp32", False, 4, 16, False), ("bf16", False, 4, 16, False),
+                                                 ("fp32", False, 8, 8, True), ("fp64", True, 4, 8, False)):
+        ptrs = {"default": "fp64" if fp64 else "fp32", "p_ptr": dt, "f_ptr": dt, "dp_ptr": dt}
+        yield (f"similarity+resample rows bwd {dt} S_PAD={s_pad}", rows, ptrs,
+               dict(S_PAD=s_pad, R_W=2, BLOCK_W=64, V_PAD=64, BLOCK_D=block_d, CUMULATIVE=cumulative,
+                    NORMALIZE=cumulative, HAS_GT=True, HAS_GS=cumulative, TAPS_FP64=fp64), 8)
     rf, rb = resample._resample_fwd_kernel, resample._resample_bwd_kernel
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)
@@ -118,6 +127,7 @@ def cases():
 # One fp32 case of each kernel is also compiled with the scalar types a torch.compile graph gives it.
 TORCH_COMPILE_CASES = ("similarity fwd fp32 fused resample", "similarity bwd fp32 fused resample",
                        "similarity bwd fp32 both grads", "similarity+resample bwd fp32 Q_PAD=64",
+                       "similarity+resample rows bwd fp32 S_PAD=4",
                        "resample fwd fp32", "resample bwd fp32", "resample bwd rows fp32")
 
 

@@ -81,10 +81,12 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("merged", ["0", "1"])
-def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
-    # merged = "1": the one-pass fused-resample backward, launched through wrap_triton in the graph.
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+@pytest.mark.parametrize("mode", ["two_pass", "merged", "rows"])
+def test_torch_compile_fullgraph_matches_eager(monkeypatch, mode):
+    # merged / rows: a one-pass fused-resample backward (banded, row form), launched through wrap_triton
+    # in the graph.
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1" if mode == "merged" else "0")
+    monkeypatch.setenv("CREPA_KERNELS_ROW_BWD", "1" if mode == "rows" else "0")
     p, f = _inputs(torch.float32, frames=5, dim=256)
 
     def step(a, b):
@@ -115,9 +117,10 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch, merged):
     assert torch.allclose(a1.grad, a2.grad, atol=1e-6, rtol=1e-5)
     # The compiled backward is the one the switch asks for.
     kernels = {e.key for e in prof.key_averages()}
-    one_pass = any("neighbour_cosine_resample_bwd" in k for k in kernels)
-    two_pass = any("resample_bwd" in k and "neighbour_cosine_resample_bwd" not in k for k in kernels)
-    assert (one_pass, two_pass) == ((True, False) if merged == "1" else (False, True)), sorted(kernels)
+    banded = any("neighbour_cosine_resample_bwd" in k for k in kernels)
+    rows = any("neighbour_cosine_rows_bwd" in k for k in kernels)
+    two_pass = any("_resample_bwd_kernel" in k and "neighbour_cosine" not in k for k in kernels)
+    assert (two_pass, banded, rows) == tuple(mode == m for m in ("two_pass", "merged", "rows")), sorted(kernels)
 
 
 def test_bitwise_deterministic():
@@ -163,23 +166,23 @@ def test_fast_launch_gives_the_same_bits(monkeypatch, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("switch", ["CREPA_KERNELS_MERGED_BWD", "CREPA_KERNELS_ROW_BWD"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_backward_gives_the_same_numbers_at_wan480(monkeypatch, dtype):
-    """CREPA_KERNELS_MERGED_BWD=1 (the fused-resample backward as one gather kernel) must give the
-    default's loss and the default's gradient at the flagship shape, up to summation order (fp32) or
-    one bf16 rounding step (the default rounds the resampled-grid gradient to bf16 between its two
-    kernels; the one-pass kernel does not)."""
+def test_merged_backward_gives_the_same_numbers_at_wan480(monkeypatch, dtype, switch):
+    """CREPA_KERNELS_MERGED_BWD=1 (the fused-resample backward as one banded gather kernel) and
+    CREPA_KERNELS_ROW_BWD=1 (its row form) must give the default's loss and the default's gradient at
+    the flagship shape, up to summation order (fp32) or one bf16 rounding step (the default rounds the
+    resampled-grid gradient to bf16 between its two kernels; the one-pass kernels do not)."""
     from crepa_kernels.ops import similarity
-    from crepa_kernels.ops.utils import MERGED_BWD_ENV
 
     launched = []
-    real = similarity._launch_merged_backward
-    monkeypatch.setattr(similarity, "_launch_merged_backward",
-                        lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
+    name = "_launch_merged_backward" if switch.endswith("MERGED_BWD") else "_launch_row_backward"
+    real = getattr(similarity, name)
+    monkeypatch.setattr(similarity, name, lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
     p, f = _inputs(dtype)
     results = []
     for merged in ("0", "1"):
-        monkeypatch.setenv(MERGED_BWD_ENV, merged)
+        monkeypatch.setenv(switch, merged)
         out, grad = _loss_and_grad(p, f, "triton", **WAN480)
         results.append((out.loss.float(), grad.float()))
     assert launched == [True]  # the one-pass kernel ran (not the default's windows again) in the second call

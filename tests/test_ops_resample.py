@@ -622,3 +622,15 @@ def test_row_form_settings_and_their_limits():
         rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 2})
     with pytest.raises(ValueError, match="at most 1024 output columns"):
         rs.bwd_plan((1, 2), (1, 4096), 64, {"row_kernel": 1})
+
+
+def test_row_form_propagates_nan_as_the_default_form_does():
+    # A NaN in one resampled-grid element reaches the input tokens whose taps touch it, and no others.
+    torch.manual_seed(13)
+    g = torch.randn(1, 2, 7 * 7, 6, device=DEVICE)
+    g[0, 1, 10, 2] = float("nan")
+    default = rs._launch_bwd(g, 6, 10, 7, 7)
+    rows = rs._launch_bwd(g, 6, 10, 7, 7, tune={"row_kernel": 1, "block_n": 4})
+    assert rows.isnan().any() and torch.equal(rows.isnan(), default.isnan())
+    ok = ~default.isnan()
+    assert_rel_close(rows[ok], default[ok], 1e-6, "finite elements")

@@ -14,6 +14,15 @@ from crepa_kernels.ops import utils
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
+# The fused-resample backward paths: the two-pass default, the banded one-pass kernel
+# (CREPA_KERNELS_MERGED_BWD=1) and its row form (CREPA_KERNELS_ROW_BWD=1).
+BACKWARDS = ["two_pass", "merged", "rows"]
+
+
+def _select_backward(monkeypatch, mode):
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1" if mode == "merged" else "0")
+    monkeypatch.setenv("CREPA_KERNELS_ROW_BWD", "1" if mode == "rows" else "0")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Oracle: F.normalize, then one shifted dot product per offset and direction (SPEC sections 3-4).
@@ -668,31 +677,31 @@ def _check_fused_resample_at_the_last_tokens(in_grid, out_grid, B, T, D, dtype, 
     assert gp[:, :, q0:][:, :, untouched.to(device)].count_nonzero().item() == 0
 
 
-@pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
-def test_fused_resample_at_the_last_tokens(monkeypatch, interpolation_rows, merged):
+@pytest.mark.parametrize("mode", BACKWARDS)
+def test_fused_resample_at_the_last_tokens(monkeypatch, interpolation_rows, mode):
     # Interpreter scale: checks the reference this test shares with the GPU case below. In fp32: the
     # interpreter truncates fp32 to bf16 where torch and compiled kernels round to nearest, so the
     # reference's rounding of the resampled tokens holds for bf16 on a GPU only.
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+    _select_backward(monkeypatch, mode)
     _check_fused_resample_at_the_last_tokens((3, 5), (4, 4), 1, 3, 40, torch.float32, 5, interpolation_rows,
                                              fwd_atol=1e-5, grad_rtol=1e-4)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merged", ["0", "1"])
-def test_gpu_fused_resample_int64_offsets(monkeypatch, interpolation_rows, merged):
+@pytest.mark.parametrize("mode", BACKWARDS)
+def test_gpu_fused_resample_int64_offsets(monkeypatch, interpolation_rows, mode):
     # projected: 1*8*(128*128)*16400 = 2.15e9 > 2^31 elements (4.3 GB in bf16), resampled to 100x100
     # inside the kernels, whose tap reads (forward, both backwards) and the one-pass backward's writes
     # reach past 2^31 elements; the two-pass backward runs in one-frame windows (the resample backward
     # past 2^31 elements is test_ops_resample.py's). About 12 GB of GPU memory.
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+    _select_backward(monkeypatch, mode)
     _check_fused_resample_at_the_last_tokens((128, 128), (100, 100), 1, 8, 16400, torch.bfloat16, 24,
                                              interpolation_rows, fwd_atol=2e-5, grad_rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
-def test_fused_resample_gradcheck_fp64(monkeypatch, merged):
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+@pytest.mark.parametrize("mode", BACKWARDS)
+def test_fused_resample_gradcheck_fp64(monkeypatch, mode):
+    _select_backward(monkeypatch, mode)
     g = torch.Generator().manual_seed(5)
     p = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
     f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64, device=DEV)
@@ -839,10 +848,10 @@ def test_fused_resample_backward_windows_a_parameter_too(monkeypatch):
     assert launched == [(0, 2), (2, 2)]
 
 
-@pytest.mark.parametrize("merged", ["0", "1"])  # the two-pass backward and the one-pass one
+@pytest.mark.parametrize("mode", BACKWARDS)
 @pytest.mark.parametrize("T, D", [(0, 4), (3, 0)])  # no frames; no features
-def test_fused_resample_backward_of_an_empty_clip(monkeypatch, merged, T, D):
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", merged)
+def test_fused_resample_backward_of_an_empty_clip(monkeypatch, mode, T, D):
+    _select_backward(monkeypatch, mode)
     p = torch.zeros(1, T, 15, D, device=DEV, requires_grad=True)
     f = torch.zeros(1, T, 16, D, device=DEV)
     total, self_tok = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
@@ -1124,12 +1133,14 @@ def test_merged_backward_agrees_with_the_two_pass_backward(monkeypatch):
     _assert_grad_close(grads[0], grads[1], 1e-5)
 
 
+@pytest.mark.parametrize("mode", ["merged", "rows"])
 @pytest.mark.parametrize("in_grid, out_grid", [((2, 3), (2, 2)), ((1, 2), (1, 4))])
-def test_merged_backward_zero_vectors(monkeypatch, in_grid, out_grid):
+def test_merged_backward_zero_vectors(monkeypatch, in_grid, out_grid, mode):
     # A frame whose projected tokens are all zero (resampled norm 0: no projection term), zero
     # teacher tokens, and (1x2 -> 1x4: output token 0 reads input token 0 alone) a resampled token
     # with a norm between 0 and eps, where F.normalize is linear: finite, and the oracle's gradient.
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    # Both one-pass backwards.
+    _select_backward(monkeypatch, mode)
     g = torch.Generator().manual_seed(24)
     n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
     p = torch.randn(1, 3, n_in, 5, generator=g, dtype=torch.float64, device=DEV)
@@ -1202,6 +1213,191 @@ def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buff
 def test_merged_backward_is_bitwise_repeatable(monkeypatch):
     monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
     g = torch.Generator().manual_seed(26)
+    p = torch.randn(1, 3, 6, 5, generator=g, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 4, 5, generator=g, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True, projected_resample=((2, 3), (2, 2)))
+    runs = [torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0] for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The row-form one-pass fused-resample backward (CREPA_KERNELS_ROW_BWD=1)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_grid, out_grid, dtype, nkw, front_end", MERGED_CASES)
+def test_row_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtype, nkw, front_end):
+    """The row form gives the gradient of F.interpolate followed by the torch oracle, for per-token
+    upstream gradients of both outputs, through either front end, and allocates nothing but the
+    input-grid gradient (no resampled-grid buffer, no staging)."""
+    from crepa_kernels.ops import similarity
+
+    nkw = dict(zip(("distance", "tau", "cumulative", "normalize_neighbour_sum"), nkw))
+    _select_backward(monkeypatch, "rows")
+    if front_end == "custom_op":
+        monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
+    launched, real = [], similarity._launch_row_backward
+    monkeypatch.setattr(similarity, "_launch_row_backward", lambda *a, **k: launched.append(real(*a, **k)) or True)
+    g = torch.Generator().manual_seed(41)
+    B, T, D = 1, 3, 12
+    p = torch.randn(B, T, in_grid[0] * in_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    p.requires_grad_(True)
+    f = torch.randn(B, T, out_grid[0] * out_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    up_total, up_self = (torch.randn(B, T, f.shape[2], generator=g, dtype=torch.float64).to(DEV, dtype)
+                         for _ in range(2))
+    total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), block_d=8, **nkw)
+    sizes, real_empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: sizes.append(real_empty(*a, **k)) or sizes[-1])
+    got = torch.autograd.grad((total * up_total).sum() + (self_tok * up_self).sum(), p)[0]
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert launched == [True]
+    assert [tuple(t.shape) for t in sizes if t.numel() > 1] == [tuple(p.shape)]
+    p64 = p.detach().double().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(p64, f.double(), in_grid, out_grid, **nkw)
+    want = torch.autograd.grad((ref_total * up_total.double()).sum() + (ref_self * up_self.double()).sum(), p64)[0]
+    _assert_grad_close(got.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("in_grid, out_grid, flags", [
+    ((5, 7), (3, 4), "both"),  # down both: tiles of 2 tokens, 4 per row, the last one short
+    ((3, 4), (7, 5), "plain-total"),  # up both
+    ((9, 2), (2, 6), "self-only"),  # down one axis, up the other
+    ((4, 3), (11, 2), "both"),  # many resampled rows per input row
+])
+def test_row_backward_tiles_and_d_chunks(in_grid, out_grid, flags):
+    """Forced tiles of 2 tokens of a row, blocks of 4 features in chunks of 2 (D = 10: 3 blocks, the
+    last one cut, 2 chunks): every element written (the gradient starts as NaN) and equal to the
+    gradient of F.interpolate followed by the oracle, with a strided upstream gradient of one or both
+    outputs (the default tiles: test_row_backward_against_the_oracle)."""
+    from crepa_kernels.ops import similarity
+
+    cumulative, normalize, used, dtype = BAND_FLAGS[flags]
+    g = torch.Generator().manual_seed(42)
+    B, T, D = 1, 3, 10
+    kw = dict(distance=1, tau=0.9, cumulative=cumulative, normalize_neighbour_sum=normalize)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    grids = (*in_grid, *out_grid)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, cumulative, normalize, 0, grids,
+                                                       traceable=False)
+    acc = pnorm.dtype
+    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV, acc).transpose(1, 2)
+    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV, acc)
+    g_total, g_self = (x if name in used else None for x, name in ((g_total, "total"), (g_self, "self")))
+    tune = {"block_n": 2, "block_d": 4, "d_blocks": 2}
+    config, _ = similarity.row_settings(B, T, grids, D, 1, cumulative, dtype == torch.float64, p.device, tune)
+    assert config[0] == 2 and config[2] == 4 and config[4] == 2 and config[6] == 2  # tile, block, chunks
+    dp = torch.full_like(p, float("nan"))
+    assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=grids,
+                                           tune=tune, **kw)
+    pl = p.detach().double().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(pl, f.double(), in_grid, out_grid, **kw)
+    objective = sum((ref * up.double()).sum() for ref, up in ((ref_total, g_total), (ref_self, g_self))
+                    if up is not None)
+    want = torch.autograd.grad(objective, pl)[0]
+    _assert_grad_close(dp.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
+
+
+def test_row_backward_propagates_nan_as_the_two_pass_backward_does():
+    # A NaN in one projected element and one teacher element reaches the same gradient elements
+    # through both backward paths (tiles of 2 tokens, so the poisoned rows sit in several), and every
+    # finite element agrees.
+    from crepa_kernels.ops import similarity
+
+    g = torch.Generator().manual_seed(43)
+    B, T, D, grids = 1, 3, 12, (4, 5, 3, 3)
+    p = torch.randn(B, T, 20, D, generator=g, dtype=torch.float64).to(DEV)
+    f = torch.randn(B, T, 9, D, generator=g, dtype=torch.float64).to(DEV)
+    p[0, 1, 7, 3] = float("nan")
+    f[0, 2, 4, 5] = float("nan")
+    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
+    g_total = torch.randn(B, T, 9, generator=g, dtype=torch.float64).to(DEV)
+    rows = torch.full_like(p, 0.5)
+    assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, None, rows, resample_p=grids,
+                                           tune={"block_n": 2}, **kw)
+    two_pass, _ = similarity._backward_launches(p, f, pnorm, fnorm, cos, g_total, None, 1, 0.9, True, True, True,
+                                                False, 0, grids, False)
+    assert rows.isnan().any() and not rows.isnan().all()
+    assert torch.equal(rows.isnan(), two_pass.isnan())
+    ok = ~two_pass.isnan()
+    _assert_grad_close(rows[ok], two_pass[ok], 1e-12)
+
+
+def test_row_backward_declines_on_rocm_and_where_tiles_do_not_fit(monkeypatch):
+    # ROCm (unchecked there) and grids whose tokens touch more than 8 resampled columns (1 x 2 -> 1 x 20,
+    # up to 21) or whose tiles would gather from more than 256 take the two-pass backward; the
+    # declining launcher writes nothing. wan480's grids are taken, in whole-row tiles.
+    from crepa_kernels.ops import similarity
+
+    ept = utils.elements_per_thread()
+    assert similarity._row_launch_config(1, 3, 1, 2, 1, 20, 6, 4, True, 132, ept) is None
+    # a 600-token row down to 300: tiles of 64 tokens touch up to 33 columns (64 lanes), of 512 up to 257
+    assert similarity._row_launch_config(1, 3, 1, 600, 1, 300, 6, 4, False, 132, ept)[:2] == (64, 64)
+    assert similarity._row_launch_config(1, 3, 1, 600, 1, 300, 6, 4, False, 132, ept, 512) is None
+    assert similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept)[:2] == (64, 64)
+    g = torch.Generator().manual_seed(44)
+    p = torch.randn(1, 3, 2, 6, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 20, 6, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p.detach(), f, 1, 0.9, False, False, 0, (1, 2, 1, 20),
+                                                       traceable=False)
+    dp = torch.full_like(p, float("nan"))
+    assert not similarity._launch_row_backward(p.detach(), f, pnorm, fnorm, cos, None, None, dp,
+                                               resample_p=(1, 2, 1, 20), **kw)
+    assert dp.isnan().all()
+    _select_backward(monkeypatch, "rows")
+    total, self_tok = neighbour_cosine(p, f, projected_resample=((1, 2), (1, 20)), **kw)
+    got = torch.autograd.grad(total.sum() + self_tok.sum(), p)[0]
+    ref_total, ref_self = _interpolated_oracle(p, f, (1, 2), (1, 20), **kw)
+    _assert_grad_close(got, torch.autograd.grad(ref_total.sum() + ref_self.sum(), p)[0], 1e-9)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p.detach(), f[:, :, :4], 1, 0.9, False, False, 0,
+                                                       (1, 2, 2, 2), traceable=False)
+    assert not similarity._launch_row_backward(p.detach(), f[:, :, :4], pnorm, fnorm, cos, None, None, dp,
+                                               resample_p=(1, 2, 2, 2), **kw)
+    assert dp.isnan().all()
+
+
+def test_row_backward_takes_launch_overrides_and_a_callers_block_cap(monkeypatch):
+    # utils.launch_overrides reaches the row form (bench/ab_settings.py --tuned times it so); crepa_loss's
+    # block_d (a similarity-kernel setting) only caps its feature block.
+    from crepa_kernels.ops import similarity
+
+    ept = utils.elements_per_thread()
+    default = similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept)
+    assert default[2] * 4 * max(default[0], default[1]) <= similarity._ROW_TILE
+    assert similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept, max_block_d=256) == default
+    assert similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept, max_block_d=8)[2] == 8
+    _select_backward(monkeypatch, "rows")
+    seen, real = [], similarity._row_launch_config
+    monkeypatch.setattr(similarity, "_row_launch_config", lambda *a: seen.append(a) or real(*a))
+    g = torch.Generator().manual_seed(45)
+    p = torch.randn(1, 3, 15, 8, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 16, 8, generator=g, dtype=torch.float64, device=DEV)
+    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False, projected_resample=((3, 5), (4, 4)))
+    with utils.launch_overrides({"row_bwd": {"block_n": 2, "block_d": 4, "num_warps": 2, "d_blocks": 1}}):
+        got = torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0]
+    # the tile, block, warps and chunking (the overrides), and no cap from the caller
+    assert [a[-5:] for a in seen] == [(2, 4, 2, 1, None)]
+    ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
+    _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
+
+
+def test_one_pass_backwards_are_one_or_the_other(monkeypatch):
+    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    monkeypatch.setenv("CREPA_KERNELS_ROW_BWD", "1")
+    p = torch.randn(1, 3, 15, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    f = torch.randn(1, 3, 16, 4, dtype=torch.float64, device=DEV)
+    total, _ = neighbour_cosine(p, f, distance=1, tau=1.0, cumulative=False, normalize_neighbour_sum=False,
+                                projected_resample=((3, 5), (4, 4)))
+    with pytest.raises(ValueError, match="CREPA_KERNELS_ROW_BWD=1 and CREPA_KERNELS_MERGED_BWD=1"):
+        total.sum().backward()
+    assert p.grad is None
+
+
+def test_row_backward_is_bitwise_repeatable(monkeypatch):
+    _select_backward(monkeypatch, "rows")
+    g = torch.Generator().manual_seed(46)
     p = torch.randn(1, 3, 6, 5, generator=g, device=DEV, requires_grad=True)
     f = torch.randn(1, 3, 4, 5, generator=g, device=DEV)
     kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True, projected_resample=((2, 3), (2, 2)))
@@ -1391,9 +1587,9 @@ def test_launch_overrides_reach_a_whole_crepa_loss_call(monkeypatch):
     torch.testing.assert_close(grad_r, grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("mode", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_loss_only_backward_scales_in_the_kernel(monkeypatch, merged, dtype):
+def test_loss_only_backward_scales_in_the_kernel(monkeypatch, mode, dtype):
     """A backward from the loss alone (a training step's) hands the kernels the 0-dim fp32 loss
     gradient and the factor loss_scale / (B T N) instead of a scaled, expanded tensor: the bits of the
     general path (taken when the per-frame output's gradient, zero here, is present too), which
@@ -1401,17 +1597,16 @@ def test_loss_only_backward_scales_in_the_kernel(monkeypatch, merged, dtype):
     The custom ops reduce the loss in torch's own order (-w, then / B, / T, / N): equal to rounding."""
     from crepa_kernels import crepa_loss
     from crepa_kernels.ops import similarity
-    from crepa_kernels.ops.utils import MERGED_BWD_ENV
 
-    monkeypatch.setenv(MERGED_BWD_ENV, "1" if merged else "0")
+    _select_backward(monkeypatch, mode)
     g = torch.Generator().manual_seed(11)
     p = torch.randn(2, 3, 12, 24, generator=g, dtype=torch.float64).to(DEV, dtype).requires_grad_(True)
     f = torch.randn(2, 3, 9, 24, generator=g, dtype=torch.float64).to(DEV, dtype)
     kw = dict(projected_grid=(3, 4), features_grid=(3, 3), adjacent_distance=2, cumulative_neighbors=True,
               adjacent_tau=0.7, weight=0.3, backend="triton")
     seen = []
-    real = similarity._launch_backward if not merged else similarity._launch_merged_backward
-    name = "_launch_merged_backward" if merged else "_launch_backward"
+    name = {"two_pass": "_launch_backward", "merged": "_launch_merged_backward", "rows": "_launch_row_backward"}[mode]
+    real = getattr(similarity, name)
 
     def spy(*a, **k):
         seen.append((a[5].dim(), k["g_total_scale"]))

@@ -90,14 +90,15 @@ def test_loss_under_a_dispatch_mode_matches_plain_eager(monkeypatch):
 
 
 @pytest.mark.parametrize("name, default", [("fused_resample", True), ("fused_half_block_n", True),
-                                           ("fast_launch", True), ("merged_bwd", False)])
+                                           ("fast_launch", True), ("merged_bwd", False), ("row_bwd", False)])
 def test_on_off_switches(monkeypatch, name, default):
     from crepa_kernels.ops import launch, utils
 
     env, read = {"fused_resample": (FUSED_RESAMPLE_ENV, fused_resample_enabled),
                  "fused_half_block_n": (utils.FUSED_HALF_BLOCK_N_ENV, utils.fused_halves_token_block),
                  "fast_launch": (launch.FAST_LAUNCH_ENV, launch.fast_launch_enabled),
-                 "merged_bwd": (utils.MERGED_BWD_ENV, utils.merged_backward_enabled)}[name]
+                 "merged_bwd": (utils.MERGED_BWD_ENV, utils.merged_backward_enabled),
+                 "row_bwd": (utils.ROW_BWD_ENV, utils.row_backward_enabled)}[name]
     monkeypatch.delenv(env, raising=False)
     assert read() is default
     for value, want in (("0", False), ("1", True)):
@@ -141,23 +142,25 @@ def test_fused_token_block_changes_the_launch_not_the_bits(monkeypatch):
             assert torch.equal(a, b)
 
 
-def test_loss_with_the_merged_backward(monkeypatch):
-    """crepa_loss with CREPA_KERNELS_MERGED_BWD=1: the same forward (the same kernel: equal loss and
-    scores) and the gradient of the default two-pass backward up to fp32 summation order, in grid mode
-    with the projected side resampled."""
+@pytest.mark.parametrize("switch", ["CREPA_KERNELS_MERGED_BWD", "CREPA_KERNELS_ROW_BWD"])
+def test_loss_with_the_merged_backward(monkeypatch, switch):
+    """crepa_loss with CREPA_KERNELS_MERGED_BWD=1 or CREPA_KERNELS_ROW_BWD=1 (the banded and the row-form
+    one-pass backward): the same forward (the same kernel: equal loss and scores) and the gradient of
+    the default two-pass backward up to fp32 summation order, in grid mode with the projected side
+    resampled."""
     from crepa_kernels import crepa_loss
     from crepa_kernels.ops import similarity
-    from crepa_kernels.ops.utils import MERGED_BWD_ENV
 
     g = torch.Generator().manual_seed(4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     p = torch.randn(2, 3, 12, 20, generator=g).to(dev).requires_grad_(True)
     f = torch.randn(2, 3, 9, 20, generator=g).to(dev)
-    merged_calls, real = [], similarity._launch_merged_backward
-    monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: merged_calls.append(1) or real(*a, **k))
+    name = "_launch_merged_backward" if switch.endswith("MERGED_BWD") else "_launch_row_backward"
+    merged_calls, real = [], getattr(similarity, name)
+    monkeypatch.setattr(similarity, name, lambda *a, **k: merged_calls.append(1) or real(*a, **k))
     runs = []
     for merged in ("1", "0"):
-        monkeypatch.setenv(MERGED_BWD_ENV, merged)
+        monkeypatch.setenv(switch, merged)
         p.grad = None
         out = crepa_loss(p, f, projected_grid=(3, 4), features_grid=(3, 3), adjacent_distance=2,
                          cumulative_neighbors=True, backend="triton")

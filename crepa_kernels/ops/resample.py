@@ -335,7 +335,7 @@ if triton_available():
                 ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0)
                 lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
                 gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
-                acc += ww[:, None] * gv
+                acc += ww[:, None] * tl.where(touch[:, None], gv, 0.0)  # untouched columns add nothing, NaN too
             tl.store(out_base + offs_d[None, :], acc.to(grad_in_ptr.dtype.element_ty),
                      mask=w_mask[:, None] & mask_d[None, :])
 

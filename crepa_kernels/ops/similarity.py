@@ -22,13 +22,13 @@ import triton.language as tl
 from torch.library import register_autograd, triton_op
 
 from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
-                       _input_token_contributors, check_grid_sides, resample_tokens)
+                       _input_token_contributors, _rows_v_pad, check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
-from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES,
+from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES, ROW_TUNE_KEYS,
                     accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard, direct_launch_ok,
                     elements_per_thread, fused_halves_token_block, is_plain_tensor, merged_backward_enabled,
-                    next_power_of_2, num_warps_for, triton_supports)
+                    next_power_of_2, num_warps_for, row_backward_enabled, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -504,6 +504,101 @@ def _neighbour_cosine_resample_bwd_kernel(
         tl.store(dp_ptr + out_rows + cols[None, :], acc.to(dp_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask)
 
 
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+def _neighbour_cosine_rows_bwd_kernel(
+    p_ptr, f_ptr, pnorm_ptr, fnorm_ptr, cos_ptr, gt_ptr, gs_ptr, dp_ptr,
+    T, N, D, d, S, n_w_tiles, D_BLOCKS,
+    inv_tau_hi, inv_tau_lo, eps_hi, eps_lo, gt_mul_hi, gt_mul_lo,
+    sp_b, sp_t, sp_n, sp_d,
+    sf_b, sf_t, sf_n, sf_d,
+    sgt_b, sgt_t, sgt_n,
+    sgs_b, sgs_t, sgs_n,
+    in_h, in_w, out_h, out_w,
+    S_PAD: tl.constexpr, R_W: tl.constexpr, BLOCK_W: tl.constexpr, V_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, CUMULATIVE: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_GT: tl.constexpr, HAS_GS: tl.constexpr, TAPS_FP64: tl.constexpr,
+):
+    """The fused-resample backward in one pass, row form: d projected on the input grid with no
+    resampled-grid gradient in memory and no staging.
+
+    Program (w tile, input row ih, frame t, b; D chunk) owns BLOCK_W consecutive tokens of row ih of
+    frame t. The resampled rows oh touching ih are scalars (`_axis_contributors`), and the resampled
+    columns touching the tile one run of at most V_PAD from the tile's first contributor (as in
+    `resample._resample_bwd_rows_kernel`). Per block of BLOCK_D columns, for each such row it forms
+    the resampled-grid gradient of the run's tokens as `_neighbour_cosine_bwd_kernel` does,
+    g[f] = sum_j alpha_j[f] F[t + o_j, f] - beta[f] p_res[f], and sums v = sum over oh of W_h[oh, ih] g;
+    then each token gathers its columns of v in registers (tl.gather):
+    d P[ih, iw] = sum over ow of W_w[ow, iw] v[ow]. A resampled row's g is formed once per input row it
+    touches (about twice at wan480). Deterministic, no atomics, accumulated in fp32 (fp64), with no
+    rounding between the two halves."""
+    ACC = pnorm_ptr.dtype.element_ty
+    pid0 = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    w_tile = pid0 % n_w_tiles  # the tiles of a row, then the rows of a frame, then frames, then b
+    rest = pid0 // n_w_tiles
+    ih = (rest % in_h).to(tl.int32)
+    rest = rest // in_h
+    t = rest % T
+    b = rest // T
+    n_in = in_h * in_w
+
+    scale_h = _axis_scale(in_h, out_h, TAPS_FP64)
+    scale_w = _axis_scale(in_w, out_w, TAPS_FP64)
+    oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+    w0 = (w_tile * BLOCK_W).to(tl.int32)
+    iw = w0 + tl.arange(0, BLOCK_W)
+    w_mask = iw < in_w
+    ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+    ow_first, _c = _axis_contributors(w0, in_w, out_w, scale_w)
+    v_cols = ow_first + tl.arange(0, V_PAD)
+    v_mask = v_cols < out_w
+
+    j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
+    inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _split_scalar(eps_hi, eps_lo, ACC)
+    gt_mul = _split_scalar(gt_mul_hi, gt_mul_lo, ACC)
+    w_base = tl.where(j == 0, 1.0, tl.exp(-k.to(ACC) * inv_tau)).to(ACC)
+    w_base = tl.where(in_window, w_base, 0.0)
+
+    p_frame = p_ptr + b * sp_b + t * sp_t
+    out_base = dp_ptr + ((b * T + t) * n_in + ih.to(tl.int64) * in_w + iw.to(tl.int64))[:, None] * D
+    blk_lo = pid_d * D_BLOCKS
+    blk_hi = tl.minimum(blk_lo + D_BLOCKS, tl.cdiv(D, BLOCK_D))
+    for blk in range(blk_lo, blk_hi):
+        cols = blk * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        d_mask = cols < D
+        fd_mask = v_mask[:, None] & d_mask[None, :]
+        v = tl.zeros([V_PAD, BLOCK_D], dtype=ACC)
+        for kh in range(0, oh_count):  # the resampled rows touching ih, ascending
+            oh = oh_lo + kh
+            wh = _axis_weight(oh, ih, in_h, out_h, scale_h).to(ACC)
+            f_tok = oh.to(tl.int64) * out_w + v_cols
+            # alpha_j, beta of these tokens from the side buffers, as the two-pass backward forms them
+            u, valid, m, g_p, np_t, beta = _centre_slots(
+                gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, f_tok, v_mask, j, offset, in_window, w_base,
+                eps, gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
+            nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + f_tok[None, :], mask=m, other=1.0).to(ACC)
+            alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
+            o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(f_tok, in_h, in_w, out_h, out_w, sp_n,
+                                                                     TAPS_FP64)
+            p_res = _load_resampled(p_frame, o00, o01, o10, o11, cols * sp_d, fd_mask, lh0, lh1, lw0, lw1,
+                                    p_ptr.dtype.element_ty, ACC)
+            f_u = tl.load(f_ptr + b * sf_b + u[:, None, None] * sf_t + (f_tok * sf_n)[None, :, None]
+                          + (cols * sf_d)[None, None, :], mask=valid[:, None, None] & fd_mask[None, :, :],
+                          other=0.0).to(ACC)
+            g = tl.sum(alpha[:, :, None] * f_u, axis=0) - beta[:, None] * p_res
+            v += wh * g
+        acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=ACC)
+        for kw in tl.static_range(R_W):  # each token's resampled columns, ascending
+            ow = ow_lo + kw
+            touch = w_mask & (kw < ow_count)
+            ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0).to(ACC)
+            lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
+            gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
+            acc += ww[:, None] * tl.where(touch[:, None], gv, 0.0)  # a column not touched adds nothing, NaN too
+        tl.store(out_base + cols[None, :], acc.to(dp_ptr.dtype.element_ty), mask=w_mask[:, None] & d_mask[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launch settings and launchers
 # ----------------------------------------------------------------------------------------------------
@@ -865,6 +960,106 @@ def _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_s
     return True
 
 
+# The row-form one-pass backward: the most resampled columns a tile may gather from, the most a token
+# may touch along a row (its gathers are unrolled), and its tile budget (elements of the teacher tile,
+# S_PAD x V_PAD x BLOCK_D; half in fp64), whose blocks keep at least _ROW_MIN_COLS columns.
+_ROW_MAX_V_PAD = 256
+_ROW_MAX_R_W = 8
+_ROW_TILE = 4096
+_ROW_MIN_COLS = 8
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w: int, D: int, s_pad: int,
+                       fp64: bool, sms: int, ept: int, block_w: int | None = None, block_d: int | None = None,
+                       num_warps: int | None = None, d_blocks: int | None = None, max_block_d: int | None = None):
+    """(BLOCK_W, V_PAD, BLOCK_D, num_warps, D_BLOCKS, w tiles, D chunks) of the row-form one-pass
+    backward, or None where it declines the grids (a tile touching more than _ROW_MAX_V_PAD
+    resampled columns, a token more than _ROW_MAX_R_W, or a teacher tile without room for
+    _ROW_MIN_COLS columns): the two-pass backward runs then.
+
+    Tiles of up to 64 tokens of a row; BLOCK_D keeps the teacher tile within _ROW_TILE elements (8 to
+    64 columns, at most ``max_block_d``); the D axis is cut into chunks until there are at least 8
+    programs per SM, each program computing its chunk's blocks in turn. ``block_w``, ``block_d``,
+    ``num_warps``, ``d_blocks``: exact overrides (tuning)."""
+    budget = _ROW_TILE // (2 if fp64 else 1)
+    block_w = block_w or min(next_power_of_2(in_w), 64)
+    v_pad = _rows_v_pad(in_w, out_w, block_w)
+    wide = max(v_pad, block_w)
+    if v_pad > _ROW_MAX_V_PAD or _contributor_bound(in_w, out_w) > _ROW_MAX_R_W:
+        return None
+    if block_d is None:
+        fit = budget // (s_pad * wide)
+        if fit < _ROW_MIN_COLS:
+            return None
+        block_d = max(_ROW_MIN_COLS, min(64, next_power_of_2(D), 1 << (fit.bit_length() - 1)))
+        block_d = min(block_d, max_block_d or block_d)
+    n_blocks = cdiv(D, block_d)
+    w_tiles = cdiv(in_w, block_w)
+    rows = max(1, B * T * in_h * w_tiles)
+    if d_blocks is None:
+        chunks = max(1, min(n_blocks, cdiv(8 * sms, rows)))
+        d_blocks = max(1, cdiv(n_blocks, chunks))
+    warps = num_warps or num_warps_for((s_pad + 4) * wide * block_d, ept)
+    return block_w, v_pad, block_d, warps, d_blocks, w_tiles, max(1, cdiv(n_blocks, d_blocks))
+
+
+def row_settings(B: int, T: int, grids: tuple[int, int, int, int], D: int, distance: int, cumulative: bool,
+                 fp64: bool, device: torch.device, tune: dict | None = None, block_d: int | None = None):
+    """`_row_launch_config` as the row-form one-pass backward launches it for features
+    (B, T, out_h * out_w, D) and ``grids = (in_h, in_w, out_h, out_w)``, with ``tune`` (checked
+    ``utils.ROW_TUNE_KEYS`` overrides; ``block_n`` is the tile of a row) and a caller's ``block_d``
+    cap applied. Returns (config, extra launch options); config is None where the kernel declines
+    the grids."""
+    tune = tune or {}
+    block_w, bd, num_warps, extra = apply_tune(None, None, None, tune, ROW_TUNE_KEYS)
+    s_pad = next_power_of_2(num_slots(distance, T, cumulative))
+    config = _row_launch_config(B, T, *grids, D, s_pad, fp64, _device_sms(device), elements_per_thread(),
+                                block_w, bd, num_warps, tune.get("d_blocks"), block_d)
+    return config, extra
+
+
+def _launch_row_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, d_projected, *,
+                         distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool,
+                         resample_p: tuple[int, int, int, int], block_d: int | None = None,
+                         traceable: bool = False, tune: dict | None = None, g_total_scale: float = 1.0) -> bool:
+    """Writes every element of d_projected (contiguous, projected's (B, T, in_h * in_w, D)) with one
+    launch of the row-form one-pass backward (`_neighbour_cosine_rows_bwd_kernel`): the similarity
+    backward and the resample backward of a fused-resample forward together, with no buffer. False
+    (nothing written) where `_row_launch_config` declines the grids, and on ROCm, where it is
+    unchecked. ``block_d``: a caller's (crepa_loss's, for the similarity kernels) caps the block.
+    ``tune``: exact overrides of ``utils.ROW_TUNE_KEYS``; without it, those `utils.launch_overrides`
+    set."""
+    if torch.version.hip is not None:
+        return False
+    B, T, N, D = features.shape
+    if B * T * N * D == 0:  # nothing to write (d_projected is empty too)
+        return True
+    in_h, in_w, out_h, out_w = resample_p
+    d, S, s_pad, scalars = _window_args(distance, T, cumulative, tau)
+    tune = LAUNCH_OVERRIDES.get("row_bwd") if tune is None else tune
+    config, extra = row_settings(B, T, resample_p, D, distance, cumulative, pnorm.dtype == torch.float64,
+                                 projected.device, tune, block_d)
+    if config is None:
+        return False
+    block_w, v_pad, bd, num_warps, d_blocks, w_tiles, chunks = config
+    gt = g_total if g_total is not None else pnorm
+    gs = g_self if g_self is not None else pnorm
+    _kernel(_neighbour_cosine_rows_bwd_kernel, traceable)[(w_tiles * in_h * B * T, chunks)](
+        projected, features, pnorm, fnorm, cos, gt, gs, d_projected,
+        T, N, D, d, S, w_tiles, d_blocks,
+        *scalars, *(_UNIT if g_total_scale == 1.0 else _split(g_total_scale)),
+        *projected.stride(), *features.stride(),
+        *_grad_strides(g_total), *_grad_strides(g_self),
+        in_h, in_w, out_h, out_w,
+        S_PAD=s_pad, R_W=_contributor_bound(in_w, out_w), BLOCK_W=block_w, V_PAD=v_pad, BLOCK_D=bd,
+        CUMULATIVE=bool(cumulative), NORMALIZE=bool(normalize_neighbour_sum),
+        HAS_GT=g_total is not None, HAS_GS=g_self is not None,
+        TAPS_FP64=projected.dtype == torch.float64, num_warps=num_warps, **extra,
+    )
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two front ends over the same launchers: custom ops that torch.compile can capture, and an
 # autograd.Function that eager calls use (it skips the custom-op dispatch, whose host cost is larger
@@ -924,8 +1119,9 @@ def _backward_impl(projected, features, pnorm, fnorm, cos, g_total, g_self, dist
                    g_total_scale=1.0):
     """(d projected, d features). With a fused resample (``grids``) d projected comes back on the
     input grid: each frame window's resampled-grid gradient goes through the resample backward, or
-    with ``CREPA_KERNELS_MERGED_BWD=1`` one kernel computes it there directly (where that kernel
-    declines a grid, the windows run as without the switch). An unneeded gradient
+    with ``CREPA_KERNELS_MERGED_BWD=1`` (banded) or ``CREPA_KERNELS_ROW_BWD=1`` (row form) one kernel
+    computes it there directly (where that kernel declines a grid, the windows run as without the
+    switch). An unneeded gradient
     comes back as an empty tensor (custom ops cannot return None); an unneeded d features comes back
     as None on the eager path (``traceable`` False). The kernels read g_total (which may be 0-dim) times
     ``g_total_scale``."""
@@ -952,10 +1148,14 @@ def _backward_launches(projected, features, pnorm, fnorm, cos, g_total, g_self, 
         _launch_backward(projected, features, pnorm, fnorm, cos, g_total, g_self,
                          dp if need_projected else None, df if need_features else None, **kw)
         return dp, df
-    if merged_backward_enabled():
+    rows, merged = row_backward_enabled(), merged_backward_enabled()
+    if rows and merged:
+        raise ValueError("CREPA_KERNELS_ROW_BWD=1 and CREPA_KERNELS_MERGED_BWD=1 each select a one-pass backward; "
+                         "set at most one of them")
+    if rows or merged:
         dp = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
-        if _launch_merged_backward(projected, features, pnorm, fnorm, cos, g_total, g_self, dp,
-                                   resample_p=resample_p, **kw):
+        if (_launch_row_backward if rows else _launch_merged_backward)(
+                projected, features, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=resample_p, **kw):
             return dp, df
         del dp
     # The resampled-grid gradient is produced and scattered to the input grid in frame windows of at

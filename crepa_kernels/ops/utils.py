@@ -168,6 +168,22 @@ def merged_backward_enabled() -> bool:
     return env_flag(MERGED_BWD_ENV, False)
 
 
+ROW_BWD_ENV = "CREPA_KERNELS_ROW_BWD"
+
+
+def row_backward_enabled() -> bool:
+    """Whether the backward of a fused-resample similarity runs as the row-form one-pass kernel
+    (``CREPA_KERNELS_ROW_BWD=1``): a program owns a tile of one input row, forms the resampled-grid
+    gradient of the resampled rows touching it (about two per row at wan480) and combines them in
+    registers into d projected, the heights' weights as it sums, the widths' through tl.gather. One
+    launch, no resampled-grid buffer and no staging, so the backward's only large allocation is the
+    gradient itself. The same numbers up to fp32 summation order (fp16 / bf16 inputs also skip the
+    rounding of the resampled-grid gradient to the input dtype). Grids whose tiles would gather
+    from too many resampled columns take the default, as does ROCm. Off until a GPU A/B times it;
+    not together with ``CREPA_KERNELS_MERGED_BWD=1``."""
+    return env_flag(ROW_BWD_ENV, False)
+
+
 SWITCH_PREFIX = "CREPA_KERNELS_"
 
 
@@ -253,15 +269,19 @@ BAND_TUNE_KEYS = ("rows", "block_d", "num_warps", "num_stages")
 # and ``row_kernel`` (1: its row form, `resample._resample_bwd_rows_kernel`, whose ``block_n`` is the
 # tile of a row).
 RESAMPLE_BWD_TUNE_KEYS = TUNE_KEYS + ("d_blocks", "row_kernel")
+# The row-form one-pass backward's: ``block_n`` is its tile of a row, ``d_blocks`` as the resample
+# backward's (by default it chooses its own).
+ROW_TUNE_KEYS = TUNE_KEYS + ("d_blocks",)
 # The kernels whose launch settings can be overridden, by the names bench/tune_kernels.py uses: the
 # similarity forward and backward (every launch of each), the resample backward, and the one-pass
-# fused-resample backward (``CREPA_KERNELS_MERGED_BWD=1``).
-TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd", "merged_bwd")
+# fused-resample backwards (``CREPA_KERNELS_MERGED_BWD=1``, ``CREPA_KERNELS_ROW_BWD=1``).
+TUNABLE_KERNELS = ("sim_fwd", "sim_bwd", "resample_bwd", "merged_bwd", "row_bwd")
 
 
 def tune_keys(kernel: str) -> tuple:
     """The settings ``kernel`` (one of ``TUNABLE_KERNELS``) takes overrides for."""
-    return {"merged_bwd": BAND_TUNE_KEYS, "resample_bwd": RESAMPLE_BWD_TUNE_KEYS}.get(kernel, TUNE_KEYS)
+    return {"merged_bwd": BAND_TUNE_KEYS, "resample_bwd": RESAMPLE_BWD_TUNE_KEYS,
+            "row_bwd": ROW_TUNE_KEYS}.get(kernel, TUNE_KEYS)
 
 
 # kernel name -> overrides, consulted by launches not given their own: empty unless a benchmark fills it
