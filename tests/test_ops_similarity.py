@@ -881,18 +881,22 @@ MERGED_CASES = [  # (in grid, out grid, dtype, (distance, tau, cumulative, norma
 ]
 
 
+@pytest.mark.parametrize("mode", ["merged", "rows"])
 @pytest.mark.parametrize("in_grid, out_grid, dtype, nkw, front_end", MERGED_CASES)
-def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtype, nkw, front_end):
-    """The one-pass backward gives the gradient of F.interpolate followed by the torch oracle, for
-    per-token upstream gradients of both outputs (several D blocks, D not a multiple of the block)."""
+def test_one_pass_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtype, nkw, front_end, mode):
+    """Each one-pass backward (banded, row form) gives the gradient of F.interpolate followed by the
+    torch oracle, for per-token upstream gradients of both outputs (several D blocks, D not a multiple
+    of the block), through either front end; the row form allocates nothing but the input-grid
+    gradient (no resampled-grid buffer, no staging)."""
     from crepa_kernels.ops import similarity
 
     nkw = dict(zip(("distance", "tau", "cumulative", "normalize_neighbour_sum"), nkw))
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+    _select_backward(monkeypatch, mode)
     if front_end == "custom_op":
         monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
-    launched, real = [], similarity._launch_merged_backward
-    monkeypatch.setattr(similarity, "_launch_merged_backward", lambda *a, **k: launched.append(1) or real(*a, **k))
+    name = "_launch_merged_backward" if mode == "merged" else "_launch_row_backward"
+    launched, real = [], getattr(similarity, name)
+    monkeypatch.setattr(similarity, name, lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
     g = torch.Generator().manual_seed(21)
     B, T, D = 1, 3, 12
     p = torch.randn(B, T, in_grid[0] * in_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
@@ -901,8 +905,13 @@ def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtyp
     up_total, up_self = (torch.randn(B, T, f.shape[2], generator=g, dtype=torch.float64).to(DEV, dtype)
                          for _ in range(2))
     total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), block_d=8, **nkw)  # 8 + 4
+    sizes, real_empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: sizes.append(real_empty(*a, **k)) or sizes[-1])
     got = torch.autograd.grad((total * up_total).sum() + (self_tok * up_self).sum(), p)[0]
-    assert launched == [1]
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert launched == [True]
+    if mode == "rows":
+        assert [tuple(t.shape) for t in sizes if t.numel() > 1] == [tuple(p.shape)]
     p64 = p.detach().double().requires_grad_(True)
     ref_total, ref_self = _interpolated_oracle(p64, f.double(), in_grid, out_grid, **nkw)
     want = torch.autograd.grad((ref_total * up_total.double()).sum() + (ref_self * up_self.double()).sum(), p64)[0]
@@ -913,6 +922,41 @@ def test_merged_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtyp
 BAND_FLAGS = {"both": (True, True, "total+self", torch.float64),
               "plain-total": (False, False, "total", torch.float32),
               "self-only": (True, False, "self", torch.float64)}
+
+
+def _one_pass_case(in_grid, out_grid, flags, D, seed):
+    """Inputs, forward side buffers and strided upstream gradients (of the outputs `flags` uses) of a
+    direct one-pass backward launch, B = 1, T = 3: (args of the launcher, its keywords, dtype)."""
+    from crepa_kernels.ops import similarity
+
+    cumulative, normalize, used, dtype = BAND_FLAGS[flags]
+    g = torch.Generator().manual_seed(seed)
+    B, T = 1, 3
+    kw = dict(distance=1, tau=0.9, cumulative=cumulative, normalize_neighbour_sum=normalize)
+    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
+    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV, dtype)
+    grids = (*in_grid, *out_grid)
+    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, cumulative, normalize, 0, grids,
+                                                       traceable=False)
+    acc = pnorm.dtype
+    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV, acc).transpose(1, 2)
+    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV, acc)
+    g_total, g_self = (x if name in used else None for x, name in ((g_total, "total"), (g_self, "self")))
+    return (p, f, pnorm, fnorm, cos, g_total, g_self), dict(kw, resample_p=grids), dtype
+
+
+def _assert_one_pass_matches_the_oracle(dp, args, kw, dtype):
+    """dp against the gradient of F.interpolate followed by the oracle, for the case's upstream gradients."""
+    p, f, _, _, _, g_total, g_self = args
+    kw = dict(kw)
+    in_h, in_w, out_h, out_w = kw.pop("resample_p")
+    pl = p.detach().double().requires_grad_(True)
+    ref_total, ref_self = _interpolated_oracle(pl, f.double(), (in_h, in_w), (out_h, out_w), **kw)
+    objective = sum((ref * up.double()).sum() for ref, up in ((ref_total, g_total), (ref_self, g_self))
+                    if up is not None)
+    want = torch.autograd.grad(objective, pl)[0]
+    _assert_grad_close(dp.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("in_grid, out_grid, rows, flags", [
@@ -931,33 +975,14 @@ def test_merged_backward_bands_and_d_chunks(in_grid, out_grid, rows, flags):
     outputs, for each window setting."""
     from crepa_kernels.ops import similarity
 
-    cumulative, normalize, used, dtype = BAND_FLAGS[flags]
-    g = torch.Generator().manual_seed(27)
-    B, T, D = 1, 3, 34  # 9 blocks of 4 columns: two chunks
-    kw = dict(distance=1, tau=0.9, cumulative=cumulative, normalize_neighbour_sum=normalize)
-    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
-    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    grids = (*in_grid, *out_grid)
-    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, cumulative, normalize, 0, grids,
-                                                       traceable=False)
-    acc = pnorm.dtype
-    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV, acc).transpose(1, 2)
-    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV, acc)
-    g_total, g_self = (x if name in used else None for x, name in ((g_total, "total"), (g_self, "self")))
-    tune = {"rows": rows, "block_d": 4}
-    config = similarity._band_launch_config(B, T, *grids, D, dtype == torch.float64, 132, 4,
+    D = 34  # 9 blocks of 4 columns: two chunks
+    args, kw, dtype = _one_pass_case(in_grid, out_grid, flags, D, 27)
+    config = similarity._band_launch_config(1, 3, *kw["resample_p"], D, dtype == torch.float64, 132, 4,
                                             utils.elements_per_thread(), rows)
     assert config[0] == rows and config[4] // 4 < 9  # the forced bands, and more than one D chunk
-    dp = torch.full_like(p, float("nan"))
-    assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=grids,
-                                              tune=tune, **kw)
-    pl = p.detach().double().requires_grad_(True)
-    ref_total, ref_self = _interpolated_oracle(pl, f.double(), in_grid, out_grid, **kw)
-    objective = sum((ref * up.double()).sum() for ref, up in ((ref_total, g_total), (ref_self, g_self))
-                    if up is not None)
-    want = torch.autograd.grad(objective, pl)[0]
-    _assert_grad_close(dp.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
+    dp = torch.full_like(args[0], float("nan"))
+    assert similarity._launch_merged_backward(*args, dp, tune={"rows": rows, "block_d": 4}, **kw)
+    _assert_one_pass_matches_the_oracle(dp, args, kw, dtype)
 
 
 def test_merged_backward_runs_a_large_batch_in_several_launches(monkeypatch):
@@ -999,10 +1024,11 @@ def test_merged_backward_runs_a_large_batch_in_several_launches(monkeypatch):
     _assert_grad_close(dp, want, 1e-9)
 
 
-def test_merged_backward_propagates_nan_as_the_two_pass_backward_does():
+@pytest.mark.parametrize("mode", ["merged", "rows"])
+def test_one_pass_backwards_propagate_nan_as_the_two_pass_backward_does(mode):
     # A NaN in one projected element and one teacher element reaches the same gradient elements
-    # through both backward paths (bands of one row, so the poisoned rows sit in several bands), and
-    # every finite element agrees.
+    # through both backward paths (bands of one row, or tiles of 2 tokens of a row, so the poisoned
+    # rows sit in several), and every finite element agrees.
     from crepa_kernels.ops import similarity
 
     g = torch.Generator().manual_seed(30)
@@ -1014,15 +1040,16 @@ def test_merged_backward_propagates_nan_as_the_two_pass_backward_does():
     kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
     _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
     g_total = torch.randn(B, T, 9, generator=g, dtype=torch.float64).to(DEV)
-    merged = torch.full_like(p, 0.5)
-    assert similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, merged, resample_p=grids,
-                                              tune={"rows": 1}, **kw)
+    one_pass = torch.full_like(p, 0.5)
+    launch, tune = ((similarity._launch_merged_backward, {"rows": 1}) if mode == "merged"
+                    else (similarity._launch_row_backward, {"block_n": 2}))
+    assert launch(p, f, pnorm, fnorm, cos, g_total, None, one_pass, resample_p=grids, tune=tune, **kw)
     two_pass, _ = similarity._backward_launches(p, f, pnorm, fnorm, cos, g_total, None, 1, 0.9, True, True, True,
                                                 False, 0, grids, False)
-    assert merged.isnan().any() and not merged.isnan().all()
-    assert torch.equal(merged.isnan(), two_pass.isnan())
+    assert one_pass.isnan().any() and not one_pass.isnan().all()
+    assert torch.equal(one_pass.isnan(), two_pass.isnan())
     ok = ~two_pass.isnan()
-    _assert_grad_close(merged[ok], two_pass[ok], 1e-12)
+    _assert_grad_close(one_pass[ok], two_pass[ok], 1e-12)
 
 
 def test_merged_backward_keeps_its_tile_budget_under_a_callers_block_d():
@@ -1036,21 +1063,27 @@ def test_merged_backward_keeps_its_tile_budget_under_a_callers_block_d():
     assert similarity._band_launch_config(*args, 4)[3] == 4
 
 
-def test_merged_backward_takes_launch_overrides(monkeypatch):
-    # utils.launch_overrides reaches the one-pass launch (bench/ab_settings.py --tuned times it so).
+@pytest.mark.parametrize("mode", ["merged", "rows"])
+def test_one_pass_backwards_take_launch_overrides(monkeypatch, mode):
+    # utils.launch_overrides reaches each one-pass launch (bench/ab_settings.py --tuned times them so).
     from crepa_kernels.ops import similarity
 
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
-    seen, real = [], similarity._band_launch_config
-    monkeypatch.setattr(similarity, "_band_launch_config", lambda *a: seen.append(a) or real(*a))
+    _select_backward(monkeypatch, mode)
+    config = "_band_launch_config" if mode == "merged" else "_row_launch_config"
+    seen, real = [], getattr(similarity, config)
+    monkeypatch.setattr(similarity, config, lambda *a: seen.append(a) or real(*a))
     g = torch.Generator().manual_seed(29)
     p = torch.randn(1, 3, 15, 8, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
     f = torch.randn(1, 3, 16, 8, generator=g, dtype=torch.float64, device=DEV)
     kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False, projected_resample=((3, 5), (4, 4)))
-    with utils.launch_overrides({"merged_bwd": {"rows": 2, "block_d": 4, "num_warps": 2}}):
+    overrides = ({"merged_bwd": {"rows": 2, "block_d": 4, "num_warps": 2}} if mode == "merged"
+                 else {"row_bwd": {"block_n": 2, "block_d": 4, "num_warps": 2, "d_blocks": 1}})
+    with utils.launch_overrides(overrides):
         got = torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0]
-    # block_d, elements per thread, rows, warps (the overrides), and no cap from the caller
-    assert [a[-5:] for a in seen] == [(4, utils.elements_per_thread(), 2, 2, None)]
+    # the overrides, and no cap from the caller: block_d, elements per thread, rows, warps (banded);
+    # tile, block, warps, feature blocks per program (row form)
+    want = (4, utils.elements_per_thread(), 2, 2, None) if mode == "merged" else (2, 4, 2, 1, None)
+    assert [a[-5:] for a in seen] == [want]
     ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
     _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
 
@@ -1210,8 +1243,9 @@ def test_merged_backward_launch_writes_every_element_and_holds_no_resampled_buff
     assert torch.isfinite(grad).all()
 
 
-def test_merged_backward_is_bitwise_repeatable(monkeypatch):
-    monkeypatch.setenv("CREPA_KERNELS_MERGED_BWD", "1")
+@pytest.mark.parametrize("mode", ["merged", "rows"])
+def test_one_pass_backwards_are_bitwise_repeatable(monkeypatch, mode):
+    _select_backward(monkeypatch, mode)
     g = torch.Generator().manual_seed(26)
     p = torch.randn(1, 3, 6, 5, generator=g, device=DEV, requires_grad=True)
     f = torch.randn(1, 3, 4, 5, generator=g, device=DEV)
@@ -1223,39 +1257,6 @@ def test_merged_backward_is_bitwise_repeatable(monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # The row-form one-pass fused-resample backward (CREPA_KERNELS_ROW_BWD=1)
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("in_grid, out_grid, dtype, nkw, front_end", MERGED_CASES)
-def test_row_backward_against_the_oracle(monkeypatch, in_grid, out_grid, dtype, nkw, front_end):
-    """The row form gives the gradient of F.interpolate followed by the torch oracle, for per-token
-    upstream gradients of both outputs, through either front end, and allocates nothing but the
-    input-grid gradient (no resampled-grid buffer, no staging)."""
-    from crepa_kernels.ops import similarity
-
-    nkw = dict(zip(("distance", "tau", "cumulative", "normalize_neighbour_sum"), nkw))
-    _select_backward(monkeypatch, "rows")
-    if front_end == "custom_op":
-        monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: False)
-    launched, real = [], similarity._launch_row_backward
-    monkeypatch.setattr(similarity, "_launch_row_backward", lambda *a, **k: launched.append(real(*a, **k)) or True)
-    g = torch.Generator().manual_seed(41)
-    B, T, D = 1, 3, 12
-    p = torch.randn(B, T, in_grid[0] * in_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    p.requires_grad_(True)
-    f = torch.randn(B, T, out_grid[0] * out_grid[1], D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    up_total, up_self = (torch.randn(B, T, f.shape[2], generator=g, dtype=torch.float64).to(DEV, dtype)
-                         for _ in range(2))
-    total, self_tok = neighbour_cosine(p, f, projected_resample=(in_grid, out_grid), block_d=8, **nkw)
-    sizes, real_empty = [], torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: sizes.append(real_empty(*a, **k)) or sizes[-1])
-    got = torch.autograd.grad((total * up_total).sum() + (self_tok * up_self).sum(), p)[0]
-    monkeypatch.setattr(torch, "empty", real_empty)
-    assert launched == [True]
-    assert [tuple(t.shape) for t in sizes if t.numel() > 1] == [tuple(p.shape)]
-    p64 = p.detach().double().requires_grad_(True)
-    ref_total, ref_self = _interpolated_oracle(p64, f.double(), in_grid, out_grid, **nkw)
-    want = torch.autograd.grad((ref_total * up_total.double()).sum() + (ref_self * up_self.double()).sum(), p64)[0]
-    _assert_grad_close(got.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
-
-
 @pytest.mark.parametrize("in_grid, out_grid, flags", [
     ((5, 7), (3, 4), "both"),  # down both: tiles of 2 tokens, 4 per row, the last one short
     ((3, 4), (7, 5), "plain-total"),  # up both
@@ -1269,58 +1270,15 @@ def test_row_backward_tiles_and_d_chunks(in_grid, out_grid, flags):
     outputs (the default tiles: test_row_backward_against_the_oracle)."""
     from crepa_kernels.ops import similarity
 
-    cumulative, normalize, used, dtype = BAND_FLAGS[flags]
-    g = torch.Generator().manual_seed(42)
-    B, T, D = 1, 3, 10
-    kw = dict(distance=1, tau=0.9, cumulative=cumulative, normalize_neighbour_sum=normalize)
-    n_in, n_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
-    p = torch.randn(B, T, n_in, D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    f = torch.randn(B, T, n_out, D, generator=g, dtype=torch.float64).to(DEV, dtype)
-    grids = (*in_grid, *out_grid)
-    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, cumulative, normalize, 0, grids,
-                                                       traceable=False)
-    acc = pnorm.dtype
-    g_total = torch.randn(B, n_out, T, generator=g, dtype=torch.float64).to(DEV, acc).transpose(1, 2)
-    g_self = torch.randn(B, T, n_out, generator=g, dtype=torch.float64).to(DEV, acc)
-    g_total, g_self = (x if name in used else None for x, name in ((g_total, "total"), (g_self, "self")))
+    D = 10
+    args, kw, dtype = _one_pass_case(in_grid, out_grid, flags, D, 42)
     tune = {"block_n": 2, "block_d": 4, "d_blocks": 2}
-    config, _ = similarity.row_settings(B, T, grids, D, 1, cumulative, dtype == torch.float64, p.device, tune)
+    config, _ = similarity.row_settings(1, 3, kw["resample_p"], D, 1, kw["cumulative"], dtype == torch.float64,
+                                        args[0].device, tune)
     assert config[0] == 2 and config[2] == 4 and config[4] == 2 and config[6] == 2  # tile, block, chunks
-    dp = torch.full_like(p, float("nan"))
-    assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, g_self, dp, resample_p=grids,
-                                           tune=tune, **kw)
-    pl = p.detach().double().requires_grad_(True)
-    ref_total, ref_self = _interpolated_oracle(pl, f.double(), in_grid, out_grid, **kw)
-    objective = sum((ref * up.double()).sum() for ref, up in ((ref_total, g_total), (ref_self, g_self))
-                    if up is not None)
-    want = torch.autograd.grad(objective, pl)[0]
-    _assert_grad_close(dp.double(), want, 1e-9 if dtype == torch.float64 else 1e-5)
-
-
-def test_row_backward_propagates_nan_as_the_two_pass_backward_does():
-    # A NaN in one projected element and one teacher element reaches the same gradient elements
-    # through both backward paths (tiles of 2 tokens, so the poisoned rows sit in several), and every
-    # finite element agrees.
-    from crepa_kernels.ops import similarity
-
-    g = torch.Generator().manual_seed(43)
-    B, T, D, grids = 1, 3, 12, (4, 5, 3, 3)
-    p = torch.randn(B, T, 20, D, generator=g, dtype=torch.float64).to(DEV)
-    f = torch.randn(B, T, 9, D, generator=g, dtype=torch.float64).to(DEV)
-    p[0, 1, 7, 3] = float("nan")
-    f[0, 2, 4, 5] = float("nan")
-    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True)
-    _, _, pnorm, fnorm, cos = similarity._forward_impl(p, f, 1, 0.9, True, True, 0, grids, traceable=False)
-    g_total = torch.randn(B, T, 9, generator=g, dtype=torch.float64).to(DEV)
-    rows = torch.full_like(p, 0.5)
-    assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, None, rows, resample_p=grids,
-                                           tune={"block_n": 2}, **kw)
-    two_pass, _ = similarity._backward_launches(p, f, pnorm, fnorm, cos, g_total, None, 1, 0.9, True, True, True,
-                                                False, 0, grids, False)
-    assert rows.isnan().any() and not rows.isnan().all()
-    assert torch.equal(rows.isnan(), two_pass.isnan())
-    ok = ~two_pass.isnan()
-    _assert_grad_close(rows[ok], two_pass[ok], 1e-12)
+    dp = torch.full_like(args[0], float("nan"))
+    assert similarity._launch_row_backward(*args, dp, tune=tune, **kw)
+    _assert_one_pass_matches_the_oracle(dp, args, kw, dtype)
 
 
 def test_row_backward_declines_on_rocm_and_where_tiles_do_not_fit(monkeypatch):
@@ -1358,29 +1316,15 @@ def test_row_backward_declines_on_rocm_and_where_tiles_do_not_fit(monkeypatch):
     assert dp.isnan().all()
 
 
-def test_row_backward_takes_launch_overrides_and_a_callers_block_cap(monkeypatch):
-    # utils.launch_overrides reaches the row form (bench/ab_settings.py --tuned times it so); crepa_loss's
-    # block_d (a similarity-kernel setting) only caps its feature block.
+def test_row_backward_keeps_its_tile_budget_under_a_callers_block_d():
+    # crepa_loss's block_d (a similarity-kernel setting, up to 256) only caps the row form's block.
     from crepa_kernels.ops import similarity
 
-    ept = utils.elements_per_thread()
-    default = similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept)
+    args = (1, 21, 30, 52, 37, 37, 1536, 4, False, 132, utils.elements_per_thread())
+    default = similarity._row_launch_config(*args)
     assert default[2] * 4 * max(default[0], default[1]) <= similarity._ROW_TILE
-    assert similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept, max_block_d=256) == default
-    assert similarity._row_launch_config(1, 21, 30, 52, 37, 37, 1536, 4, False, 132, ept, max_block_d=8)[2] == 8
-    _select_backward(monkeypatch, "rows")
-    seen, real = [], similarity._row_launch_config
-    monkeypatch.setattr(similarity, "_row_launch_config", lambda *a: seen.append(a) or real(*a))
-    g = torch.Generator().manual_seed(45)
-    p = torch.randn(1, 3, 15, 8, generator=g, dtype=torch.float64, device=DEV, requires_grad=True)
-    f = torch.randn(1, 3, 16, 8, generator=g, dtype=torch.float64, device=DEV)
-    kw = dict(distance=1, tau=0.9, cumulative=False, normalize_neighbour_sum=False, projected_resample=((3, 5), (4, 4)))
-    with utils.launch_overrides({"row_bwd": {"block_n": 2, "block_d": 4, "num_warps": 2, "d_blocks": 1}}):
-        got = torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0]
-    # the tile, block, warps and chunking (the overrides), and no cap from the caller
-    assert [a[-5:] for a in seen] == [(2, 4, 2, 1, None)]
-    ref = _interpolated_oracle(p, f, (3, 5), (4, 4), **{k: v for k, v in kw.items() if k != "projected_resample"})
-    _assert_grad_close(got, torch.autograd.grad(ref[0].sum() + ref[1].sum(), p)[0], 1e-9)
+    assert similarity._row_launch_config(*args, max_block_d=256) == default
+    assert similarity._row_launch_config(*args, max_block_d=8)[2] == 8
 
 
 def test_one_pass_backwards_are_one_or_the_other(monkeypatch):
@@ -1393,16 +1337,6 @@ def test_one_pass_backwards_are_one_or_the_other(monkeypatch):
     with pytest.raises(ValueError, match="CREPA_KERNELS_ROW_BWD=1 and CREPA_KERNELS_MERGED_BWD=1"):
         total.sum().backward()
     assert p.grad is None
-
-
-def test_row_backward_is_bitwise_repeatable(monkeypatch):
-    _select_backward(monkeypatch, "rows")
-    g = torch.Generator().manual_seed(46)
-    p = torch.randn(1, 3, 6, 5, generator=g, device=DEV, requires_grad=True)
-    f = torch.randn(1, 3, 4, 5, generator=g, device=DEV)
-    kw = dict(distance=1, tau=0.9, cumulative=True, normalize_neighbour_sum=True, projected_resample=((2, 3), (2, 2)))
-    runs = [torch.autograd.grad(sum(o.sum() for o in neighbour_cosine(p, f, **kw)), p)[0] for _ in range(2)]
-    assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("frames, frame_bytes, limit, want", [

@@ -259,6 +259,40 @@ if triton_available():
                 mask=mask_n[:, None] & mask_d[None, :],
             )
 
+    @triton.jit
+    def _row_tile(ih, w_tile, in_h, in_w, out_h, out_w, BLOCK_W: tl.constexpr, V_PAD: tl.constexpr,
+                  IS_FP64: tl.constexpr):
+        # The row form's program geometry: for input row ih, the output rows touching it ([oh_lo,
+        # oh_lo + oh_count), scalars), and for the tile of BLOCK_W tokens of that row from w_tile *
+        # BLOCK_W: its tokens iw (w_mask: inside the row), their touching output columns ([ow_lo,
+        # ow_lo + ow_count)), and the run of V_PAD output columns v_cols from the tile's first
+        # contributor ow_first (v_mask: inside the row), which holds every column touching the tile
+        # (`_contributor_bound` over BLOCK_W consecutive inputs, which V_PAD covers).
+        scale_h = _axis_scale(in_h, out_h, IS_FP64)
+        scale_w = _axis_scale(in_w, out_w, IS_FP64)
+        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
+        w0 = (w_tile * BLOCK_W).to(tl.int32)
+        iw = w0 + tl.arange(0, BLOCK_W)
+        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
+        ow_first, _count = _axis_contributors(w0, in_w, out_w, scale_w)
+        v_cols = ow_first + tl.arange(0, V_PAD)
+        return scale_h, scale_w, oh_lo, oh_count, iw, iw < in_w, ow_lo, ow_count, ow_first, v_cols, v_cols < out_w
+
+    @triton.jit
+    def _gather_columns(v, iw, w_mask, ow_lo, ow_count, ow_first, in_w, out_w, scale_w,
+                        R_W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+        # The row form's width step: each token iw sums its touching columns of v (V_PAD output columns
+        # from ow_first, by BLOCK_D features) with their width weights, ascending, gathered in registers.
+        acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=v.dtype)
+        for kw in tl.static_range(R_W):
+            ow = ow_lo + kw
+            touch = w_mask & (kw < ow_count)
+            ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0).to(v.dtype)
+            lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
+            gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
+            acc += ww[:, None] * tl.where(touch[:, None], gv, 0.0)  # untouched columns add nothing, NaN too
+        return acc
+
     @triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
     def _resample_bwd_rows_kernel(
         grad_out_ptr,
@@ -300,16 +334,8 @@ if triton_available():
         b = bt // T
         t = bt % T
 
-        scale_h = _axis_scale(in_h, out_h, IS_FP64)
-        scale_w = _axis_scale(in_w, out_w, IS_FP64)
-        oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
-        w0 = (w_tile * BLOCK_W).to(tl.int32)
-        iw = w0 + tl.arange(0, BLOCK_W)
-        w_mask = iw < in_w
-        ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
-        ow_first, _c = _axis_contributors(w0, in_w, out_w, scale_w)  # the tile's first contributor
-        v_cols = ow_first + tl.arange(0, V_PAD)
-        v_mask = v_cols < out_w
+        scale_h, scale_w, oh_lo, oh_count, iw, w_mask, ow_lo, ow_count, ow_first, v_cols, v_mask = _row_tile(
+            ih, w_tile, in_h, in_w, out_h, out_w, BLOCK_W, V_PAD, IS_FP64)
 
         base = grad_out_ptr + b * g_stride_b + t * g_stride_t
         v_rows = v_cols.to(tl.int64) * g_stride_n
@@ -328,14 +354,8 @@ if triton_available():
                 g = tl.load(base + oh.to(tl.int64) * out_w * g_stride_n + v_rows[:, None] + d_off,
                             mask=v_mask[:, None] & mask_d[None, :], other=0.0).to(v.dtype)
                 v += wh * g
-            acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=scale_h.dtype)
-            for kw in tl.static_range(R_W):  # each token's columns, ascending
-                ow = ow_lo + kw
-                touch = w_mask & (kw < ow_count)
-                ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0)
-                lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
-                gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
-                acc += ww[:, None] * tl.where(touch[:, None], gv, 0.0)  # untouched columns add nothing, NaN too
+            acc = _gather_columns(v, iw, w_mask, ow_lo, ow_count, ow_first, in_w, out_w, scale_w, R_W, BLOCK_W,
+                                  BLOCK_D)
             tl.store(out_base + offs_d[None, :], acc.to(grad_in_ptr.dtype.element_ty),
                      mask=w_mask[:, None] & mask_d[None, :])
 

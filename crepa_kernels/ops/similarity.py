@@ -22,7 +22,8 @@ import triton.language as tl
 from torch.library import register_autograd, triton_op
 
 from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
-                       _input_token_contributors, _rows_v_pad, check_grid_sides, resample_tokens)
+                       _gather_columns, _input_token_contributors, _row_tile, _rows_v_pad, check_grid_sides,
+                       resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES, ROW_TUNE_KEYS,
@@ -542,16 +543,8 @@ def _neighbour_cosine_rows_bwd_kernel(
     b = rest // T
     n_in = in_h * in_w
 
-    scale_h = _axis_scale(in_h, out_h, TAPS_FP64)
-    scale_w = _axis_scale(in_w, out_w, TAPS_FP64)
-    oh_lo, oh_count = _axis_contributors(ih, in_h, out_h, scale_h)
-    w0 = (w_tile * BLOCK_W).to(tl.int32)
-    iw = w0 + tl.arange(0, BLOCK_W)
-    w_mask = iw < in_w
-    ow_lo, ow_count = _axis_contributors(iw, in_w, out_w, scale_w)
-    ow_first, _c = _axis_contributors(w0, in_w, out_w, scale_w)
-    v_cols = ow_first + tl.arange(0, V_PAD)
-    v_mask = v_cols < out_w
+    scale_h, scale_w, oh_lo, oh_count, iw, w_mask, ow_lo, ow_count, ow_first, v_cols, v_mask = _row_tile(
+        ih, w_tile, in_h, in_w, out_h, out_w, BLOCK_W, V_PAD, TAPS_FP64)
 
     j, k, offset, in_window = _slot_geometry(d, S, S_PAD, CUMULATIVE)
     inv_tau = _split_scalar(inv_tau_hi, inv_tau_lo, ACC)
@@ -588,14 +581,7 @@ def _neighbour_cosine_rows_bwd_kernel(
                           other=0.0).to(ACC)
             g = tl.sum(alpha[:, :, None] * f_u, axis=0) - beta[:, None] * p_res
             v += wh * g
-        acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=ACC)
-        for kw in tl.static_range(R_W):  # each token's resampled columns, ascending
-            ow = ow_lo + kw
-            touch = w_mask & (kw < ow_count)
-            ww = tl.where(touch, _axis_weight(ow, iw, in_w, out_w, scale_w), 0.0).to(ACC)
-            lane = tl.where(touch, ow - ow_first, 0)  # in [0, V_PAD) where touching
-            gv = tl.gather(v, tl.broadcast_to(lane[:, None], (BLOCK_W, BLOCK_D)), 0)
-            acc += ww[:, None] * tl.where(touch[:, None], gv, 0.0)  # a column not touched adds nothing, NaN too
+        acc = _gather_columns(v, iw, w_mask, ow_lo, ow_count, ow_first, in_w, out_w, scale_w, R_W, BLOCK_W, BLOCK_D)
         tl.store(out_base + cols[None, :], acc.to(dp_ptr.dtype.element_ty), mask=w_mask[:, None] & d_mask[None, :])
 
 
