@@ -578,6 +578,22 @@ def test_tune_tries_the_resample_backwards_row_form_and_feature_blocks_per_progr
     assert "d_blocks" not in tk._settings(tk.Case("sim_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu"), {})
 
 
+def test_tune_marks_a_declined_one_pass_variant_invalid():
+    """A row tile so wide that the row-form backward declines the grids (the call would take the
+    two-pass backward) is an invalid row with its reason, not a crash of the sweep; the default runs."""
+    sys.path.insert(0, HERE)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(HERE)
+    case = tk.Case("row_bwd", tk.PRESETS["tiny_fused"], torch.float32, "cpu")
+    timed = tk._timer(False, 1)
+    base = tk.measure_variant(case, {}, None, timed, None)
+    assert base["valid"] and base["settings"]["block_n"] == 8  # a 5-token row in 8 lanes
+    row = tk.measure_variant(case, {"block_n": 1024}, [t.clone() for t in case.outputs], timed, None)
+    assert not row["valid"] and "declines" in row["error"] and "ms" not in row
+
+
 @pytest.mark.parametrize("spec", ["sim_bwd", "fwd:block_n=4", "sim_bwd:block_n=3", "sim_bwd:blocks=4",
                                   "sim_bwd:block_n=four", "sim_bwd:rows=2", "merged_bwd:block_n=4"])
 def test_tune_kernels_rejects_bad_tries(spec, capsys):

@@ -294,8 +294,9 @@ def _compare(out: list, ref: list) -> tuple[bool, float]:
 
 
 def measure_variant(case: Case, tune: dict, ref: "list | None", timed, bandwidth) -> dict:
-    row = {"tune": dict(tune), "settings": _settings(case, tune)}
+    row = {"tune": dict(tune)}
     try:
+        row["settings"] = _settings(case, tune)
         case.reset()
         outs = case.run(tune or None)  # compiles this variant outside the timing
         if ref is not None:
@@ -321,7 +322,10 @@ def _settings(case, tune) -> dict:
     blocks per program from its grid)."""
     launched = getattr(case, "launched", None)
     if launched is not None:
-        first, (block_n, block_d, warps, *more) = case.keys[0], launched(tune)
+        settings = launched(tune)
+        if settings is None:
+            raise ValueError(f"{case.kernel} declines the grids with {tune} (the two-pass backward would run)")
+        first, (block_n, block_d, warps, *more) = case.keys[0], settings
         out = {first: block_n, "block_d": block_d, "num_warps": warps,
                "num_stages": tune.get("num_stages", "triton default")}
         if more:

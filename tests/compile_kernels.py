@@ -113,6 +113,16 @@ def cases():
         yield (f"similarity+resample rows bwd {dt} S_PAD={s_pad}", rows, ptrs,
                dict(S_PAD=s_pad, R_W=2, BLOCK_W=64, V_PAD=64, BLOCK_D=block_d, CUMULATIVE=cumulative,
                     NORMALIZE=cumulative, HAS_GT=True, HAS_GS=cumulative, TAPS_FP64=fp64), 8)
+    # Narrow grids (6 x 10 -> 3 x 1): tiles gathering from one resampled column, with the warps and the
+    # V_PAD the launch settings give them (tl.gather compiles only with a thread per gathered element).
+    block_w, v_pad, block_d, warps, *_ = similarity._row_launch_config(1, 3, 6, 10, 3, 1, 1536, 4, False, 132, 16)
+    yield ("similarity+resample rows bwd fp32 narrow grid", rows, {"default": "fp32"},
+           dict(S_PAD=4, R_W=1, BLOCK_W=block_w, V_PAD=v_pad, BLOCK_D=block_d, CUMULATIVE=False, NORMALIZE=False,
+                HAS_GT=True, HAS_GS=False, TAPS_FP64=False), warps)
+    plan = resample.bwd_plan((4, 5), (1, 1), 40, {"row_kernel": 1})
+    yield ("resample bwd rows fp32 narrow grid", resample._resample_bwd_rows_kernel, {"default": "fp32"},
+           dict(IS_FP64=False, R_W=1, BLOCK_W=plan["block_n"], V_PAD=plan["v_pad"], BLOCK_D=plan["block_d"]),
+           plan["num_warps"])
     rf, rb = resample._resample_fwd_kernel, resample._resample_bwd_kernel
     for dt, fp64 in (("fp32", False), ("bf16", False), ("fp64", True)):
         yield f"resample fwd {dt}", rf, {"default": dt}, dict(IS_FP64=fp64, BLOCK_M=16, BLOCK_D=128)

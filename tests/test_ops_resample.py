@@ -609,8 +609,10 @@ def test_row_form_in_fp32_strided_and_into_a_frame_slice(in_grid, out_grid):
 
 def test_row_form_settings_and_their_limits():
     # wan480's grids: whole 52-token rows as 64 lanes gathering from 37 output columns (64 lanes),
-    # 32 features per block; a tile's columns follow its block_n. Refused: another row_kernel value, and
-    # tiles that would gather from more than 1024 output columns (1 -> 4096 columns, upsampled).
+    # 32 features per block; a tile's columns follow its block_n, and are at least one per thread (a
+    # narrow grid's). Refused: another row_kernel value, tiles that would gather from more than 256
+    # output columns (300 -> 600 columns in 512-token tiles) and tokens touching more than 8 (20 -> 200
+    # columns: up to 21).
     plan = rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 1})
     assert (plan["row_kernel"], plan["block_n"], plan["v_pad"], plan["block_d"], plan["d_blocks"]) == \
         (True, 64, 64, 32, 1)
@@ -620,8 +622,12 @@ def test_row_form_settings_and_their_limits():
     assert (default["block_n"], default["block_d"], default["num_warps"]) == rs.bwd_settings(30 * 52, 1536)
     with pytest.raises(ValueError, match="row_kernel"):
         rs.bwd_plan((30, 52), (37, 37), 1536, {"row_kernel": 2})
-    with pytest.raises(ValueError, match="at most 1024 output columns"):
-        rs.bwd_plan((1, 2), (1, 4096), 64, {"row_kernel": 1})
+    narrow = rs.bwd_plan((4, 5), (1, 1), 40, {"row_kernel": 1})  # one output column: 1 lane would do
+    assert narrow["v_pad"] * narrow["block_d"] >= 32 * narrow["num_warps"]
+    with pytest.raises(ValueError, match="at most 256 output columns per tile"):
+        rs.bwd_plan((1, 300), (1, 600), 64, {"row_kernel": 1, "block_n": 512})
+    with pytest.raises(ValueError, match="at most 8 output columns per token"):
+        rs.bwd_plan((1, 20), (1, 200), 64, {"row_kernel": 1, "block_n": 1})
 
 
 def test_row_form_propagates_nan_as_the_default_form_does():

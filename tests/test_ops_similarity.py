@@ -1025,12 +1025,13 @@ def test_merged_backward_runs_a_large_batch_in_several_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["merged", "rows"])
-def test_one_pass_backwards_propagate_nan_as_the_two_pass_backward_does(mode):
+def test_one_pass_backwards_propagate_nan_as_the_two_pass_backward_does(monkeypatch, mode):
     # A NaN in one projected element and one teacher element reaches the same gradient elements
     # through both backward paths (bands of one row, or tiles of 2 tokens of a row, so the poisoned
     # rows sit in several), and every finite element agrees.
     from crepa_kernels.ops import similarity
 
+    _select_backward(monkeypatch, "two_pass")  # the reference below reads the switches
     g = torch.Generator().manual_seed(30)
     B, T, D, grids = 1, 3, 12, (4, 5, 3, 3)
     p = torch.randn(B, T, 20, D, generator=g, dtype=torch.float64).to(DEV)

@@ -518,11 +518,16 @@ def test_fused_launch_settings_follow_the_h200_sweep():
                                                  backward, item) == (8, 32, 8)
 
 
-def test_only_the_resample_backward_takes_feature_blocks_per_program():
-    # d_blocks: any positive int, for resample_bwd only (its launcher reads it; apply_tune passes it by).
-    from crepa_kernels.ops.utils import LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, apply_tune, launch_overrides
+def test_feature_blocks_per_program_are_the_resample_and_row_form_backwards_settings():
+    # d_blocks: any positive int, for resample_bwd and row_bwd only (their launchers read it; apply_tune
+    # passes it by); row_kernel for resample_bwd only.
+    from crepa_kernels.ops.utils import (LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, ROW_TUNE_KEYS, apply_tune,
+                                         launch_overrides)
 
     assert apply_tune(8, 128, 4, {"d_blocks": 3, "num_warps": 2}, RESAMPLE_BWD_TUNE_KEYS) == (8, 128, 2, {})
+    assert apply_tune(64, 16, 8, {"d_blocks": 5}, ROW_TUNE_KEYS) == (64, 16, 8, {})
+    with pytest.raises(ValueError, match="unknown setting"):
+        apply_tune(64, 16, 8, {"row_kernel": 1}, ROW_TUNE_KEYS)
     for bad, match in (({"sim_bwd": {"d_blocks": 2}}, "unknown setting"),
                        ({"merged_bwd": {"d_blocks": 2}}, "unknown setting"),
                        ({"resample_bwd": {"d_blocks": 0}}, "positive int")):

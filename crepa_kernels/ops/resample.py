@@ -453,14 +453,24 @@ def _bwd_settings(n_in: int, D: int, ept: int) -> tuple[int, int, int]:
 
 
 # Tile elements of the row form's larger tile (its v, gathered, and result tiles are all that size),
-# and the most output columns a tile may gather from (a strong horizontal upsampling needs many).
+# the most output columns a tile may gather from, and the most a token may touch (its gathers are
+# unrolled): a strong horizontal upsampling needs many, and takes the default form.
 _ROWS_TILE = 2048
-_ROWS_MAX_V_PAD = 1024
+_ROWS_MAX_V_PAD = 256
+_ROWS_MAX_R_W = 8
 
 
 def _rows_v_pad(in_w: int, out_w: int, block_w: int) -> int:
     # Output columns touching block_w consecutive input columns: one run of at most this many.
     return next_power_of_2(max(1, min(_contributor_bound(in_w, out_w, block_w), out_w)))
+
+
+def _gather_v_pad(v_pad: int, block_d: int, num_warps: int) -> int:
+    """V_PAD raised until the gathered (V_PAD, BLOCK_D) tile has an element for each thread: Triton
+    (3.8, sm_90) lowers tl.gather only where each warp holds whole rows of the gather axis, which a
+    smaller tile cannot give (its compile aborts). The added lanes are masked past the row's end or
+    hold columns no token gathers."""
+    return max(v_pad, next_power_of_2(cdiv(32 * num_warps, max(1, block_d))))
 
 
 @functools.lru_cache(maxsize=256)
@@ -496,6 +506,11 @@ def bwd_plan(in_grid: tuple[int, int], out_grid: tuple[int, int], D: int, tune: 
             raise ValueError(f"tune['row_kernel']: the row form holds at most {_ROWS_MAX_V_PAD} output columns per "
                              f"tile; {block_n} tokens of a {in_w}-wide row touch up to {v_pad} of {out_w} "
                              f"(a smaller block_n, or the default form)")
+        if _contributor_bound(in_w, out_w) > _ROWS_MAX_R_W:
+            raise ValueError(f"tune['row_kernel']: the row form takes at most {_ROWS_MAX_R_W} output columns per "
+                             f"token; a {in_w}-wide row resampled to {out_w} columns has up to "
+                             f"{_contributor_bound(in_w, out_w)} (the default form)")
+        v_pad = _gather_v_pad(v_pad, block_d, num_warps)
     return {"row_kernel": bool(rows), "block_n": block_n, "block_d": block_d, "num_warps": num_warps,
             "d_blocks": tune.get("d_blocks", 1), "v_pad": v_pad, "extra": extra}
 

@@ -22,8 +22,8 @@ import triton.language as tl
 from torch.library import register_autograd, triton_op
 
 from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight, _contributor_bound,
-                       _gather_columns, _input_token_contributors, _row_tile, _rows_v_pad, check_grid_sides,
-                       resample_tokens)
+                       _gather_columns, _gather_v_pad, _input_token_contributors, _row_tile, _rows_v_pad,
+                       check_grid_sides, resample_tokens)
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES, ROW_TUNE_KEYS,
@@ -962,7 +962,8 @@ def _row_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w: 
     """(BLOCK_W, V_PAD, BLOCK_D, num_warps, D_BLOCKS, w tiles, D chunks) of the row-form one-pass
     backward, or None where it declines the grids (a tile touching more than _ROW_MAX_V_PAD
     resampled columns, a token more than _ROW_MAX_R_W, or a teacher tile without room for
-    _ROW_MIN_COLS columns): the two-pass backward runs then.
+    _ROW_MIN_COLS columns): the two-pass backward runs then. V_PAD is at least the run of columns
+    a tile touches, and large enough for tl.gather to compile (`resample._gather_v_pad`).
 
     Tiles of up to 64 tokens of a row; BLOCK_D keeps the teacher tile within _ROW_TILE elements (8 to
     64 columns, at most ``max_block_d``); the D axis is cut into chunks until there are at least 8
@@ -987,6 +988,7 @@ def _row_launch_config(B: int, T: int, in_h: int, in_w: int, out_h: int, out_w: 
         chunks = max(1, min(n_blocks, cdiv(8 * sms, rows)))
         d_blocks = max(1, cdiv(n_blocks, chunks))
     warps = num_warps or num_warps_for((s_pad + 4) * wide * block_d, ept)
+    v_pad = _gather_v_pad(v_pad, block_d, warps)  # a thread for each gathered element (narrow grids)
     return block_w, v_pad, block_d, warps, d_blocks, w_tiles, max(1, cdiv(n_blocks, d_blocks))
 
 

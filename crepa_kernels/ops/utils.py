@@ -179,8 +179,9 @@ def row_backward_enabled() -> bool:
     launch, no resampled-grid buffer and no staging, so the backward's only large allocation is the
     gradient itself. The same numbers up to fp32 summation order (fp16 / bf16 inputs also skip the
     rounding of the resampled-grid gradient to the input dtype). Grids whose tiles would gather
-    from too many resampled columns take the default, as does ROCm. Off until a GPU A/B times it;
-    not together with ``CREPA_KERNELS_MERGED_BWD=1``."""
+    from more than 256 resampled columns, whose tokens touch more than 8, or whose teacher tiles
+    leave no room for 8 feature columns take the default, as does ROCm. Off until a GPU A/B times
+    it; not together with ``CREPA_KERNELS_MERGED_BWD=1``."""
     return env_flag(ROW_BWD_ENV, False)
 
 
