@@ -454,7 +454,7 @@ def _bwd_settings(n_in: int, D: int, ept: int) -> tuple[int, int, int]:
 
 # Tile elements of the row form's larger tile (its v, gathered, and result tiles are all that size),
 # the most output columns a tile may gather from, and the most a token may touch (its gathers are
-# unrolled): a strong horizontal upsampling needs many, and takes the default form.
+# unrolled): a strong horizontal upsampling needs more, and `bwd_plan` refuses the row form there.
 _ROWS_TILE = 2048
 _ROWS_MAX_V_PAD = 256
 _ROWS_MAX_R_W = 8
