@@ -137,41 +137,30 @@ class Case:
                 return [dst]
             self.outputs = [dst]
             self.bytes = (dp_res.numel() + dst.numel()) * el
-        elif kernel == "merged_bwd":
-            def launched(tune):  # a band height sets its own block unless one is given: report what runs
-                c, _ = similarity.band_settings(B, T, self.resample_p, D, acc == torch.float64, p.device, tune)
-                return None if c is None else (c[0], c[3], c[5])
-
+        elif kernel in ("merged_bwd", "row_bwd"):
+            # A band height (or a row tile) sets its own block and warps unless given: report what runs.
+            if kernel == "merged_bwd":
+                def launched(tune):  # rows, BLOCK_D, num_warps
+                    c, _ = similarity.band_settings(B, T, self.resample_p, D, acc == torch.float64, p.device, tune)
+                    return None if c is None else (c[0], c[3], c[5])
+                launch = similarity._launch_merged_backward
+                declined = "one-row bands of its grids pass the one-pass backward's tile limit"
+            else:
+                def launched(tune):  # BLOCK_W, BLOCK_D, num_warps, D_BLOCKS
+                    c, _ = similarity.row_settings(B, T, self.resample_p, D, DISTANCE, CUMULATIVE,
+                                                   acc == torch.float64, p.device, tune)
+                    return None if c is None else (c[0], c[2], c[3], c[4])
+                launch = similarity._launch_row_backward
+                declined = "the row-form one-pass backward declines its grids"
             if launched({}) is None:
-                raise ValueError(f"preset {preset.name}: one-row bands of its grids pass the one-pass backward's tile "
-                                 "limit (crepa_loss takes the two-pass backward there)")
+                raise ValueError(f"preset {preset.name}: {declined} (crepa_loss takes the two-pass backward there)")
             self.launched = launched
-            self.default = launched({})  # rows, BLOCK_D, num_warps
+            self.default = launched({})[:3]
             self.window = (0, T)  # the whole clip in one launch
             dp = torch.empty(p.shape, dtype=dtype, device=device)
 
             def run(tune):
-                similarity._launch_merged_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, **kw, tune=tune)
-                return [dp]
-            self.outputs = [dp]
-            side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size()
-            self.bytes = (p.numel() + f.numel() + dp.numel()) * el + side_bytes
-        elif kernel == "row_bwd":
-            def launched(tune):  # the settings the row form launches with (BLOCK_W as its token block)
-                c, _ = similarity.row_settings(B, T, self.resample_p, D, DISTANCE, CUMULATIVE,
-                                               acc == torch.float64, p.device, tune)
-                return None if c is None else (c[0], c[2], c[3], c[4])
-
-            if launched({}) is None:
-                raise ValueError(f"preset {preset.name}: the row-form one-pass backward declines its grids "
-                                 "(crepa_loss takes the two-pass backward there)")
-            self.launched = launched
-            self.default = launched({})[:3]  # BLOCK_W, BLOCK_D, num_warps
-            self.window = (0, T)  # the whole clip in one launch
-            dp = torch.empty(p.shape, dtype=dtype, device=device)
-
-            def run(tune):
-                assert similarity._launch_row_backward(p, f, pnorm, fnorm, cos, g_total, None, dp, **kw, tune=tune)
+                assert launch(p, f, pnorm, fnorm, cos, g_total, None, dp, **kw, tune=tune)
                 return [dp]
             self.outputs = [dp]
             side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size()
