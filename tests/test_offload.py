@@ -211,6 +211,50 @@ def test_overlapping_modules_are_refused():
         m.prefetch(toy.fc)
 
 
+@pytest.mark.parametrize("part", ["whole", "submodule"])
+def test_a_module_another_manager_packed_is_refused_and_left_as_it_was(part):
+    toy = Toy()
+    ref_out, ref_state = toy(X), snapshot(toy)
+    a = OffloadManager("resident", emulate_device=True)
+    b = OffloadManager("offload", emulate_device=True)
+    with a.use(toy):
+        pass
+    target = toy if part == "whole" else toy.fc
+    ptrs = storages(toy)
+    with a.use(toy):  # also from inside the owner's use
+        with pytest.raises(ValueError, match="another OffloadManager manages"):
+            b.prefetch(target)
+    with pytest.raises(ValueError, match="another OffloadManager manages"):
+        with b.use(target):
+            pass
+    assert storages(toy) == ptrs and b.stats.host_bytes == 0 and not b.is_resident(target)
+    with a.use(toy) as used:  # the owner is unaffected
+        assert torch.equal(used(X), ref_out)
+    a.unregister(toy)  # after which the other manager may take it
+    with b.use(target):
+        pass
+    assert_same_state(toy, ref_state)
+
+
+def test_a_dropped_manager_held_only_by_a_cycle_does_not_keep_its_modules():
+    toy = Toy()
+    gc.disable()  # so that only the manager's own check collects the cycle
+    try:
+        a = OffloadManager("resident", emulate_device=True)
+        a.cycle = a
+        with a.use(toy):
+            pass
+        ref = weakref.ref(a)
+        del a
+        assert ref() is not None
+        b = OffloadManager("offload", emulate_device=True)
+        with b.use(toy) as used:
+            assert torch.equal(used(X), Toy()(X))
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 # ----------------------------------------------------------------------------------- no-op on CPU
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_device_is_a_noop(mode):

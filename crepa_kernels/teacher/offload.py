@@ -64,12 +64,14 @@ copy of it (the next module, activations) would still fit with the margin to spa
 Prefetching DINOv2 while the VAE decodes keeps both weight sets on the device during the decode;
 when memory is that tight, skip that prefetch (``"auto"`` does so by itself, and a prefetch the
 device has no memory for is skipped in every mode) and the peak is the larger of the two steps, not
-their sum. The manager is not thread-safe: use one per process.
+their sum. The manager is not thread-safe: use one per process. A module (or any part of it) belongs
+to one manager at a time: another live manager refuses it until the first unregisters it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import mmap
 import sys
@@ -421,6 +423,17 @@ class OffloadManager:
             owned = self._owned.get(id(t))
             if owned is not None and owned[0]() is t and owned[1]() is not None:
                 raise ValueError(f"module {name}: tensor {tname!r} already belongs to another managed module")
+        # nor another live manager's: two managers pointing one tensor at two host copies would each
+        # undo the other's moves. A dropped manager that only a reference cycle keeps does not count.
+        clash = self._claimed_elsewhere(tensors)
+        if clash is not None:
+            gc.collect()
+            clash = self._claimed_elsewhere(tensors)
+        if clash is not None:
+            raise ValueError(
+                f"module {name}: tensor {clash!r} belongs to a module another OffloadManager manages; one "
+                "manager per module (call unregister(module) on the other manager first)"
+            )
         entries: list[_Entry] = []
         offset = 0
         for tname, t in tensors:
@@ -447,6 +460,17 @@ class OffloadManager:
             self._owned[id(e.tensor)] = (weakref.ref(e.tensor), owner)
         self._n["bytes_to_host"] += nbytes
         return slot
+
+    def _claimed_elsewhere(self, tensors: list) -> Optional[str]:
+        """The name of the first of `tensors` that another live manager has packed, else None."""
+        for mgr in list(_MANAGERS):
+            if mgr is self:
+                continue
+            for tname, t in tensors:
+                owned = mgr._owned.get(id(t))
+                if owned is not None and owned[0]() is t and owned[1]() is not None:
+                    return tname
+        return None
 
     @staticmethod
     def _check_frozen(name: str, stat_modules: list, entries: Optional[list] = None) -> None:
