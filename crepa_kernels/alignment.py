@@ -78,8 +78,8 @@ def plan_tokens(
         m = min(n_projected, n_features)
         return TokenPlan(_compat_resample(n_projected, m), _compat_resample(n_features, m), False, m)
 
-    gp = projected_grid or _implied_square("projected_grid", n_projected)
-    gf = features_grid or _implied_square("features_grid", n_features)
+    gp = projected_grid or implied_square("projected_grid", n_projected, given="features_grid")
+    gf = features_grid or implied_square("features_grid", n_features, given="projected_grid")
     if gp == gf:
         return TokenPlan(None, None, False, n_projected)
     if not spatial_align:
@@ -89,12 +89,14 @@ def plan_tokens(
     return TokenPlan(Resample(gp, gf), None, False, n_features)
 
 
-def _implied_square(name: str, n: int) -> Grid:
+def implied_square(name: str, n: int, given: str) -> Grid:
+    """The square grid of `n` tokens, which grid mode (switched on by the `given` grid) assumes for the
+    side whose grid `name` was left out; a clear error when `n` is not a perfect square."""
     s = _square_side(n)
     if s is None:
         raise ValueError(
-            f"{name} is required: grid mode needs both token layouts, and {n} tokens per frame "
-            "is not a perfect square, so the layout cannot be inferred"
+            f"{name} is required: {given} switches to grid mode, which needs both token layouts, and "
+            f"{n} tokens per frame is not a perfect square, so the layout cannot be inferred"
         )
     return (s, s)
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .config import CrepaConfig
-from .alignment import check_grid
+from .alignment import check_grid, implied_square
 from .functional import crepa_loss
+from .ops.utils import FLOAT_DTYPES
 from .schedule import CrepaScheduler, check_step, parse_state
 
 
@@ -91,16 +92,20 @@ class CrepaLoss(nn.Module):
         return self.projector(hidden_states.float())
 
     def check_hidden(self, hidden_states: torch.Tensor, *, step: int = 0,
-                     hidden_grid: Optional[Sequence[int]] = None) -> None:
+                     hidden_grid: Optional[Sequence[int]] = None, grid_mode: bool = False) -> None:
         """The checks ``forward`` applies to the student's side of a call, for a caller with costly work
-        to do before it (a teacher decode): a call that cannot succeed fails before that work."""
-        self._checked_hidden(hidden_states, step, hidden_grid)
+        to do before it (a teacher decode): a call that cannot succeed fails before that work.
+        ``grid_mode``: the call will pass a ``feature_grid``, so without ``hidden_grid`` the hidden
+        tokens must form a square."""
+        self._checked_hidden(hidden_states, step, hidden_grid, grid_mode)
 
-    def _checked_hidden(self, hidden_states, step, hidden_grid):
+    def _checked_hidden(self, hidden_states, step, hidden_grid, grid_mode=False):
         """(hidden_states as (B, T, N, D), its (h, w) grid or None, step as an int), after the student
         side's checks."""
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
+        if grid_mode and hidden_grid is None:
+            implied_square("hidden_grid", hidden_states.shape[2], given="feature_grid")
         return hidden_states, hidden_grid, check_step(step)
 
     def forward(
@@ -114,9 +119,13 @@ class CrepaLoss(nn.Module):
     ):
         # Every argument is checked before the schedule is consulted: a bad call fails on every step,
         # not only on the weighted ones, and changes no schedule state.
-        hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid)
-        frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim)
+        hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid,
+                                                                feature_grid is not None)
+        frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim,
+                                      FLOAT_DTYPES)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
+        if hidden_grid is not None and feature_grid is None:
+            implied_square("feature_grid", frame_features.shape[2], given="hidden_grid")
         if hidden_states.shape[0] != frame_features.shape[0]:
             raise ValueError(f"hidden_states holds {hidden_states.shape[0]} videos but frame_features "
                              f"{frame_features.shape[0]}: they must be the same batch")
@@ -141,14 +150,16 @@ class CrepaLoss(nn.Module):
         # (without autograd) as the common trainer computes them on every step: they are logged,
         # and they feed the similarity EMA, so the logged EMA matches the trainer's.
         with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
+            projected = self.projector(hidden_states.float())  # checked above: no second pass through project()
+            if c.check_finite:  # here, so that the error names this call's arguments
+                _check_finite(hidden_states, frame_features, projected)
             out = crepa_loss(
-                self.projector(hidden_states.float()),  # checked above: no second pass through project()
+                projected,
                 frame_features.detach() if self.detach_teacher else frame_features,
                 adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
                 cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
                 normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
                 projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
-                check_finite=c.check_finite,
             )
         score = out.alignment.detach().mean()
         self_sim = out.self_similarity.detach().mean()
@@ -292,12 +303,15 @@ def logs_to_floats(logs: dict) -> dict:
     return out
 
 
-def _check_input(name: str, t, dim_name: str, dim: int) -> torch.Tensor:
-    """A floating (B, T, N, D) view of ``t`` ((B, T, D) gains N = 1), D equal to ``dim``."""
+def _check_input(name: str, t, dim_name: str, dim: int, dtypes=None) -> torch.Tensor:
+    """A floating (B, T, N, D) view of ``t`` ((B, T, D) gains N = 1), D equal to ``dim``; ``dtypes``:
+    the ones allowed (the hidden states take any floating dtype: the projector reads them as fp32)."""
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if t.ndim == 3:
@@ -309,6 +323,16 @@ def _check_input(name: str, t, dim_name: str, dim: int) -> torch.Tensor:
     if 0 in t.shape:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (B, T, N, D must all be positive)")
     return t
+
+
+def _check_finite(hidden_states, frame_features, projected) -> None:
+    """crepa_check_finite: raise on NaN or Inf, naming the first input that holds one (one host sync)."""
+    named = (("hidden_states", hidden_states), ("frame_features", frame_features),
+             ("the projector's output (its weights or an outer autocast)", projected))
+    finite = torch.stack([torch.isfinite(t).all().to(projected.device) for _, t in named])
+    if not bool(finite.all()):
+        bad = next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
+        raise ValueError(f"{bad} holds NaN or Inf values (crepa_check_finite=True)")
 
 
 def _spatial_grid(name, grid, tensor):

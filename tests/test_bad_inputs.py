@@ -146,16 +146,18 @@ def test_reading_a_config_never_changes_the_callers_object():
 def test_failed_forward_leaves_schedule_and_weights_unchanged(settings, monkeypatch):
     # cutoff_step: the weight is decided (and the permanent latch set) before the loss runs; a call
     # that then fails must not have switched CREPA off for the rest of the run.
-    loss = CrepaLoss(_cfg(**settings), 4, 4)
+    loss = CrepaLoss(_cfg(check_finite=True, **settings), 4, 4)
     loss(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), step=0)
     state = loss.scheduler.state_dict()
     weights = {k: v.clone() for k, v in loss.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(ValueError):
         loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=9, hidden_grid=(2, 2))
-    # Inputs that pass the module's own checks and fail inside the loss, after the schedule was asked:
-    # 6 tokens make no square grid, and grid mode (the features' grid is given) needs one.
-    with pytest.raises(ValueError, match="projected_grid"):
+    # 6 tokens make no square grid, and grid mode (the features' grid is given) needs one
+    with pytest.raises(ValueError, match="hidden_grid is required"):
         loss(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 4, 4), step=9, feature_grid=(2, 2))
+    # an input that passes the argument checks and fails once the schedule was asked
+    with pytest.raises(ValueError, match="frame_features holds NaN"):
+        loss(torch.randn(1, 3, 2, 4), torch.full((1, 3, 2, 4), float("nan")), step=9)
 
     def failing_loss(*args, **kwargs):
         raise torch.OutOfMemoryError("no room for the loss")

@@ -80,12 +80,54 @@ def test_logs_as_floats():
     (lambda m: m(torch.randn(2, 3, 4, 5, 4), torch.randn(1, 2, 3, 4)), "hidden_states must be (B, T, N, D)"),
     (lambda m: m(torch.randn(1, 2, 3, 4), "feats"), "frame_features must be a torch.Tensor"),
     (lambda m: m(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 4, 4), hidden_grid=(2, 2)), "describes 4 tokens"),
+    # grid mode from one grid: the other side must be a square, and the error names this call's argument
+    (lambda m: m(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 16, 4), feature_grid=(4, 4)),
+     "hidden_grid is required: feature_grid switches to grid mode"),
+    (lambda m: m(torch.randn(1, 2, 16, 4), torch.randn(1, 2, 6, 4), hidden_grid=(4, 4)),
+     "feature_grid is required: hidden_grid switches to grid mode"),
+    (lambda m: m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).to(torch.float8_e4m3fn)),
+     "frame_features must be fp16, bf16, fp32 or fp64, got torch.float8_e4m3fn"),
 ])
 def test_forward_errors(call, msg):
     m = CrepaLoss(cfg(), 4, 4)
+    before = m.scheduler.state_dict()
     with pytest.raises((ValueError, TypeError)) as e:
         call(m)
     assert msg in str(e.value)
+    assert m.scheduler.state_dict() == before
+
+
+def test_hidden_states_in_any_floating_dtype_are_read_as_float32():
+    # the projector computes projector(hidden.float()): an fp8 activation is as good as its fp32 value
+    m = CrepaLoss(cfg(), 4, 4)
+    h = torch.randn(1, 2, 3, 4).to(torch.float8_e4m3fn)
+    f = torch.randn(1, 2, 3, 4)
+    loss8, _ = m(h, f)
+    loss32, _ = m(h.float(), f)
+    assert torch.equal(loss8, loss32)
+
+
+@pytest.mark.parametrize("where", ["hidden_states", "frame_features", "projector"])
+def test_check_finite_names_the_input_that_holds_nan(where):
+    m = CrepaLoss(cfg(check_finite=True), 4, 4)
+    h, f = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    if where == "hidden_states":
+        h[0, 1, 2, 3] = float("nan")
+        f[0, 0, 0, 0] = float("inf")  # the first input in call order is named
+    elif where == "frame_features":
+        f[0, 0, 0, 0] = float("inf")
+    else:
+        with torch.no_grad():
+            next(l for l in m.projector if isinstance(l, nn.Linear)).weight[0, 0] = float("nan")
+        where = "the projector's output"
+    before = m.scheduler.state_dict()
+    with pytest.raises(ValueError, match=f"^{where}.* holds NaN or Inf values \\(crepa_check_finite=True\\)"):
+        m(h, f, step=3)
+    assert m.scheduler.state_dict() == before
+    m2 = CrepaLoss(cfg(), 4, 4)  # off by default: NaN propagates, as in the reference
+    m2.load_state_dict(m.state_dict())
+    loss, _ = m2(h, f, step=3)
+    assert torch.isnan(loss)
 
 
 def test_constructor_errors():

@@ -299,6 +299,8 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
      "latents holds 1 videos but hidden_states 2"),
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, hidden_grid=(3, 3)), ValueError,
      "hidden_grid"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 6, 16), z, vae, feature_grid=(4, 4)), ValueError,
+     "hidden_grid is required: feature_grid switches to grid mode"),
 ])
 def test_a_bad_student_input_fails_before_the_teacher_decodes(call, exc, match, monkeypatch):
     # The decode and encode cost seconds and gigabytes of copies at real sizes: a call that can only fail

@@ -210,7 +210,8 @@ class CrepaRegularizer:
         if frame_features is None:
             # the decode and encode are costly: a call the loss would refuse fails before them (with given
             # features, the loss's own checks come first anyway)
-            self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid)
+            self.loss.check_hidden(hidden_states, step=step, hidden_grid=hidden_grid,
+                                   grid_mode=feature_grid is not None)
             if torch.is_tensor(latents) and latents.ndim >= 1 and latents.shape[0] != hidden_states.shape[0]:
                 raise ValueError(f"latents holds {latents.shape[0]} videos but hidden_states {hidden_states.shape[0]}: "
                                  "they must be the same batch")
