@@ -80,12 +80,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-    from crepa_kernels import benchmark as bm
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
+    if not on_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+    from crepa_kernels import benchmark as bm
+    from crepa_kernels.ops.utils import interpreter_enabled
     presets = _csv(args.preset) if args.preset else (["small", "wan480"] if on_gpu else ["small"])
     providers = _csv(args.providers) if args.providers else (list(bm.PROVIDERS) if on_gpu else ["torch"])
     dtypes = _csv(args.dtypes) if args.dtypes else (["fp32", "bf16"] if on_gpu else ["fp32"])
@@ -97,9 +97,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"crepa-kernels bench: {what} got {', '.join(bad)}; expected any of {', '.join(allowed)}",
                   file=sys.stderr)
             return 2
-    reps, warmup, max_s = (5, 1, 5.0) if args.quick else (args.reps, 3, 20.0)
+    reps = args.reps if args.reps is not None else (5 if args.quick else 20)
+    warmup, max_s = (1, 5.0) if args.quick else (3, 20.0)
     report = bm.run_suite(presets, dtypes, providers, modes, device, reps=reps, warmup=warmup, max_seconds=max_s)
-    if not on_gpu and args.interpreter_check:
+    if not on_gpu and args.interpreter_check and not interpreter_enabled():
+        # this process imported triton for a GPU before the bench chose the CPU: no interpreter here
+        print("crepa-kernels bench: the Triton interpreter check is skipped: Triton was loaded without "
+              "TRITON_INTERPRET=1 in this process", file=sys.stderr)
+    elif not on_gpu and args.interpreter_check:
         # The Triton kernels through the CPU interpreter, at a tiny size: proves they run here.
         # Interpreter timings are not performance figures and are labelled so.
         extra = bm.run_suite(["tiny"], ["fp32"], ["triton"], ["full"], device, reps=2, warmup=1, max_seconds=5.0,
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", help="comma-separated: fp32, bf16")
     p.add_argument("--modes", help="comma-separated: forward, backward, full")
     p.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--reps", type=_positive_int, default=20)
+    p.add_argument("--reps", type=_positive_int, help="timed calls per case (default: 20, or 5 with --quick)")
     p.add_argument("--out", default="crepa-bench", type=_out_dir, help="directory for JSON, markdown and PNG results")
     p.add_argument("--name", help="results file stem (default: the device name)")
     p.add_argument("--no-plot", action="store_true")

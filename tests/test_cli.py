@@ -1,6 +1,9 @@
 """The command line: the demo (the README's main job), bench --quick, info, and clear usage errors."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +71,31 @@ def test_bench_quick_keeps_to_few_calls_and_a_failed_case_fails_the_command(tmp_
     assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "f", "--no-plot", "--no-interpreter-check"]) == 1
     rows = json.loads((tmp_path / "f.json").read_text())["results"]
     assert any("error" in r for r in rows) and any("median_ms" in r for r in rows)
+
+
+def test_bench_reps_are_kept_with_quick(tmp_path):
+    assert main(["bench", "--quick", "--reps", "2", "--preset", "tiny", "--modes", "forward", "--out",
+                 str(tmp_path), "--name", "r", "--no-plot", "--no-interpreter-check"]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert rows and all(r["reps"] == 2 for r in rows)
+
+
+def test_bench_on_the_cpu_of_a_gpu_machine_runs_the_interpreter_check(tmp_path):
+    # A fresh process with CUDA reported present and TRITON_INTERPRET unset, as on a GPU machine: the
+    # CPU bench must still run its Triton row through the interpreter.
+    script = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "from crepa_kernels.cli import main\n"
+        f"sys.exit(main(['bench', '--quick', '--device', 'cpu', '--preset', 'tiny', '--modes', 'forward', "
+        f"'--reps', '1', '--no-plot', '--out', {str(tmp_path)!r}, '--name', 'c']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "c.json").read_text())["results"]
+    interp = [r for r in rows if r["provider"] == "triton"]
+    assert interp and all("error" not in r and r["median_ms"] > 0 for r in interp)
 
 
 def test_info_prints_json(capsys):
