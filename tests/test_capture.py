@@ -621,6 +621,28 @@ def test_compiled_model_with_capture_registered_late_says_so(fresh_dynamo):
             read()
 
 
+def test_code_compiled_for_another_instance_misses_the_hooks_until_reset(fresh_dynamo):
+    # An EMA or validation copy of the same class, compiled and run first: torch reuses its code for
+    # the second instance, which has no block hooks although the capture was attached first.
+    other = torch.compile(_model(CASES[0]), backend="aot_eager")
+    other(*_wan_inputs(1))
+    model = _model(CASES[0])
+    cap = capture_hidden_states(model, 1).attach()
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        compiled(*_wan_inputs(1))
+        with pytest.raises(RuntimeError, match=r"reuses code torch compiled for another instance of "
+                                               r"WanTransformer3DModel.*torch\.compiler\.reset\(\)"):
+            cap.hidden
+        torch.compiler.reset()  # the documented remedy
+        compiled(*_wan_inputs(1))
+        with capture_hidden_states(model, 1) as eager_cap:
+            model(*_wan_inputs(1))
+        torch.testing.assert_close(cap.hidden, eager_cap.hidden)
+    finally:
+        cap.detach()
+
+
 def test_an_interrupted_forward_frees_its_tensors_when_the_capture_ends():
     # KeyboardInterrupt skips torch's always_call hooks: the capture saw the block's output (holding
     # the partial forward's graph) but never the forward's end. Nothing of it is readable, and leaving

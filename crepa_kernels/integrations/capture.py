@@ -35,7 +35,10 @@ validation pass, is compiled without the hooks and later captures miss the block
     cap.detach()
 
 A capture registered after the model was already compiled and run sees the transformer's forward
-but not the block's; reading ``hidden`` then raises an error saying so.
+but not the block's; reading ``hidden`` then raises an error saying so. Torch shares compiled code
+between instances of one class, so the same happens when another instance (an EMA or validation
+copy) was compiled and run with autograd on before this one: call ``torch.compiler.reset()`` after
+attaching.
 """
 from __future__ import annotations
 
@@ -357,10 +360,12 @@ class HiddenStateCapture:
         return RuntimeError(
             f"block {index}'s hook did not fire during the last {name} forward, although the forward ran through "
             "the capture: the model appears to be compiled (torch.compile) without the capture hooks, i.e. it was "
-            "traced before they were attached. Create the capture once and attach it before the first compiled "
-            f"call: cap = capture_hidden_states(model, {self.block_index}{teacher}).attach(), keep it attached and "
-            "read cap.hidden / cap.grid after each forward (or call torch.compiler.reset() after attaching, which "
-            "recompiles). If the model is not compiled, something skipped the block (a block cache?)."
+            "traced before they were attached, or it reuses code torch compiled for another instance of "
+            f"{name} (an EMA or validation copy) compiled earlier. Create the capture once and attach it before "
+            f"the first compiled call: cap = capture_hidden_states(model, {self.block_index}{teacher}).attach(), "
+            "keep it attached and read cap.hidden / cap.grid after each forward; after another instance was "
+            "compiled, also call torch.compiler.reset() after attaching (it recompiles). If the model is not "
+            "compiled, something skipped the block (a block cache?)."
         )
 
     @property
