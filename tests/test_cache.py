@@ -143,8 +143,11 @@ def test_key_distinguishes_frame_lists_and_types():
         FeatureCache.make_key("s", **{**BASE, "extra": {"a": 1}}),
         FeatureCache.make_key("s", **{**BASE, "extra": {"a": "1"}}),
         FeatureCache.make_key("s", **{**BASE, "extra": {"a": 1.0}}),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": "1.0"}}),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": [1.0]}}),
+        FeatureCache.make_key("s", **{**BASE, "extra": {"a": ["1.0"]}}),
     }
-    assert len(keys) == 9
+    assert len(keys) == 12
 
 
 def test_one_key_for_the_same_settings_spelled_differently(tmp_path):

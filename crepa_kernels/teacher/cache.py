@@ -135,7 +135,9 @@ def _json_value(name: str, value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
-        return repr(value)  # repr round-trips exactly
+        # repr round-trips exactly; tagged, so that 1.0 and the string "1.0" key apart (as 1 and "1" do).
+        # No earlier key held a mapping, so none can match a tagged one.
+        return {"float": repr(value)}
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, (tuple, list)):
@@ -178,7 +180,8 @@ class FeatureCache:
         One spelling per setting: DINOv2 aliases key as their timm name, dtype names as the
         torch.dtype, a ``"sha256:..."`` string as the file it fingerprints. (Earlier versions keyed
         those spellings apart, so their entries made with an alias, a dtype name or a fingerprint
-        string are not found under these keys and are computed again.)
+        string are not found under these keys and are computed again; so are entries whose ``extra``
+        held a float, which earlier versions keyed as its string.)
 
         Args:
             sample_id: the sample (a dataset path or id), str or int.
