@@ -329,7 +329,9 @@ def _check_finite(hidden_states, frame_features, projected) -> None:
     """crepa_check_finite: raise on NaN or Inf, naming the first input that holds one (one host sync)."""
     named = (("hidden_states", hidden_states), ("frame_features", frame_features),
              ("the projector's output (its weights or an outer autocast)", projected))
-    finite = torch.stack([torch.isfinite(t).all().to(projected.device) for _, t in named])
+    # isfinite has no kernel for the fp8 dtypes hidden states may come in: those are read as fp32
+    finite = torch.stack([torch.isfinite(t if t.dtype in FLOAT_DTYPES else t.float()).all().to(projected.device)
+                          for _, t in named])
     if not bool(finite.all()):
         bad = next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
         raise ValueError(f"{bad} holds NaN or Inf values (crepa_check_finite=True)")

@@ -97,9 +97,10 @@ def test_forward_errors(call, msg):
     assert m.scheduler.state_dict() == before
 
 
-def test_hidden_states_in_any_floating_dtype_are_read_as_float32():
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_hidden_states_in_any_floating_dtype_are_read_as_float32(check_finite):
     # the projector computes projector(hidden.float()): an fp8 activation is as good as its fp32 value
-    m = CrepaLoss(cfg(), 4, 4)
+    m = CrepaLoss(cfg(check_finite=check_finite), 4, 4)
     h = torch.randn(1, 2, 3, 4).to(torch.float8_e4m3fn)
     f = torch.randn(1, 2, 3, 4)
     loss8, _ = m(h, f)
