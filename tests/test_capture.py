@@ -256,6 +256,46 @@ def test_transformer_info_unwraps_compiled_module():
     assert transformer_info(torch.compile(model)) == (NUM_BLOCKS, HIDDEN, (1, 2, 2))
 
 
+class PeftModel(nn.Module):
+    """Stands in for peft's wrapper (get_peft_model(transformer, config)), matched by name."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = nn.Module()
+        self.base_model.model = model
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+
+class FullyShardedDataParallel(nn.Module):
+    """Stands in for torch's FSDP1 wrapper, which holds the model as ``.module``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, PeftModel, FullyShardedDataParallel,
+                                  lambda m: torch.compile(PeftModel(nn.DataParallel(m)))])
+def test_wrappers_are_unwrapped(wrap):
+    model = _model(CASES[0])
+    wrapped = wrap(model)
+    assert transformer_info(wrapped) == (NUM_BLOCKS, HIDDEN, (1, 2, 2))
+    if isinstance(wrapped, (PeftModel, FullyShardedDataParallel, nn.DataParallel)):  # eager: run it
+        with capture_hidden_states(wrapped, 1) as cap:
+            wrapped(*_wan_inputs(1))
+        with capture_hidden_states(model, 1) as ref:
+            model(*_wan_inputs(1))
+        assert cap.grid == GRID and torch.equal(cap.hidden, ref.hidden)
+
+
 def _wan_with_patch(patch):
     torch.manual_seed(0)
     return diffusers.WanTransformer3DModel(

@@ -20,7 +20,8 @@ Supported families and how each lays out its tokens (diffusers 0.42):
   ``(F // p_t, H // p_h, W // p_w)``. With ``sparse_params["to_fractal"]`` (nabla attention)
   the blocks see tokens in 8x8 spatial tiles; they are put back in raster order here.
 
-Subclasses of these classes are accepted; ``torch.compile`` and DDP wrappers are unwrapped.
+Subclasses of these classes are accepted; ``torch.compile``, DDP, DataParallel, FSDP and peft's
+``PeftModel`` wrappers are unwrapped.
 
 ``torch.compile``: compiled code contains the block hooks that existed when it was traced, and
 torch does not recompile when hooks are added later. So the capture must be attached before the
@@ -93,13 +94,20 @@ class TransformerInfo(NamedTuple):
     patch_size: tuple[int, int, int]
 
 
+_MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
 def _unwrap(transformer: Any) -> Any:
-    # torch.compile and data-parallel wrappers hold the model; its hooks must go on the original.
+    # torch.compile, data-parallel and peft wrappers hold the model; its hooks must go on the original
+    # (matched by name, so that neither peft nor the distributed package need be imported here).
     while isinstance(transformer, nn.Module):
+        names = {cls.__name__ for cls in type(transformer).__mro__}
         if hasattr(transformer, "_orig_mod"):
             transformer = transformer._orig_mod
-        elif type(transformer).__name__ == "DistributedDataParallel" and hasattr(transformer, "module"):
+        elif names.intersection(_MODULE_WRAPPERS) and isinstance(getattr(transformer, "module", None), nn.Module):
             transformer = transformer.module
+        elif "PeftModel" in names and callable(getattr(transformer, "get_base_model", None)):
+            transformer = transformer.get_base_model()  # get_peft_model(transformer, config)'s wrapper
         else:
             break
     return transformer
