@@ -3,11 +3,13 @@
 Usage: python3 bench/gpu_check.py --out DIR [--budget-s 300]
 Writes DIR/<gpu-name>.json (and .md, .png). Cases are ordered by importance and the run stops
 starting new ones when the time budget is spent, so a slow compile cannot cost the whole file; a
-SIGTERM (an outer time limit) ends the case in flight and still writes the rows measured before it.
+SIGTERM (an outer time limit) ends the case in flight; the JSON, rewritten after every case, keeps
+the rows measured before it, as it does when a case raises past the suite (a sticky CUDA error).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -62,40 +64,74 @@ def main() -> int:
     t_end = time.time() + args.budget_s
     rows, skipped = [], []
     interrupted = None
-    # A time limit's SIGTERM would end Python without running `finally`: turn it into an exception, so
-    # the rows measured so far are still written.
+    # A time limit's SIGTERM would end Python without running `finally`: turn it into an exception.
+    # The JSON is rewritten after every case, so whatever ends the run keeps the rows measured.
     signal.signal(signal.SIGTERM, _terminate)
+    report = name = None
     try:
-        for presets, dtypes, providers, modes, env in PLAN:
+        env = bm.environment("cuda")
+        name = env["device"].replace(" ", "_").replace("/", "_")
+        report = {"environment": env, "presets": {n: bm.as_dict(p) for n, p in bm.PRESETS.items()},
+                  "results": rows, "skipped_for_time": skipped}
+        smi = _nvidia_smi()
+        if smi:
+            report["nvidia_smi"] = smi
+        for presets, dtypes, providers, modes, overrides in PLAN:
             for preset in presets:
                 for dtype in dtypes:
                     for mode in modes:
                         for provider in providers:
                             if time.time() > t_end:
-                                skipped.append(f"{preset}/{dtype}/{mode}/{_labelled(provider, env)}")
+                                skipped.append(f"{preset}/{dtype}/{mode}/{_labelled(provider, overrides)}")
                                 continue
-                            rows.append(_run_case(preset, dtype, mode, provider, env))
+                            try:
+                                rows.append(_run_case(preset, dtype, mode, provider, overrides))
+                            except Exception as exc:  # e.g. a sticky CUDA error raised past the suite
+                                rows.append({"preset": preset, "dtype": dtype, "mode": mode,
+                                             "provider": _labelled(provider, overrides),
+                                             "error": f"{type(exc).__name__}: {_first_line(exc)}"})
+                                print(f"{preset}/{dtype}/{mode}/{provider}: {rows[-1]['error']}", flush=True)
+                            _save_json(report, args.out, name, env)
     except _Terminated:
         interrupted = "SIGTERM (a time limit) during the case after the last row"
-    env = bm.environment("cuda")
-    bm.add_speedups(rows, env.get("bandwidth_bytes_per_s"))
-    report = {"environment": env, "presets": {n: bm.as_dict(p) for n, p in bm.PRESETS.items()},
-              "results": rows, "skipped_for_time": skipped}
+    # The rest takes a second or two; a late SIGTERM no longer interrupts it (the caller's kill ends a
+    # hang, and the JSON of every measured row is on disk already).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if report is None:
+        print("gpu_check.py: ended before the first case", file=sys.stderr)
+        return 1
     if interrupted:
         report["interrupted"] = interrupted
-    try:
-        report["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        pass
-    name = env["device"].replace(" ", "_").replace("/", "_")
+    bm.add_speedups(rows, report["environment"].get("bandwidth_bytes_per_s"))
     for path in bm.write_outputs(report, args.out, name):
         print(f"wrote {path}")
     print(bm.markdown_table(rows))
     for line in ab_summary(rows):
         print(line)
     return 1 if interrupted else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _nvidia_smi() -> str:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _save_json(report: dict, out_dir: str, name: str, env: dict) -> None:
+    """The report so far, as DIR/<name>.json, replaced atomically (a kill mid-write keeps the last one)."""
+    bm.add_speedups(report["results"], env.get("bandwidth_bytes_per_s"))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 class _Terminated(BaseException):

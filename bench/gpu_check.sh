@@ -27,6 +27,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results}
 BUDGET=${CHECK_BUDGET_S:-420}
+if ! [[ "$BUDGET" =~ ^[0-9]{1,6}$ ]]; then
+  echo "CHECK_BUDGET_S: expected a whole number of seconds, got '$BUDGET'" >&2
+  exit 2
+fi
+BUDGET=$(( 10#$BUDGET ))  # base 10: a leading zero is not octal
 DEFAULT_PARTS="bench,tests,ab,offload,host,profile,step"
 ALL_PARTS="$DEFAULT_PARTS,tune"
 PARTS=",${CHECK_PARTS:-$DEFAULT_PARTS},"
@@ -90,7 +95,9 @@ if want bench && fits bench $(( bench_s + 60 )); then
   # the suite stops starting cases when its budget is spent; the rest of the limit covers the last case
   budget=$(( LIMIT - 60 < bench_s ? LIMIT - 60 : bench_s )); [ "$budget" -lt 10 ] && budget=10
   echo "== kernel benchmarks (budget ${budget}s)"
-  timeout "$LIMIT" python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$budget" || status=1
+  # it turns SIGTERM into a clean stop; -k kills it 10 s later should a CUDA call hang (a Python handler
+  # runs only when the C code returns)
+  timeout -k 10 "$(( LIMIT - 10 ))" python3 bench/gpu_check.py --out "$OUT_DIR" --budget-s "$budget" || status=1
 fi
 
 if want tests && fits tests "$tests_s"; then

@@ -175,10 +175,21 @@ def test_gpu_check_refuses_unknown_parts_before_doing_anything(parts, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing installed, nothing written
 
 
-def test_gpu_check_refuses_a_bad_deadline(tmp_path):
+@pytest.mark.parametrize("knob", ["CHECK_DEADLINE_S", "CHECK_TUNE_S", "CHECK_BUDGET_S"])
+@pytest.mark.parametrize("value", ["5m", "380s", "-1"])
+def test_gpu_check_refuses_a_bad_number_of_seconds(tmp_path, knob, value):
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "CHECK_DEADLINE_S": "5m", "OUT": str(tmp_path / "out")})
-    assert proc.returncode == 2 and "CHECK_DEADLINE_S: expected a whole number of seconds, got '5m'" in proc.stderr
+                          env={**os.environ, knob: value, "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 2 and f"{knob}: expected a whole number of seconds, got '{value}'" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_gpu_check_reads_a_leading_zero_budget_as_decimal(tmp_path):
+    # 0300 is 300 s, not octal 192: the bench part's limit is its 15% share plus 60 s, less the 10 s
+    # the kill after a SIGTERM may take
+    proc, calls = _gpu_check_calls(tmp_path, CHECK_PARTS="bench", CHECK_BUDGET_S="0300", CHECK_DEADLINE_S="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any("gpu_check.py" in c and "--budget-s 45" in c for c in calls), calls
 
 
 def test_gpu_check_skips_parts_the_deadline_leaves_no_room_for(tmp_path):
@@ -262,6 +273,53 @@ def test_gpu_check_py_writes_the_rows_measured_before_a_sigterm(monkeypatch, tmp
     report = json.loads((tmp_path / "Fake_GPU.json").read_text())
     assert len(report["results"]) == 2 and "SIGTERM" in report["interrupted"]
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("failure", ["raises", "killed"])
+def test_gpu_check_py_keeps_measured_rows_whatever_ends_a_case(monkeypatch, tmp_path, failure):
+    # "raises": an error escapes the suite (a sticky CUDA error in its cleanup): it becomes the case's
+    # row and the run goes on. "killed": the process dies in the third case (stood in for by an
+    # exception nothing catches): the JSON on disk already holds the two rows measured before it.
+    import signal
+
+    sys.path.insert(0, HERE)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(HERE)
+    calls = []
+
+    def fake_suite(presets, dtypes, providers, modes, device, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            if failure == "raises":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+            raise KeyboardInterrupt
+        row = dict(preset=presets[0], dtype=dtypes[0], mode=modes[0], provider=providers[0], median_ms=1.0,
+                   p20_ms=1.0, p80_ms=1.0, queued_ms=1.0, achieved_gbps=1.0, io_bytes=1)
+        return {"results": [row]}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(bm, "run_suite", fake_suite)
+    monkeypatch.setattr(bm, "environment", lambda device: {"device": "Fake GPU", "torch": "t", "triton": "t",
+                                                           "commit": "c", "triton_interpreter": False})
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "PLAN", [(["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full"], {})])
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path), "--budget-s", "100"])
+    try:
+        if failure == "raises":
+            assert gpu_check.main() == 0
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                gpu_check.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = json.loads((tmp_path / "Fake_GPU.json").read_text())["results"]
+    if failure == "raises":
+        assert len(rows) == 4 and rows[2]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        assert all("median_ms" in r for i, r in enumerate(rows) if i != 2)
+    else:
+        assert len(rows) == 2 and all("median_ms" in r for r in rows)
 
 
 @pytest.mark.parametrize("parts, packed", [("host", False), ("host,profile", True)])

@@ -246,7 +246,8 @@ def environment(device) -> dict:
         "fast_launch": fast_launch_status(),  # the default launch path (on since commit 649547d)
         # what peak_extra_bytes counts (runs before this field kept the previous call's gradient in the
         # baseline, so their figures leave the gradient out)
-        "peak_memory": "above the inputs; the gradient a call writes included",
+        "peak_memory": "above the inputs; the gradient a call writes included; backward rows: above the "
+                       "inputs and the forward's graph",
         "bandwidth_known": dev.type != "cuda" or device_bandwidth(name) is not None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
