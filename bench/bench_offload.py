@@ -170,6 +170,8 @@ def summary(xs):
 
 
 def commit():
+    if os.environ.get("CREPA_COMMIT"):  # set where the tree travels without its .git
+        return os.environ["CREPA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
@@ -275,28 +277,6 @@ def main(argv=None):
     latents = torch.randn(shape, device=device, dtype=dtype)
     dit = DiTStandIn(device, dtype, act_bytes, width, nmm)
 
-    runs, feats = [], {}
-    plan = [(m, None) for m in modes]
-    if args.auto_budget_gib is not None and not quick:
-        budget = int(args.auto_budget_gib * 2**30)
-        plan.append(("auto", lambda: max(0, budget - torch.cuda.memory_allocated(device))))
-    for mode, probe in plan:
-        res, f = run_mode(mode, vae, enc, latents, dit, args, device, emulate, probe)
-        if probe is not None:
-            res["mode"] = f"auto@{args.auto_budget_gib}GiB"
-            res["simulated_budget_bytes"] = int(args.auto_budget_gib * 2**30)
-        feats[res["mode"]] = f.float().cpu()
-        del f  # the next mode's peaks must not include this mode's features (37.8 MB at the default shape)
-        runs.append(res)
-        print(f"{res['mode']:>16}: step {res['step_ms']['median']:.1f} ms, "
-              f"peak {(res['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB "
-              f"(DiT backward {(res['peak_allocated_dit_backward_bytes'] or 0) / 2**30:.2f} GiB), "
-              f"moved {res['bytes_to_device_per_step'] / 2**30:.2f} GiB/step, "
-              f"copy {res['copy_ms_per_step']:.1f} ms/step", flush=True)
-    ref = feats.get("resident", next(iter(feats.values())))
-    for r in runs:
-        r["features_max_abs_diff_vs_first"] = float((feats[r["mode"]] - ref).abs().max())
-
     import timm
     try:
         import diffusers
@@ -308,6 +288,7 @@ def main(argv=None):
         triton_version = triton.__version__
     except Exception:
         triton_version = None
+    runs, feats = [], {}
     result = {
         "benchmark": "teacher offload",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
@@ -332,11 +313,47 @@ def main(argv=None):
                    "the manager's CUDA events on its copy stream"),
         "runs": runs,
     }
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    plan = [(m, None) for m in modes]
+    if args.auto_budget_gib is not None and not quick:
+        budget = int(args.auto_budget_gib * 2**30)
+        plan.append(("auto", lambda: max(0, budget - torch.cuda.memory_allocated(device))))
+    # written after each mode, so that a time limit or a failing mode keeps the modes measured before it
+    for mode, probe in plan:
+        try:
+            res, f = run_mode(mode, vae, enc, latents, dit, args, device, emulate, probe)
+        except Exception as exc:  # e.g. out of memory in one mode: recorded, and the next mode runs
+            runs.append({"mode": mode, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            print(f"{mode:>16}: {runs[-1]['error']}", flush=True)
+            _write(result, args.out)
+            continue
+        if probe is not None:
+            res["mode"] = f"auto@{args.auto_budget_gib}GiB"
+            res["simulated_budget_bytes"] = int(args.auto_budget_gib * 2**30)
+        feats[res["mode"]] = f.float().cpu()
+        del f  # the next mode's peaks must not include this mode's features (37.8 MB at the default shape)
+        runs.append(res)
+        ref = feats.get("resident", next(iter(feats.values())))
+        for r in runs:
+            if r["mode"] in feats:
+                r["features_max_abs_diff_vs_first"] = float((feats[r["mode"]] - ref).abs().max())
+        print(f"{res['mode']:>16}: step {res['step_ms']['median']:.1f} ms, "
+              f"peak {(res['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB "
+              f"(DiT backward {(res['peak_allocated_dit_backward_bytes'] or 0) / 2**30:.2f} GiB), "
+              f"moved {res['bytes_to_device_per_step'] / 2**30:.2f} GiB/step, "
+              f"copy {res['copy_ms_per_step']:.1f} ms/step", flush=True)
+        _write(result, args.out)
+    _write(result, args.out)
     return result
+
+
+def _write(result: dict, out) -> None:
+    """The report so far, replaced atomically (a kill mid-write keeps the previous one)."""
+    if not out:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(out + ".tmp", out)
 
 
 if __name__ == "__main__":

@@ -227,44 +227,66 @@ def main(argv=None) -> int:
         vit.to(device)
 
     rows = {}
-    # The reference first, with the weights in fp32; then the same weights cast once to our dtype.
-    ref_encoder = DinoEncoder(model=vit, image_size=image_size, dtype=torch.float32,
-                              frames_batch_size=args.frames_batch)
-    rows["reference"] = timed(lambda: reference_step(adapter, ref_encoder, latents, hidden), device, args.steps)
-    encoder = DinoEncoder(model=vit, image_size=image_size, frames_batch_size=args.frames_batch,
-                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    phases = Phases(device.type == "cuda")
-    rows["ours"] = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid, phases), device,
-                         args.steps)
-    # Where our step's time goes: the decode (its weights already copied in), the encode of the kept
-    # frames, the loss; the rest of the step is waiting for copies and host work between them.
-    rows["ours"]["phases_ms"] = phases.medians(skip=1)
-    # Features from a FeatureCache: the teacher is skipped and the step costs only the loss.
-    # The modules sit in host RAM after our step: place them for this one pass too.
-    with torch.no_grad():
-        cached, cached_grid = latents_to_features(latents, adapter, encoder, num_frames=hidden.shape[1],
-                                                  vae_context=lambda: manager.use(vae),
-                                                  encoder_context=lambda: manager.use(encoder))
-    manager.evict_all()
-
-    def cached_step():
-        out = crepa_loss(hidden, cached, projected_grid=grid, features_grid=cached_grid, weight=0.5)
-        out.loss.backward()
-
-    rows["ours_cached_features"] = timed(cached_step, device, args.steps)
-    rows["speedup"] = rows["reference"]["median_ms"] / rows["ours"]["median_ms"]
-    rows["speedup_cached"] = rows["reference"]["median_ms"] / rows["ours_cached_features"]["median_ms"]
     report = {"benchmark": "crepa step (decode + encode + loss fwd/bwd)", "environment": environment(device),
               "latent_shape": list(latents.shape), "pixel_frames": adapter.pixel_frames(args.latent_frames),
               "encoded_frames": {"reference": adapter.pixel_frames(args.latent_frames), "ours": args.latent_frames},
               "dit_grid": list(grid), "image_size": image_size, "quick": args.quick, "results": rows}
 
     def write():
+        """The report so far, replaced atomically: a time limit keeps every row measured before it."""
+        if "ours" in rows and "median_ms" in rows["ours"] and "median_ms" in rows.get("reference", {}):
+            rows["speedup"] = rows["reference"]["median_ms"] / rows["ours"]["median_ms"]
+        cached_row = rows.get("ours_cached_features", {})
+        if "median_ms" in cached_row and "median_ms" in rows.get("reference", {}):
+            rows["speedup_cached"] = rows["reference"]["median_ms"] / cached_row["median_ms"]
         if args.out:
-            with open(args.out, "w") as fh:
+            with open(args.out + ".tmp", "w") as fh:
                 json.dump(report, fh, indent=2)
+            os.replace(args.out + ".tmp", args.out)
 
-    write()  # the step figures are safe before the optional decode timings start
+    def attempt(name, run):
+        """rows[name] = run(), or the error it raised (recorded, not raised: the next row still runs)."""
+        try:
+            rows[name] = run()
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        write()
+
+    # The reference first, with the weights in fp32; then the same weights cast once to our dtype.
+    ref_encoder = DinoEncoder(model=vit, image_size=image_size, dtype=torch.float32,
+                              frames_batch_size=args.frames_batch)
+    attempt("reference", lambda: timed(lambda: reference_step(adapter, ref_encoder, latents, hidden), device,
+                                       args.steps))
+    encoder = DinoEncoder(model=vit, image_size=image_size, frames_batch_size=args.frames_batch,
+                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    phases = Phases(device.type == "cuda")
+
+    def ours():
+        row = timed(lambda: our_step(adapter, encoder, manager, latents, hidden, grid, phases), device, args.steps)
+        # Where our step's time goes: the decode (its weights already copied in), the encode of the kept
+        # frames, the loss; the rest of the step is waiting for copies and host work between them.
+        row["phases_ms"] = phases.medians(skip=1)
+        return row
+
+    attempt("ours", ours)
+
+    def cached():
+        # Features from a FeatureCache: the teacher is skipped and the step costs only the loss.
+        # The modules sit in host RAM after our step: place them for this one pass too.
+        with torch.no_grad():
+            feats, feats_grid = latents_to_features(latents, adapter, encoder, num_frames=hidden.shape[1],
+                                                    vae_context=lambda: manager.use(vae),
+                                                    encoder_context=lambda: manager.use(encoder))
+        manager.evict_all()
+
+        def cached_step():
+            out = crepa_loss(hidden, feats, projected_grid=grid, features_grid=feats_grid, weight=0.5)
+            out.loss.backward()
+
+        return timed(cached_step, device, args.steps)
+
+    attempt("ours_cached_features", cached)
+    manager.evict_all()
     # The decode is the largest part of both paths; how much faster it can run, measured on its own.
     if not args.no_decode_settings:
         try:
@@ -290,13 +312,14 @@ def main(argv=None) -> int:
             row.update(conv3d_weights_relaid=relaid, loss=loss_cl, loss_default_layout=loss_default,
                        loss_abs_diff_vs_default_layout=abs(loss_cl - loss_default))
             rows["ours_channels_last"] = row
-            rows["speedup_channels_last"] = rows["reference"]["median_ms"] / row["median_ms"]
+            if "median_ms" in rows["reference"]:
+                rows["speedup_channels_last"] = rows["reference"]["median_ms"] / row["median_ms"]
         except Exception as exc:  # recorded, not raised, as above
             rows["ours_channels_last"] = {"error": f"{type(exc).__name__}: {exc}"}
         manager.evict_all()
         write()
     print(json.dumps(rows, indent=2))
-    return 0
+    return 1 if any("error" in rows[k] for k in ("reference", "ours", "ours_cached_features")) else 0
 
 
 if __name__ == "__main__":

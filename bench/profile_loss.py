@@ -38,28 +38,44 @@ def main(argv=None) -> int:
     lines = [f"crepa_loss forward+backward, preset {preset.name} {preset.shapes}, {args.dtype}, "
              f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
              f"switches {switches_set() or 'none (defaults)'}"]
+    failed = False
     for backend in args.backends.split(","):
-        run = bm.build_callable("triton" if backend == "triton" else "torch", "full", preset, p, f)
-        for _ in range(10):
-            run()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            run()
-        enqueue_ms = (time.perf_counter() - t0) / args.iters * 1e3
-        torch.cuda.synchronize()
-        synced_ms = (time.perf_counter() - t0) / args.iters * 1e3
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.iters):
-                run()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-        lines += ["", f"== backend {backend}: host enqueue {enqueue_ms:.3f} ms/step, synced {synced_ms:.3f} ms/step "
-                      f"({args.iters} steps)", table]
-    bm.print_report(lines, args.out)
-    return 0
+        try:
+            lines += _profile(backend, preset, p, f, args.iters)
+        except Exception as exc:  # recorded: the other backends' tables still count
+            failed = True
+            lines += ["", f"== backend {backend}: {type(exc).__name__}: {exc}"]
+        _write(lines, args.out)  # after each backend: a time limit keeps the tables made before it
+    bm.print_report(lines, None)
+    return 1 if failed else 0
 
+
+def _profile(backend, preset, p, f, iters) -> list[str]:
+    run = bm.build_callable("triton" if backend == "triton" else "torch", "full", preset, p, f)
+    for _ in range(10):
+        run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    enqueue_ms = (time.perf_counter() - t0) / iters * 1e3
+    torch.cuda.synchronize()
+    synced_ms = (time.perf_counter() - t0) / iters * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return ["", f"== backend {backend}: host enqueue {enqueue_ms:.3f} ms/step, synced {synced_ms:.3f} ms/step "
+                f"({iters} steps)", table]
+
+
+def _write(lines: list[str], out) -> None:
+    if out:
+        with open(out + ".tmp", "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(out + ".tmp", out)
 
 if __name__ == "__main__":
     sys.exit(main())

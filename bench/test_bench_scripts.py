@@ -54,3 +54,48 @@ def test_teacher_precision_quick(tmp_path):
     assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
     # the two paths differ by the teacher's rounding only: small, not zero
     assert all(0 < r["max_grad_rel_diff"] < 0.05 and r["max_loss_diff"] < 1e-2 for r in rows)
+
+
+def _bench_script(name):
+    sys.path.insert(0, HERE)
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(HERE)
+
+
+def test_bench_offload_records_a_failing_mode_and_writes_the_others(monkeypatch, tmp_path):
+    bo = _bench_script("bench_offload")
+    real = bo.run_mode
+
+    def run_mode(mode, *args, **kwargs):
+        if mode == "offload":
+            raise RuntimeError("CUDA out of memory (stand-in)\nmore")
+        return real(mode, *args, **kwargs)
+
+    monkeypatch.setattr(bo, "run_mode", run_mode)
+    out = tmp_path / "offload.json"
+    bo.main(["--quick", "--out", str(out)])
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["offload"] == {"mode": "offload", "error": "RuntimeError: CUDA out of memory (stand-in)"}
+    assert runs["resident"]["step_ms"]["median"] > 0 and runs["auto"]["features_max_abs_diff_vs_first"] == 0.0
+
+
+def test_bench_offload_records_the_commit_it_is_given(monkeypatch):
+    monkeypatch.setenv("CREPA_COMMIT", "abc1234")  # a checkout without .git, as on a GPU machine
+    assert _bench_script("bench_offload").commit() == "abc1234"
+
+
+def test_bench_step_keeps_the_reference_row_when_our_step_fails(monkeypatch, tmp_path):
+    bs = _bench_script("bench_step")
+
+    def our_step(*args, **kwargs):
+        raise RuntimeError("no room for the decode")
+
+    monkeypatch.setattr(bs, "our_step", our_step)
+    out = tmp_path / "step.json"
+    assert bs.main(["--quick", "--latent-frames", "3", "--steps", "1", "--no-decode-settings",
+                    "--no-channels-last", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert rows["reference"]["median_ms"] > 0 and rows["ours"] == {"error": "RuntimeError: no room for the decode"}
+    assert rows["ours_cached_features"]["median_ms"] > 0 and "speedup_cached" in rows and "speedup" not in rows

@@ -778,3 +778,61 @@ def test_host_profile_breaks_a_stubbed_call_down(tmp_path):
     assert {where: float(per_step) for _, _, per_step, where in rows}[entry] == 1.0
     times = [float(line.split()[0]) for line in prims.splitlines() if line.strip()]
     assert len(times) == 6 and all(t > 0 for t in times)
+
+
+def _bench_script(name):
+    sys.path.insert(0, HERE)
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(HERE)
+
+
+def test_tune_goes_on_when_one_kernels_setup_fails(monkeypatch, tmp_path):
+    # an out-of-memory or a compile error while setting up the first kernel: that kernel's entry
+    # says so and the next kernel is still swept (the report exists for the A/B after it)
+    tk = _bench_script("tune_kernels")
+    real = tk.Case.__init__
+
+    def init(self, kernel, *args, **kwargs):
+        if kernel == "sim_bwd":
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        real(self, kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tk.Case, "__init__", init)
+    out = tmp_path / "tune.json"
+    tk.main(["--preset", "tiny_fused", "--dtypes", "fp32", "--kernels", "sim_bwd,sim_fwd", "--max-variants", "0",
+             "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["kernel"] for r in results] == ["sim_bwd", "sim_fwd"]
+    assert results[0]["error"] == "RuntimeError: CUDA out of memory (stand-in)" and results[0]["rows"] == []
+    assert results[1]["rows"][0]["valid"] and results[1]["rows"][0]["ms"] > 0
+
+
+@pytest.mark.parametrize("failure", ["raises", "killed"])
+def test_profile_loss_keeps_the_tables_made_before_a_backend_fails(monkeypatch, tmp_path, failure):
+    # CUDA stood in for on the CPU: the second backend raises (recorded, exit 1) or the process dies
+    # in it (stood in for by an exception nothing catches); the first backend's table is on disk
+    pl = _bench_script("profile_loss")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    make_inputs, build = bm.make_inputs, bm.build_callable
+    monkeypatch.setattr(bm, "make_inputs", lambda preset, dtype, device, **kw: make_inputs(preset, dtype, "cpu", **kw))
+
+    def build_callable(provider, *args):
+        if provider == "torch":
+            raise RuntimeError("no room") if failure == "raises" else KeyboardInterrupt
+        return build(provider, *args)
+
+    monkeypatch.setattr(bm, "build_callable", build_callable)
+    out = tmp_path / "profile.txt"
+    argv = ["--preset", "tiny", "--iters", "1", "--backends", "triton,torch", "--out", str(out)]
+    if failure == "raises":
+        assert pl.main(argv) == 1
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            pl.main(argv)
+    text = out.read_text()
+    assert "== backend triton: host enqueue" in text
+    assert ("== backend torch: RuntimeError: no room" in text) == (failure == "raises")

@@ -337,14 +337,19 @@ def sweep(kernel: str, preset: bm.Preset, dtype_name: str, device, timed, bandwi
     `candidates`), until ``deadline`` (time.monotonic) or ``max_variants`` variants besides the
     default."""
     try:
+        # ValueError: a preset this kernel does not cover; anything else (out of memory, a compile or
+        # launch error) is this kernel's alone, and the sweep goes on to the next
         case = Case(kernel, preset, bm.DTYPES[dtype_name], device)
-    except ValueError as e:  # a preset this kernel does not cover
-        return {"kernel": kernel, "dtype": dtype_name, "error": f"ValueError: {e}", "rows": []}
+    except Exception as e:
+        return {"kernel": kernel, "dtype": dtype_name, "error": f"{type(e).__name__}: {e}", "rows": []}
     base = measure_variant(case, {}, None, timed, bandwidth)
     if "error" in base:
         return {"kernel": kernel, "dtype": dtype_name, "error": base["error"], "rows": [base]}
-    case.reset()
-    ref = [t.clone() for t in case.run(None)]
+    try:
+        case.reset()
+        ref = [t.clone() for t in case.run(None)]
+    except Exception as e:
+        return {"kernel": kernel, "dtype": dtype_name, "error": f"{type(e).__name__}: {e}", "rows": [base]}
     rows, cut = [base], False
     limit = float("inf") if max_variants is None else max_variants
     for phase in (list(extra or []) + candidates(case.default, case.dim, kernel), None):  # then the winners together
