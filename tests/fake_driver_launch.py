@@ -322,6 +322,38 @@ def keyword_tensor() -> dict:
     return {"launches": len(CALLS), "fast_hits": hits, "new_cache_entries": entries() - before}
 
 
+def runtime_float_values() -> dict:
+    """A float passed to a runtime (not constexpr) parameter compiles to one fp32 argument whatever its
+    value: one cache entry serves every value (a loss weight that changes each step stays on the fast
+    path), and each launch hands the launcher its own value."""
+    x, y, out = torch.arange(64, dtype=torch.float32), torch.ones(64), torch.empty(64)
+    values = [0.5, 0.25, 3.0, -1e-3]
+    os.environ[launch.FAST_LAUNCH_ENV] = "1"
+    entries = lambda: sum(len(fast._cache) for _, fast in launch._LAUNCHERS.values())  # noqa: E731
+    before, hits_before = entries(), sum(entry[1].hits for entry in launch._LAUNCHERS.values())
+    CALLS.clear()
+    for v in values:  # n = 61: a key no other case has made
+        launch.launcher(scale_add_kernel)[(4,)](x, y, out, 61, v, 1, False, BLOCK=16, DOUBLE=False, num_warps=2)
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    hits = sum(entry[1].hits for entry in launch._LAUNCHERS.values()) - hits_before
+    return {"launches": len(CALLS), "fast_hits": hits, "new_cache_entries": entries() - before,
+            "scales_passed": [args[9 + 4] for _, args in CALLS], "scales_given": values,
+            "compiled_kernels": len({id(l) for l, _ in CALLS})}
+
+
+def callable_grid() -> dict:
+    """A grid given as a function of the launch's metadata, as Triton takes it: resolved by Triton on
+    every call (the second call with the same key used to fail on the function's len())."""
+    x, y, out = torch.arange(64, dtype=torch.float32), torch.ones(64), torch.empty(64)
+    os.environ[launch.FAST_LAUNCH_ENV] = "1"
+    CALLS.clear()
+    for _ in range(3):
+        launch.launcher(scale_add_kernel)[lambda meta: (triton.cdiv(60, meta["BLOCK"]),)](
+            x, y, out, 60, 0.5, 1, False, BLOCK=16, DOUBLE=False, num_warps=2)
+    os.environ[launch.FAST_LAUNCH_ENV] = "0"
+    return {"launches": len(CALLS), "grids": [args[:3] for _, args in CALLS]}
+
+
 def _holds_tensor(obj) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
@@ -339,6 +371,8 @@ def main() -> int:
         results["cases"].update({name: run_case(fn) for name, fn in tiny_cases()})
         results["launch hook"] = with_launch_hook()
         results["keyword tensor"] = keyword_tensor()
+        results["runtime float values"] = runtime_float_values()
+        results["callable grid"] = callable_grid()
     if which in ("all", "package"):
         results["cases"].update({name: run_case(fn) for name, fn in package_cases()})
     results["cache_keys_hold_tensors"] = any(

@@ -77,6 +77,17 @@ def test_positional_constexpr_floats_are_keyed_by_value(fake_driver_results):
         cases["positional constexpr 2.0"]["compiled_kernels"])
 
 
+def test_runtime_floats_share_one_cache_entry_and_pass_their_own_value(fake_driver_results):
+    floats = fake_driver_results["runtime float values"]
+    assert floats["compiled_kernels"] == 1 and floats["launches"] == 4
+    assert floats["new_cache_entries"] == 1 and floats["fast_hits"] == 3  # all but the first
+    assert floats["scales_passed"] == floats["scales_given"]
+
+
+def test_a_callable_grid_is_resolved_by_triton_on_every_call(fake_driver_results):
+    assert fake_driver_results["callable grid"] == {"launches": 3, "grids": [[4, 1, 1]] * 3}
+
+
 def test_keyword_tensors_take_tritons_launch(fake_driver_results):
     assert fake_driver_results["keyword tensor"] == {"launches": 2, "fast_hits": 0, "new_cache_entries": 0}
 

@@ -86,6 +86,8 @@ class FastLauncher:
         from triton.runtime.driver import driver
 
         self.kernel = kernel
+        # positions of the constexpr parameters: Triton specialises on a float only there
+        self._constexpr_at = frozenset(i for i, p in enumerate(kernel.params) if p.is_constexpr)
         self._knobs = knobs
         self._driver = driver
         self._cache: dict = {}
@@ -105,24 +107,29 @@ class FastLauncher:
         parts = [device, self._knobs.runtime.debug, self._knobs.compilation.instrumentation_mode,
                  tuple(meta), values, kinds]
         append = parts.append
-        for a in args:
+        for i, a in enumerate(args):
             kind = type(a)
             if kind is int:
                 append(a)
             elif isinstance(a, torch.Tensor):
                 append(a.dtype)
                 append(a.data_ptr() & 15 == 0)
-            elif kind in _SCALARS:  # floats by value too: a constexpr float is specialised on it
-                append((kind, a))  # typed apart from equal ints (True == 1 == 1.0)
+            elif kind in _SCALARS:
+                # typed apart from equal ints (True == 1 == 1.0); by value only where a constexpr is
+                # specialised on it (a runtime float, such as a gradient scale that follows the
+                # loss weight, compiles to one fp32 argument whatever its value)
+                append((kind, a) if i in self._constexpr_at else kind)
             else:
                 return None
         return tuple(parts)
 
     def launch(self, grid, args: tuple, meta: dict):
         runtime = self._knobs.runtime
-        if not (_idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
+        if callable(grid) or not (_idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
                 and getattr(runtime, "add_stages_inspection_hook", None) is None and not self.kernel.pre_run_hooks):
-            return self.kernel[grid](*args, **meta)  # a profiler is listening: Triton's launch feeds it
+            # a grid of the launch's metadata (Triton resolves it), or a profiler listening (Triton's
+            # launch feeds it)
+            return self.kernel[grid](*args, **meta)
         active = self._driver.active
         device = active.get_current_device()
         key = self._key(device, args, meta)
