@@ -217,6 +217,22 @@ def test_grid_side_limit():
         resample_tokens(x, (1, rs._MAX_SIDE + 1), (1, 2))
 
 
+def test_token_count_and_feature_dim_limits():
+    # The kernels form h * w and step over D in int32: 2**31 tokens per frame, or D past 2**30, would
+    # wrap and leave the output unwritten; they are refused. Stride-0 views hold no memory.
+    if not rs.triton_supports(torch.empty(0, device=DEVICE)):
+        pytest.skip("the limits belong to the Triton path")
+    big = torch.zeros(1, device=DEVICE).expand(1, 1, 1 << 31, 1)
+    with pytest.raises(ValueError, match="more than 2147483647 tokens per frame .*in_grid=\\(2048, 1048576\\)"):
+        resample_tokens(big, (2048, 1 << 20), (1, 1))
+    one = torch.zeros(1, 1, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="more than 2147483647 tokens per frame .*out_grid=\\(2048, 1048576\\)"):
+        resample_tokens(one, (1, 1), (2048, 1 << 20))
+    wide = torch.zeros(1, device=DEVICE).expand(1, 1, 2, (1 << 30) + 1)
+    with pytest.raises(ValueError, match="x has D=1073741825 features; the Triton kernels take at most 1073741824"):
+        resample_tokens(wide, (1, 2), (1, 3))
+
+
 # (3, 30): input 1 has five zero-weight outputs (src clamped to 0) ahead of its real ones.
 @pytest.mark.parametrize("n,m", [(7, 3), (3, 8), (5, 5 + 1), (9, 4), (2, 11), (3, 30), (1, 12), (70, 2)])
 def test_row_grid_is_linear_interpolation(n, m):

@@ -1393,6 +1393,15 @@ def test_fused_resample_grid_side_limit():
         crepa_loss(p, f, projected_grid=(1, n), features_grid=(1, 2), backend="triton")
 
 
+def test_feature_dim_limit():
+    # D past 2**30 would wrap the kernels' int32 loop over feature blocks; stride-0 views hold no memory
+    from crepa_kernels import crepa_loss
+
+    wide = torch.zeros(1, device=DEV).expand(1, 2, 3, (1 << 30) + 1)
+    with pytest.raises(ValueError, match="features has D=1073741825 features; the Triton kernels take at most"):
+        crepa_loss(wide, wide, backend="triton")
+
+
 def _same_up_to_layout(a, b):
     """Bitwise on the interpreter. On a GPU other warps or token blocks may lay a reduction out
     differently (the sum over the neighbour slots, say), so there the two agree to fp32 rounding."""

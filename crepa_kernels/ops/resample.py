@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from ..reference import pick_frames, temporal_indices  # noqa: F401 (re-exported)
 from .launch import launcher
-from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, apply_tune, cdiv, device_guard,
-                    direct_launch_ok, elements_per_thread, next_power_of_2, num_warps_for, triton_available,
-                    triton_supports)
+from .utils import (FLOAT_DTYPES, LAUNCH_OVERRIDES, RESAMPLE_BWD_TUNE_KEYS, apply_tune, cdiv, check_feature_dim,
+                    device_guard, direct_launch_ok, elements_per_thread, next_power_of_2, num_warps_for,
+                    triton_available, triton_supports)
 
 __all__ = ["resample_tokens", "temporal_indices", "pick_frames"]
 
@@ -381,6 +381,7 @@ def _token_block(n_tokens: int, block_d: int, budget: int) -> int:
 
 # Largest grid side the Triton path takes: keeps the backward's fp32 range guess within its proof.
 _MAX_SIDE = 1 << 20
+_MAX_TOKENS = (1 << 31) - 1
 
 
 def check_grid_sides(in_grid: tuple[int, int], out_grid: tuple[int, int]) -> None:
@@ -389,6 +390,10 @@ def check_grid_sides(in_grid: tuple[int, int], out_grid: tuple[int, int]) -> Non
     if max(*in_grid, *out_grid) > _MAX_SIDE:
         raise ValueError(f"grid sides above {_MAX_SIDE} are not supported by the Triton kernels, "
                          f"got in_grid={tuple(in_grid)}, out_grid={tuple(out_grid)}")
+    # the kernels form a grid's token count h * w in int32
+    if max(in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]) > _MAX_TOKENS:
+        raise ValueError(f"grids of more than {_MAX_TOKENS} tokens per frame are not supported by the Triton "
+                         f"kernels, got in_grid={tuple(in_grid)}, out_grid={tuple(out_grid)}")
 
 
 def _contributor_bound(n_in: int, n_out: int, rows: int = 1) -> int:
@@ -667,7 +672,7 @@ def resample_tokens(
     When `in_grid == out_grid` the input is returned unchanged (the same tensor object), since
     bilinear resampling onto the same grid is the identity. Tensors the Triton kernels cannot take
     (CPU without `TRITON_INTERPRET=1`) go through `F.interpolate` with the same result; the Triton
-    kernels take grid sides up to 2**20.
+    kernels take grid sides up to 2**20, grids of fewer than 2**31 tokens and D up to 2**30.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -686,6 +691,7 @@ def resample_tokens(
     if not triton_supports(x):
         return _resample_tokens_torch(x, (in_h, in_w), (out_h, out_w))
     check_grid_sides((in_h, in_w), (out_h, out_w))
+    check_feature_dim("x", x.shape[3])
     if direct_launch_ok(x):
         return _Resample.apply(x, in_h, in_w, out_h, out_w)
     return _resample_fwd_op(x, in_h, in_w, out_h, out_w)

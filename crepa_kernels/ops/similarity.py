@@ -27,9 +27,9 @@ from .resample import (_axis_contributors, _axis_scale, _axis_taps, _axis_weight
 from .resample import _kernel, _launch_bwd as _launch_resample_bwd
 from ..reference import EPS  # F.normalize's default, as the oracle uses
 from .utils import (BAND_TUNE_KEYS, DEFAULT_ELEMS_PER_THREAD, FLOAT_DTYPES, LAUNCH_OVERRIDES, ROW_TUNE_KEYS,
-                    accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, device_guard, direct_launch_ok,
-                    elements_per_thread, fused_halves_token_block, is_plain_tensor, merged_backward_enabled,
-                    next_power_of_2, num_warps_for, row_backward_enabled, triton_supports)
+                    accumulation_dtype, apply_tune, bwd_window_bytes, cdiv, check_feature_dim, device_guard,
+                    direct_launch_ok, elements_per_thread, fused_halves_token_block, is_plain_tensor,
+                    merged_backward_enabled, next_power_of_2, num_warps_for, row_backward_enabled, triton_supports)
 
 __all__ = ["neighbour_cosine", "num_slots"]
 
@@ -1380,6 +1380,7 @@ def _neighbour_cosine(projected, features, distance, tau, cumulative, normalize_
     With ``token_mean`` and a float ``loss_scale`` it returns (total, self, loss), ``loss`` =
     ``loss_scale * total.mean()`` (None when the custom ops run: the caller reduces)."""
     grids = _NO_RESAMPLE
+    check_feature_dim("features", features.shape[3])
     if projected_resample is not None:
         (ih, iw), (oh, ow) = projected_resample
         if (ih, iw) == (oh, ow):

@@ -74,6 +74,13 @@ def triton_supports(t: torch.Tensor) -> bool:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the ops accept
+# The kernels step over D in int32 blocks: D + a block must stay below 2**31.
+MAX_FEATURE_DIM = 1 << 30
+
+
+def check_feature_dim(name: str, dim: int) -> None:
+    if dim > MAX_FEATURE_DIM:
+        raise ValueError(f"{name} has D={dim} features; the Triton kernels take at most {MAX_FEATURE_DIM}")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
