@@ -457,8 +457,19 @@ def test_pick_frames_values_and_grad():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("in_grid,out_grid", [((30, 52), (37, 37)), ((37, 37), (16, 16)), ((16, 16), (37, 37))])
 def test_gpu_half_precision_vs_fp32(in_grid, out_grid, dtype):
+    _check_half_precision(in_grid, out_grid, dtype, 200)
+
+
+@pytest.mark.parametrize("in_grid,out_grid", [((3, 5), (4, 4)), ((4, 4), (2, 3))])
+def test_fp16_small(in_grid, out_grid):
+    # fp16 on the CPU tier too (the interpreter rounds fp16 stores to nearest; its bf16 stores
+    # truncate, so bf16 is held to one ulp on the GPU only)
+    _check_half_precision(in_grid, out_grid, torch.float16, 24)
+
+
+def _check_half_precision(in_grid, out_grid, dtype, dim):
     torch.manual_seed(8)
-    x32 = torch.randn(2, 3, in_grid[0] * in_grid[1], 200, device="cuda")
+    x32 = torch.randn(2, 3, in_grid[0] * in_grid[1], dim, device=DEVICE)
     x = x32.to(dtype).requires_grad_(True)
     ref = oracle(x.detach().float().requires_grad_(True), in_grid, out_grid)
     y = resample_tokens(x, in_grid, out_grid)
