@@ -56,16 +56,8 @@ def test_teacher_precision_quick(tmp_path):
     assert all(0 < r["max_grad_rel_diff"] < 0.05 and r["max_loss_diff"] < 1e-2 for r in rows)
 
 
-def _bench_script(name):
-    sys.path.insert(0, HERE)
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(HERE)
-
-
-def test_bench_offload_records_a_failing_mode_and_writes_the_others(monkeypatch, tmp_path):
-    bo = _bench_script("bench_offload")
+def test_bench_offload_records_a_failing_mode_and_writes_the_others(monkeypatch, tmp_path, bench_script):
+    bo = bench_script("bench_offload")
     real = bo.run_mode
 
     def run_mode(mode, *args, **kwargs):
@@ -81,13 +73,13 @@ def test_bench_offload_records_a_failing_mode_and_writes_the_others(monkeypatch,
     assert runs["resident"]["step_ms"]["median"] > 0 and runs["auto"]["features_max_abs_diff_vs_first"] == 0.0
 
 
-def test_bench_offload_records_the_commit_it_is_given(monkeypatch):
+def test_bench_offload_records_the_commit_it_is_given(monkeypatch, bench_script):
     monkeypatch.setenv("CREPA_COMMIT", "abc1234")  # a checkout without .git, as on a GPU machine
-    assert _bench_script("bench_offload").commit() == "abc1234"
+    assert bench_script("bench_offload").commit() == "abc1234"
 
 
-def test_bench_step_keeps_the_reference_row_when_our_step_fails(monkeypatch, tmp_path):
-    bs = _bench_script("bench_step")
+def test_bench_step_keeps_the_reference_row_when_our_step_fails(monkeypatch, tmp_path, bench_script):
+    bs = bench_script("bench_step")
 
     def our_step(*args, **kwargs):
         raise RuntimeError("no room for the decode")

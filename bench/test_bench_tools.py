@@ -238,60 +238,24 @@ def test_cli_bench_runs_the_triton_rows_on_a_fresh_cpu_process(tmp_path):
     assert any(r["provider"] == "triton" and "median_ms" in r for r in rows)
 
 
-def test_gpu_check_py_writes_the_rows_measured_before_a_sigterm(monkeypatch, tmp_path, capsys):
-    # An outer time limit's SIGTERM arrives during the third case: the two rows measured before it
-    # are still written, the report says it was interrupted, and the exit status is 1.
+@pytest.mark.parametrize("failure", ["sigterm", "raises", "killed"])
+def test_gpu_check_py_keeps_measured_rows_whatever_ends_a_case(monkeypatch, tmp_path, failure, bench_script):
+    # The third case ends: "sigterm", an outer time limit's SIGTERM (the two rows before it are written,
+    # the report says it was interrupted, exit status 1); "raises", an error escapes the suite (a sticky
+    # CUDA error in its cleanup: it becomes the case's row and the run goes on); "killed", the process
+    # dies (stood in for by an exception nothing catches: the JSON on disk holds the two rows before it).
     import signal
     import time
 
-    sys.path.insert(0, HERE)
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(HERE)
+    gpu_check = bench_script("gpu_check")
     calls = []
 
     def fake_suite(presets, dtypes, providers, modes, device, **kw):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the signal interrupts this
-        row = dict(preset=presets[0], dtype=dtypes[0], mode=modes[0], provider=providers[0], median_ms=1.0,
-                   p20_ms=1.0, p80_ms=1.0, queued_ms=1.0, achieved_gbps=1.0, io_bytes=1)
-        return {"results": [row]}
-
-    previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(bm, "run_suite", fake_suite)
-    monkeypatch.setattr(bm, "environment", lambda device: {"device": "Fake GPU", "torch": "t", "triton": "t",
-                                                           "commit": "c", "triton_interpreter": False})
-    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path), "--budget-s", "100"])
-    try:
-        assert gpu_check.main() == 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = json.loads((tmp_path / "Fake_GPU.json").read_text())
-    assert len(report["results"]) == 2 and "SIGTERM" in report["interrupted"]
-    assert len(calls) == 3
-
-
-@pytest.mark.parametrize("failure", ["raises", "killed"])
-def test_gpu_check_py_keeps_measured_rows_whatever_ends_a_case(monkeypatch, tmp_path, failure):
-    # "raises": an error escapes the suite (a sticky CUDA error in its cleanup): it becomes the case's
-    # row and the run goes on. "killed": the process dies in the third case (stood in for by an
-    # exception nothing catches): the JSON on disk already holds the two rows measured before it.
-    import signal
-
-    sys.path.insert(0, HERE)
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(HERE)
-    calls = []
-
-    def fake_suite(presets, dtypes, providers, modes, device, **kw):
-        calls.append(1)
-        if len(calls) == 3:
+            if failure == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the signal interrupts this
             if failure == "raises":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
             raise KeyboardInterrupt
@@ -307,19 +271,21 @@ def test_gpu_check_py_keeps_measured_rows_whatever_ends_a_case(monkeypatch, tmp_
     monkeypatch.setattr(gpu_check, "PLAN", [(["wan480"], ["fp32", "bf16"], ["torch", "triton"], ["full"], {})])
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path), "--budget-s", "100"])
     try:
-        if failure == "raises":
-            assert gpu_check.main() == 0
-        else:
+        if failure == "killed":
             with pytest.raises(KeyboardInterrupt):
                 gpu_check.main()
+        else:
+            assert gpu_check.main() == (1 if failure == "sigterm" else 0)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    rows = json.loads((tmp_path / "Fake_GPU.json").read_text())["results"]
+    report = json.loads((tmp_path / "Fake_GPU.json").read_text())
+    rows = report["results"]
     if failure == "raises":
         assert len(rows) == 4 and rows[2]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
         assert all("median_ms" in r for i, r in enumerate(rows) if i != 2)
     else:
-        assert len(rows) == 2 and all("median_ms" in r for r in rows)
+        assert len(rows) == 2 and all("median_ms" in r for r in rows) and len(calls) == 3
+        assert ("SIGTERM" in report.get("interrupted", "")) == (failure == "sigterm")
 
 
 @pytest.mark.parametrize("parts, packed", [("host", False), ("host,profile", True)])
@@ -780,18 +746,10 @@ def test_host_profile_breaks_a_stubbed_call_down(tmp_path):
     assert len(times) == 6 and all(t > 0 for t in times)
 
 
-def _bench_script(name):
-    sys.path.insert(0, HERE)
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(HERE)
-
-
-def test_tune_goes_on_when_one_kernels_setup_fails(monkeypatch, tmp_path):
+def test_tune_goes_on_when_one_kernels_setup_fails(monkeypatch, tmp_path, bench_script):
     # an out-of-memory or a compile error while setting up the first kernel: that kernel's entry
     # says so and the next kernel is still swept (the report exists for the A/B after it)
-    tk = _bench_script("tune_kernels")
+    tk = bench_script("tune_kernels")
     real = tk.Case.__init__
 
     def init(self, kernel, *args, **kwargs):
@@ -810,10 +768,10 @@ def test_tune_goes_on_when_one_kernels_setup_fails(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("failure", ["raises", "killed"])
-def test_profile_loss_keeps_the_tables_made_before_a_backend_fails(monkeypatch, tmp_path, failure):
+def test_profile_loss_keeps_the_tables_made_before_a_backend_fails(monkeypatch, tmp_path, failure, bench_script):
     # CUDA stood in for on the CPU: the second backend raises (recorded, exit 1) or the process dies
     # in it (stood in for by an exception nothing catches); the first backend's table is on disk
-    pl = _bench_script("profile_loss")
+    pl = bench_script("profile_loss")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
