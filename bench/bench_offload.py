@@ -357,4 +357,4 @@ def _write(result: dict, out) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()["runs"]) else 0)  # a failed mode fails the command

@@ -77,5 +77,6 @@ def _write(lines: list[str], out) -> None:
             fh.write("\n".join(lines) + "\n")
         os.replace(out + ".tmp", out)
 
+
 if __name__ == "__main__":
     sys.exit(main())
