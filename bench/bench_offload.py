@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from crepa_kernels.benchmark import write_atomic  # noqa: E402
 from crepa_kernels.teacher.offload import OffloadManager, module_nbytes  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -348,12 +349,8 @@ def main(argv=None):
 
 def _write(result: dict, out) -> None:
     """The report so far, replaced atomically (a kill mid-write keeps the previous one)."""
-    if not out:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(out + ".tmp", out)
+    if out:
+        write_atomic(out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

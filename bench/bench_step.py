@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crepa_kernels import crepa_loss  # noqa: E402
-from crepa_kernels.benchmark import environment  # noqa: E402
+from crepa_kernels.benchmark import environment, write_atomic  # noqa: E402
 from crepa_kernels.teacher import DinoEncoder, adapter_for, channels_last_3d, latents_to_features  # noqa: E402
 from crepa_kernels.teacher.offload import OffloadManager  # noqa: E402
 
@@ -240,9 +240,7 @@ def main(argv=None) -> int:
         if "median_ms" in cached_row and "median_ms" in rows.get("reference", {}):
             rows["speedup_cached"] = rows["reference"]["median_ms"] / cached_row["median_ms"]
         if args.out:
-            with open(args.out + ".tmp", "w") as fh:
-                json.dump(report, fh, indent=2)
-            os.replace(args.out + ".tmp", args.out)
+            write_atomic(args.out, json.dumps(report, indent=2))
 
     def attempt(name, run):
         """rows[name] = run(), or the error it raised (recorded, not raised: the next row still runs)."""

@@ -127,11 +127,7 @@ def _nvidia_smi() -> str:
 def _save_json(report: dict, out_dir: str, name: str, env: dict) -> None:
     """The report so far, as DIR/<name>.json, replaced atomically (a kill mid-write keeps the last one)."""
     bm.add_speedups(report["results"], env.get("bandwidth_bytes_per_s"))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    bm.write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=2))
 
 
 class _Terminated(BaseException):

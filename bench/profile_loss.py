@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # recorded: the other backends' tables still count
             failed = True
             lines += ["", f"== backend {backend}: {type(exc).__name__}: {exc}"]
-        _write(lines, args.out)  # after each backend: a time limit keeps the tables made before it
+        if args.out:  # after each backend: a time limit keeps the tables made before it
+            bm.write_atomic(args.out, "\n".join(lines) + "\n")
     bm.print_report(lines, None)
     return 1 if failed else 0
 
@@ -70,12 +71,6 @@ def _profile(backend, preset, p, f, iters) -> list[str]:
     return ["", f"== backend {backend}: host enqueue {enqueue_ms:.3f} ms/step, synced {synced_ms:.3f} ms/step "
                 f"({iters} steps)", table]
 
-
-def _write(lines: list[str], out) -> None:
-    if out:
-        with open(out + ".tmp", "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(out + ".tmp", out)
 
 
 if __name__ == "__main__":

@@ -360,6 +360,15 @@ def run_suite(presets, dtypes, providers, modes, device, *, reps: int = 20, warm
     return {"environment": env, "presets": {n: as_dict(PRESETS[n]) for n in presets}, "results": rows}
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: a run killed mid-write (a time
+    limit) leaves the previous version whole. For results rewritten after every case."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def print_report(lines: list[str], out: Optional[str]) -> None:
     """Print a text report (one string per line) and, given a path, write it there too."""
     text = "\n".join(lines)

@@ -95,10 +95,7 @@ def crepa_loss(
         tensors = [("projected", projected), ("features", features)]
         if torch.is_tensor(weight):
             tensors.append(("weight", weight))
-        finite = torch.stack([torch.isfinite(t).all().to(projected.device) for _, t in tensors])
-        if not bool(finite.all()):  # one host sync when every input is finite
-            bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
-            raise ValueError(f"{bad[0]} holds NaN or Inf values (check_finite=True)")
+        raise_if_not_finite(tensors, projected.device, "check_finite")
 
     plan = plan_tokens(
         projected.shape[2], features.shape[2], spatial_align=spatial_align,
@@ -178,6 +175,16 @@ def last_backend_choice() -> dict:
 
 
 # ------------------------------------------------------------------ validation
+def raise_if_not_finite(named, device, switch: str) -> None:
+    """Raise naming the first of ``named`` ((name, tensor) pairs) that holds NaN or Inf: one host sync
+    when all are finite. Tensors of other floating dtypes (fp8: isfinite has no kernel) are read as fp32."""
+    finite = torch.stack([torch.isfinite(t if t.dtype in FLOAT_DTYPES else t.float()).all().to(device)
+                          for _, t in named])
+    if not bool(finite.all()):
+        bad = next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
+        raise ValueError(f"{bad} holds NaN or Inf values ({switch}=True)")
+
+
 def _check_tensor(name: str, t) -> torch.Tensor:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import CrepaConfig
 from .alignment import check_grid, implied_square
-from .functional import crepa_loss
+from .functional import crepa_loss, raise_if_not_finite
 from .ops.utils import FLOAT_DTYPES
 from .schedule import CrepaScheduler, check_step, parse_state
 
@@ -152,7 +152,9 @@ class CrepaLoss(nn.Module):
         with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
             projected = self.projector(hidden_states.float())  # checked above: no second pass through project()
             if c.check_finite:  # here, so that the error names this call's arguments
-                _check_finite(hidden_states, frame_features, projected)
+                raise_if_not_finite((("hidden_states", hidden_states), ("frame_features", frame_features),
+                                     ("the projector's output (its weights or an outer autocast)", projected)),
+                                    projected.device, "crepa_check_finite")
             out = crepa_loss(
                 projected,
                 frame_features.detach() if self.detach_teacher else frame_features,
@@ -323,18 +325,6 @@ def _check_input(name: str, t, dim_name: str, dim: int, dtypes=None) -> torch.Te
     if 0 in t.shape:
         raise ValueError(f"{name} is empty: shape {tuple(t.shape)} (B, T, N, D must all be positive)")
     return t
-
-
-def _check_finite(hidden_states, frame_features, projected) -> None:
-    """crepa_check_finite: raise on NaN or Inf, naming the first input that holds one (one host sync)."""
-    named = (("hidden_states", hidden_states), ("frame_features", frame_features),
-             ("the projector's output (its weights or an outer autocast)", projected))
-    # isfinite has no kernel for the fp8 dtypes hidden states may come in: those are read as fp32
-    finite = torch.stack([torch.isfinite(t if t.dtype in FLOAT_DTYPES else t.float()).all().to(projected.device)
-                          for _, t in named])
-    if not bool(finite.all()):
-        bad = next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
-        raise ValueError(f"{bad} holds NaN or Inf values (crepa_check_finite=True)")
 
 
 def _spatial_grid(name, grid, tensor):
