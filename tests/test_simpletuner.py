@@ -266,28 +266,82 @@ def test_a_vae_with_layerwise_casting_is_left_to_its_hooks_and_the_encoder_still
     assert stats.copies == stats.releases == 1 and not manager.is_resident(reg.encoder)
 
 
-@pytest.mark.parametrize("failure", ["bad latents", "decode raises"])
+@pytest.mark.parametrize("failure", ["bad latents", "latents not a tensor", "bad timestep", "decode raises",
+                                     "leaving the VAE's use raises", "frame pick runs out of memory",
+                                     "frame pick interrupted", "encode raises"])
 def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch):
-    # Bad latents are refused before either module is copied in; a decode that raises (e.g. out of
-    # memory) hands back the encoder prefetched for the encode that will not run.
+    # Bad input is refused before either module is copied in; a step that fails anywhere after the
+    # copies started (the decode, leaving the VAE's use, the frame pick between the decode and the
+    # encode, the encode) hands back the encoder prefetched during the decode.
+    from crepa_kernels.teacher import pipeline
+    from crepa_kernels.teacher.encoders import DinoEncoder
     from crepa_kernels.teacher.vae import VaeAdapter
 
     reg, vae, manager = _offloading_teacher()
-    latents = torch.randn(1, 4, 3, 4, 4)
+    latents, timestep = torch.randn(1, 4, 3, 4, 4), None
+
+    def raiser(exc):
+        def fail(*args, **kwargs):
+            raise exc
+        return fail
+
     if failure == "bad latents":
         latents = torch.randn(1, 16, 3, 4, 4)  # 16 channels for a z_dim=4 VAE
         expected = pytest.raises(ValueError, match="latents must have 4 channels")
-    else:
-        def decode(self, *args, **kwargs):
-            raise torch.OutOfMemoryError("no room for the decode")
-
-        monkeypatch.setattr(VaeAdapter, "decode", decode)
+    elif failure == "latents not a tensor":
+        latents = latents.numpy()
+        expected = pytest.raises(TypeError, match="latents must be a torch.Tensor, got ndarray")
+    elif failure == "bad timestep":
+        timestep = 2.0
+        expected = pytest.raises(ValueError, match=r"timestep must be in \[0, 1\]")
+    elif failure == "decode raises":
+        monkeypatch.setattr(VaeAdapter, "decode", raiser(torch.OutOfMemoryError("no room for the decode")))
         expected = pytest.raises(torch.OutOfMemoryError)
+    elif failure == "leaving the VAE's use raises":
+        real = VaeAdapter.decode
+
+        def decode_and_cast(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            self.vae.post_quant_conv.double()  # a change the manager reports as the use ends
+            return out
+
+        monkeypatch.setattr(VaeAdapter, "decode", decode_and_cast)
+        expected = pytest.raises(RuntimeError, match="moved or cast")
+    elif failure == "frame pick runs out of memory":
+        monkeypatch.setattr(pipeline, "_select_frames", raiser(torch.OutOfMemoryError("no room for the frames")))
+        expected = pytest.raises(torch.OutOfMemoryError)
+    elif failure == "frame pick interrupted":
+        monkeypatch.setattr(pipeline, "_select_frames", raiser(KeyboardInterrupt()))
+        expected = pytest.raises(KeyboardInterrupt)
+    else:
+        monkeypatch.setattr(DinoEncoder, "encode", raiser(RuntimeError("the encode failed")))
+        expected = pytest.raises(RuntimeError, match="the encode failed")
     with expected:
-        reg.teacher_features(latents, vae, num_frames=3)
+        reg.teacher_features(latents, vae, num_frames=3, timestep=timestep)
     assert not manager.is_resident(vae) and not manager.is_resident(reg.encoder)
     stats = manager.stats
-    assert stats.copies == stats.releases == (0 if failure == "bad latents" else 2)
+    assert stats.copies == stats.releases == (0 if failure in ("bad latents", "latents not a tensor", "bad timestep")
+                                              else 2)
+
+
+def test_a_failed_call_leaves_the_vae_as_it_was():
+    # crepa_drop_vae_encoder and crepa_vae_channels_last change the VAE once, at its first good call:
+    # a call whose latents are refused changes nothing.
+    diffusers = pytest.importorskip("diffusers")
+
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+    reg = CrepaRegularizer(namespace(crepa_drop_vae_encoder=True), "cpu", hidden_size=16, encoder=tiny_vit())
+    reg.attach_to_model(nn.Module())
+    for bad, exc in ((torch.randn(1, 4, 3, 4, 4).numpy(), TypeError), ([0.0], TypeError),
+                     (torch.randn(1, 16, 3, 4, 4), ValueError)):
+        with pytest.raises(exc, match="latents must"):
+            reg.compute_loss(torch.randn(1, 3, 4, 16), bad, vae)
+        assert vae.encoder is not None
+    loss, _ = reg.compute_loss(torch.randn(1, 3, 4, 16), torch.randn(1, 4, 3, 4, 4), vae)
+    assert loss is not None and vae.encoder is None
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -301,6 +355,12 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
      "hidden_grid"),
     (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 6, 16), z, vae, feature_grid=(4, 4)), ValueError,
      "hidden_grid is required: feature_grid switches to grid mode"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16, device="meta"), z, vae), ValueError,
+     "hidden_states is on meta but this CrepaLoss's projector is on cpu"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, timestep="0.5"), TypeError,
+     "timestep must be None, a float or a tensor"),
+    (lambda reg, z, vae: reg.compute_loss(torch.randn(1, 3, 4, 16), z, vae, timestep=torch.zeros(3)), ValueError,
+     "timestep must hold 1 or B=1 values"),
 ])
 def test_a_bad_student_input_fails_before_the_teacher_decodes(call, exc, match, monkeypatch):
     # The decode and encode cost seconds and gigabytes of copies at real sizes: a call that can only fail

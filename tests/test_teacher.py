@@ -992,8 +992,38 @@ def test_latents_to_features_errors(diffusers):
     with pytest.raises(ValueError, match="latents must have 4 channels"):
         latents_to_features(torch.randn(1, 16, 1, 4, 4), adapter, encoder, num_frames=1,
                             vae_context=lambda: entered.append("vae"))
+    # so is a bad timestep, even for a VAE that ignores it
+    for bad, exc, match in ((2.0, ValueError, r"timestep must be in \[0, 1\]"),
+                            ("0.5", TypeError, "timestep must be None, a float or a tensor"),
+                            (torch.tensor([0.1, 0.2, 0.3]), ValueError, "timestep must hold 1 or B=1 values")):
+        with pytest.raises(exc, match=match):
+            latents_to_features(z, adapter, encoder, num_frames=1, timestep=bad,
+                                vae_context=lambda: entered.append("vae"))
     assert entered == []
+    # a factory that returns something else than a context manager is named, before its module's work
+    decodes = []
+    real_decode = adapter.decode
+    adapter.decode = lambda *a, **k: decodes.append(1) or real_decode(*a, **k)
+    with pytest.raises(TypeError, match="vae_context must return a context manager .*got AutoencoderKLWan"):
+        latents_to_features(z, adapter, encoder, num_frames=1, vae_context=lambda: adapter.vae)
+    assert decodes == []
+    with pytest.raises(TypeError, match="encoder_context must return a context manager .*got DinoEncoder"):
+        latents_to_features(z, adapter, encoder, num_frames=1, encoder_context=lambda: encoder)
     assert isinstance(adapter, VaeAdapter)
+
+
+def test_a_timestep_tensor_is_read_once_and_decodes_as_given(diffusers):
+    # latents_to_features checks the timestep before any context is entered; the decode gets its values
+    # from that one read, and decodes exactly as with the tensor itself.
+    adapter = adapter_for(_ltx(diffusers, timestep_conditioning=True))
+    encoder = DinoEncoder(model=_tiny_vit(img_size=28))
+    z = _latents(8, t=2)
+    t = torch.tensor([0.25, 0.7], dtype=torch.bfloat16)
+    features, _ = latents_to_features(z, adapter, encoder, num_frames=2, timestep=t)
+    expected = encoder.encode(adapter.decode(z, timestep=t))[:, [0, 4]]
+    assert torch.equal(features, expected)
+    checked = adapter._check_timestep(t, 2)
+    assert checked.device.type == "cpu" and checked.dtype == torch.float64 and checked.tolist() == [0.25, 0.69921875]
 
 
 def test_package_imports_without_diffusers():

@@ -249,29 +249,42 @@ class CrepaRegularizer:
                 manager.prefetch(managed_vae)
             with manager.use(managed_vae) if managed_vae is not None else contextlib.nullcontext():
                 manager.prefetch(encoder)  # the encoder's copy overlaps the decode
-                try:
-                    yield
-                except BaseException:
-                    manager.release(encoder)  # no encode follows: its copy goes back per the mode
-                    raise
+                yield
 
         def encoder_context():
             return manager.use(encoder)
 
+        adapter = None
         if vae is None:
-            return _decode_and_encode(lambda: self._foundation_decode(latents), encoder, num_frames=num_frames,
-                                      vae_context=vae_context, encoder_context=encoder_context)
-        adapter = self._adapters.get(id(vae))
-        if adapter is None or adapter.vae is not vae:
-            adapter = adapter_for(vae, family=self._family())
-            if self.config.drop_vae_encoder:
-                adapter.drop_encoder()
-            if self.config.vae_channels_last:
-                channels_last_3d(vae)
-            self._adapters = {id(vae): adapter}
-        latents = latents.to(self.device)
-        return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
-                                   vae_context=vae_context, encoder_context=encoder_context)
+            if not torch.is_tensor(latents):
+                raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        else:
+            adapter = self._adapters.get(id(vae))
+            known = adapter is not None and adapter.vae is vae
+            if not known:
+                adapter = adapter_for(vae, family=self._family())
+            # Checked before the one-time changes to the VAE below and before anything moves to the device.
+            adapter._check_latents(latents)
+            adapter._check_timestep(timestep, latents.shape[0])
+            if not known:
+                if self.config.drop_vae_encoder:
+                    adapter.drop_encoder()
+                if self.config.vae_channels_last:
+                    channels_last_3d(vae)
+                self._adapters = {id(vae): adapter}
+            latents = latents.to(self.device)
+        try:
+            if adapter is None:
+                return _decode_and_encode(lambda: self._foundation_decode(latents), encoder, num_frames=num_frames,
+                                          vae_context=vae_context, encoder_context=encoder_context)
+            return latents_to_features(latents, adapter, encoder, num_frames=num_frames, timestep=timestep,
+                                       vae_context=vae_context, encoder_context=encoder_context)
+        except BaseException:
+            # Whatever failed (the decode, leaving the VAE's use, the frame pick, the encode), the encoder's
+            # prefetched copy goes back per the mode: a failed step leaves nothing extra on the device.
+            with contextlib.suppress(Exception):
+                manager.release(encoder)
+            raise
 
     def _foundation_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Frames (B, T, C, H, W) in [0, 1] from the trainer's model object (``decode_latents_to_pixels``)."""

@@ -34,15 +34,15 @@ How it works, and why:
 Intended order in a CREPA teacher step (``m`` a manager, ``vae`` and ``dino`` frozen modules)::
 
     m.prefetch(vae)                  # early, e.g. before the DiT forward: the copy overlaps it
-    with m.use(vae):
-        m.prefetch(dino)             # before launching the decode, so the copy overlaps it
-        try:
+    try:
+        with m.use(vae):
+            m.prefetch(dino)         # before launching the decode, so the copy overlaps it
             frames = decode(vae, latents)  # leaving use() releases the VAE (per the mode) before DINOv2 runs
-        except BaseException:
-            m.release(dino)          # the encode will not run: its prefetched copy goes back per the mode
-            raise
-    with m.use(dino):
-        features = encode(dino, frames)
+        with m.use(dino):
+            features = encode(dino, frames)
+    except BaseException:
+        m.release(dino)              # a failed step (anywhere) hands the prefetched copy back per the mode
+        raise
 
 ``release`` follows the mode (a no-op in ``"resident"``); ``evict`` always drops the device copy.
 Both leave a module the manager has not packed untouched.

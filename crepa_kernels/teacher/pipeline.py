@@ -11,6 +11,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from ..reference import temporal_indices
 from .encoders import DinoEncoder
 from .vae import VaeAdapter
 
@@ -19,24 +20,22 @@ __all__ = ["latents_to_features", "kept_frame_indices"]
 ContextFactory = Callable[[], ContextManager]
 
 
-def kept_frame_indices(total: int, keep: int) -> list[int]:
-    """Frames temporal alignment keeps when `total` frames meet `keep` (SPEC section 1), as host ints."""
+def kept_frame_indices(total: int, keep: int, device: torch.device | str | None = None) -> list[int]:
+    """Frames temporal alignment keeps when `total` frames meet `keep` (SPEC section 1), as host ints,
+    computed as the loss computes them on `device` (default the CPU; a GPU's float32 linspace may
+    round a position differently from the CPU's)."""
     if total <= keep:
         return list(range(total))
-    # Same float32 linspace + truncation as the loss's alignment, evaluated on the host (no device sync).
-    return torch.linspace(0, total - 1, keep, dtype=torch.float32).long().tolist()
+    return temporal_indices(total, keep, device=device).tolist()
 
 
-def _select_frames(frames: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    """frames[:, idx] as a compact tensor; an arithmetic progression is a strided view (no index copy)."""
+def _select_frames(frames: torch.Tensor, keep: int) -> torch.Tensor:
+    """The frames temporal alignment keeps, picked on the frames' device with the loss's own indices
+    (no host sync), so the encoder sees exactly the frames the loss would have kept."""
     total = frames.shape[1]
-    if idx == list(range(total)):
+    if total <= keep:
         return frames
-    step = idx[1] - idx[0] if len(idx) > 1 else 1
-    if step > 0 and idx == list(range(idx[0], idx[-1] + 1, step)):
-        return frames[:, idx[0]:idx[-1] + 1:step]
-    index = torch.tensor(idx, dtype=torch.long).to(frames.device, non_blocking=True)
-    return frames.index_select(1, index)
+    return frames.index_select(1, temporal_indices(total, keep, device=frames.device))
 
 
 def latents_to_features(
@@ -67,7 +66,9 @@ def latents_to_features(
     for arg, value in (("vae_context", vae_context), ("encoder_context", encoder_context)):
         if value is not None and not callable(value):
             raise TypeError(f"{arg} must be a callable returning a context manager, or None; got {value!r}")
-    vae_adapter._check_latents(latents)  # before any context moves a module to the device
+    # before any context moves a module to the device (a timestep tensor is read to the host here, once)
+    vae_adapter._check_latents(latents)
+    timestep = vae_adapter._check_timestep(timestep, latents.shape[0])
     return _decode_and_encode(lambda: vae_adapter.decode(latents, timestep=timestep), encoder,
                               num_frames=num_frames, vae_context=vae_context, encoder_context=encoder_context)
 
@@ -78,10 +79,22 @@ def _decode_and_encode(decode: Callable[[], torch.Tensor], encoder: DinoEncoder,
     """``decode()`` (frames `(B, T, C, H, W)` in [0, 1]) inside `vae_context`, then the frames temporal
     alignment keeps encoded inside `encoder_context`, all without autograd: (features, grid)."""
     with torch.no_grad():
-        with (vae_context or contextlib.nullcontext)():
+        with _context(vae_context, "vae_context"):
             frames = decode()
-        kept = _select_frames(frames, kept_frame_indices(frames.shape[1], num_frames)).contiguous()
+        kept = _select_frames(frames, num_frames).contiguous()
         del frames  # only the kept frames stay alive while the encoder runs
-        with (encoder_context or contextlib.nullcontext)():
+        with _context(encoder_context, "encoder_context"):
             features = encoder.encode(kept)
     return features, encoder.grid
+
+
+def _context(factory: ContextFactory | None, name: str) -> ContextManager:
+    """What ``factory`` returns, checked to be a context manager (Python's own error names neither
+    argument), or a null context."""
+    if factory is None:
+        return contextlib.nullcontext()
+    ctx = factory()
+    if not (hasattr(type(ctx), "__enter__") and hasattr(type(ctx), "__exit__")):
+        raise TypeError(f"{name} must return a context manager (e.g. lambda: manager.use(module)), "
+                        f"got {type(ctx).__name__}")
+    return ctx

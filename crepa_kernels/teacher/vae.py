@@ -216,9 +216,12 @@ class VaeAdapter:
         if latents.numel() == 0:
             raise ValueError(f"latents is empty: shape {tuple(latents.shape)} (B, T, h and w must be positive)")
 
-    def _timestep_tensor(self, timestep: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _check_timestep(self, timestep: Any, batch: int) -> float | torch.Tensor | None:
+        """``timestep`` checked as ``decode`` takes it (None, a number in [0, 1], or a tensor of 1 or
+        ``batch`` such values), before any work. A tensor comes back as its values on the host (float64,
+        exact for every float dtype): the one device read, so that checking it again costs none."""
         if timestep is None:
-            timestep = 0.0  # the LTX pipelines' default decode timestep
+            return None
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() not in (1, batch):
                 raise ValueError(
@@ -226,16 +229,23 @@ class VaeAdapter:
                 )
             if timestep.dtype == torch.bool or timestep.is_complex():
                 raise TypeError(f"timestep must be a float (or int) tensor, got dtype {timestep.dtype}")
-            values = timestep.detach().double()
-            # one host read of at most B values, before a decode that costs far more
-            if not bool(((values >= 0) & (values <= 1)).all()):
+            values = timestep.detach().to(device="cpu", dtype=torch.float64)
+            if not bool(((values >= 0) & (values <= 1)).all()):  # NaN fails this too
                 raise ValueError(f"timestep must be in [0, 1] (the decoder scales it by 1000), got {timestep!r}")
-            return timestep.to(device=device, dtype=dtype).reshape(-1).expand(batch).contiguous()
+            return values
         if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
             if not 0.0 <= float(timestep) <= 1.0:  # NaN fails this too
                 raise ValueError(f"timestep must be in [0, 1] (the decoder scales it by 1000), got {timestep!r}")
-            return torch.full((batch,), float(timestep), device=device, dtype=dtype)
+            return float(timestep)
         raise TypeError(f"timestep must be None, a float or a tensor, got {type(timestep).__name__} ({timestep!r})")
+
+    def _timestep_tensor(self, timestep: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        timestep = self._check_timestep(timestep, batch)
+        if timestep is None:
+            timestep = 0.0  # the LTX pipelines' default decode timestep
+        if isinstance(timestep, torch.Tensor):
+            return timestep.to(device=device, dtype=dtype).reshape(-1).expand(batch).contiguous()
+        return torch.full((batch,), timestep, device=device, dtype=dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -251,6 +261,7 @@ class VaeAdapter:
         hooks, where they move its weights).
         """
         self._check_latents(latents)
+        timestep = self._check_timestep(timestep, latents.shape[0])
         device = _execution_device(_unwrap(self.vae))
         if device is not None and device != latents.device:
             raise ValueError(f"latents are on {latents.device} but the VAE runs on {device}; move one of them")
@@ -268,8 +279,7 @@ class VaeAdapter:
             else:
                 video = self.vae.decode(z, temb=temb).sample
         else:
-            if timestep is not None:
-                self._timestep_tensor(timestep, z.shape[0], z.device, z.dtype)  # still validate its type
+            self._check_timestep(timestep, z.shape[0])  # ignored, as diffusers' pipelines do, but checked
             video = self.vae.decode(z).sample
         video = (video.clamp(-1.0, 1.0) + 1.0) * 0.5
         return video.permute(0, 2, 1, 3, 4)
