@@ -89,7 +89,14 @@ class CrepaLoss(nn.Module):
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
+        self._check_device(hidden_states)
         return self.projector(hidden_states.float())
+
+    def _check_device(self, hidden_states: torch.Tensor) -> None:
+        param = next(self.projector.parameters(), None)
+        if param is not None and hidden_states.device != param.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but this CrepaLoss's projector is on "
+                             f"{param.device}; move the module there with .to(device), or the hidden states")
 
     def check_hidden(self, hidden_states: torch.Tensor, *, step: int = 0,
                      hidden_grid: Optional[Sequence[int]] = None, grid_mode: bool = False) -> None:
@@ -103,6 +110,7 @@ class CrepaLoss(nn.Module):
         """(hidden_states as (B, T, N, D), its (h, w) grid or None, step as an int), after the student
         side's checks."""
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
+        self._check_device(hidden_states)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
         if grid_mode and hidden_grid is None:
             implied_square("hidden_grid", hidden_states.shape[2], given="feature_grid")
@@ -273,13 +281,18 @@ class CrepaLoss(nn.Module):
             "crepa_similarity_self": self_sim,
             "crepa_weight": weight,
             "crepa_cutoff": cutoff,
+            "crepa_alignment_score_ema": self.scheduler.similarity_ema,
         }
-        if self.scheduler.similarity_ema is not None:
-            logs["crepa_alignment_score_ema"] = self.scheduler.similarity_ema
         logs = {k: v for k, v in logs.items() if v is not None}
-        if self.log_tensors:
-            return logs
-        return logs_to_floats(logs)
+        if not self.log_tensors:
+            return logs_to_floats(logs)
+        # The loss and the EMA are logged as copies: an in-place op on a logged tensor (an all_reduce
+        # for logging) must change neither the returned loss nor the schedule's EMA, which the next
+        # step and state_dict() read. (The scores are this call's own tensors.)
+        for key in ("crepa_loss", "crepa_alignment_score_ema"):
+            if torch.is_tensor(logs.get(key)):
+                logs[key] = logs[key].clone()
+        return logs
 
 
 # Stands in for the schedule's entry while loading weights that will fail: set_extra_state keeps the

@@ -87,6 +87,11 @@ def test_logs_as_floats():
      "feature_grid is required: hidden_grid switches to grid mode"),
     (lambda m: m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).to(torch.float8_e4m3fn)),
      "frame_features must be fp16, bf16, fp32 or fp64, got torch.float8_e4m3fn"),
+    # the meta device stands in for another GPU: named here, not by a torch error inside the projector
+    (lambda m: m(torch.randn(1, 2, 3, 4, device="meta"), torch.randn(1, 2, 3, 4, device="meta")),
+     "hidden_states is on meta but this CrepaLoss's projector is on cpu"),
+    (lambda m: m.project(torch.randn(1, 2, 3, 4, device="meta")),
+     "hidden_states is on meta but this CrepaLoss's projector is on cpu"),
 ])
 def test_forward_errors(call, msg):
     m = CrepaLoss(cfg(), 4, 4)
@@ -177,6 +182,26 @@ def test_alignment_ema_is_kept_without_threshold_and_stays_on_the_device():
     for s in scores[1:]:
         ema = 0.5 * ema + 0.5 * s
     assert float(logs["crepa_alignment_score_ema"]) == pytest.approx(ema, abs=1e-6)
+
+
+def test_logged_tensors_are_copies_an_in_place_op_on_them_changes_no_state():
+    # e.g. a dist.all_reduce over every logged tensor: neither the schedule's EMA (read by the next step
+    # and state_dict()) nor the returned loss may change with it.
+    m = CrepaLoss(cfg(similarity_ema_decay=0.5), 4, 4)
+    fresh = CrepaLoss(cfg(similarity_ema_decay=0.5), 4, 4)
+    fresh.load_state_dict(m.state_dict())
+    h, f = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    loss, logs = m(h, f, step=0)
+    fresh_loss, _ = fresh(h, f, step=0)
+    value = loss.item()
+    for v in logs.values():
+        if torch.is_tensor(v):
+            v.mul_(100.0)
+    assert loss.item() == value
+    assert m.scheduler.state_dict() == fresh.scheduler.state_dict()
+    _, logs = m(h, f, step=1)
+    _, fresh_logs = fresh(h, f, step=1)
+    assert logs["crepa_alignment_score_ema"].item() == fresh_logs["crepa_alignment_score_ema"].item()
 
 
 def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector(monkeypatch, align_with_e0):
