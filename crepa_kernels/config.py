@@ -60,6 +60,20 @@ class CrepaConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # After construction an assignment is checked (and normalised) as the constructor checks that
+        # field, so a NaN lambda or an unknown scheduler set later is refused here instead of reaching
+        # the loss. The rules between fields (crepa_enabled needs crepa_block_index, ...) are left to
+        # construction and validate(), so that fields can be set in any order.
+        if name in _FIELD_NAMES and self.__dict__.get("_checked", False):
+            if name == "enabled":
+                value = _as_bool("crepa_enabled", value)
+            else:
+                trial = {f: self.__dict__[f] for f in _FIELD_NAMES}
+                trial.update({name: value, "enabled": False})  # enabled gates every rule between fields
+                value = getattr(type(self)(**trial), name)
+        object.__setattr__(self, name, value)
+
     # ------------------------------------------------------------------ keys
     @staticmethod
     def _key_of(field_name: str) -> str:
@@ -171,6 +185,15 @@ class CrepaConfig:
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Check every field and the rules between them; normalises values (``"true"`` -> True, a
+        non-positive frames batch size -> None)."""
+        self.__dict__["_checked"] = False  # the checks below assign fields directly
+        try:
+            self._validate()
+        finally:
+            self.__dict__["_checked"] = True
+
+    def _validate(self) -> None:
         self.enabled = _as_bool("crepa_enabled", self.enabled)
         for name in ("cumulative_neighbors", "normalize_neighbour_sum", "normalize_by_frames",
                      "spatial_align", "drop_vae_encoder", "vae_channels_last", "use_tae", "check_finite"):
@@ -250,6 +273,7 @@ def config_key_name(key: str) -> str:
     return (key[2:] if key.startswith("--") else key).replace("-", "_")
 
 
+_FIELD_NAMES = frozenset(f.name for f in fields(CrepaConfig))
 _ALIASES = {"crepa_model": "crepa_encoder"}
 _DERIVED = {"crepa_use_backbone_features"}  # keys that set another field; handled in from_dict
 # The common trainer's keys for a feature not implemented here: accepted while it is off.

@@ -259,3 +259,35 @@ def test_both_feature_source_keys_at_their_defaults_mean_the_encoder():
                             crepa_feature_source="encoder")
     assert CrepaConfig.from_namespace(ns).feature_source == "encoder"
     assert CrepaConfig.from_dict({"crepa_use_backbone_features": "false"}).feature_source == "encoder"
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("lambda_", float("nan"), "crepa_lambda must be finite"),
+    ("similarity_ema_decay", 5.0, "crepa_similarity_ema_decay must satisfy"),
+    ("scheduler", "bogus", "crepa_scheduler must be one of"),
+    ("adjacent_tau", -1.0, "crepa_adjacent_tau must be > 0"),
+    ("adjacent_distance", 1.5, "crepa_adjacent_distance"),
+    ("enabled", "maybe", "crepa_enabled"),
+])
+def test_a_field_set_after_construction_is_checked_and_a_refused_value_changes_nothing(field, value, msg):
+    # CrepaLoss and the schedule read the config they were given at every step: a value set later
+    # must pass the constructor's checks, or a NaN weight would reach the loss unchecked.
+    config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2})
+    before = config.to_dict()
+    with pytest.raises(ValueError, match=msg):
+        setattr(config, field, value)
+    assert config.to_dict() == before
+
+
+def test_fields_set_after_construction_are_normalised_and_may_come_in_any_order():
+    config = CrepaConfig()
+    config.enabled = "true"  # crepa_enabled needs crepa_block_index, set next: checked by validate()
+    config.block_index = "3"
+    config.encoder_frames_batch_size = -1
+    config.lambda_ = "0.25"
+    assert (config.enabled, config.block_index, config.encoder_frames_batch_size, config.lambda_) == (True, 3, None,
+                                                                                                    0.25)
+    config.validate()
+    config.block_index = None
+    with pytest.raises(ValueError, match="crepa_block_index must be set"):
+        config.validate()
