@@ -80,12 +80,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from crepa_kernels import benchmark as bm  # imports no Triton: the switch below can still take effect
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-    from crepa_kernels import benchmark as bm
-    from crepa_kernels.ops.utils import interpreter_enabled
     presets = _csv(args.preset) if args.preset else (["small", "wan480"] if on_gpu else ["small"])
     providers = _csv(args.providers) if args.providers else (list(bm.PROVIDERS) if on_gpu else ["torch"])
     dtypes = _csv(args.dtypes) if args.dtypes else (["fp32", "bf16"] if on_gpu else ["fp32"])
@@ -97,6 +95,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"crepa-kernels bench: {what} got {', '.join(bad)}; expected any of {', '.join(allowed)}",
                   file=sys.stderr)
             return 2
+    if not on_gpu:
+        # Set only for a run that goes ahead, and before the first triton import (Triton reads it when
+        # the kernels are defined, so it cannot be undone afterwards).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from crepa_kernels.ops.utils import interpreter_enabled
+
     reps = args.reps if args.reps is not None else (5 if args.quick else 20)
     warmup, max_s = (1, 5.0) if args.quick else (3, 20.0)
     report = bm.run_suite(presets, dtypes, providers, modes, device, reps=reps, warmup=warmup, max_seconds=max_s)

@@ -107,9 +107,13 @@ def test_info_prints_json(capsys):
     (["bench", "--preset", "huge"], "--preset got huge"),
     (["bench", "--providers", "jax"], "--providers got jax"),
 ])
-def test_bench_bad_choices_exit_nonzero_with_one_line(argv, msg, capsys):
-    assert main(argv) == 2
+def test_bench_bad_choices_exit_nonzero_with_one_line(argv, msg, capsys, monkeypatch):
+    # A refused call leaves the process as it was: TRITON_INTERPRET, which makes every Triton kernel
+    # defined afterwards run in the interpreter, is set only for a CPU bench that goes ahead.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(argv + ["--device", "cpu"]) == 2
     assert msg in capsys.readouterr().err
+    assert "TRITON_INTERPRET" not in os.environ
 
 
 def test_demo_bad_steps(capsys):
