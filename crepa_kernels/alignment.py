@@ -78,6 +78,8 @@ def plan_tokens(
         m = min(n_projected, n_features)
         return TokenPlan(_compat_resample(n_projected, m), _compat_resample(n_features, m), False, m)
 
+    if not spatial_align and n_projected != n_features:
+        return TokenPlan(None, None, True, 1)  # pooling needs no layout
     gp = projected_grid or implied_square("projected_grid", n_projected, given="features_grid")
     gf = features_grid or implied_square("features_grid", n_features, given="projected_grid")
     if gp == gf:

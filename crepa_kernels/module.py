@@ -103,18 +103,29 @@ class CrepaLoss(nn.Module):
         """The checks ``forward`` applies to the student's side of a call, for a caller with costly work
         to do before it (a teacher decode): a call that cannot succeed fails before that work.
         ``grid_mode``: the call will pass a ``feature_grid``, so without ``hidden_grid`` the hidden
-        tokens must form a square."""
-        self._checked_hidden(hidden_states, step, hidden_grid, grid_mode)
+        tokens must form a square (with ``crepa_spatial_align`` on; off, that depends on the features'
+        token count, and the call itself checks it)."""
+        hidden_states, hidden_grid, _ = self._checked_hidden(hidden_states, step, hidden_grid)
+        self._check_layouts(hidden_states.shape[2], hidden_grid, None, grid_mode)
 
-    def _checked_hidden(self, hidden_states, step, hidden_grid, grid_mode=False):
+    def _checked_hidden(self, hidden_states, step, hidden_grid):
         """(hidden_states as (B, T, N, D), its (h, w) grid or None, step as an int), after the student
         side's checks."""
         hidden_states = _check_input("hidden_states", hidden_states, "hidden_size", self.hidden_size)
         self._check_device(hidden_states)
         hidden_grid = _spatial_grid("hidden_grid", hidden_grid, hidden_states)
-        if grid_mode and hidden_grid is None:
-            implied_square("hidden_grid", hidden_states.shape[2], given="feature_grid")
         return hidden_states, hidden_grid, check_step(step)
+
+    def _check_layouts(self, n_hidden, hidden_grid, n_features, feature_grid_given) -> None:
+        """Grid mode (a grid on either side) needs both token layouts: a side given no grid must be a
+        square. Not where spatial_align is off and the token counts differ: that pools, which needs no
+        layout (``n_features`` None: not known yet, so left to the call that knows it)."""
+        if not self.config.spatial_align and (n_features is None or n_features != n_hidden):
+            return
+        if feature_grid_given and hidden_grid is None:
+            implied_square("hidden_grid", n_hidden, given="feature_grid")
+        if hidden_grid is not None and not feature_grid_given and n_features is not None:
+            implied_square("feature_grid", n_features, given="hidden_grid")
 
     def forward(
         self,
@@ -127,13 +138,11 @@ class CrepaLoss(nn.Module):
     ):
         # Every argument is checked before the schedule is consulted: a bad call fails on every step,
         # not only on the weighted ones, and changes no schedule state.
-        hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid,
-                                                                feature_grid is not None)
+        hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid)
         frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim,
                                       FLOAT_DTYPES)
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
-        if hidden_grid is not None and feature_grid is None:
-            implied_square("feature_grid", frame_features.shape[2], given="hidden_grid")
+        self._check_layouts(hidden_states.shape[2], hidden_grid, frame_features.shape[2], feature_grid is not None)
         if hidden_states.shape[0] != frame_features.shape[0]:
             raise ValueError(f"hidden_states holds {hidden_states.shape[0]} videos but frame_features "
                              f"{frame_features.shape[0]}: they must be the same batch")

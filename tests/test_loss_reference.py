@@ -161,6 +161,9 @@ CASES = [
     ("grid_mode_projected_larger", (1, 2, 12, 4), (1, 2, 9, 4), {"pgrid": (3, 4), "fgrid": (3, 3)}),
     ("grid_mode_equal_counts", (1, 2, 6, 4), (1, 2, 6, 4), {"pgrid": (2, 3), "fgrid": (3, 2)}),
     ("grid_mode_pooling", (1, 2, 6, 4), (1, 2, 9, 4), {"pgrid": (2, 3), "spatial_align": False}),
+    # pooling needs no layout: the side without a grid may have any token count (SPEC 2)
+    ("grid_mode_pooling_nonsquare_features", (1, 2, 6, 4), (1, 2, 12, 4), {"pgrid": (2, 3), "spatial_align": False}),
+    ("grid_mode_pooling_nonsquare_projected", (1, 2, 10, 4), (1, 2, 6, 4), {"fgrid": (3, 2), "spatial_align": False}),
     # equal grids: nothing to align, so nothing is pooled either (SPEC 2: N == N_f comes first)
     ("grid_mode_equal_grids_no_pooling", (1, 2, 6, 4), (1, 2, 6, 4),
      {"pgrid": (2, 3), "fgrid": (2, 3), "spatial_align": False}),

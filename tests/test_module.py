@@ -184,6 +184,24 @@ def test_alignment_ema_is_kept_without_threshold_and_stays_on_the_device():
     assert float(logs["crepa_alignment_score_ema"]) == pytest.approx(ema, abs=1e-6)
 
 
+def test_without_spatial_align_token_counts_that_differ_pool_whatever_grid_is_given():
+    # SPEC 2: pooling comes before grid mode and needs no layout, so a side without a grid may have a
+    # token count that is no square; with equal counts the layouts decide, and then a grid is needed.
+    torch.manual_seed(0)
+    m = CrepaLoss(cfg(spatial_align=False), 4, 4)
+    h, f = torch.randn(1, 3, 6, 4), torch.randn(1, 3, 12, 4)
+    m.check_hidden(torch.randn(1, 3, 10, 4), grid_mode=True)  # the features' count is not known yet
+    loss, _ = m(h, f, step=0, hidden_grid=(2, 3))
+    want, _ = m(h, f, step=0)  # no grids: pooled as well
+    assert torch.equal(loss, want)
+    assert torch.equal(m(f, h, step=0, feature_grid=(2, 3))[0], m(f, h, step=0)[0])
+    with pytest.raises(ValueError, match="feature_grid is required: hidden_grid switches to grid mode"):
+        m(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4), hidden_grid=(2, 3))
+    on = CrepaLoss(cfg(), 4, 4)
+    with pytest.raises(ValueError, match="hidden_grid is required: feature_grid switches to grid mode"):
+        on.check_hidden(torch.randn(1, 3, 10, 4), grid_mode=True)
+
+
 def test_logged_tensors_are_copies_an_in_place_op_on_them_changes_no_state():
     # e.g. a dist.all_reduce over every logged tensor: neither the schedule's EMA (read by the next step
     # and state_dict()) nor the returned loss may change with it.
