@@ -265,7 +265,7 @@ class CrepaRegularizer:
                 adapter = adapter_for(vae, family=self._family())
             # Checked before the one-time changes to the VAE below and before anything moves to the device.
             adapter._check_latents(latents)
-            adapter._check_timestep(timestep, latents.shape[0])
+            timestep = adapter._check_timestep(timestep, latents.shape[0])  # a tensor's one host read
             if not known:
                 if self.config.drop_vae_encoder:
                     adapter.drop_encoder()
