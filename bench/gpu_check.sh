@@ -8,8 +8,8 @@
 #                   the A/B writes its JSON after each
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git
-#   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,ab,offload,host,profile,
-#                   step, and tune (opt-in, last: the launch-setting sweep of bench/tune_kernels.py at
+#   CHECK_PARTS     comma-separated parts to run (default all but tune): bench,tests,probe,ab,offload,host,
+#                   profile,step, and tune (opt-in, last: the launch-setting sweep of bench/tune_kernels.py at
 #                   wan480, then, given 160 s or more, an A/B of its winners on whole calls in its last
 #                   70 s; CHECK_TUNE_S seconds, default 240, at least 90, on top of the budget); each
 #                   part keeps its share of CHECK_BUDGET_S when others are left out
@@ -32,7 +32,7 @@ if ! [[ "$BUDGET" =~ ^[0-9]{1,6}$ ]]; then
   exit 2
 fi
 BUDGET=$(( 10#$BUDGET ))  # base 10: a leading zero is not octal
-DEFAULT_PARTS="bench,tests,ab,offload,host,profile,step"
+DEFAULT_PARTS="bench,tests,probe,ab,offload,host,profile,step"
 ALL_PARTS="$DEFAULT_PARTS,tune"
 PARTS=",${CHECK_PARTS:-$DEFAULT_PARTS},"
 PARTS=${PARTS// /}
@@ -84,8 +84,8 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 status=0
 test_rc=skipped
-# Shares of the budget; host (at most 90 s, 120 with a host A/B) and profile (at most 105 s) come on
-# top. The test tier's
+# Shares of the budget; host (at most 90 s, 120 with a host A/B), probe (at most 60 s) and profile
+# (at most 105 s) come on top. The test tier's
 # 35% (133 s at the 380 s budget a 10-minute device command leaves room for; 147 s at the default)
 # covers its 2^31-element cases, which compile the kernels again for 64-bit strides.
 bench_s=$(( BUDGET * 15 / 100 )); tests_s=$(( BUDGET * 35 / 100 )); ab_s=$(( BUDGET * 20 / 100 ))
@@ -105,6 +105,14 @@ if want tests && fits tests "$tests_s"; then
   timeout "$LIMIT" python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=12 2>&1 | tee "$OUT_DIR/gpu_tests.log"
   test_rc=${PIPESTATUS[0]}
   [ "$test_rc" -eq 0 ] || status=1
+fi
+
+if want probe && fits probe 60; then
+  # each similarity kernel alone at neighbour distance 0, 1 and 2, beside a plain read of the inputs:
+  # whether re-reading the neighbour frames bounds the kernels (see the script's docstring)
+  echo "== bandwidth probe at wan480 (limit ${LIMIT}s)"
+  timeout "$LIMIT" python3 bench/probe_bandwidth.py --preset wan480 --dtypes fp32 \
+    --out "$OUT_DIR/probe_wan480.json" || status=1
 fi
 
 if want ab && fits ab "$ab_s"; then

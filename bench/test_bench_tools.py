@@ -545,6 +545,37 @@ def test_tune_kernels_quick(tmp_path):
         assert r["cut_short"] and r["best"]["valid"]
 
 
+def test_probe_bandwidth_quick(tmp_path):
+    """Every row of the probe (input reads, the forward at three neighbour settings and without the
+    fused resample, the backward at two) on the interpreter, with the bytes each one counts."""
+    out = tmp_path / "probe.json"
+    proc = _run("probe_bandwidth.py", "--preset", "tiny_fused", "--dtypes", "fp32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert "not a performance figure" in report["timer"]
+    rows = [(r["what"], r["distance"], r["cumulative"], r["slots"]) for r in report["results"]]
+    assert rows == [("read projected", None, False, None), ("read features", None, False, None),
+                    ("sim_fwd", 0, False, 1), ("sim_fwd", 1, False, 3), ("sim_fwd", 2, False, 3),
+                    ("sim_fwd", 2, True, 5), ("sim_fwd_unfused", 1, False, 3), ("sim_bwd", 0, False, 1),
+                    ("sim_bwd", 1, False, 3)]
+    assert all("error" not in r and r["ms"] > 0 for r in report["results"])
+    # tiny_fused: projected (1, 3, 15, 40) and features (1, 3, 6, 40) in fp32
+    by = {(r["what"], r["distance"], r["cumulative"]): r["bytes"] for r in report["results"]}
+    assert by[("read projected", None, False)] == 3 * 15 * 40 * 4
+    assert by[("read features", None, False)] == 3 * 6 * 40 * 4
+    # the forward reads both inputs once and writes 4 per-token fp32 buffers and one cosine per slot
+    for d, cumulative, slots in ((0, False, 1), (1, False, 3), (2, False, 3), (2, True, 5)):
+        assert by[("sim_fwd", d, cumulative)] == (3 * 15 * 40 + 3 * 6 * 40) * 4 + (4 + slots) * 3 * 6 * 4
+    assert by[("sim_fwd_unfused", 1, False)] == (2 * 3 * 6 * 40) * 4 + (4 + 3) * 3 * 6 * 4
+
+
+def test_gpu_check_runs_the_probe_by_default_at_wan480(tmp_path):
+    proc, calls = _gpu_check_calls(tmp_path, CHECK_DEADLINE_S="0")
+    probe = [c for c in calls if "probe_bandwidth.py" in c]
+    assert proc.returncode == 0 and len(probe) == 1, proc.stdout + proc.stderr
+    assert "--preset wan480 --dtypes fp32" in probe[0] and "probe_wan480.json" in probe[0]
+
+
 def test_tune_reports_the_one_pass_settings_it_launches(monkeypatch):
     """A band height sets the one-pass backward's block and warps unless they are given: each
     variant's reported settings are the BLOCK_D and warps its launch used; a preset whose grids the

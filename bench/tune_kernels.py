@@ -72,8 +72,10 @@ class Case:
     """One kernel at one dtype: ``run(tune)`` launches it with those overrides and returns its outputs
     (the same tensors every call); ``default`` is the shape-derived (BLOCK_N, BLOCK_D, num_warps)."""
 
-    def __init__(self, kernel: str, preset: bm.Preset, dtype: torch.dtype, device):
+    def __init__(self, kernel: str, preset: bm.Preset, dtype: torch.dtype, device, distance: int = DISTANCE,
+                 cumulative: bool = CUMULATIVE):
         self.kernel = kernel
+        self.distance, self.cumulative = distance, cumulative
         self.keys = tune_keys(kernel)
         self.dim = preset.dim
         p, f = bm.make_inputs(preset, dtype, device)
@@ -86,9 +88,9 @@ class Case:
         self.resample_p = (*plan.projected.in_grid, *plan.projected.out_grid)
         N, n_in = f.shape[2], p.shape[2]
         acc = accumulation_dtype(dtype)
-        kw = dict(distance=DISTANCE, tau=TAU, cumulative=CUMULATIVE, normalize_neighbour_sum=NORMALIZE,
+        kw = dict(distance=distance, tau=TAU, cumulative=cumulative, normalize_neighbour_sum=NORMALIZE,
                   resample_p=self.resample_p)
-        S = similarity.num_slots(DISTANCE, T, CUMULATIVE)
+        S = similarity.num_slots(distance, T, cumulative)
         side = [torch.empty((B, T, N), dtype=acc, device=device) for _ in range(4)]
         cos = torch.empty((B, T, S, N), dtype=acc, device=device)
         similarity._launch_forward(p, f, *side, cos, **kw)
@@ -101,7 +103,7 @@ class Case:
         self.window = (t0, tc)
         el = p.element_size()
         if kernel == "sim_fwd":
-            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True,
+            self.default = similarity.launch_settings(f.shape, distance, cumulative, acc, p.device, fused=True,
                                                       input_dtype=dtype)
             outs = [torch.empty_like(t) for t in side] + [torch.empty_like(cos)]
 
@@ -112,7 +114,7 @@ class Case:
             # inputs read once, the side buffers written once
             self.bytes = (p.numel() + f.numel()) * el + sum(t.numel() * t.element_size() for t in outs)
         elif kernel == "sim_bwd":
-            self.default = similarity.launch_settings(f.shape, DISTANCE, CUMULATIVE, acc, p.device, fused=True,
+            self.default = similarity.launch_settings(f.shape, distance, cumulative, acc, p.device, fused=True,
                                                       backward=True, input_dtype=dtype)
             dp_res = torch.empty((B, tc, N, D), dtype=dtype, device=device)
 
@@ -121,7 +123,7 @@ class Case:
                                             **kw, tune=tune)
                 return [dp_res]
             self.outputs = [dp_res]
-            d = min(DISTANCE, T - 1)
+            d = min(distance, T - 1)
             f_frames = min(T, t0 + tc + d) - max(0, t0 - d)  # the window's frames and its neighbours
             side_bytes = (pnorm.numel() + fnorm.numel() + cos.numel()) * pnorm.element_size() * tc // T
             self.bytes = (B * tc * n_in * D + B * f_frames * N * D + dp_res.numel()) * el + side_bytes
@@ -147,7 +149,7 @@ class Case:
                 declined = "one-row bands of its grids pass the one-pass backward's tile limit"
             else:
                 def launched(tune):  # BLOCK_W, BLOCK_D, num_warps, D_BLOCKS
-                    c, _ = similarity.row_settings(B, T, self.resample_p, D, DISTANCE, CUMULATIVE,
+                    c, _ = similarity.row_settings(B, T, self.resample_p, D, distance, cumulative,
                                                    acc == torch.float64, p.device, tune)
                     return None if c is None else (c[0], c[2], c[3], c[4])
                 launch = similarity._launch_row_backward
