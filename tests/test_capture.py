@@ -379,6 +379,46 @@ def test_results_persist_after_exit_and_last_forward_wins():
         cap.hidden
 
 
+def test_take_hands_a_forward_over_once():
+    # A capture kept attached across steps: a step in which this model did not run (another expert
+    # ran, or model.forward(...) skipped the hooks) must not hand back the previous step's tensors.
+    case = CASES[0]
+    model, other = _model(case), _model(case)
+    cap = capture_hidden_states(model, 1, teacher_block_index=2).attach()
+    try:
+        model(*_wan_inputs(0))
+        first = cap.take()
+        assert first.grid == GRID and first.hidden.shape == (B, 3, 6, HIDDEN) and first.hidden.requires_grad
+        assert first.teacher.shape == first.hidden.shape and not first.teacher.requires_grad
+        with capture_hidden_states(model, 1) as ref:
+            model(*_wan_inputs(0))
+        assert torch.equal(first.hidden, ref.hidden)
+        cap.take()  # the reference forward ran through this capture as well
+        for step in (lambda: case.run(other, *LATENT["wan"]),  # the other expert ran
+                     lambda: model.forward(*_wan_inputs(1))):  # no hooks run
+            step()
+            for read in (cap.take, lambda: cap.hidden, lambda: cap.grid):
+                with pytest.raises(RuntimeError, match="no WanTransformer3DModel forward ran through the capture "
+                                                       r"since the last take\(\)"):
+                    read()
+        model(*_wan_inputs(2))
+        assert cap.take().grid == GRID
+    finally:
+        cap.detach()
+
+
+def test_dataparallel_over_several_devices_is_refused():
+    # Its replicas would run the capture's hooks on slices of the batch in parallel threads. (Without
+    # CUDA, DataParallel keeps no device ids: set them as a two-GPU machine would.)
+    model = _model(CASES[0])
+    wrapped = nn.DataParallel(model)
+    wrapped.device_ids = [0, 1]
+    with pytest.raises(ValueError, match="DataParallel over 2 devices.*DistributedDataParallel"):
+        capture_hidden_states(wrapped, 1)
+    wrapped.device_ids = [0]
+    assert capture_hidden_states(wrapped, 1).attach().attached
+
+
 @pytest.mark.parametrize("captures", [1, 2])
 def test_a_forward_that_fails_after_a_good_one_leaves_nothing_of_the_good_one(captures):
     # The grid and hidden states of an earlier forward must not be read as those of a later one
@@ -679,6 +719,54 @@ def test_code_compiled_for_another_instance_misses_the_hooks_until_reset(fresh_d
         with capture_hidden_states(model, 1) as eager_cap:
             model(*_wan_inputs(1))
         torch.testing.assert_close(cap.hidden, eager_cap.hidden)
+    finally:
+        cap.detach()
+
+
+def test_another_compiled_instance_running_between_steps_keeps_its_own_code_with_hook_guards(fresh_dynamo):
+    # Two experts of one class, both compiled, the capture on one (attached first, as documented):
+    # with torch's default guards the second shares the first's code and then the first reuses the
+    # second's hook-less code; with skip_nnmodule_hook_guards off each keeps code for its own hooks.
+    case = CASES[0]
+    model, other = _model(case), _model(case)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    eager = {}
+    for seed in (0, 2):
+        with capture_hidden_states(model, 1) as ref:
+            model(*_wan_inputs(seed))
+        eager[seed] = ref.hidden
+    cap = capture_hidden_states(model, 1).attach()
+    try:
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            run, run_other = torch.compile(model, backend="aot_eager"), torch.compile(other, backend="aot_eager")
+            run(*_wan_inputs(0))
+            torch.testing.assert_close(cap.take().hidden, eager[0])
+            run_other(*_wan_inputs(1))
+            with pytest.raises(RuntimeError, match="since the last take"):
+                cap.take()
+            run(*_wan_inputs(2))
+            torch.testing.assert_close(cap.take().hidden, eager[2])
+    finally:
+        cap.detach()
+
+
+def test_regionally_compiled_blocks_pick_up_a_capture_attached_late(fresh_dynamo):
+    # compile_repeated_blocks compiles each block's forward, and torch recompiles a block whose hooks
+    # changed: a capture attached after compiled calls (and another instance run in between) works.
+    case = CASES[0]
+    model, other = _model(case), _model(case)
+    with capture_hidden_states(model, 1) as ref:
+        model(*_wan_inputs(2))
+    for m in (model, other):
+        m.compile_repeated_blocks(backend="aot_eager")
+    model(*_wan_inputs(0))
+    cap = capture_hidden_states(model, 1).attach()
+    try:
+        other(*_wan_inputs(1))
+        model(*_wan_inputs(2))
+        torch.testing.assert_close(cap.take().hidden, ref.hidden)
     finally:
         cap.detach()
 

@@ -20,11 +20,13 @@ Supported families and how each lays out its tokens (diffusers 0.42):
   ``(F // p_t, H // p_h, W // p_w)``. With ``sparse_params["to_fractal"]`` (nabla attention)
   the blocks see tokens in 8x8 spatial tiles; they are put back in raster order here.
 
-Subclasses of these classes are accepted; ``torch.compile``, DDP, DataParallel, FSDP and peft's
-``PeftModel`` wrappers are unwrapped.
+Subclasses of these classes are accepted; ``torch.compile``, DDP, single-device DataParallel, FSDP
+and peft's ``PeftModel`` wrappers are unwrapped. DataParallel over several GPUs is refused: it runs
+the hooks in one thread per replica, each on a slice of the batch.
 
-``torch.compile``: compiled code contains the block hooks that existed when it was traced, and
-torch does not recompile when hooks are added later. So the capture must be attached before the
+``torch.compile`` of the whole model: compiled code contains the block hooks that existed when it
+was traced, and torch does not recompile when hooks are added later (regional compilation,
+``compile_repeated_blocks``, recompiles a block whose hooks changed and needs none of what follows). So the capture must be attached before the
 first compiled call and stay attached for every forward (a forward run without it, such as a
 validation pass, is compiled without the hooks and later captures miss the block)::
 
@@ -32,14 +34,21 @@ validation pass, is compiled without the hooks and later captures miss the block
     compiled = torch.compile(transformer)
     for step, batch in enumerate(loader):
         compiled(...)
-        loss, logs = crepa(cap.hidden, features, step=step, hidden_grid=cap.grid)  # the last forward's block
+        states = cap.take()                                 # this forward's block, handed over once
+        loss, logs = crepa(states.hidden, features, step=step, hidden_grid=states.grid)
     cap.detach()
+
+``take()`` clears what it hands over, so a step in which the model did not run (the other expert of
+a two-expert model ran instead, or ``model.forward(...)`` was called directly, which skips the
+hooks) raises instead of handing back the previous forward's tensors, as reading ``hidden`` would.
 
 A capture registered after the model was already compiled and run sees the transformer's forward
 but not the block's; reading ``hidden`` then raises an error saying so. Torch shares compiled code
-between instances of one class, so the same happens when another instance (an EMA or validation
-copy) was compiled and run with autograd on before this one: call ``torch.compiler.reset()`` after
-attaching.
+between instances of one class (its guards skip the module hooks), so the same happens when another
+instance (an EMA or validation copy, the other expert) is compiled and runs without the capture:
+set ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` before the first compiled call (torch
+then compiles each instance for its own hooks), or attach a capture to every instance;
+``torch.compiler.reset()`` after attaching helps only while the other instance does not run again.
 """
 from __future__ import annotations
 
@@ -52,6 +61,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CapturedStates",
     "HiddenStateCapture",
     "TransformerInfo",
     "capture_hidden_states",
@@ -86,6 +96,14 @@ def supported_transformers() -> tuple[str, ...]:
     return tuple(f.class_name for f in _FAMILIES)
 
 
+class CapturedStates(NamedTuple):
+    """One forward's results, as :meth:`HiddenStateCapture.take` hands them over."""
+
+    hidden: torch.Tensor
+    grid: tuple[int, int, int]
+    teacher: Optional[torch.Tensor]
+
+
 class TransformerInfo(NamedTuple):
     """Block count, hidden size and ``(p_t, p_h, p_w)`` patch size of a supported transformer."""
 
@@ -102,6 +120,13 @@ def _unwrap(transformer: Any) -> Any:
     # (matched by name, so that neither peft nor the distributed package need be imported here).
     while isinstance(transformer, nn.Module):
         names = {cls.__name__ for cls in type(transformer).__mro__}
+        devices = getattr(transformer, "device_ids", None) or []
+        if "DataParallel" in names and len(devices) > 1:
+            # its replicas share the original's hooks and run them in parallel threads, each on a slice
+            # of the batch: the capture would keep whichever slice finished last
+            raise ValueError(f"transformer is wrapped in DataParallel over {len(devices)} devices, whose replicas "
+                             "run the capture's hooks on slices of the batch in parallel threads; use "
+                             "DistributedDataParallel (one process per GPU) or a single device")
         if hasattr(transformer, "_orig_mod"):
             transformer = transformer._orig_mod
         elif names.intersection(_MODULE_WRAPPERS) and isinstance(getattr(transformer, "module", None), nn.Module):
@@ -228,10 +253,11 @@ class HiddenStateCapture:
     context exits; ``clear()`` drops them.
 
     Instead of a ``with`` block per forward, a capture can stay attached across many forwards:
-    ``cap = capture_hidden_states(model, i).attach()`` once, read ``hidden`` / ``grid`` after each
-    forward, ``cap.detach()`` at the end. That is the way to use it with ``torch.compile``: attach
-    before compiling or before the first compiled call, so the compiled code includes the hooks
-    (see the module docstring).
+    ``cap = capture_hidden_states(model, i).attach()`` once, ``states = cap.take()`` after each
+    forward, ``cap.detach()`` at the end. ``take()`` hands a forward's results over once, so a step
+    in which the model did not run raises instead of reusing the previous step's tensors. That is
+    the way to use it with ``torch.compile``: attach before compiling or before the first compiled
+    call, so the compiled code includes the hooks (see the module docstring).
     """
 
     def __init__(
@@ -272,6 +298,7 @@ class HiddenStateCapture:
         self._grid: Optional[tuple[int, int, int]] = None
         self._grad_lost = False
         self._last_failed = False
+        self._taken = False
         self.num_forwards = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -312,6 +339,19 @@ class HiddenStateCapture:
         self._grid = None
         self._grad_lost = False
         self._last_failed = False
+        self._taken = False
+
+    def take(self) -> CapturedStates:
+        """The last forward's ``(hidden, grid, teacher)``, handed over once: they are cleared, so that
+        a second ``take()`` (or a read of ``hidden``) with no forward of the model in between raises
+        instead of returning the same tensors again, e.g. in a step where another model ran (the
+        other expert of a two-expert model) or where ``model.forward(...)`` was called directly,
+        which runs no hooks. The way to read a capture that stays attached across steps. A forward
+        not taken (a validation pass) is the one the next ``take()`` hands over."""
+        states = CapturedStates(self.hidden, self.grid, self.teacher)
+        self.clear()
+        self._taken = True
+        return states
 
     def __enter__(self) -> "HiddenStateCapture":
         if self._handles:
@@ -332,6 +372,10 @@ class HiddenStateCapture:
     def _require_forward(self) -> None:
         if self._grid is None:
             name = type(self._transformer).__name__
+            if self._taken:
+                raise RuntimeError(f"no {name} forward ran through the capture since the last take() (did another "
+                                   "model run this step, or was model.forward(...) called directly? It skips the "
+                                   "hooks: call the model itself)")
             if self._last_failed:
                 raise RuntimeError(f"no hidden states captured: the last {name} forward raised before it finished")
             raise RuntimeError(f"no hidden states captured: run {name} forward inside the capture first")
@@ -371,9 +415,11 @@ class HiddenStateCapture:
             "traced before they were attached, or it reuses code torch compiled for another instance of "
             f"{name} (an EMA or validation copy) compiled earlier. Create the capture once and attach it before "
             f"the first compiled call: cap = capture_hidden_states(model, {self.block_index}{teacher}).attach(), "
-            "keep it attached and read cap.hidden / cap.grid after each forward; after another instance was "
-            "compiled, also call torch.compiler.reset() after attaching (it recompiles). If the model is not "
-            "compiled, something skipped the block (a block cache?)."
+            "keep it attached and call cap.take() after each forward. Where another instance of the class runs "
+            "compiled without a capture, set torch._dynamo.config.skip_nnmodule_hook_guards = False before the "
+            "first compiled call (torch then compiles each instance for its own hooks) or attach a capture to "
+            "every instance; torch.compiler.reset() after attaching helps only while the other instance does "
+            "not run again. If the model is not compiled, something skipped the block (a block cache?)."
         )
 
     @property
@@ -388,6 +434,7 @@ class HiddenStateCapture:
         # the previous forward may be read as this one's.
         self._hidden = self._teacher = None
         self._grid = None
+        self._taken = False
         self._last_failed = True  # until the forward finishes
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         self._pending_grid, self._fractal = self._resolve_grid(bound)
@@ -486,6 +533,7 @@ def capture_hidden_states(
 
     To keep the capture across forwards (the way to use it with ``torch.compile``), skip the
     ``with``: ``cap = capture_hidden_states(transformer, 8).attach()`` before the first (compiled)
-    forward, then read ``cap.hidden`` / ``cap.grid`` after each one and ``cap.detach()`` at the end.
+    forward, then ``states = cap.take()`` after each one (``states.hidden``, ``states.grid``,
+    ``states.teacher``) and ``cap.detach()`` at the end.
     """
     return HiddenStateCapture(transformer, block_index, teacher_block_index, grid=grid)
