@@ -566,6 +566,31 @@ def test_ltx_needs_grid_without_sizes_and_accepts_override():
     assert cap.hidden.shape == (B, 2, 6, HIDDEN)
 
 
+def test_set_grid_follows_each_call_of_an_attached_capture():
+    # LTX-Video called with video_coords on two aspect ratios of the same token count: the grid the
+    # capture reshapes by is the one set before each call.
+    case = CASES[1]
+    model = _model(case)
+    args = (torch.randn(B, 5, 16), torch.tensor([10, 500]), torch.ones(B, 5))
+    cap = capture_hidden_states(model, 0, grid=(2, 2, 3)).attach()
+    try:
+        with torch.no_grad():
+            for grid in ((2, 2, 3), (2, 3, 2)):
+                cap.set_grid(grid)
+                latents = torch.randn(B, 4, *grid)
+                model(_pack(latents), *args, num_frames=grid[0], height=grid[1], width=grid[2])
+                want = cap.take()
+                cap.set_grid(None)  # derived from num_frames/height/width: the reference
+                model(_pack(latents), *args, num_frames=grid[0], height=grid[1], width=grid[2])
+                ref = cap.take()
+                assert want.grid == ref.grid == grid and torch.equal(want.hidden, ref.hidden)
+        for bad in ((2, 2), (0, 2, 3), "abc"):
+            with pytest.raises(ValueError, match="grid"):
+                cap.set_grid(bad)
+    finally:
+        cap.detach()
+
+
 def test_grid_mismatch_is_reported():
     case = CASES[0]
     model = _model(case)

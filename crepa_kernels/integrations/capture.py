@@ -14,7 +14,8 @@ Supported families and how each lays out its tokens (diffusers 0.42):
 - ``LTXVideoTransformer3DModel`` (``transformer_blocks``): input is already packed,
   ``(B, S, C)``, ordered the same way; the grid is the ``num_frames, height, width`` arguments.
   They are the token grid, not pre-patch sizes: the model's rotary embedding builds one position
-  per token from them. Callers that pass ``video_coords`` instead must give ``grid=``.
+  per token from them. Callers that pass ``video_coords`` instead must give ``grid=`` (or, for a
+  capture kept attached over calls of several grids, ``set_grid`` before each call).
 - ``Kandinsky5Transformer3DModel`` (``visual_transformer_blocks``; the text blocks are not
   counted): input latents are channels-last ``(B, F, H, W, C)``, grid
   ``(F // p_t, H // p_h, W // p_w)``. With ``sparse_params["to_fractal"]`` (nabla attention)
@@ -226,6 +227,15 @@ def _block_tensor(output: Any, where: str) -> torch.Tensor:
     return output
 
 
+def _check_override(grid: Optional[Sequence[int]]) -> Optional[tuple[int, int, int]]:
+    if grid is None:
+        return None
+    grid = _triple(grid, "grid")
+    if min(grid) < 1:
+        raise ValueError(f"grid must be positive (T, H, W), got {grid}")
+    return grid
+
+
 def _fractal_to_raster(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Undo Kandinsky 5's tiled token order: ``(B, T*H*W, D)`` tiled -> ``(B, T, H*W, D)`` raster."""
     t, h, w = grid
@@ -280,11 +290,7 @@ class HiddenStateCapture:
                     f"teacher_block_index={teacher_block_index} must not be shallower than block_index={block_index}"
                 )
         self.teacher_block_index = teacher_block_index
-        if grid is not None:
-            grid = _triple(grid, "grid")
-            if min(grid) < 1:
-                raise ValueError(f"grid must be positive (T, H, W), got {grid}")
-        self._grid_override = grid
+        self._grid_override = _check_override(grid)
         self._patch = _patch_size(transformer, self._family)
         # Resolved once so each forward only binds arguments (no host work beyond shape reads).
         self._signature = inspect.signature(transformer.forward)
@@ -332,6 +338,14 @@ class HiddenStateCapture:
             # No forward finished (e.g. a KeyboardInterrupt, which skips torch's always_call hooks):
             # nothing is readable, so free the partial forward's tensors and the graph they hold.
             self._hidden = self._teacher = None
+
+    def set_grid(self, grid: Optional[Sequence[int]]) -> None:
+        """The latent patch grid ``(T, H, W)`` of the forwards that follow (as ``grid=`` at creation; None
+        derives it from the inputs again). For a capture kept attached over calls whose grid changes
+        while the model cannot tell it, e.g. LTX-Video called with ``video_coords`` on batches of
+        several aspect ratios: two grids with the same token count would otherwise be taken for
+        each other without an error."""
+        self._grid_override = _check_override(grid)
 
     def clear(self) -> None:
         """Drop the captured tensors (and the autograd graph they keep alive)."""
