@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -61,17 +62,13 @@ class CrepaConfig:
         self.validate()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # After construction an assignment is checked (and normalised) as the constructor checks that
-        # field, so a NaN lambda or an unknown scheduler set later is refused here instead of reaching
-        # the loss. The rules between fields (crepa_enabled needs crepa_block_index, ...) are left to
-        # construction and validate(), so that fields can be set in any order.
-        if name in _FIELD_NAMES and self.__dict__.get("_checked", False):
-            if name == "enabled":
-                value = _as_bool("crepa_enabled", value)
-            else:
-                trial = {f: self.__dict__[f] for f in _FIELD_NAMES}
-                trial.update({name: value, "enabled": False})  # enabled gates every rule between fields
-                value = getattr(type(self)(**trial), name)
+        # After construction (a field already set) an assignment is checked and normalised as the
+        # constructor checks that field, so a NaN lambda or an unknown scheduler set later is refused
+        # here instead of reaching the loss. The rules between fields (crepa_enabled needs
+        # crepa_block_index, ...) are left to construction and validate(), so that fields can be set
+        # in any order. A subclass's own rules apply at its construction and validate() too.
+        if name in _FIELD_NAMES and name in self.__dict__ and id(self) not in _validating():
+            value = _checked_field(self, name, value)
         object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ keys
@@ -187,11 +184,12 @@ class CrepaConfig:
     def validate(self) -> None:
         """Check every field and the rules between them; normalises values (``"true"`` -> True, a
         non-positive frames batch size -> None)."""
-        self.__dict__["_checked"] = False  # the checks below assign fields directly
+        busy = _validating()
+        busy.add(id(self))  # the checks below assign fields directly
         try:
             self._validate()
         finally:
-            self.__dict__["_checked"] = True
+            busy.discard(id(self))
 
     def _validate(self) -> None:
         self.enabled = _as_bool("crepa_enabled", self.enabled)
@@ -274,6 +272,28 @@ def config_key_name(key: str) -> str:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(CrepaConfig))
+_THREAD = threading.local()
+
+
+def _validating() -> set:
+    """Ids of the configs whose validate() runs on this thread (their assignments are its own)."""
+    busy = getattr(_THREAD, "busy", None)
+    if busy is None:
+        busy = _THREAD.busy = set()
+    return busy
+
+
+def _checked_field(config: CrepaConfig, name: str, value: Any) -> Any:
+    """``value`` for field ``name`` of ``config`` as the constructor would check and normalise it: the
+    base class's checks on a bare copy (no subclass __init__ runs), with ``enabled`` off, which gates
+    every rule between fields."""
+    if name == "enabled":
+        return _as_bool("crepa_enabled", value)
+    trial = object.__new__(CrepaConfig)
+    trial.__dict__.update({f: config.__dict__[f] for f in _FIELD_NAMES}, enabled=False)
+    trial.__dict__[name] = value
+    CrepaConfig.validate(trial)
+    return trial.__dict__[name]
 _ALIASES = {"crepa_model": "crepa_encoder"}
 _DERIVED = {"crepa_use_backbone_features"}  # keys that set another field; handled in from_dict
 # The common trainer's keys for a feature not implemented here: accepted while it is off.

@@ -291,3 +291,31 @@ def test_fields_set_after_construction_are_normalised_and_may_come_in_any_order(
     config.block_index = None
     with pytest.raises(ValueError, match="crepa_block_index must be set"):
         config.validate()
+
+
+def test_assignment_checks_on_a_subclass_run_the_base_checks_only():
+    # A subclass may add fields without defaults and rules of its own, and set base fields in its
+    # __post_init__: an assignment checks the base field alone, without building the subclass again.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class RunConfig(CrepaConfig):
+        run_name: str = dataclasses.field(default=None, kw_only=True)
+        max_lambda: float = 1.0
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.run_name is None:
+                raise ValueError("run_name is required")
+            self.lambda_ = min(self.lambda_, self.max_lambda)  # a base field, set after the base checks
+
+    config = RunConfig(run_name="a", max_lambda=5.0, lambda_=3.0)
+    assert config.lambda_ == 3.0
+    config.lambda_ = 4.0
+    config.run_name = "b"
+    assert (config.lambda_, config.run_name) == (4.0, "b")
+    with pytest.raises(ValueError, match="crepa_lambda must be finite"):
+        config.lambda_ = float("inf")
+    assert config.lambda_ == 4.0
+    assert set(vars(config)) == {f.name for f in dataclasses.fields(config)}  # no bookkeeping in the instance
+    assert CrepaConfig(**{k: v for k, v in vars(CrepaConfig()).items()}) == CrepaConfig()
