@@ -410,11 +410,22 @@ def test_take_hands_a_forward_over_once():
 def test_dataparallel_over_several_devices_is_refused():
     # Its replicas would run the capture's hooks on slices of the batch in parallel threads. (Without
     # CUDA, DataParallel keeps no device ids: set them as a two-GPU machine would.)
+    import copy
+
     model = _model(CASES[0])
     wrapped = nn.DataParallel(model)
     wrapped.device_ids = [0, 1]
     with pytest.raises(ValueError, match="DataParallel over 2 devices.*DistributedDataParallel"):
-        capture_hidden_states(wrapped, 1)
+        capture_hidden_states(torch.compile(wrapped), 1)
+    assert transformer_info(wrapped) == (NUM_BLOCKS, HIDDEN, (1, 2, 2))  # adds no hooks: nothing to refuse
+    # A capture made on the wrapped model itself: a replica (a shallow copy sharing its hook dicts, as
+    # DataParallel's replicate makes them) is refused when it runs.
+    with capture_hidden_states(wrapped.module, 1) as cap:
+        replica = copy.copy(model)
+        with pytest.raises(RuntimeError, match="a copy of the captured WanTransformer3DModel ran with its hooks"):
+            replica(*_wan_inputs(1))
+        model(*_wan_inputs(1))
+    assert cap.grid == GRID
     wrapped.device_ids = [0]
     assert capture_hidden_states(wrapped, 1).attach().attached
 
