@@ -4,7 +4,8 @@
 # into ${OUT:-bench/results}. Run from the repository root.
 #   CHECK_BUDGET_S  seconds for the parts with a share (default 420); on top come up to 60 s for
 #                   the kernel benchmark's last case (it stops starting cases when its share is
-#                   spent), 90 s for host (120 with CHECK_HOST_BASE_ARCHIVE) and 105 s for profile;
+#                   spent), 60 s for probe, 90 s for host (120 with CHECK_HOST_BASE_ARCHIVE) and 105 s
+#                   for profile;
 #                   the A/B writes its JSON after each
 #                   dtype
 #   CREPA_COMMIT    the commit to record when the checkout has no .git

@@ -18,8 +18,9 @@ Each row names its ``distance`` and ``slots``.
 
 ``gbps`` counts each input read once and each output written once, as the kernel suite does. On a
 GPU each timing is ``triton.testing.do_bench`` (L2 flushed before every run; median, p20 and p80);
-without one it runs on Triton's interpreter as a smoke test (``--preset tiny_fused``): perf_counter
-timings, not a performance figure. The JSON is written after every row.
+without one it runs on Triton's interpreter as a smoke test (``TRITON_INTERPRET=1``, ``--preset
+tiny_fused``): perf_counter timings, not a performance figure. The JSON is written after every row;
+a row whose setup or kernel fails records the error and the probe goes on (exit status 1).
 
     python bench/probe_bandwidth.py --preset wan480 --dtypes fp32 --out probe.json
 """
@@ -45,14 +46,16 @@ from tune_kernels import CUMULATIVE, NORMALIZE, PRESETS, TAU, Case, _timer  # no
 NEIGHBOURS = ((0, False), (1, False), (2, False), (2, True))
 
 
-def _row(what: str, dtype_name: str, neighbours, timed, fn, nbytes: int, bandwidth, frames: int = 0) -> dict:
+def _row(what: str, dtype_name: str, neighbours, timed, make, bandwidth, frames: int = 0) -> dict:
+    """One timed row; ``make()`` builds its inputs and returns (launch, bytes counted)."""
     distance, cumulative = neighbours if neighbours else (None, False)
     row = {"what": what, "dtype": dtype_name, "distance": distance, "cumulative": cumulative,
            "slots": similarity.num_slots(distance, frames, cumulative) if neighbours else None}
     try:
+        fn, nbytes = make()  # builds the inputs (a Case launches its kernels once to set them up)
         fn()  # compiles outside the timing
         ms, p20, p80 = timed(fn)
-    except Exception as e:  # a kernel the device refuses: the row says so, the probe goes on
+    except Exception as e:  # a kernel the device refuses, or memory: the row says so, the probe goes on
         row["error"] = f"{type(e).__name__}: {e}"[:300]
         return row
     row.update(ms=ms, p20_ms=p20, p80_ms=p80, bytes=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9)
@@ -83,18 +86,21 @@ def probe(preset: bm.Preset, dtype_name: str, device, timed, bandwidth, emit) ->
     p, f = bm.make_inputs(preset, dtype, device)
     T = f.shape[1]
     for name, t in (("projected", p), ("features", f)):
-        emit(_row(f"read {name}", dtype_name, None, timed, lambda t=t: t.sum(), t.numel() * t.element_size(),
-                  bandwidth))
+        emit(_row(f"read {name}", dtype_name, None, timed,
+                  lambda t=t: (lambda: t.sum(), t.numel() * t.element_size()), bandwidth))
     del p, f
+
+    def case(kernel, neighbours):
+        def make():
+            c = Case(kernel, preset, dtype, device, distance=neighbours[0], cumulative=neighbours[1])
+            return (lambda: c.run(None)), c.bytes
+        return make
+
     for kernel, neighbours in [("sim_fwd", n) for n in NEIGHBOURS] + [("sim_bwd", n) for n in NEIGHBOURS[:2]]:
         if kernel == "sim_bwd" and neighbours == NEIGHBOURS[0]:
-            launch, nbytes = _unfused_forward(preset, dtype, device)
-            emit(_row("sim_fwd_unfused", dtype_name, (1, False), timed, launch, nbytes, bandwidth, T))
-            del launch
-        d, cumulative = neighbours
-        case = Case(kernel, preset, dtype, device, distance=d, cumulative=cumulative)
-        emit(_row(kernel, dtype_name, neighbours, timed, lambda case=case: case.run(None), case.bytes, bandwidth, T))
-        del case
+            emit(_row("sim_fwd_unfused", dtype_name, (1, False), timed,
+                      lambda: _unfused_forward(preset, dtype, device), bandwidth, T))
+        emit(_row(kernel, dtype_name, neighbours, timed, case(kernel, neighbours), bandwidth, T))
 
 
 def main(argv=None) -> int:

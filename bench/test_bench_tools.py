@@ -569,6 +569,28 @@ def test_probe_bandwidth_quick(tmp_path):
     assert by[("sim_fwd_unfused", 1, False)] == (2 * 3 * 6 * 40) * 4 + (4 + 3) * 3 * 6 * 4
 
 
+def test_probe_bandwidth_records_a_failed_row_and_goes_on(monkeypatch, bench_script, tmp_path):
+    # A setting the device refuses fails while its inputs are set up (a Case launches its kernels once):
+    # that row says so and the later rows are still measured.
+    probe = bench_script("probe_bandwidth")
+    real = probe.Case
+
+    def case(kernel, *args, cumulative=False, **kwargs):
+        if cumulative:
+            raise RuntimeError("out of resources: shared memory")
+        return real(kernel, *args, cumulative=cumulative, **kwargs)
+
+    monkeypatch.setattr(probe, "Case", case)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--preset", "tiny_fused", "--dtypes", "fp32", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["results"]
+    failed = [r for r in rows if "error" in r]
+    assert [(r["what"], r["distance"], r["cumulative"]) for r in failed] == [("sim_fwd", 2, True)]
+    assert "out of resources" in failed[0]["error"]
+    assert [r["what"] for r in rows[-3:]] == ["sim_fwd_unfused", "sim_bwd", "sim_bwd"]
+    assert all(r["ms"] > 0 for r in rows if "error" not in r)
+
+
 def test_gpu_check_runs_the_probe_by_default_at_wan480(tmp_path):
     proc, calls = _gpu_check_calls(tmp_path, CHECK_DEADLINE_S="0")
     probe = [c for c in calls if "probe_bandwidth.py" in c]

@@ -27,7 +27,7 @@ the layout of a reduction over D can follow them.
 
 On a GPU each timing is ``triton.testing.do_bench`` (L2 flushed before every run; median and p20 /
 p80 over about ``--rep-ms`` of runs). Without one it runs on Triton's interpreter as a smoke test
-(use ``--preset tiny_fused``): perf_counter timings, not a performance figure.
+(``TRITON_INTERPRET=1``, ``--preset tiny_fused``): perf_counter timings, not a performance figure.
 
     python bench/tune_kernels.py --preset wan480 --dtypes fp32,bf16 --budget-s 150 --out tune.json
 
