@@ -94,7 +94,11 @@ class CrepaLoss(nn.Module):
 
     def _check_device(self, hidden_states: torch.Tensor) -> None:
         param = next(self.projector.parameters(), None)
-        if param is not None and hidden_states.device != param.device:
+        if param is None or hidden_states.device == param.device or param.device.type == "meta":
+            return
+        # a pre-forward hook may place the weights itself (accelerate's CPU offload of the model that
+        # holds the projector): the device they have now is not the one they will compute on
+        if not any(m._forward_pre_hooks for m in self.projector.modules()):
             raise ValueError(f"hidden_states is on {hidden_states.device} but this CrepaLoss's projector is on "
                              f"{param.device}; move the module there with .to(device), or the hidden states")
 

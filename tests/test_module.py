@@ -202,6 +202,15 @@ def test_without_spatial_align_token_counts_that_differ_pool_whatever_grid_is_gi
         on.check_hidden(torch.randn(1, 3, 10, 4), grid_mode=True)
 
 
+def test_a_projector_placed_by_its_own_hooks_is_not_refused_for_its_current_device():
+    # accelerate-style offload moves the weights in a pre-forward hook: where they are before the call
+    # says nothing (the meta device stands in for the compute device here)
+    m = CrepaLoss(cfg(), 4, 4)
+    m.projector.register_forward_pre_hook(lambda module, args: module.to("meta") and None)
+    out = m.project(torch.randn(1, 2, 3, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 2, 3, 4)
+
+
 def test_logged_tensors_are_copies_an_in_place_op_on_them_changes_no_state():
     # e.g. a dist.all_reduce over every logged tensor: neither the schedule's EMA (read by the next step
     # and state_dict()) nor the returned loss may change with it.

@@ -228,15 +228,19 @@ def test_schedule_state_round_trips_through_the_dropin():
     assert torch.equal(again.projector[1].weight, reg.projector[1].weight)
 
 
+def _tiny_wan_vae():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True],
+                                      latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+
+
 def _offloading_teacher():
     """(drop-in, tiny Wan VAE, its offload manager in "offload" mode on an emulated device)."""
-    diffusers = pytest.importorskip("diffusers")
     from crepa_kernels.teacher.offload import OffloadManager
 
-    torch.manual_seed(1)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True],
-                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+    vae = _tiny_wan_vae()
     reg = CrepaRegularizer(namespace(), "cpu", hidden_size=16, encoder=tiny_vit())
     reg.attach_to_model(nn.Module())
     manager = reg._offload = OffloadManager("offload", emulate_device=True)
@@ -327,12 +331,7 @@ def test_a_failed_teacher_step_leaves_nothing_on_the_device(failure, monkeypatch
 def test_a_failed_call_leaves_the_vae_as_it_was():
     # crepa_drop_vae_encoder and crepa_vae_channels_last change the VAE once, at its first good call:
     # a call whose latents are refused changes nothing.
-    diffusers = pytest.importorskip("diffusers")
-
-    torch.manual_seed(1)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True],
-                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().requires_grad_(False)
+    vae = _tiny_wan_vae()
     reg = CrepaRegularizer(namespace(crepa_drop_vae_encoder=True), "cpu", hidden_size=16, encoder=tiny_vit())
     reg.attach_to_model(nn.Module())
     for bad, exc in ((torch.randn(1, 4, 3, 4, 4).numpy(), TypeError), ([0.0], TypeError),

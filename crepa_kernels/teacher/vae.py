@@ -244,7 +244,10 @@ class VaeAdapter:
         if timestep is None:
             timestep = 0.0  # the LTX pipelines' default decode timestep
         if isinstance(timestep, torch.Tensor):
-            return timestep.to(device=device, dtype=dtype).reshape(-1).expand(batch).contiguous()
+            # the checked values are on the host: an asynchronous copy (a blocking one would wait for the
+            # stream; from pageable memory the call returns once the values are staged)
+            values = timestep.to(dtype=dtype).reshape(-1).expand(batch).contiguous()
+            return values.to(device=device, non_blocking=True)
         return torch.full((batch,), timestep, device=device, dtype=dtype)
 
     @torch.no_grad()
