@@ -67,6 +67,9 @@ class CrepaLoss(nn.Module):
     Host syncs: none per step unless ``crepa_similarity_threshold`` is set, in which case the step's
     alignment score is read once for the EMA.
 
+    In eval mode (``.eval()``, a validation pass) a call leaves the schedule alone: the weight is the
+    one the schedule gives now, the EMA is not fed, no cutoff latches, and no collective runs.
+
     Under ``torch.distributed`` (world size > 1) two things change so that every rank takes the same
     decisions and DDP's gradient reduction stays in step: the score fed to the similarity EMA is the
     mean over ranks (one all-reduce of a scalar, only when a threshold is set), and a step whose
@@ -162,6 +165,8 @@ class CrepaLoss(nn.Module):
 
     def _forward(self, hidden_states, frame_features, step, hidden_grid, feature_grid):
         c = self.config
+        if not self.training:
+            return self._evaluate(hidden_states, frame_features, step, hidden_grid, feature_grid)
         thresholded = c.similarity_threshold is not None
         world = _world_size()
         weight = None
@@ -171,19 +176,7 @@ class CrepaLoss(nn.Module):
         # (without autograd) as the common trainer computes them on every step: they are logged,
         # and they feed the similarity EMA, so the logged EMA matches the trainer's.
         with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():
-            projected = self.projector(hidden_states.float())  # checked above: no second pass through project()
-            if c.check_finite:  # here, so that the error names this call's arguments
-                raise_if_not_finite((("hidden_states", hidden_states), ("frame_features", frame_features),
-                                     ("the projector's output (its weights or an outer autocast)", projected)),
-                                    projected.device, "crepa_check_finite")
-            out = crepa_loss(
-                projected,
-                frame_features.detach() if self.detach_teacher else frame_features,
-                adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
-                cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
-                normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
-                projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
-            )
+            out = self._unweighted(hidden_states, frame_features, hidden_grid, feature_grid)
         score = out.alignment.detach().mean()
         self_sim = out.self_similarity.detach().mean()
         if not thresholded:
@@ -200,6 +193,36 @@ class CrepaLoss(nn.Module):
             # even be NaN, and NaN * 0 would reach every rank's gradients).
             zero = self._zero_loss() if world > 1 else None
             return zero, self._logs(zero, score, self_sim, weight, True)
+        loss = out.loss * weight
+        return loss, self._logs(loss, score, self_sim, weight, False)
+
+    def _unweighted(self, hidden_states, frame_features, hidden_grid, feature_grid):
+        """crepa_loss of the projected hidden states against the features, at weight 1."""
+        c = self.config
+        projected = self.projector(hidden_states.float())  # checked above: no second pass through project()
+        if c.check_finite:  # here, so that the error names this call's arguments
+            raise_if_not_finite((("hidden_states", hidden_states), ("frame_features", frame_features),
+                                 ("the projector's output (its weights or an outer autocast)", projected)),
+                                projected.device, "crepa_check_finite")
+        return crepa_loss(
+            projected,
+            frame_features.detach() if self.detach_teacher else frame_features,
+            adjacent_distance=c.adjacent_distance, adjacent_tau=c.adjacent_tau,
+            cumulative_neighbors=c.cumulative_neighbors, normalize_neighbour_sum=c.normalize_neighbour_sum,
+            normalize_by_frames=c.normalize_by_frames, spatial_align=c.spatial_align,
+            projected_grid=hidden_grid, features_grid=feature_grid, weight=1.0, backend=c.backend,
+        )
+
+    def _evaluate(self, hidden_states, frame_features, step, hidden_grid, feature_grid):
+        """A call in eval mode (a validation pass): the loss at the weight the schedule gives now, and
+        its scores, without feeding the EMA or latching a cutoff, and without a collective, so one
+        rank alone may make it."""
+        weight = self.scheduler.peek_weight(step)
+        out = self._unweighted(hidden_states, frame_features, hidden_grid, feature_grid)
+        score = out.alignment.detach().mean()
+        self_sim = out.self_similarity.detach().mean()
+        if weight == 0.0:
+            return None, self._logs(None, score, self_sim, weight, True)
         loss = out.loss * weight
         return loss, self._logs(loss, score, self_sim, weight, False)
 

@@ -122,6 +122,15 @@ class CrepaScheduler:
         else:
             self.similarity_ema = d * ema + (1.0 - d) * value
 
+    def peek_weight(self, step: int) -> float:
+        """The weight ``get_weight(step)`` would give with no new similarity, leaving the state as it is
+        (no EMA update, no latch set or cleared)."""
+        snapshot = self._snapshot()
+        try:
+            return self.get_weight(step)
+        finally:
+            self._restore(snapshot)
+
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
         step = check_step(step)
         c = self.config

@@ -281,6 +281,17 @@ def _distributed_worker(rank, workdir):
         _, logs = gated(hidden, feats, step=STEPS[0])
     res["threshold"] = {"scores": [float(s) for s in scores], "weight": float(logs["crepa_weight"])}
 
+    # (d2) a validation call on rank 0 alone, in eval mode, with that threshold: it makes no collective
+    # (a training-mode call all-reduces the score and would wait for rank 1 forever), and it leaves the
+    # schedule as it was
+    gated.eval()
+    before = gated.scheduler.state_dict()
+    if rank == 0:
+        with torch.no_grad():
+            gated(hidden, feats, step=STEPS[0])
+    dist.barrier()
+    res["eval_rank0"] = gated.scheduler.state_dict() == before
+
     # (e) the drop-in with crepa_lambda 0: it computes and logs nothing, as the trainer, but the projector
     # it registered on the DDP-wrapped model still needs a (zero) gradient on every rank, every step.
     torch.manual_seed(SEED)
@@ -404,6 +415,11 @@ def test_similarity_threshold_gives_every_rank_the_same_weight(runs):
 
 # ------------------------------------------------------------------------------ feature cache
 OWN, SHARED, REPEATS, ITEMS = 12, 6, 4, 10
+
+
+def test_an_eval_call_on_one_rank_alone_does_not_wait_for_the_others(runs):
+    ranks, _ = runs
+    assert [r["eval_rank0"] for r in ranks] == [True] * WORLD  # reached the barrier, schedule untouched
 
 
 def test_dropin_with_lambda_zero_keeps_ddp_in_step(runs):

@@ -250,6 +250,42 @@ def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in m.projector.parameters())
 
 
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_eval_mode_calls_leave_the_schedule_alone_and_make_no_collective(monkeypatch, threshold):
+    # A validation pass (crepa.eval()), perhaps on one rank only: the loss and scores at the weight the
+    # schedule gives now, no EMA update, no latch, and no all_reduce, which would wait for the other
+    # ranks forever.
+    import crepa_kernels.module as module
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective in an eval-mode call")
+
+    monkeypatch.setattr(module, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", collective)
+    torch.manual_seed(0)
+    m = CrepaLoss(cfg(similarity_threshold=threshold, similarity_ema_decay=0.5, warmup_steps=4), 4, 4)
+    m.scheduler.load_state_dict({"similarity_ema": 0.25, "cut_off": False})
+    h, f = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    before = m.scheduler.state_dict()
+    m.eval()
+    loss, logs = m(h, f, step=2)
+    assert m.scheduler.state_dict() == before
+    assert logs["crepa_weight"] == 0.25 and logs["crepa_cutoff"] is False  # warmup: 0.5 * 2 / 4
+    want = crepa_loss(m.projector(h), f, weight=0.25).loss
+    torch.testing.assert_close(loss, want)
+    assert float(logs["crepa_alignment_score_ema"]) == 0.25  # the EMA as it was
+    loss, logs = m(h, f, step=0)  # weight 0: no term, the scores still logged
+    assert loss is None and logs["crepa_cutoff"] is True and m.scheduler.state_dict() == before
+    m.train()
+    if threshold is not None:  # a training call with a threshold is a collective
+        with pytest.raises(AssertionError, match="a collective"):
+            m(h, f, step=2)
+    else:
+        m(h, f, step=2)
+        assert m.scheduler.state_dict() != before
+    assert m.scheduler.state_dict() == before or threshold is None
+
+
 def test_state_dict_without_the_schedule_entry_loads_strictly():
     m = CrepaLoss(cfg(), 4, 4)
     state = {k: v for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
