@@ -72,7 +72,7 @@ class CrepaLoss(nn.Module):
 
     Under ``torch.distributed`` (world size > 1) two things change so that every rank takes the same
     decisions and DDP's gradient reduction stays in step: the score fed to the similarity EMA is the
-    mean over ranks (one all-reduce of a scalar, only when a threshold is set), and a step whose
+    mean over ranks (one all-reduce of a scalar, only when a threshold is set), and a training step whose
     weight is 0 returns a zero loss attached to the projector instead of None, so its parameters
     still receive a (zero) gradient on every rank.
     """
@@ -218,7 +218,8 @@ class CrepaLoss(nn.Module):
         its scores, without feeding the EMA or latching a cutoff, and without a collective, so one
         rank alone may make it."""
         weight = self.scheduler.peek_weight(step)
-        out = self._unweighted(hidden_states, frame_features, hidden_grid, feature_grid)
+        with torch.no_grad() if weight == 0.0 else contextlib.nullcontext():  # no term: no graph
+            out = self._unweighted(hidden_states, frame_features, hidden_grid, feature_grid)
         score = out.alignment.detach().mean()
         self_sim = out.self_similarity.detach().mean()
         if weight == 0.0:
