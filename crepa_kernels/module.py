@@ -72,7 +72,7 @@ class CrepaLoss(nn.Module):
 
     Under ``torch.distributed`` (world size > 1) two things change so that every rank takes the same
     decisions and DDP's gradient reduction stays in step: the score fed to the similarity EMA is the
-    mean over ranks (one all-reduce of a scalar, only when a threshold is set), and a training step whose
+    global batch's (one all-reduce of two scalars, only when a threshold is set), and a training step whose
     weight is 0 returns a zero loss attached to the projector instead of None, so its parameters
     still receive a (zero) gradient on every rank.
     """
@@ -183,10 +183,13 @@ class CrepaLoss(nn.Module):
             self.scheduler.update_ema(score)  # stays a device tensor: logged, never read here
         else:
             shared = score
-            if world > 1:  # every rank must feed the EMA the same number, or their weights diverge
-                shared = score.float().clone()
+            if world > 1:
+                # Every rank must feed the EMA the same number, or their weights diverge: the score of
+                # the global batch, each rank's weighted by its (video, frame) count (shards may differ).
+                count = float(out.alignment.numel())
+                shared = torch.stack((score.float() * count, score.new_full((), count, dtype=torch.float32)))
                 torch.distributed.all_reduce(shared)
-                shared = shared / world
+                shared = shared[0] / shared[1]
             weight = self.scheduler.get_weight(step, similarity=shared)  # the one host sync
         if weight == 0.0:
             # Attached to the projector only: no backward through the loss's graph (whose loss may

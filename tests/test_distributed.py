@@ -292,6 +292,20 @@ def _distributed_worker(rank, workdir):
     dist.barrier()
     res["eval_rank0"] = gated.scheduler.state_dict() == before
 
+    # (d3) shards of unequal size (1 video and 3): the score fed to the EMA is the global batch's, not
+    # the mean of the two shards' scores
+    joint = _build_joint(SEED)
+    part = slice(0, 1) if rank == 0 else slice(1, B)
+    with torch.no_grad():
+        hidden_all = joint.dit(data["x"][0])
+        _, logs = joint.crepa(hidden_all, data["encoder_feats"], step=STEPS[0])  # one process, whole batch
+        uneven = CrepaLoss(_config(crepa_similarity_threshold=10.0, crepa_similarity_ema_decay=0.0,
+                                   crepa_threshold_mode="recoverable"), D_H, D_E, max_train_steps=10)
+        uneven.projector.load_state_dict(joint.crepa.projector.state_dict())
+        _, shard_logs = uneven(hidden_all[part], data["encoder_feats"][part], step=STEPS[0])
+    res["uneven"] = {"ema": float(uneven.scheduler.similarity_ema), "whole": float(logs["crepa_alignment_score"]),
+                     "shard": float(shard_logs["crepa_alignment_score"])}
+
     # (e) the drop-in with crepa_lambda 0: it computes and logs nothing, as the trainer, but the projector
     # it registered on the DDP-wrapped model still needs a (zero) gradient on every rank, every step.
     torch.manual_seed(SEED)
@@ -415,6 +429,15 @@ def test_similarity_threshold_gives_every_rank_the_same_weight(runs):
 
 # ------------------------------------------------------------------------------ feature cache
 OWN, SHARED, REPEATS, ITEMS = 12, 6, 4, 10
+
+
+def test_the_threshold_ema_follows_the_global_batch_when_shards_differ_in_size(runs):
+    ranks, _ = runs
+    got = [r["uneven"] for r in ranks]
+    whole = got[0]["whole"]
+    # the two shards' plain mean is another number: the case tells the two readings apart
+    assert abs((got[0]["shard"] + got[1]["shard"]) / 2 - whole) > 1e-3
+    assert [g["ema"] for g in got] == [pytest.approx(whole, abs=TOL)] * WORLD
 
 
 def test_an_eval_call_on_one_rank_alone_does_not_wait_for_the_others(runs):
