@@ -175,14 +175,20 @@ def last_backend_choice() -> dict:
 
 
 # ------------------------------------------------------------------ validation
-def raise_if_not_finite(named, device, switch: str) -> None:
+def raise_if_not_finite(named, device, switch: str, world: int = 1) -> None:
     """Raise naming the first of ``named`` ((name, tensor) pairs) that holds NaN or Inf: one host sync
-    when all are finite. Tensors of other floating dtypes (fp8: isfinite has no kernel) are read as fp32."""
-    finite = torch.stack([torch.isfinite(t if t.dtype in FLOAT_DTYPES else t.float()).all().to(device)
-                          for _, t in named])
-    if not bool(finite.all()):
-        bad = next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
-        raise ValueError(f"{bad} holds NaN or Inf values ({switch}=True)")
+    when all are finite. Tensors of other floating dtypes (fp8: isfinite has no kernel) are read as fp32.
+    ``world`` > 1: the flags are summed over the default process group first (a collective every rank
+    must make), so that every rank raises, not only the one whose inputs hold the NaN."""
+    bad = torch.stack([(~torch.isfinite(t if t.dtype in FLOAT_DTYPES else t.float()).all()).to(device)
+                       for _, t in named]).float()
+    if world > 1:
+        torch.distributed.all_reduce(bad)
+    counts = bad.tolist()
+    if any(counts):
+        name, count = next((name, n) for (name, _), n in zip(named, counts) if n)
+        where = f" on {int(count)} of {world} ranks" if world > 1 else ""
+        raise ValueError(f"{name} holds NaN or Inf values{where} ({switch}=True)")
 
 
 def _check_tensor(name: str, t) -> torch.Tensor:

@@ -204,9 +204,11 @@ class CrepaLoss(nn.Module):
         c = self.config
         projected = self.projector(hidden_states.float())  # checked above: no second pass through project()
         if c.check_finite:  # here, so that the error names this call's arguments
+            # in training under torch.distributed every rank raises (a rank alone would leave the others
+            # waiting in the next collective); an eval-mode call stays local
             raise_if_not_finite((("hidden_states", hidden_states), ("frame_features", frame_features),
                                  ("the projector's output (its weights or an outer autocast)", projected)),
-                                projected.device, "crepa_check_finite")
+                                projected.device, "crepa_check_finite", _world_size() if self.training else 1)
         return crepa_loss(
             projected,
             frame_features.detach() if self.detach_teacher else frame_features,

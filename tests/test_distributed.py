@@ -306,6 +306,19 @@ def _distributed_worker(rank, workdir):
     res["uneven"] = {"ema": float(uneven.scheduler.similarity_ema), "whole": float(logs["crepa_alignment_score"]),
                      "shard": float(shard_logs["crepa_alignment_score"])}
 
+    # (d4) crepa_check_finite with a NaN in rank 1's hidden states only: every rank raises, naming the
+    # input, so that no rank goes on to a collective the other will never join
+    checked = CrepaLoss(_config(crepa_check_finite=True), D_H, D_E, max_train_steps=10)
+    h = hidden_all[part].clone()
+    if rank == 1:
+        h[0, 0, 0, 0] = float("nan")
+    try:
+        checked(h, data["encoder_feats"][part], step=STEPS[0])
+        res["finite"] = None
+    except ValueError as e:
+        res["finite"] = str(e)
+    dist.barrier()
+
     # (e) the drop-in with crepa_lambda 0: it computes and logs nothing, as the trainer, but the projector
     # it registered on the DDP-wrapped model still needs a (zero) gradient on every rank, every step.
     torch.manual_seed(SEED)
@@ -438,6 +451,12 @@ def test_the_threshold_ema_follows_the_global_batch_when_shards_differ_in_size(r
     # the two shards' plain mean is another number: the case tells the two readings apart
     assert abs((got[0]["shard"] + got[1]["shard"]) / 2 - whole) > 1e-3
     assert [g["ema"] for g in got] == [pytest.approx(whole, abs=TOL)] * WORLD
+
+
+def test_check_finite_raises_on_every_rank_when_one_rank_sees_nan(runs):
+    ranks, _ = runs
+    assert [r["finite"] for r in ranks] == ["hidden_states holds NaN or Inf values on 1 of 2 ranks "
+                                            "(crepa_check_finite=True)"] * WORLD
 
 
 def test_an_eval_call_on_one_rank_alone_does_not_wait_for_the_others(runs):

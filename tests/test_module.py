@@ -250,6 +250,21 @@ def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in m.projector.parameters())
 
 
+def test_check_finite_under_torch_distributed_raises_for_another_ranks_nan(monkeypatch):
+    # The flags are summed over the ranks: this rank's inputs are finite, another rank's frame features
+    # are not, and this rank raises too (naming the input and how many ranks saw it).
+    import crepa_kernels.module as module
+
+    monkeypatch.setattr(module, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.add_(torch.tensor([0.0, 1.0, 1.0])))
+    m = CrepaLoss(cfg(check_finite=True), 4, 4)
+    before = m.scheduler.state_dict()
+    with pytest.raises(ValueError, match=r"frame_features holds NaN or Inf values on 1 of 2 ranks "
+                                         r"\(crepa_check_finite=True\)"):
+        m(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), step=1)
+    assert m.scheduler.state_dict() == before
+
+
 @pytest.mark.parametrize("threshold", [None, 0.5])
 def test_eval_mode_calls_leave_the_schedule_alone_and_make_no_collective(monkeypatch, threshold):
     # A validation pass (crepa.eval()), perhaps on one rank only: the loss and scores at the weight the
