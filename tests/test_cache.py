@@ -423,6 +423,25 @@ def test_failed_write_cleans_its_temp_file(fc, monkeypatch):
     assert temp_files(fc.directory) == [] and fc.get("k") is None
 
 
+def test_a_temp_file_removed_mid_write_by_another_cleanup_is_written_again(fc, monkeypatch):
+    # Another process's cleanup_temp(max_age_s=0) removes this writer's temp file between its write and
+    # its rename: the entry is written again, whole, and no temp file stays.
+    real, removed = cache_mod.os.replace, []
+
+    def replace(src, dst):
+        if not removed:
+            assert fc.cleanup_temp(max_age_s=0) == 1
+            removed.append(src)
+        return real(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", replace)
+    fc.put("k", torch.arange(12.0).reshape(3, 4), grid=(1, 3))
+    monkeypatch.undo()
+    got = fc.get("k")
+    assert removed and torch.equal(got.features, torch.arange(12.0).reshape(3, 4)) and got.grid == (1, 3)
+    assert temp_files(fc.directory) == []
+
+
 _WRITER = textwrap.dedent("""
     import os, sys, time, torch
     from crepa_kernels.teacher.cache import FeatureCache

@@ -27,6 +27,7 @@ _SUFFIX = ".safetensors"
 _TMP_SUFFIX = ".tmp"
 _KEY_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")  # no leading dot: temp files start with one
 _TENSOR_NAME = "features"
+_WRITE_ATTEMPTS = 3  # a temp file removed mid-write by another process's cleanup_temp is written again
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -360,7 +361,8 @@ class FeatureCache:
                     yield name[: -len(_SUFFIX)]
 
     def cleanup_temp(self, max_age_s: float = 3600.0) -> int:
-        """Remove temp files older than `max_age_s` (left by writers that died); returns how many."""
+        """Remove temp files older than `max_age_s` (left by writers that died); returns how many. A live
+        writer whose temp file goes (a `max_age_s` shorter than a write) writes it again."""
         if not isinstance(max_age_s, (int, float)) or isinstance(max_age_s, bool) or max_age_s < 0:
             raise ValueError(f"max_age_s: got {max_age_s!r}, expected a non-negative number of seconds")
         removed = 0
@@ -430,21 +432,28 @@ class _ReplacedDuringReads(Exception):
 def _write_atomic(final: str, data: bytes) -> None:
     """Publish `data` at `final` all at once: temp file in the same directory, fsync, rename."""
     directory = os.path.dirname(final)
-    # pid + random suffix: unique across processes and across threads of one process; not the key,
-    # which (up to 200 characters) would take the name past the file system's 255-byte limit
-    tmp = os.path.join(directory, f".{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
+    for attempt in range(_WRITE_ATTEMPTS):
+        # pid + random suffix: unique across processes and across threads of one process; not the key,
+        # which (up to 200 characters) would take the name past the file system's 255-byte limit
+        tmp = os.path.join(directory, f".{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            break
+        except FileNotFoundError:
+            # another process's cleanup_temp (with a small max_age_s) removed the temp file mid-write:
+            # write it again
+            if attempt + 1 == _WRITE_ATTEMPTS:
+                raise
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
     try:  # make the rename itself durable; some file systems refuse to open directories
         fd = os.open(directory, os.O_RDONLY)
         try:
