@@ -95,6 +95,34 @@ def test_backbone_mode_matches_reference():
     assert hidden.grad is not None and reg.projector[1].weight.grad is not None
 
 
+def test_dropin_validation_calls_in_eval_mode_leave_the_schedule_alone(monkeypatch):
+    # The trainer's model.eval() reaches only the projector registered on the model: the drop-in has its
+    # own eval()/train(). In eval a call makes no collective (one rank alone may make it) and feeds
+    # nothing into the schedule.
+    import crepa_kernels.module as module
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective in a validation call")
+
+    monkeypatch.setattr(module, "_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", collective)
+    reg = CrepaRegularizer(namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3,
+                                     crepa_similarity_threshold=0.9), "cpu", hidden_size=16)
+    assert reg.eval() is reg and not reg.training
+    model = nn.Module()
+    reg.attach_to_model(model)  # made after eval(): the loss module starts in eval mode too
+    before = reg.scheduler.state_dict()
+    hidden, teacher = torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16)
+    loss, logs = reg.compute_loss(hidden, None, frame_features=teacher, step=1)
+    assert loss is not None and logs["crepa_weight"] == 0.5 and reg.scheduler.state_dict() == before
+    reg.train()
+    assert reg.training and reg.loss.training
+    with pytest.raises(AssertionError, match="a collective"):  # a training call with a threshold is one
+        reg.compute_loss(hidden, None, frame_features=teacher, step=1)
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        reg.train("no")
+
+
 @pytest.mark.parametrize("tokens", [4, 6])  # 6: no square, so the reference's 1-D resampling (no grid mode)
 def test_encoder_mode_with_patch_tokens_matches_reference(tokens):
     diffusers = pytest.importorskip("diffusers")

@@ -104,6 +104,7 @@ class CrepaRegularizer:
         self.loss: Optional[CrepaLoss] = None
         self._offload = None
         self._adapters: dict[int, Any] = {}
+        self._training = True
 
     # ------------------------------------------------------------------ trainer API
     @property
@@ -150,6 +151,26 @@ class CrepaRegularizer:
     def wants_hidden_states(self) -> bool:
         return self.enabled
 
+    @property
+    def training(self) -> bool:
+        return self._training
+
+    def train(self, mode: bool = True) -> "CrepaRegularizer":
+        """Training mode (the default), as ``nn.Module.train``: each call feeds the schedule, and under
+        torch.distributed with a similarity threshold (or crepa_check_finite) it is a collective."""
+        if not isinstance(mode, bool):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        self._training = mode
+        if self.loss is not None:
+            self.loss.train(mode)
+        return self
+
+    def eval(self) -> "CrepaRegularizer":
+        """For validation calls: ``compute_loss`` then changes nothing (no EMA update, no cutoff latched,
+        no collective), so one rank alone may call it. The trainer's ``model.eval()`` does not reach
+        this object (only the projector is registered on the model): call ``train()`` after."""
+        return self.train(False)
+
     def attach_to_model(self, model: nn.Module) -> None:
         """Create the projector (once) and register it on ``model`` as ``crepa_projector``."""
         if not self.enabled:
@@ -160,7 +181,7 @@ class CrepaRegularizer:
             self.encoder = self._load_encoder()
         if self.loss is None:
             self.loss = CrepaLoss(self.config, self.hidden_size, self.encoder_dim, self.max_train_steps,
-                                  log_tensors=False)
+                                  log_tensors=False).train(self._training)
         self.loss.to(self.device)
         setattr(model, "crepa_projector", self.loss.projector)
 
