@@ -116,44 +116,29 @@ class TransformerInfo(NamedTuple):
 _MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
-def _unwrap(transformer: Any) -> Any:
-    # torch.compile, data-parallel and peft wrappers hold the model; its hooks must go on the original
-    # (matched by name, so that neither peft nor the distributed package need be imported here).
-    while isinstance(transformer, nn.Module):
-        inner = _unwrap_once(transformer)
-        if inner is transformer:
-            break
-        transformer = inner
-    return transformer
-
-
 _REPLICAS = ("DataParallel replicas run the capture's hooks on slices of the batch in parallel threads (the "
              "capture would keep whichever slice finished last); use DistributedDataParallel (one process per "
              "GPU) or a single device")
 
 
-def _refuse_replicas(transformer: Any) -> None:
-    """A DataParallel over several devices anywhere in the wrapper chain is refused (see _REPLICAS)."""
-    seen = transformer
-    while isinstance(seen, nn.Module):
-        if "DataParallel" in {cls.__name__ for cls in type(seen).__mro__} and len(getattr(seen, "device_ids", None)
-                                                                                     or []) > 1:
-            raise ValueError(f"transformer is wrapped in DataParallel over {len(seen.device_ids)} devices: {_REPLICAS}")
-        inner = _unwrap_once(seen)
-        if inner is seen:
-            return
-        seen = inner
-
-
-def _unwrap_once(module: Any) -> Any:
-    names = {cls.__name__ for cls in type(module).__mro__}
-    if hasattr(module, "_orig_mod"):
-        return module._orig_mod
-    if names.intersection(_MODULE_WRAPPERS) and isinstance(getattr(module, "module", None), nn.Module):
-        return module.module
-    if "PeftModel" in names and callable(getattr(module, "get_base_model", None)):
-        return module.get_base_model()
-    return module
+def _unwrap(transformer: Any, for_hooks: bool = False) -> Any:
+    # torch.compile, data-parallel and peft wrappers hold the model; its hooks must go on the original
+    # (matched by name, so that neither peft nor the distributed package need be imported here).
+    # ``for_hooks``: a DataParallel over several devices on the way is refused (see _REPLICAS).
+    while isinstance(transformer, nn.Module):
+        names = {cls.__name__ for cls in type(transformer).__mro__}
+        devices = getattr(transformer, "device_ids", None) or []
+        if for_hooks and "DataParallel" in names and len(devices) > 1:
+            raise ValueError(f"transformer is wrapped in DataParallel over {len(devices)} devices: {_REPLICAS}")
+        if hasattr(transformer, "_orig_mod"):
+            transformer = transformer._orig_mod
+        elif names.intersection(_MODULE_WRAPPERS) and isinstance(getattr(transformer, "module", None), nn.Module):
+            transformer = transformer.module
+        elif "PeftModel" in names and callable(getattr(transformer, "get_base_model", None)):
+            transformer = transformer.get_base_model()  # get_peft_model(transformer, config)'s wrapper
+        else:
+            break
+    return transformer
 
 
 def _family_of(transformer: Any) -> _Family:
@@ -294,8 +279,7 @@ class HiddenStateCapture:
         teacher_block_index: Optional[int] = None,
         grid: Optional[Sequence[int]] = None,
     ) -> None:
-        _refuse_replicas(transformer)
-        transformer = _unwrap(transformer)
+        transformer = _unwrap(transformer, for_hooks=True)
         self._family = _family_of(transformer)
         self._transformer = transformer
         blocks = getattr(transformer, self._family.blocks_attr)

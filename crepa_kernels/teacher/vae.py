@@ -240,7 +240,7 @@ class VaeAdapter:
         raise TypeError(f"timestep must be None, a float or a tensor, got {type(timestep).__name__} ({timestep!r})")
 
     def _timestep_tensor(self, timestep: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        timestep = self._check_timestep(timestep, batch)
+        """The decoder's ``temb`` from a timestep ``_check_timestep`` returned."""
         if timestep is None:
             timestep = 0.0  # the LTX pipelines' default decode timestep
         if isinstance(timestep, torch.Tensor):
@@ -281,8 +281,7 @@ class VaeAdapter:
                 video = torch.cat([self.vae.decode(zs, temb=ts).sample for zs, ts in zip(z.split(1), temb.split(1))])
             else:
                 video = self.vae.decode(z, temb=temb).sample
-        else:
-            self._check_timestep(timestep, z.shape[0])  # ignored, as diffusers' pipelines do, but checked
+        else:  # the timestep (checked in decode) is ignored, as diffusers' pipelines do
             video = self.vae.decode(z).sample
         video = (video.clamp(-1.0, 1.0) + 1.0) * 0.5
         return video.permute(0, 2, 1, 3, 4)
