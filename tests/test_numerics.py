@@ -329,6 +329,31 @@ def test_non_finite_input_propagates_the_same_way(where, value):
         torch.testing.assert_close(out.alignment[finite], outs["torch"].alignment[finite], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grids", [None, ((3, 1), (2, 2))], ids=["same_grid", "fused_resample"])
+@pytest.mark.parametrize("features_grad", [False, True], ids=["p_grad", "p_and_f_grad"])
+@pytest.mark.parametrize("value", BAD_VALUES, ids=BAD_IDS)
+@pytest.mark.parametrize("where", ["projected", "features"])
+def test_non_finite_input_reaches_the_same_gradients(where, value, features_grad, grids):
+    # F.normalize's clamp_min keeps a NaN norm, so every gradient element of a token that meets a
+    # non-finite element is NaN on the torch backend; the kernels' eps clamps must keep it too (a
+    # clamp that drops the NaN divides by eps instead and gives finite ~1e10 values beside one NaN).
+    p, f = _poisoned(where, value)
+    if grids is not None:  # p's 3 tokens on a 3 x 1 grid, resampled in the kernels to the teacher's 2 x 2
+        f = torch.cat([f, f[:, :, :1]], dim=2)
+    kw = dict(adjacent_distance=2, **({} if grids is None else dict(projected_grid=grids[0], features_grid=grids[1])))
+    grads = {}
+    for backend in BACKENDS:
+        pl = p.clone().requires_grad_(True)
+        fl = f.clone().requires_grad_(features_grad)
+        crepa_loss(pl, fl, backend=backend, **kw).loss.backward()
+        grads[backend] = [pl.grad] + ([fl.grad] if features_grad else [])
+    for i, (got, want) in enumerate(zip(grads["triton"], grads["torch"])):
+        assert want.isnan().any(), i  # the case poisons this gradient
+        assert got.isnan().nonzero().tolist() == want.isnan().nonzero().tolist(), i
+        ok = ~want.isnan()
+        torch.testing.assert_close(got[ok], want[ok], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", BAD_VALUES, ids=BAD_IDS)
 @pytest.mark.parametrize("where", ["projected", "features"])

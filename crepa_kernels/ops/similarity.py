@@ -65,6 +65,14 @@ def _split_scalar(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def _clamp_eps(norm, eps):
+    """max(norm, eps) that keeps a NaN norm, as torch's clamp_min (F.normalize) does: tl.maximum
+    alone returns eps for a NaN, which turns a token holding a NaN into finite gradients of ~1/eps
+    beside the NaN element."""
+    return tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _resampled_rows(offs_n, in_h, in_w, out_h, out_w, stride_n, TAPS_FP64: tl.constexpr):
     """For tokens ``offs_n`` of the resampled (out) grid: the offsets (token index * stride_n) of their
     four source tokens on the in grid and the bilinear weights, exactly as the resample kernel
@@ -166,7 +174,7 @@ def _neighbour_cosine_fwd_kernel(
     else:
         pn = tl.sqrt_rn(acc_pp)
         fn = tl.sqrt_rn(acc_ff)
-    cos = acc_pf / (tl.maximum(pn, eps)[None, :] * tl.maximum(fn, eps))
+    cos = acc_pf / (_clamp_eps(pn, eps)[None, :] * _clamp_eps(fn, eps))
     cos = tl.where(valid[:, None], cos, 0.0)
     is_self = (j == 0)[:, None]
     self_cos = tl.sum(tl.where(is_self, cos, 0.0), axis=0)
@@ -291,7 +299,7 @@ def _neighbour_cosine_bwd_kernel(
             gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, offs_n, n_mask, j, offset, in_window, w_base, eps,
             gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
         nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + offs_n[None, :], mask=m_p, other=1.0).to(ACC)
-        alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
+        alpha = g_p / (_clamp_eps(np_t, eps)[None, :] * _clamp_eps(nf_u, eps))
 
     if COMPUTE_DF:
         # Pairs (t', j) whose partner frame is t: t' = t - o_j.
@@ -306,7 +314,7 @@ def _neighbour_cosine_bwd_kernel(
                         mask=m_f, other=0.0).to(ACC)
         np_src = tl.load(pnorm_ptr + (b * T + src)[:, None] * N + offs_n[None, :], mask=m_f, other=1.0).to(ACC)
         nf_t = tl.load(fnorm_ptr + row_t, mask=n_mask, other=1.0).to(ACC)
-        gamma = g_f / (tl.maximum(np_src, eps) * tl.maximum(nf_t, eps)[None, :])
+        gamma = g_f / (_clamp_eps(np_src, eps) * _clamp_eps(nf_t, eps)[None, :])
         proj_f = tl.sum(g_f * cos_f, axis=0)
         above_f = nf_t > eps
         delta = tl.where(above_f, proj_f / tl.where(above_f, nf_t * nf_t, 1.0), 0.0)
@@ -429,7 +437,7 @@ def _neighbour_cosine_resample_bwd_kernel(
         gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
     # Per slot, inside the loop over D, alpha_j is rebuilt from these rows and the slot's scalars (its
     # frame, weight, teacher norms): no cross-lane reduction there.
-    np_c = tl.maximum(np_t, eps)
+    np_c = _clamp_eps(np_t, eps)
     g_t = tl.zeros([F_PAD], dtype=ACC)
     g_s = tl.zeros([F_PAD], dtype=ACC)
     if HAS_GT:
@@ -482,7 +490,7 @@ def _neighbour_cosine_resample_bwd_kernel(
             if HAS_GS:
                 g_j += tl.where(jj == 0, g_s, 0.0)
             nf_j = tl.load(fnorm_ptr + (b * T + u_j) * N + f_tok, mask=f_mask & ok_j, other=1.0).to(ACC)
-            a_j = tl.where(ok_j, g_j / (np_c * tl.maximum(nf_j, eps)), 0.0)
+            a_j = tl.where(ok_j, g_j / (np_c * _clamp_eps(nf_j, eps)), 0.0)
             fj = tl.load(f_ptr + b * sf_b + u_j * sf_t + f_rows + cols[None, :] * sf_d, mask=fd_mask & ok_j,
                          other=0.0).to(ACC)
             s += a_j[:, None] * fj
@@ -571,7 +579,7 @@ def _neighbour_cosine_rows_bwd_kernel(
                 gt_ptr, gs_ptr, cos_ptr, pnorm_ptr, b, t, T, N, S, f_tok, v_mask, j, offset, in_window, w_base,
                 eps, gt_mul, sgt_b, sgt_t, sgt_n, sgs_b, sgs_t, sgs_n, ACC, NORMALIZE, HAS_GT, HAS_GS)
             nf_u = tl.load(fnorm_ptr + (b * T + u)[:, None] * N + f_tok[None, :], mask=m, other=1.0).to(ACC)
-            alpha = g_p / (tl.maximum(np_t, eps)[None, :] * tl.maximum(nf_u, eps))
+            alpha = g_p / (_clamp_eps(np_t, eps)[None, :] * _clamp_eps(nf_u, eps))
             o00, o01, o10, o11, lh0, lh1, lw0, lw1 = _resampled_rows(f_tok, in_h, in_w, out_h, out_w, sp_n,
                                                                      TAPS_FP64)
             p_res = _load_resampled(p_frame, o00, o01, o10, o11, cols * sp_d, fd_mask, lh0, lh1, lw0, lw1,
