@@ -87,7 +87,7 @@ def crepa_loss(
     normalize_by_frames = _check_bool("normalize_by_frames", normalize_by_frames)
     spatial_align = _check_bool("spatial_align", spatial_align)
     check_finite = _check_bool("check_finite", check_finite)
-    weight = _check_weight(weight)
+    weight = _check_weight(weight, reference.compute_dtype(projected, features))
     pgrid = check_grid("projected_grid", projected_grid, projected.shape[2])
     fgrid = check_grid("features_grid", features_grid, features.shape[2])
     chosen, reason = resolve_backend(backend, projected.device)
@@ -238,7 +238,9 @@ def _check_positive_float(name: str, v) -> float:
     return f
 
 
-def _check_weight(w):
+def _check_weight(w, loss_dtype: torch.dtype):
+    """The weight as a float or a 0-dim tensor. A float must be finite in ``loss_dtype`` too (float32
+    unless an input is float64): a larger one would turn every loss and gradient into inf / NaN."""
     if torch.is_tensor(w):
         if w.numel() != 1 or not w.is_floating_point():
             raise ValueError(f"weight must be a float or a one-element float tensor, got shape {tuple(w.shape)} {w.dtype}")
@@ -251,4 +253,8 @@ def _check_weight(w):
         raise ValueError(f"weight must be a finite number, got {w!r}") from None
     if not math.isfinite(f):
         raise ValueError(f"weight must be a finite number, got {w!r}")
+    top = torch.finfo(loss_dtype).max
+    if abs(f) > top:
+        raise ValueError(f"weight must be finite in {str(loss_dtype).removeprefix('torch.')}, the dtype the loss is "
+                         f"computed in for these inputs (|weight| <= {top:.6g}), got {w!r}")
     return f

@@ -232,6 +232,14 @@ def test_zero_vectors_give_zero_cosine_not_nan():
     assert torch.isfinite(p.grad).all()
 
 
+def test_a_weight_past_float32_is_accepted_for_float64_inputs():
+    # the loss of float64 inputs is computed in float64, where 1e300 is finite: refused only in float32
+    p, f = torch.randn(1, 2, 3, 4, dtype=torch.float64), torch.randn(1, 2, 3, 4)
+    out = crepa_loss(p, f, weight=1e300, backend="torch")
+    assert out.loss.dtype == torch.float64 and torch.isfinite(out.loss)
+    assert out.loss.item() == pytest.approx(-1e300 * out.alignment.mean().item(), rel=1e-12)
+
+
 def test_weight_tensor_and_float_agree():
     p, f = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     a = crepa_loss(p, f, weight=0.3, backend="torch").loss
@@ -257,6 +265,8 @@ BAD = [
     ({"adjacent_tau": float("inf")}, ValueError, "adjacent_tau must be a positive finite number"),
     ({"weight": float("nan")}, ValueError, "weight must be a finite number"),
     ({"weight": "1"}, ValueError, "weight must be a finite number, got '1'"),
+    ({"weight": 1e300}, ValueError, "weight must be finite in float32, the dtype the loss is computed in"),
+    ({"weight": -4e38}, ValueError, "(|weight| <= 3.40282e+38), got -4e+38"),
     ({"adjacent_tau": "1.0"}, ValueError, "adjacent_tau must be a positive finite number, got '1.0'"),
     ({"weight": torch.ones(2)}, ValueError, "weight must be a float or a one-element"),
     ({"features": torch.ones(1, 2, 3, 4, device="meta")}, ValueError, "features is on the meta device"),
