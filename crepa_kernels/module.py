@@ -207,7 +207,8 @@ class CrepaLoss(nn.Module):
             # in training under torch.distributed every rank raises (a rank alone would leave the others
             # waiting in the next collective); an eval-mode call stays local
             raise_if_not_finite((("hidden_states", hidden_states), ("frame_features", frame_features),
-                                 ("the projector's output (its weights or an outer autocast)", projected)),
+                                 ("the projector's output (from finite hidden states: its weights, an outer "
+                                  "autocast, or hidden states too large for its math)", projected)),
                                 projected.device, "crepa_check_finite", _world_size() if self.training else 1)
         return crepa_loss(
             projected,

@@ -113,6 +113,17 @@ def test_hidden_states_in_any_floating_dtype_are_read_as_float32(check_finite):
     assert torch.equal(loss8, loss32)
 
 
+def test_check_finite_points_at_the_magnitude_of_finite_hidden_states():
+    # finite hidden states past ~1e19 overflow the LayerNorm's float32 variance: the error must not
+    # send the user to the projector's weights alone
+    m = CrepaLoss(cfg(check_finite=True), 4, 4)
+    h, f = torch.randn(1, 2, 3, 4) * 1e20, torch.randn(1, 2, 3, 4)
+    assert torch.isfinite(h).all()
+    with pytest.raises(ValueError, match="^the projector's output .*hidden states too large for its math.* "
+                                         "holds NaN or Inf values"):
+        m(h, f, step=3)
+
+
 @pytest.mark.parametrize("where", ["hidden_states", "frame_features", "projector"])
 def test_check_finite_names_the_input_that_holds_nan(where):
     m = CrepaLoss(cfg(check_finite=True), 4, 4)
