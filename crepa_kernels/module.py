@@ -12,7 +12,7 @@ from .config import CrepaConfig
 from .alignment import check_grid, implied_square
 from .functional import crepa_loss, raise_if_not_finite
 from .ops.utils import FLOAT_DTYPES
-from .schedule import CrepaScheduler, check_step, parse_state
+from .schedule import CrepaScheduler, check_step, parse_state, state_to_tensor
 
 
 class Float32Sequential(nn.Sequential):
@@ -234,11 +234,13 @@ class CrepaLoss(nn.Module):
         return loss, self._logs(loss, score, self_sim, weight, False)
 
     # The schedule's state (EMA, cutoff latch) travels in CrepaLoss.state_dict(), so a resumed run
-    # does not switch CREPA back on after a permanent cutoff.
-    def get_extra_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict()}
+    # does not switch CREPA back on after a permanent cutoff. It is a small int64 tensor
+    # (`schedule.state_to_tensor`), so that a state dict holds tensors only and saves as safetensors;
+    # the {"scheduler": dict} form of earlier checkpoints still loads.
+    def get_extra_state(self) -> torch.Tensor:
+        return state_to_tensor(self.scheduler.state_dict())
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state) -> None:
         if state is _KEEP_SCHEDULE:
             return
         self.scheduler.load_state_dict(state.get("scheduler", {}) if isinstance(state, dict) else state)
@@ -253,13 +255,7 @@ class CrepaLoss(nn.Module):
         if problems:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was loaded):\n\t"
                                + "\n\t".join(problems))
-        # Torch tells _load_from_state_dict strict=True whatever the caller asked; without strict a
-        # missing schedule entry keeps the current schedule, as torch keeps any other missing entry.
-        self._keep_missing_schedule = not strict
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            self._keep_missing_schedule = False
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -272,12 +268,9 @@ class CrepaLoss(nn.Module):
             # type problems itself; a bad schedule entry only this module sees.
             error_msgs.extend(p for p in problems if p.startswith(key))
             state_dict[key] = _KEEP_SCHEDULE
-        elif key not in state_dict:
-            # A state dict without the schedule's entry (a projector-only checkpoint, or one saved before
-            # the schedule travelled with it) loads strictly too, with a fresh schedule; with
-            # load_state_dict(strict=False) on this module the schedule stays as it is. (Loaded as part
-            # of a parent module, this module cannot tell the caller's strict: a fresh schedule.)
-            state_dict[key] = _KEEP_SCHEDULE if getattr(self, "_keep_missing_schedule", False) else {}
+        # A state dict without the schedule's entry (a projector-only checkpoint) follows torch's rules
+        # for a missing key: refused under strict (a fresh schedule would switch CREPA back on after a
+        # permanent cutoff), and without strict the schedule stays as it is.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -302,6 +295,9 @@ class CrepaLoss(nn.Module):
         if strict:
             unexpected = [k for k in state_dict if k.startswith(prefix) and k not in own and k != key]
             problems += [f'Unexpected key "{k}"' for k in unexpected]
+            if key not in state_dict:
+                problems.append(f'Missing key "{key}" (the schedule\'s state: similarity EMA and cutoff latch); '
+                                f'load with strict=False to keep this module\'s schedule as it is')
         extra = state_dict.get(key, {})
         if extra is not _KEEP_SCHEDULE:
             try:

@@ -64,7 +64,8 @@ class CrepaScheduler:
         return {"similarity_ema": ema, "cut_off": self._cut_off}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict()``'s output; a bad entry raises before anything changes."""
+        """Restore ``state_dict()``'s output (or its `state_to_tensor` form); a bad entry raises before
+        anything changes."""
         self.similarity_ema, self._cut_off = parse_state(state)
 
     def _snapshot(self) -> tuple:
@@ -147,8 +148,38 @@ class CrepaScheduler:
         return self.base_weight(step)
 
 
+# The schedule's state as a tensor, for checkpoint formats that hold tensors only (safetensors):
+# int64 [format, has EMA, the EMA's float64 bits, cutoff latch]. int64, so that a cast of a state
+# dict's floating-point tensors (to bf16 for saving) leaves it alone.
+STATE_TENSOR_FORMAT = 1
+
+
+def state_to_tensor(state) -> torch.Tensor:
+    """``CrepaScheduler.state_dict()``'s content as the 4-element int64 CPU tensor `parse_state` reads."""
+    ema, cut_off = parse_state(state)
+    bits = torch.tensor([0.0 if ema is None else ema], dtype=torch.float64).view(torch.int64)
+    head = torch.tensor([STATE_TENSOR_FORMAT, ema is not None], dtype=torch.int64)
+    return torch.cat([head, bits, torch.tensor([int(cut_off)], dtype=torch.int64)])
+
+
+def _parse_state_tensor(t: torch.Tensor) -> tuple[Optional[float], bool]:
+    if t.dtype != torch.int64 or t.shape != (4,):
+        raise ValueError(f"the schedule's state tensor must be the 4-element int64 tensor CrepaLoss.state_dict() "
+                         f"holds, got shape {tuple(t.shape)} {t.dtype} (a cast of the checkpoint's tensors must "
+                         f"leave non-floating-point ones alone)")
+    fmt, has_ema, _, cut_off = t.tolist()
+    if fmt != STATE_TENSOR_FORMAT or has_ema not in (0, 1) or cut_off not in (0, 1):
+        raise ValueError(f"the schedule's state tensor holds {t.tolist()}: expected format {STATE_TENSOR_FORMAT} "
+                         f"and 0/1 flags")
+    ema = float(t[2:3].cpu().view(torch.float64)) if has_ema else None
+    return ema, bool(cut_off)
+
+
 def parse_state(state) -> tuple[Optional[float], bool]:
-    """(similarity_ema, cut_off) from a ``CrepaScheduler.state_dict()``, checked."""
+    """(similarity_ema, cut_off) from a ``CrepaScheduler.state_dict()`` (or its `state_to_tensor`
+    form), checked."""
+    if torch.is_tensor(state):
+        return _parse_state_tensor(state)
     if not isinstance(state, Mapping):
         raise TypeError(f"the schedule's state must be a dict (CrepaScheduler.state_dict()), got {type(state).__name__}")
     unknown = sorted(set(state) - {"similarity_ema", "cut_off"})

@@ -244,7 +244,7 @@ def test_a_state_dict_that_is_not_a_dict_is_a_type_error():
 
 def test_loading_with_assign_keeps_the_projector_float32():
     loss = CrepaLoss(_cfg(), 4, 4)
-    state = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in CrepaLoss(_cfg(), 4, 4).state_dict().items()}
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in CrepaLoss(_cfg(), 4, 4).state_dict().items()}
     loss.load_state_dict(state, assign=True)
     assert all(p.dtype == torch.float32 for p in loss.projector.parameters())
     assert torch.equal(loss.projector[1].weight, state["projector.1.weight"].float())

@@ -312,15 +312,61 @@ def test_eval_mode_calls_leave_the_schedule_alone_and_make_no_collective(monkeyp
     assert m.scheduler.state_dict() == before or threshold is None
 
 
-def test_state_dict_without_the_schedule_entry_loads_strictly():
-    m = CrepaLoss(cfg(), 4, 4)
+def test_state_dict_without_the_schedule_entry_follows_torchs_missing_key_rules():
+    # A projector-only checkpoint is refused under strict (a fresh schedule would switch CREPA back on
+    # after a permanent cutoff); without strict the weights load and the schedule stays as it is.
+    m = CrepaLoss(cfg(cutoff_step=1), 4, 4)
+    m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), step=1)
+    assert m.scheduler.is_cutoff()
     state = {k: v for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
-    fresh = CrepaLoss(cfg(), 4, 4)
-    fresh.load_state_dict(state)  # strict by default
+    fresh = CrepaLoss(cfg(cutoff_step=1), 4, 4)
+    before = [p.detach().clone() for p in fresh.projector.parameters()]
+    with pytest.raises(RuntimeError, match='(?s)nothing was loaded.*Missing key "_extra_state" .*strict=False'):
+        fresh.load_state_dict(state)  # strict by default
+    assert all(torch.equal(a, b) for a, b in zip(fresh.projector.parameters(), before))
+    result = fresh.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["_extra_state"]
     assert all(torch.equal(a, b) for a, b in zip(fresh.projector.parameters(), m.projector.parameters()))
+    assert not fresh.scheduler.is_cutoff()
     parent = nn.Module()
     parent.crepa = CrepaLoss(cfg(), 4, 4)
-    parent.load_state_dict({"crepa." + k: v for k, v in state.items()})  # nested under a prefix
+    with pytest.raises(RuntimeError, match="crepa._extra_state"):  # nested under a prefix: torch's own report
+        parent.load_state_dict({"crepa." + k: v for k, v in state.items()})
+    assert parent.load_state_dict({"crepa." + k: v for k, v in state.items()}, strict=False).missing_keys == [
+        "crepa._extra_state"]
+
+
+def test_state_dict_saves_as_safetensors_with_the_schedule(tmp_path):
+    # Trainers save with safetensors (accelerate's default), which holds tensors only: the schedule's
+    # state must be one, and a resumed run must keep a permanent cutoff.
+    from safetensors.torch import load_file, save_file
+
+    m = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.25), 4, 4)
+    m.scheduler.load_state_dict({"similarity_ema": 0.7123456789012345, "cut_off": True})
+    state = m.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    save_file(state, str(tmp_path / "crepa.safetensors"))
+    fresh = CrepaLoss(cfg(similarity_threshold=0.5, similarity_ema_decay=0.25), 4, 4)
+    fresh.load_state_dict(load_file(str(tmp_path / "crepa.safetensors")))
+    assert fresh.scheduler.state_dict() == {"similarity_ema": 0.7123456789012345, "cut_off": True}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.projector.parameters(), m.projector.parameters()))
+    # a cast of the floating-point tensors (saving in bf16) leaves the schedule exact
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
+    fresh.scheduler.load_state_dict({"similarity_ema": None, "cut_off": False})
+    fresh.load_state_dict(half)
+    assert fresh.scheduler.state_dict() == {"similarity_ema": 0.7123456789012345, "cut_off": True}
+    # a cast of every tensor would garble it: refused, naming the entry, and nothing changes
+    fresh.scheduler.load_state_dict({"similarity_ema": None, "cut_off": False})
+    with pytest.raises(RuntimeError, match="_extra_state: the schedule's state tensor must be the 4-element int64"):
+        fresh.load_state_dict({k: v.bfloat16() for k, v in state.items()})
+    assert fresh.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
+
+
+def test_a_checkpoint_with_the_earlier_dict_form_of_the_schedule_loads():
+    m = CrepaLoss(cfg(), 4, 4)
+    state = {**m.state_dict(), "_extra_state": {"scheduler": {"similarity_ema": 0.25, "cut_off": True}}}
+    m.load_state_dict(state)
+    assert m.scheduler.state_dict() == {"similarity_ema": 0.25, "cut_off": True}
 
 
 @pytest.mark.parametrize("zero_steps", ["warmup", "cutoff_step"])
@@ -428,5 +474,6 @@ def test_a_non_strict_load_without_the_schedule_keeps_the_schedule():
     projector_only = {k: v for k, v in m.state_dict().items() if k != "_extra_state"}
     m.load_state_dict(projector_only, strict=False)
     assert m.scheduler.state_dict() == {"similarity_ema": 0.9, "cut_off": True}
-    m.load_state_dict(projector_only)  # strict: a checkpoint without a schedule starts a fresh one
-    assert m.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
+    with pytest.raises(RuntimeError, match='Missing key "_extra_state"'):  # strict: refused, nothing changes
+        m.load_state_dict(projector_only)
+    assert m.scheduler.state_dict() == {"similarity_ema": 0.9, "cut_off": True}
