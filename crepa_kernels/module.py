@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
@@ -67,6 +68,9 @@ class CrepaLoss(nn.Module):
     Host syncs: none per step unless ``crepa_similarity_threshold`` is set, in which case the step's
     alignment score is read once for the EMA.
 
+    With ``crepa_enabled`` false CREPA is off: a call checks its arguments, then computes nothing and
+    returns no term (a zero term in a distributed training step, see below) and empty logs.
+
     In eval mode (``.eval()``, a validation pass) a call leaves the schedule alone: the weight is the
     one the schedule gives now, the EMA is not fed, no cutoff latches, and no collective runs.
 
@@ -82,6 +86,10 @@ class CrepaLoss(nn.Module):
         super().__init__()
         if not isinstance(config, CrepaConfig):
             raise TypeError(f"config must be a CrepaConfig (see CrepaConfig.from_dict), got {type(config).__name__}")
+        if not config.enabled:
+            warnings.warn("crepa_enabled is false: this CrepaLoss computes nothing, and every call returns no "
+                          "term and empty logs; set crepa_enabled=true to train with CREPA (while it is false, "
+                          "skip the teacher's work too)", UserWarning, stacklevel=2)
         self.config = config
         self.projector = make_projector(hidden_size, encoder_dim)
         self.scheduler = CrepaScheduler(config, max_train_steps)
@@ -165,6 +173,11 @@ class CrepaLoss(nn.Module):
 
     def _forward(self, hidden_states, frame_features, step, hidden_grid, feature_grid):
         c = self.config
+        if not c.enabled:
+            # crepa_enabled false switches CREPA off, as it does the common trainer's regularizer: no
+            # work, no term (in a distributed training step a zero attached to the projector, as for a
+            # weight of 0, so DDP's reduction stays in step), no logs, no schedule state.
+            return (self._zero_loss() if self.training and _world_size() > 1 else None), {}
         if not self.training:
             return self._evaluate(hidden_states, frame_features, step, hidden_grid, feature_grid)
         thresholded = c.similarity_threshold is not None

@@ -242,6 +242,33 @@ def test_logged_tensors_are_copies_an_in_place_op_on_them_changes_no_state():
     assert logs["crepa_alignment_score_ema"].item() == fresh_logs["crepa_alignment_score_ema"].item()
 
 
+def test_a_disabled_config_switches_crepa_off(monkeypatch):
+    # crepa_enabled false (the default) turns CREPA off, as in the common trainer: no term, empty logs,
+    # no work (the loss is never computed), no schedule state; building such a module warns.
+    import crepa_kernels.module as module
+
+    with pytest.warns(UserWarning, match="crepa_enabled is false: this CrepaLoss computes nothing"):
+        m = CrepaLoss(CrepaConfig(similarity_threshold=0.5), 4, 4)
+    monkeypatch.setattr(module, "crepa_loss", lambda *a, **k: pytest.fail("computed while disabled"))
+    h, f = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    for training in (True, False):
+        m.train(training)
+        assert m(h, f, step=3) == (None, {})
+    assert m.scheduler.state_dict() == {"similarity_ema": None, "cut_off": False}
+    with pytest.raises(ValueError, match="hidden_size"):  # its arguments are still checked
+        m(torch.randn(1, 2, 3, 5), f)
+    monkeypatch.setattr(module, "_world_size", lambda: 2)  # DDP needs a (zero) term on the projector
+    m.train()
+    loss, logs = m(h, f, step=3)
+    assert logs == {} and loss.item() == 0.0
+    loss.backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.projector.parameters())
+    monkeypatch.undo()
+    m.config.enabled = True  # switched on later: it computes
+    loss, logs = m(h, f, step=3)
+    assert loss is not None and "crepa_alignment_score" in logs
+
+
 def test_distributed_cutoff_step_returns_a_finite_zero_attached_to_the_projector(monkeypatch, align_with_e0):
     # Under torch.distributed a thresholded step that cuts off returns a zero term so DDP sees every
     # projector parameter; it must not backpropagate through the loss's graph, where a NaN loss
