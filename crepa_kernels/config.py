@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import threading
 import warnings
@@ -69,6 +70,11 @@ class CrepaConfig:
         # in any order. A subclass's own rules apply at its construction and validate() too.
         if name in _FIELD_NAMES and name in self.__dict__ and id(self) not in _validating():
             value = _checked_field(self, name, value)
+        elif (not name.startswith("_") and name not in self.__dict__ and not hasattr(type(self), name)
+              and name not in _fields_of(type(self)) and _FIELD_NAMES <= self.__dict__.keys()):
+            # A misspelt field set after construction (config.lamda = 0.1) would be a new attribute that
+            # nothing reads. (A subclass declares its own attributes as fields or class attributes.)
+            raise AttributeError(_unknown_attribute(type(self), name))
         object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ keys
@@ -272,6 +278,21 @@ def config_key_name(key: str) -> str:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(CrepaConfig))
+
+
+@functools.lru_cache(maxsize=None)
+def _fields_of(cls: type) -> frozenset:
+    return frozenset(f.name for f in fields(cls))
+
+
+def _unknown_attribute(cls: type, name: str) -> str:
+    try:  # a config key (crepa_lambda) names its field
+        return f"{cls.__name__} has no field {name!r}: config key {name!r} is the field {cls._field_for_key(name)!r}"
+    except ValueError:
+        close = difflib.get_close_matches(name, sorted(_fields_of(cls)), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{cls.__name__} has no field {name!r}{hint} (fields are the config keys without their crepa_ "
+            f"prefix: lambda_ for crepa_lambda)")
 _THREAD = threading.local()
 
 

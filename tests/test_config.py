@@ -319,3 +319,34 @@ def test_assignment_checks_on_a_subclass_run_the_base_checks_only():
     assert config.lambda_ == 4.0
     assert set(vars(config)) == {f.name for f in dataclasses.fields(config)}  # no bookkeeping in the instance
     assert CrepaConfig(**{k: v for k, v in vars(CrepaConfig()).items()}) == CrepaConfig()
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("lamda", "CrepaConfig has no field 'lamda'; did you mean 'lambda_'?"),
+    ("warmup", "did you mean 'warmup_steps'?"),
+    ("crepa_lambda", "config key 'crepa_lambda' is the field 'lambda_'"),
+    ("crepa_model", "config key 'crepa_model' is the field 'encoder'"),
+    ("learning_rate", "CrepaConfig has no field 'learning_rate' \\(fields are the config keys"),
+])
+def test_a_misspelt_field_set_after_construction_is_refused(name, msg):
+    # from_dict refuses an unknown key; an assignment must not make a new attribute that nothing reads
+    config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2})
+    before = config.to_dict()
+    with pytest.raises(AttributeError, match=msg):
+        setattr(config, name, 0.1)
+    assert config.to_dict() == before and name not in vars(config)
+
+
+def test_a_subclass_sets_its_own_fields_and_class_attributes_but_not_misspelt_ones():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class RunConfig(CrepaConfig):
+        run_name: str = "a"
+        note = None  # a class attribute, not a field
+
+    config = RunConfig()
+    config.run_name, config.note, config._private = "b", "c", 1
+    assert (config.run_name, config.note, config._private) == ("b", "c", 1)
+    with pytest.raises(AttributeError, match="RunConfig has no field 'run_nam'; did you mean 'run_name'?"):
+        config.run_nam = "x"
