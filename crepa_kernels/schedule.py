@@ -36,15 +36,26 @@ class CrepaScheduler:
         self.max_train_steps = max_train_steps
         self.similarity_ema: Optional[float] = None
         self._cut_off = False
-        if config.enabled and config.scheduler != "constant" and self.decay_steps <= config.warmup_steps:
+        self._horizon_checked = None
+        self._check_horizon(stacklevel=3)
+
+    def _check_horizon(self, stacklevel: int) -> None:
+        """Warn (once per setting) when a decaying schedule's horizon ends before its warmup does; run at
+        construction and again when a field it reads was set later."""
+        c = self.config
+        setting = (c.enabled, c.scheduler, c.decay_steps, c.warmup_steps, self.max_train_steps)
+        if setting == self._horizon_checked:
+            return
+        self._horizon_checked = setting
+        if c.enabled and c.scheduler != "constant" and self.decay_steps <= c.warmup_steps:
             # SPEC 6.5 then gives lambda_end from the first step after the warmup: almost surely a
             # missing horizon (max_train_steps defaults to 0), not a wish.
             warnings.warn(
-                f"crepa_scheduler={config.scheduler!r} decays over crepa_decay_steps, or max_train_steps when that "
+                f"crepa_scheduler={c.scheduler!r} decays over crepa_decay_steps, or max_train_steps when that "
                 f"is 0, but the horizon ({self.decay_steps}) does not reach past crepa_warmup_steps "
-                f"({config.warmup_steps}): the weight is crepa_lambda_end ({config.lambda_end}) from step "
-                f"{config.warmup_steps + 1} on; set crepa_decay_steps or pass max_train_steps",
-                UserWarning, stacklevel=2)
+                f"({c.warmup_steps}): the weight is crepa_lambda_end ({c.lambda_end}) from step "
+                f"{c.warmup_steps + 1} on; set crepa_decay_steps or pass max_train_steps",
+                UserWarning, stacklevel=stacklevel)
 
     # ----------------------------------------------------------------- state
     def is_cutoff(self) -> bool:
@@ -135,6 +146,7 @@ class CrepaScheduler:
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
         step = check_step(step)
         c = self.config
+        self._check_horizon(stacklevel=3)  # a schedule field set after construction
         self.update_ema(similarity)
         if c.threshold_mode == "permanent" and self._cut_off:
             return 0.0

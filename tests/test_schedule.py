@@ -55,6 +55,24 @@ def test_a_decay_without_a_horizon_warns(decay, warmup, max_steps):
         CrepaScheduler(c.replace(scheduler="constant"))
 
 
+def test_a_horizon_lost_by_a_field_set_later_warns_at_the_next_weight():
+    # the config is read live: scheduler or decay_steps set after construction must meet the same check,
+    # once per setting, not on every step
+    c = CrepaConfig(enabled=True, block_index=0, lambda_=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = CrepaScheduler(c)  # constant: no horizon needed
+        s.get_weight(1)
+    c.scheduler = "cosine"
+    with pytest.warns(UserWarning, match="crepa_scheduler='cosine' .* horizon \\(0\\)"):
+        s.get_weight(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.get_weight(3)  # the same setting: said once
+        c.decay_steps = 100
+        s.get_weight(4)  # a horizon again: nothing to say
+
+
 def test_warmup_applies_to_every_scheduler_including_constant():
     s = CrepaScheduler(CrepaConfig(lambda_=0.5, warmup_steps=4), max_train_steps=10)
     assert [s.get_weight(i) for i in range(6)] == pytest.approx([0, 0.125, 0.25, 0.375, 0.5, 0.5])
