@@ -450,6 +450,18 @@ def _empty_caches(monkeypatch, tmp_path):
     return hf, hub
 
 
+def test_missing_weights_are_reported_before_the_model_is_built(tmp_path, monkeypatch):
+    # building a ViT-g takes tens of seconds and gigabytes: a missing file must not cost that first
+    import timm
+
+    _empty_caches(monkeypatch, tmp_path)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("built before the weights were found"))
+    with pytest.raises(FileNotFoundError, match="weights file .*missing.pth' does not exist"):
+        DinoEncoder("dinov2_vitg14", 518, weights=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="no local weights for 'vit_giant_patch14_dinov2'"):
+        DinoEncoder("dinov2_vitg14", 518)
+
+
 def test_weights_from_hf_cache_only_if_cached(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

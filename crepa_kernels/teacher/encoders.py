@@ -288,8 +288,22 @@ class DinoEncoder(nn.Module):
             raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
 
         built_from_name = model is None
+        random_init = isinstance(weights, str) and weights == "random"
+        if weights is not None and not random_init and not os.path.isfile(os.fspath(weights)):
+            # before the model is built: a missing file must not cost a ViT-g's build (tens of seconds,
+            # gigabytes) first
+            raise FileNotFoundError(f"weights file {os.fspath(weights)!r} does not exist")
         if built_from_name:
             self.name = resolve_encoder_name(name)
+            cached = None
+            if weights is None:  # found (or not) before the model is built, as above
+                cached = _cached_weights(self.name)
+                if cached is None:
+                    raise FileNotFoundError(
+                        f"no local weights for {self.name!r}: pass weights=<path to .safetensors/.pth>, place the "
+                        f"checkpoint in the Hugging Face or torch hub cache, or weights='random' for an untrained "
+                        f"model"
+                    )
             image_size = _check_image_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
             import timm
 
@@ -334,18 +348,12 @@ class DinoEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        if isinstance(weights, str) and weights == "random":
+        if random_init:
             pass
         elif weights is not None:
             load_dinov2_state_dict(self.model, weights)
         elif built_from_name:
-            path = _cached_weights(self.name)
-            if path is None:
-                raise FileNotFoundError(
-                    f"no local weights for {self.name!r}: pass weights=<path to .safetensors/.pth>, place the "
-                    f"checkpoint in the Hugging Face or torch hub cache, or weights='random' for an untrained model"
-                )
-            load_dinov2_state_dict(self.model, path)
+            load_dinov2_state_dict(self.model, cached)
 
         # timm uses F.scaled_dot_product_attention when `fused_attn` is set; make sure it is.
         for module in self.model.modules():
