@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crepa_kernels import CrepaConfig, CrepaLoss
-from crepa_kernels.integrations import capture_hidden_states
+from crepa_kernels.integrations import capture_hidden_states, transformer_info
 from crepa_kernels.teacher import DinoEncoder, adapter_for, latents_to_features
 from crepa_kernels.teacher.offload import OffloadManager
 
@@ -21,7 +21,7 @@ def test_readme_training_loop_runs_for_several_steps(offload_kw):
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                                     latents_std=[1.0] * 4).eval().requires_grad_(False)
+                                     latents_std=[1.0] * 4).eval()
     transformer = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                                   in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
                                                   ffn_dim=32, num_layers=2, rope_max_seq_len=32)
@@ -33,11 +33,11 @@ def test_readme_training_loop_runs_for_several_steps(offload_kw):
     # --- as in the README (the encoder wraps a tiny model instead of loading weights) ---
     config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 1, "crepa_lambda": 0.5})
     encoder = DinoEncoder(model=vit)
+    vae.requires_grad_(False)
     vae_adapter = adapter_for(vae)
     offload = OffloadManager(**offload_kw) if offload_kw else OffloadManager(config.offload)
-    crepa = CrepaLoss(config, hidden_size=transformer.config.num_attention_heads
-                      * transformer.config.attention_head_dim, encoder_dim=encoder.embed_dim,
-                      max_train_steps=max_steps).to(device)
+    crepa = CrepaLoss(config, hidden_size=transformer_info(transformer).hidden_size,
+                      encoder_dim=encoder.embed_dim, max_train_steps=max_steps).to(device)
     optimizer.add_param_group({"params": crepa.parameters()})
 
     seen = []
