@@ -228,6 +228,13 @@ def test_errors_before_attach_and_bad_arguments():
         CrepaRegularizer(namespace(), "cpu", hidden_size=0)
     with pytest.raises(TypeError, match="accelerator must have a .device"):
         CrepaRegularizer(namespace(), object(), hidden_size=8)
+    with pytest.raises(ValueError, match="accelerator must be an accelerate.Accelerator or name a device .*'gpu0'"):
+        CrepaRegularizer(namespace(), "gpu0", hidden_size=8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="accelerator='cuda' puts CREPA on cuda, but CUDA is not available"):
+            CrepaRegularizer(namespace(), "cuda", hidden_size=8)
+        with pytest.raises(ValueError, match="puts CREPA on cuda:0, but CUDA is not available"):
+            CrepaRegularizer(namespace(), SimpleNamespace(device=torch.device("cuda", 0)), hidden_size=8)
     with pytest.raises(ValueError, match="did you mean crepa_lambda"):
         CrepaRegularizer(SimpleNamespace(crepa_lamda=1.0), "cpu", hidden_size=8)
     backbone = CrepaRegularizer(namespace(crepa_feature_source="backbone", crepa_teacher_block_index=4), "cpu", 8)

@@ -25,12 +25,17 @@ from ..schedule import check_step
 def _device_of(accelerator: Any) -> torch.device:
     if accelerator is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(accelerator, (str, torch.device)):
-        return torch.device(accelerator)
-    device = getattr(accelerator, "device", None)
+    device = accelerator if isinstance(accelerator, (str, torch.device)) else getattr(accelerator, "device", None)
     if device is None:
         raise TypeError(f"accelerator must have a .device (an accelerate.Accelerator) or be a device, got {accelerator!r}")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"accelerator must be an accelerate.Accelerator or name a device such as 'cuda', 'cuda:1' "
+                         f"or 'cpu', got {accelerator!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():  # found here, not in attach_to_model's first copy
+        raise ValueError(f"accelerator={accelerator!r} puts CREPA on {device}, but CUDA is not available")
+    return device
 
 
 def _decodes_itself(model_foundation: Any) -> bool:
