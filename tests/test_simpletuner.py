@@ -220,6 +220,25 @@ def test_errors_after_attach(call, exc, msg):
         call(reg)
 
 
+def test_an_encoder_passed_in_meets_the_config_or_says_what_it_ignores():
+    from crepa_kernels.teacher import DinoEncoder
+
+    # a timm ViT at another size than crepa_encoder_image_size: the error names the config key
+    with pytest.raises(ValueError, match="takes 56x56 images but crepa_encoder_image_size is 518: set "
+                                         "crepa_encoder_image_size=56"):
+        CrepaRegularizer(namespace(crepa_encoder_image_size=518), "cpu", hidden_size=8, encoder=tiny_vit())
+    # a DinoEncoder keeps its own settings: keys set to something else are named, defaults are not
+    built = DinoEncoder(model=tiny_vit(), dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CrepaRegularizer(namespace(crepa_encoder_image_size=518), "cpu", hidden_size=8, encoder=built)
+    with pytest.warns(UserWarning, match="keeps its own settings; ignored: crepa_encoder_image_size=224 \\(it runs "
+                                         "with 56\\), crepa_encoder_dtype='bfloat16' \\(it runs with 'float32'\\), "
+                                         "crepa_encoder_frames_batch_size=4 \\(it runs with None\\)"):
+        CrepaRegularizer(namespace(crepa_encoder_image_size=224, crepa_encoder_dtype="bfloat16",
+                                   crepa_encoder_frames_batch_size=4), "cpu", hidden_size=8, encoder=built)
+
+
 def test_errors_before_attach_and_bad_arguments():
     reg = CrepaRegularizer(namespace(), "cpu", hidden_size=8, encoder=tiny_vit())
     with pytest.raises(RuntimeError, match="call attach_to_model"):

@@ -340,11 +340,28 @@ class CrepaRegularizer:
     def _wrap_encoder(self, encoder: nn.Module):
         from ..teacher import DinoEncoder
 
+        c, default = self.config, CrepaConfig()
         if isinstance(encoder, DinoEncoder):
-            return encoder  # built by the caller, dtype included
+            # Built by the caller, its settings included: a config key set to something else is ignored,
+            # and says so (a key left at its default is not worth a word).
+            ignored = [f"crepa_{key}={mine!r} (it runs with {theirs!r})" for key, mine, default_value, theirs in (
+                ("encoder_image_size", c.encoder_image_size, default.encoder_image_size, encoder.image_size),
+                ("encoder_dtype", c.encoder_dtype, default.encoder_dtype, str(encoder.dtype).removeprefix("torch.")),
+                ("encoder_frames_batch_size", c.encoder_frames_batch_size, default.encoder_frames_batch_size,
+                 encoder.frames_batch_size)) if mine != default_value and mine != theirs]
+            if ignored:
+                warnings.warn("the DinoEncoder passed as encoder= keeps its own settings; ignored: "
+                              + ", ".join(ignored), UserWarning, stacklevel=3)
+            return encoder
+        native = tuple(getattr(getattr(encoder, "patch_embed", None), "img_size", ()) or ())
+        if (len(native) == 2 and native != (c.encoder_image_size,) * 2
+                and not getattr(encoder.patch_embed, "dynamic_img_size", False)):
+            raise ValueError(f"the encoder passed takes {native[0]}x{native[1]} images but crepa_encoder_image_size is "
+                             f"{c.encoder_image_size}: set crepa_encoder_image_size={native[0]}, or build the model "
+                             f"with img_size={c.encoder_image_size} (or dynamic_img_size=True)")
         # The weights get their compute dtype here, once, before the offload manager packs them.
-        return DinoEncoder(model=encoder, image_size=self.config.encoder_image_size, dtype=self._encoder_dtype(),
-                           frames_batch_size=self.config.encoder_frames_batch_size)
+        return DinoEncoder(model=encoder, image_size=c.encoder_image_size, dtype=self._encoder_dtype(),
+                           frames_batch_size=c.encoder_frames_batch_size)
 
     def _load_encoder(self):
         from ..teacher import DinoEncoder
