@@ -14,6 +14,7 @@ THRESHOLD_MODES = ("permanent", "recoverable")
 FEATURE_SOURCES = ("encoder", "backbone")
 OFFLOAD_MODES = ("auto", "resident", "offload")
 ENCODER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BACKENDS = ("auto", "torch", "triton")
 ENCODER_PATCH_SIZE = 14
 
@@ -233,7 +234,9 @@ class CrepaConfig:
                 f"{ENCODER_PATCH_SIZE}, got {self.encoder_image_size}"
             )
         # 0 or a negative value means "all frames at once", as users already write it (-1).
-        self.encoder_frames_batch_size = _opt_int("crepa_encoder_frames_batch_size", self.encoder_frames_batch_size)
+        frames = self.encoder_frames_batch_size
+        frames = None if isinstance(frames, str) and frames.strip().lower() == "all" else frames
+        self.encoder_frames_batch_size = _opt_int("crepa_encoder_frames_batch_size", frames)
         if self.encoder_frames_batch_size is not None and self.encoder_frames_batch_size <= 0:
             self.encoder_frames_batch_size = None
 
@@ -256,8 +259,8 @@ class CrepaConfig:
         self.warmup_steps = _int("crepa_warmup_steps", self.warmup_steps, minimum=0)
         self.decay_steps = _int("crepa_decay_steps", self.decay_steps, minimum=0)
         self.cutoff_step = _int("crepa_cutoff_step", self.cutoff_step, minimum=0)
-        if self.similarity_threshold is not None:
-            self.similarity_threshold = _finite_float("crepa_similarity_threshold", self.similarity_threshold)
+        self.similarity_threshold = (None if _is_none(self.similarity_threshold)
+                                     else _finite_float("crepa_similarity_threshold", self.similarity_threshold))
         self.similarity_ema_decay = _finite_float("crepa_similarity_ema_decay", self.similarity_ema_decay)
         if not 0.0 <= self.similarity_ema_decay <= 1.0:  # 1: the first score, kept (the trainer allows it)
             raise ValueError(
@@ -266,9 +269,13 @@ class CrepaConfig:
 
         self.offload = _choice("crepa_offload", self.offload, OFFLOAD_MODES)
         self.backend = _choice("crepa_backend", self.backend, BACKENDS)
-        if self.encoder_weights is not None and not isinstance(self.encoder_weights, str):
+        if _is_none(self.encoder_weights):
+            self.encoder_weights = None
+        elif not isinstance(self.encoder_weights, str):
             self.encoder_weights = str(self.encoder_weights)  # a pathlib.Path is fine
-        self.encoder_dtype = _choice("crepa_encoder_dtype", self.encoder_dtype, ENCODER_DTYPES)
+        dtype = self.encoder_dtype
+        dtype = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype) if isinstance(dtype, str) else dtype
+        self.encoder_dtype = _choice("crepa_encoder_dtype", dtype, ENCODER_DTYPES)
 
 
 def config_key_name(key: str) -> str:
@@ -354,16 +361,31 @@ def _as_bool(key: str, value: Any) -> bool:
     raise ValueError(f"{key} must be a boolean, got {value!r}")
 
 
+# How a CLI or YAML value spells "none" for an optional key (a YAML null is None already).
+_NONE = {"none", "null", ""}
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE)
+
+
 def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{key} must be an int, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:  # "500.0" or "1e3", as the float 500.0 is accepted
+                as_float = float(text)
+            except ValueError:
+                raise ValueError(f"{key} must be an int, got {value!r}") from None
+            if not as_float.is_integer():
+                raise ValueError(f"{key} must be an int, got {value!r}") from None
+            value = as_float
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(f"{key} must be an int, got {value!r}") from None
     if not isinstance(value, int):
         raise ValueError(f"{key} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
@@ -372,7 +394,7 @@ def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
 
 
 def _opt_int(key: str, value: Any, *, minimum: Optional[int] = None) -> Optional[int]:
-    return None if value is None else _int(key, value, minimum=minimum)
+    return None if _is_none(value) else _int(key, value, minimum=minimum)
 
 
 def _finite_float(key: str, value: Any) -> float:

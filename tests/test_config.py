@@ -350,3 +350,32 @@ def test_a_subclass_sets_its_own_fields_and_class_attributes_but_not_misspelt_on
     assert (config.run_name, config.note, config._private) == ("b", "c", 1)
     with pytest.raises(AttributeError, match="RunConfig has no field 'run_nam'; did you mean 'run_name'?"):
         config.run_nam = "x"
+
+
+@pytest.mark.parametrize("key,value,want", [
+    ("crepa_similarity_threshold", "None", None),
+    ("crepa_similarity_threshold", "null", None),
+    ("crepa_similarity_threshold", " ", None),
+    ("crepa_teacher_block_index", "none", None),
+    ("crepa_encoder_weights", "", None),
+    ("crepa_decay_steps", "500.0", 500),
+    ("crepa_warmup_steps", "1e3", 1000),
+    ("crepa_encoder_frames_batch_size", "all", None),
+    ("crepa_encoder_frames_batch_size", "4.0", 4),
+    ("crepa_encoder_dtype", "bf16", "bfloat16"),
+    ("crepa_encoder_dtype", "FP16", "float16"),
+    ("crepa_encoder_dtype", "fp32", "float32"),
+])
+def test_cli_and_yaml_spellings_of_a_value(key, value, want):
+    # what a command line or a YAML file passes as a string: "none" for an optional key, an integral
+    # float for an int (the float 500.0 itself is accepted), the table's "all", the usual dtype names
+    config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, key: value})
+    assert getattr(config, CrepaConfig._field_for_key(key)) == want
+
+
+@pytest.mark.parametrize("key,value", [("crepa_decay_steps", "500.5"), ("crepa_decay_steps", "inf"),
+                                       ("crepa_block_index", "nan"), ("crepa_encoder_dtype", "bf32"),
+                                       ("crepa_encoder_frames_batch_size", "most")])
+def test_strings_that_are_not_a_value_of_the_key_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"{key} must"):
+        CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, key: value})
