@@ -1,5 +1,6 @@
 """CrepaLoss: projector layout, schedule wiring, logs and errors."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -240,6 +241,21 @@ def test_logged_tensors_are_copies_an_in_place_op_on_them_changes_no_state():
     _, logs = m(h, f, step=1)
     _, fresh_logs = fresh(h, f, step=1)
     assert logs["crepa_alignment_score_ema"].item() == fresh_logs["crepa_alignment_score_ema"].item()
+
+
+def test_a_flat_block_output_read_as_one_token_frames_warns():
+    # (B, T*H*W, D) passes as T*H*W one-token frames (SPEC's (B, T, D) form, read as the reference
+    # reads it), which is never meant against a multi-token teacher with fewer frames
+    m = CrepaLoss(cfg(), 8, 6)
+    with pytest.warns(UserWarning, match=r"hidden_states \(1, 12, 8\) reads as 12 frames of one token each, "
+                                         r"against 3 teacher frames of 4 tokens") as seen:
+        m(torch.randn(1, 3 * 4, 8), torch.randn(1, 3, 4, 6))
+    assert seen[0].filename == __file__  # points at the call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.randn(1, 3, 8), torch.randn(1, 3, 4, 6))  # one token per frame, frame for frame
+        m(torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 6))
+        m(torch.randn(1, 6, 8), torch.randn(1, 3, 6))  # both sides one token per frame
 
 
 def test_a_disabled_config_switches_crepa_off(monkeypatch):
