@@ -39,6 +39,16 @@ def test_interpreted_kernels_and_stand_ins_launch_as_they_are(monkeypatch):
     assert launch.launcher(kernel) is kernel
 
 
+def test_a_recycled_kernel_id_never_hands_back_another_kernels_launcher(monkeypatch):
+    # launchers are keyed by id(kernel); a freed kernel's id can come back for a new one, whose
+    # launcher must not be the dead kernel's (its cache holds the other kernel's binaries)
+    monkeypatch.setenv(launch.FAST_LAUNCH_ENV, "1")
+    monkeypatch.setattr(launch, "_supported", lambda: True)
+    kernel, dead, stale = object(), object(), object()
+    monkeypatch.setitem(launch._LAUNCHERS, id(kernel), (dead, stale))
+    assert launch.launcher(kernel) is kernel  # not a JITFunction: launched as it is, never `stale`
+
+
 @pytest.fixture(scope="module")
 def fake_driver_results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -189,6 +189,22 @@ def test_zero_vector_gradients_are_finite_and_agree():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_pooling_averages_tokens_near_eps(backend):
+    # spatial_align off pools differing token counts by their mean; cosine ignores scale, except
+    # where F.normalize is linear (norm below eps = 1e-12), where a sum instead of a mean would show.
+    # Frame 0's tokens are all 3e-13 (mean norm 5.2e-13 < eps, the sum's 2.1e-12 is not); frame 1's
+    # first token is -3e-13 (mean 1.5e-13 per element). The teacher is all ones, so f^ = 1/sqrt(3)
+    # per element, and p^ = mean / eps: cos(p_t, f_u) = sum(mean_t) / (eps sqrt(3)) for every u.
+    # With d = 1, tau = 1 and two frames each frame has one neighbour: total_t = cos_t (1 + e^-1).
+    p = torch.full((1, 2, 4, 3), 3e-13, device=DEV)
+    p[0, 1, 0] = -3e-13
+    f = torch.ones(1, 2, 3, 3, device=DEV)  # 3 tokens against 4: pooled
+    got = crepa_loss(p, f, backend=backend, spatial_align=False).alignment
+    cos = torch.tensor([9e-13, 4.5e-13], dtype=torch.float64) / (1e-12 * math.sqrt(3))
+    torch.testing.assert_close(got.double().cpu(), (cos * (1 + math.exp(-1))).unsqueeze(0), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_projected_gives_zero_loss(backend):
     p = torch.zeros(1, 3, 4, 6, device=DEV, requires_grad=True)
     f = _randn(1, 3, 4, 6, seed=5)

@@ -566,6 +566,9 @@ FUSED_CASES = [  # (in grid, out grid, dtype, front end)
     pytest.param((3, 5), (4, 4), torch.float64, "custom_op", id="mixed-fp64-custom-op"),
     pytest.param((1, 7), (1, 3), torch.float32, "custom_op", id="1d-down-custom-op"),
     pytest.param((1, 1), (2, 3), torch.float32, "direct", id="in-1x1"),
+    # each resampled token rounded to fp16, as the stored copy of the separate path is (the interpreter
+    # rounds fp16 exactly)
+    pytest.param((4, 4), (3, 5), torch.float16, "direct", id="mixed-fp16"),
 ]
 
 
@@ -1617,3 +1620,23 @@ def test_loss_only_backward_leaves_factors_outside_fp32_normal_range_to_torch(mo
     seen.clear()
     crepa_loss(p, f, weight=0.5, backend="triton").loss.backward()
     assert seen and all(dim == 0 for dim, _ in seen)
+
+
+@pytest.mark.parametrize("p_dtype,f_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                             (torch.float16, torch.float64)])
+def test_a_float64_side_makes_the_kernels_compute_in_float64(p_dtype, f_dtype):
+    # the torch backend computes in float64 when either input is: the kernels must too (their
+    # accumulation dtype comes from both inputs, not from one)
+    from crepa_kernels import crepa_loss
+
+    g = torch.Generator().manual_seed(8)
+    p = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64).to(DEV, p_dtype).requires_grad_(True)
+    f = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64).to(DEV, f_dtype)
+    out = {}
+    for backend in ("torch", "triton"):
+        res = crepa_loss(p, f, backend=backend, projected_grid=(2, 2), features_grid=(2, 2))
+        out[backend] = (res.alignment, torch.autograd.grad(res.loss, p)[0])
+    (a_t, g_t), (a_k, g_k) = out["torch"], out["triton"]
+    assert a_k.dtype == a_t.dtype == torch.float64 and g_k.dtype == g_t.dtype == p_dtype
+    torch.testing.assert_close(a_k, a_t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_k, g_t, rtol=1e-3 if p_dtype == torch.float16 else 1e-10, atol=1e-12)
