@@ -574,9 +574,11 @@ FUSED_CASES = [  # (in grid, out grid, dtype, front end)
 
 def _assert_same(a, b):
     # Bit-equal through the interpreter; a GPU compiler may contract the blend into FMAs differently
-    # in the two kernels, so there the check is to fp32 rounding.
+    # in the two kernels, so there the check is to fp32 rounding (fp16: a resampled token may then
+    # round to the neighbouring fp16 value).
     if a.is_cuda:
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * max(b.abs().max().item(), 1e-6))
+        tol = 2e-3 if a.dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(b.abs().max().item(), 1e-6))
     else:
         assert torch.equal(a, b)
 
