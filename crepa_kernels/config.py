@@ -1,6 +1,7 @@
 """CrepaConfig: every ``crepa_*`` key users already write, with defaults and validation."""
 from __future__ import annotations
 
+import decimal
 import difflib
 import functools
 import math
@@ -72,9 +73,11 @@ class CrepaConfig:
         if name in _FIELD_NAMES and name in self.__dict__ and id(self) not in _validating():
             value = _checked_field(self, name, value)
         elif (not name.startswith("_") and name not in self.__dict__ and not hasattr(type(self), name)
-              and name not in _fields_of(type(self)) and _FIELD_NAMES <= self.__dict__.keys()):
+              and _FIELD_NAMES <= self.__dict__.keys()
+              and (type(self) is CrepaConfig or name.startswith("crepa_"))):
             # A misspelt field set after construction (config.lamda = 0.1) would be a new attribute that
-            # nothing reads. (A subclass declares its own attributes as fields or class attributes.)
+            # nothing reads. A subclass may keep attributes of its own: there only a config key's name
+            # (config.crepa_lambda = 0.3) is refused.
             raise AttributeError(_unknown_attribute(type(self), name))
         object.__setattr__(self, name, value)
 
@@ -118,6 +121,10 @@ class CrepaConfig:
             if name in given:
                 raise ValueError(f"config keys {given[name]!r} and {key!r} both set {name}; give it once")
             given[name] = key
+            # a command line's or YAML file's spelling of none, where None means something: an optional
+            # key, crepa_lambda (0, as the trainer reads it) and crepa_model (not given)
+            if name in _NONE_MEANS and _is_none(value):
+                value = None
             norm[name] = value
 
         kwargs: dict[str, Any] = {}
@@ -293,6 +300,9 @@ def _fields_of(cls: type) -> frozenset:
 
 
 def _unknown_attribute(cls: type, name: str) -> str:
+    if name == "crepa_use_backbone_features":
+        return (f"{cls.__name__} has no field {name!r}: that config key sets the field 'feature_source' "
+                f"('backbone' when true, 'encoder' when false)")
     try:  # a config key (crepa_lambda) names its field
         return f"{cls.__name__} has no field {name!r}: config key {name!r} is the field {cls._field_for_key(name)!r}"
     except ValueError:
@@ -345,6 +355,8 @@ def _feature_source(value: Any) -> Any:
 
 _NULLABLE = {"block_index", "teacher_block_index", "similarity_threshold", "encoder_frames_batch_size",
              "encoder_weights"}
+# The keys whose None has a meaning, so that a string spelling of none reads as None in from_dict.
+_NONE_MEANS = {"crepa_" + f.rstrip("_") for f in _NULLABLE} | {"crepa_lambda", "crepa_model"}
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -377,13 +389,13 @@ def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
         try:
             value = int(text)
         except ValueError:
-            try:  # "500.0" or "1e3", as the float 500.0 is accepted
-                as_float = float(text)
-            except ValueError:
+            try:  # "500.0" or "1e3", as the float 500.0 is accepted (read exactly, not through a float)
+                exact = decimal.Decimal(text)
+            except decimal.InvalidOperation:
                 raise ValueError(f"{key} must be an int, got {value!r}") from None
-            if not as_float.is_integer():
-                raise ValueError(f"{key} must be an int, got {value!r}") from None
-            value = as_float
+            if not exact.is_finite() or exact != exact.to_integral_value():
+                raise ValueError(f"{key} must be an int, got {value!r}")
+            value = int(exact)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):

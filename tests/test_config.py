@@ -337,19 +337,38 @@ def test_a_misspelt_field_set_after_construction_is_refused(name, msg):
     assert config.to_dict() == before and name not in vars(config)
 
 
-def test_a_subclass_sets_its_own_fields_and_class_attributes_but_not_misspelt_ones():
+def test_a_subclass_keeps_attributes_of_its_own_but_not_a_config_keys_name():
+    # trainers subclass the config and keep derived attributes on it (set in __post_init__, in their
+    # own __init__, or later); only a crepa_* key's name is refused there, as it is never meant
     import dataclasses
 
     @dataclasses.dataclass
     class RunConfig(CrepaConfig):
         run_name: str = "a"
-        note = None  # a class attribute, not a field
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.output_dir = f"runs/{self.run_name}"
+
+    class TrainerConfig(CrepaConfig):
+        def __init__(self, lr, **kw):
+            super().__init__(**kw)
+            self.lr = lr
 
     config = RunConfig()
-    config.run_name, config.note, config._private = "b", "c", 1
-    assert (config.run_name, config.note, config._private) == ("b", "c", 1)
-    with pytest.raises(AttributeError, match="RunConfig has no field 'run_nam'; did you mean 'run_name'?"):
-        config.run_nam = "x"
+    config.run_name, config.note = "b", "c"
+    assert (config.output_dir, config.run_name, config.note) == ("runs/a", "b", "c")
+    assert TrainerConfig(3e-4, lambda_=0.25).lr == 3e-4
+    with pytest.raises(AttributeError, match="RunConfig has no field 'crepa_lambda': config key 'crepa_lambda' is "
+                                             "the field 'lambda_'"):
+        config.crepa_lambda = 0.3
+    assert config.lambda_ == 0.5
+
+
+def test_the_derived_key_names_the_field_it_sets():
+    with pytest.raises(AttributeError, match="'crepa_use_backbone_features': that config key sets the field "
+                                             "'feature_source'"):
+        CrepaConfig().crepa_use_backbone_features = True
 
 
 @pytest.mark.parametrize("key,value,want", [
@@ -365,15 +384,21 @@ def test_a_subclass_sets_its_own_fields_and_class_attributes_but_not_misspelt_on
     ("crepa_encoder_dtype", "bf16", "bfloat16"),
     ("crepa_encoder_dtype", "FP16", "float16"),
     ("crepa_encoder_dtype", "fp32", "float32"),
+    ("crepa_decay_steps", "9007199254740993.0", 2 ** 53 + 1),  # read exactly, not through a float
+    ("crepa_lambda", "none", 0.0),  # as a None weight: 0 (with the trainer's warning when enabled)
+    ("crepa_model", "null", "dinov2_vitg14"),  # as a None model: not given
 ])
 def test_cli_and_yaml_spellings_of_a_value(key, value, want):
     # what a command line or a YAML file passes as a string: "none" for an optional key, an integral
     # float for an int (the float 500.0 itself is accepted), the table's "all", the usual dtype names
-    config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, key: value})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "crepa_lambda=None is read as 0")
+        config = CrepaConfig.from_dict({"crepa_enabled": True, "crepa_block_index": 2, key: value})
     assert getattr(config, CrepaConfig._field_for_key(key)) == want
 
 
 @pytest.mark.parametrize("key,value", [("crepa_decay_steps", "500.5"), ("crepa_decay_steps", "inf"),
+                                       ("crepa_offload", "none"),  # a mode, not an absence: never the default
                                        ("crepa_block_index", "nan"), ("crepa_encoder_dtype", "bf32"),
                                        ("crepa_encoder_frames_batch_size", "most")])
 def test_strings_that_are_not_a_value_of_the_key_are_refused(key, value):
