@@ -252,6 +252,8 @@ def test_errors_before_attach_and_bad_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="accelerator='cuda' puts CREPA on cuda, but CUDA is not available"):
             CrepaRegularizer(namespace(), "cuda", hidden_size=8)
+        off = CrepaRegularizer(namespace(crepa_enabled=False), "cuda", hidden_size=8)  # off: nothing runs there
+        assert not off.wants_hidden_states()
         with pytest.raises(ValueError, match="puts CREPA on cuda:0, but CUDA is not available"):
             CrepaRegularizer(namespace(), SimpleNamespace(device=torch.device("cuda", 0)), hidden_size=8)
     with pytest.raises(ValueError, match="did you mean crepa_lambda"):
@@ -632,3 +634,16 @@ def test_max_train_steps_none_reads_as_zero_and_bad_values_fail_early():
     for bad in (-1, 2.5, True, "100"):
         with pytest.raises(ValueError, match="max_train_steps must be a non-negative int or None"):
             CrepaRegularizer(args, "cpu", hidden_size=16, max_train_steps=bad)
+
+
+def test_the_drop_in_loads_a_projector_only_checkpoint_without_strict():
+    reg = CrepaRegularizer(namespace(crepa_feature_source="backbone", crepa_teacher_block_index=3,
+                                     crepa_cutoff_step=1), "cpu", hidden_size=8)
+    reg.attach_to_model(nn.Module())
+    reg.compute_loss(torch.randn(1, 3, 4, 8), None, None, frame_features=torch.randn(1, 3, 4, 8), step=1)
+    assert reg.loss.scheduler.is_cutoff()
+    projector_only = {k: v for k, v in reg.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match='Missing key "_extra_state"'):
+        reg.load_state_dict(projector_only)
+    reg.load_state_dict(projector_only, strict=False)
+    assert reg.loss.scheduler.is_cutoff()  # kept

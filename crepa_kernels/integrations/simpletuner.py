@@ -22,7 +22,7 @@ from ..module import CrepaLoss, _world_size
 from ..schedule import check_step
 
 
-def _device_of(accelerator: Any) -> torch.device:
+def _device_of(accelerator: Any, check_available: bool = True) -> torch.device:
     if accelerator is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = accelerator if isinstance(accelerator, (str, torch.device)) else getattr(accelerator, "device", None)
@@ -33,7 +33,7 @@ def _device_of(accelerator: Any) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"accelerator must be an accelerate.Accelerator or name a device such as 'cuda', 'cuda:1' "
                          f"or 'cpu', got {accelerator!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():  # found here, not in attach_to_model's first copy
+    if check_available and device.type == "cuda" and not torch.cuda.is_available():  # not in attach_to_model
         raise ValueError(f"accelerator={accelerator!r} puts CREPA on {device}, but CUDA is not available")
     return device
 
@@ -90,7 +90,7 @@ class CrepaRegularizer:
                 warnings.warn("crepa_use_tae=true but the model has no Tiny AutoEncoder: falling back to full VAE "
                               "decoding", stacklevel=2)
                 self._use_tae = False
-        self.device = _device_of(accelerator)
+        self.device = _device_of(accelerator, check_available=self.config.enabled)  # off: nothing runs there
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size = hidden_size
@@ -148,10 +148,12 @@ class CrepaRegularizer:
         """The projector's weights and the schedule's state (EMA, cutoff latch), for checkpoints."""
         return {} if self.loss is None else self.loss.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """As ``CrepaLoss.load_state_dict``: all or nothing; ``strict=False`` loads a checkpoint of the
+        projector's weights alone and keeps the schedule as it is."""
         if self.loss is None:
             raise RuntimeError("call attach_to_model(model) before load_state_dict: the projector does not exist yet")
-        self.loss.load_state_dict(state)
+        self.loss.load_state_dict(state, strict=strict)
 
     def wants_hidden_states(self) -> bool:
         return self.enabled
