@@ -249,7 +249,7 @@ def _check_weight(w, loss_dtype: torch.dtype):
         raise ValueError(f"weight must be a finite number, got {w!r}")
     try:
         f = float(w)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past any float
         raise ValueError(f"weight must be a finite number, got {w!r}") from None
     if not math.isfinite(f):
         raise ValueError(f"weight must be a finite number, got {w!r}")

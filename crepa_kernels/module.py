@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ._callsite import outside_stacklevel
 from .config import CrepaConfig
 from .alignment import check_grid, implied_square
 from .functional import crepa_loss, raise_if_not_finite
@@ -157,15 +158,15 @@ class CrepaLoss(nn.Module):
         hidden_states, hidden_grid, step = self._checked_hidden(hidden_states, step, hidden_grid)
         frame_features = _check_input("frame_features", frame_features, "encoder_dim", self.encoder_dim,
                                       FLOAT_DTYPES)
-        if flat and frame_features.shape[2] > 1 and hidden_states.shape[1] > frame_features.shape[1]:
-            # (B, T, D) is one token per frame (SPEC), as the reference reads it too; more such frames
-            # than the teacher has is what a block's raw (B, T*H*W, D) output looks like
+        t_h, t_f = hidden_states.shape[1], frame_features.shape[1]
+        if flat and frame_features.shape[2] > 1 and t_h >= 4 * t_f and t_h % t_f == 0:
+            # (B, T, D) is one token per frame (SPEC), as the reference reads it too; a whole multiple
+            # (4 or more) of the teacher's frames is what a block's raw (B, T*H*W, D) output looks like
             warnings.warn(f"hidden_states {tuple(hidden_states.shape[:2]) + tuple(hidden_states.shape[3:])} reads "
-                          f"as {hidden_states.shape[1]} frames of one token each, against "
-                          f"{frame_features.shape[1]} teacher frames of {frame_features.shape[2]} tokens: a DiT "
-                          f"block's raw output (B, T*H*W, D) must be reshaped to (B, T, H*W, D) first "
-                          f"(capture_hidden_states does this)", UserWarning,
-                          stacklevel=4)  # past nn.Module's __call__ and _call_impl, to the caller
+                          f"as {t_h} frames of one token each, against {t_f} teacher frames of "
+                          f"{frame_features.shape[2]} tokens; if it is a DiT block's raw output (B, T*H*W, D), "
+                          f"reshape it to (B, T, H*W, D) first (capture_hidden_states does this)", UserWarning,
+                          stacklevel=outside_stacklevel())
         feature_grid = _spatial_grid("feature_grid", feature_grid, frame_features)
         self._check_layouts(hidden_states.shape[2], hidden_grid, frame_features.shape[2], feature_grid is not None)
         if hidden_states.shape[0] != frame_features.shape[0]:

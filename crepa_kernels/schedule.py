@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._callsite import outside_stacklevel
 from .config import CrepaConfig
 
 Number = Union[float, int]
@@ -37,14 +38,14 @@ class CrepaScheduler:
         self.similarity_ema: Optional[float] = None
         self._cut_off = False
         self._horizon_checked = None
-        self._check_horizon(stacklevel=3)
+        self._check_horizon()
 
-    def _check_horizon(self, stacklevel: int) -> None:
+    def _check_horizon(self) -> None:
         """Warn (once per setting) when a decaying schedule's horizon ends before its warmup does; run at
         construction and again when a field it reads was set later."""
         c = self.config
         setting = (c.enabled, c.scheduler, c.decay_steps, c.warmup_steps, self.max_train_steps)
-        if setting == self._horizon_checked:
+        if setting == getattr(self, "_horizon_checked", None):  # (absent in a scheduler pickled before it)
             return
         self._horizon_checked = setting
         if c.enabled and c.scheduler != "constant" and self.decay_steps <= c.warmup_steps:
@@ -55,7 +56,7 @@ class CrepaScheduler:
                 f"is 0, but the horizon ({self.decay_steps}) does not reach past crepa_warmup_steps "
                 f"({c.warmup_steps}): the weight is crepa_lambda_end ({c.lambda_end}) from step "
                 f"{c.warmup_steps + 1} on; set crepa_decay_steps or pass max_train_steps",
-                UserWarning, stacklevel=stacklevel)
+                UserWarning, stacklevel=outside_stacklevel())
 
     # ----------------------------------------------------------------- state
     def is_cutoff(self) -> bool:
@@ -146,7 +147,7 @@ class CrepaScheduler:
     def get_weight(self, step: int, similarity: Optional[Union[Number, torch.Tensor]] = None) -> float:
         step = check_step(step)
         c = self.config
-        self._check_horizon(stacklevel=3)  # a schedule field set after construction
+        self._check_horizon()  # a schedule field set after construction
         self.update_ema(similarity)
         if c.threshold_mode == "permanent" and self._cut_off:
             return 0.0

@@ -267,6 +267,7 @@ BAD = [
     ({"weight": "1"}, ValueError, "weight must be a finite number, got '1'"),
     ({"weight": 1e300}, ValueError, "weight must be finite in float32, the dtype the loss is computed in"),
     ({"weight": -4e38}, ValueError, "(|weight| <= 3.40282e+38), got -4e+38"),
+    ({"weight": 10 ** 400}, ValueError, "weight must be a finite number, got 1000"),
     ({"adjacent_tau": "1.0"}, ValueError, "adjacent_tau must be a positive finite number, got '1.0'"),
     ({"weight": torch.ones(2)}, ValueError, "weight must be a float or a one-element"),
     ({"features": torch.ones(1, 2, 3, 4, device="meta")}, ValueError, "features is on the meta device"),

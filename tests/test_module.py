@@ -256,6 +256,7 @@ def test_a_flat_block_output_read_as_one_token_frames_warns():
         m(torch.randn(1, 3, 8), torch.randn(1, 3, 4, 6))  # one token per frame, frame for frame
         m(torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 6))
         m(torch.randn(1, 6, 8), torch.randn(1, 3, 6))  # both sides one token per frame
+        m(torch.randn(1, 6, 8), torch.randn(1, 3, 4, 6))  # per-frame states, more frames (SPEC subsamples)
 
 
 def test_a_disabled_config_switches_crepa_off(monkeypatch):
@@ -520,3 +521,22 @@ def test_a_non_strict_load_without_the_schedule_keeps_the_schedule():
     with pytest.raises(RuntimeError, match='Missing key "_extra_state"'):  # strict: refused, nothing changes
         m.load_state_dict(projector_only)
     assert m.scheduler.state_dict() == {"similarity_ema": 0.9, "cut_off": True}
+
+
+def test_a_horizon_warning_at_a_step_names_the_callers_line():
+    # raised inside the schedule, called by the loss, called through nn.Module: it must point here
+    m = CrepaLoss(cfg(), 4, 4)
+    m.config.scheduler = "linear"
+    with pytest.warns(UserWarning, match="horizon") as seen:
+        m(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), step=1)
+    assert seen[0].filename == __file__
+
+
+def test_a_scheduler_pickled_before_the_horizon_recheck_still_steps():
+    import pickle
+
+    m = CrepaLoss(cfg(), 4, 4)
+    del m.scheduler.__dict__["_horizon_checked"]  # what an older version pickled
+    restored = pickle.loads(pickle.dumps(m))
+    loss, _ = restored(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), step=1)
+    assert loss is not None
