@@ -310,6 +310,8 @@ def _unknown_attribute(cls: type, name: str) -> str:
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return (f"{cls.__name__} has no field {name!r}{hint} (fields are the config keys without their crepa_ "
             f"prefix: lambda_ for crepa_lambda)")
+
+
 _THREAD = threading.local()
 
 

@@ -33,7 +33,8 @@ def _device_of(accelerator: Any, check_available: bool = True) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"accelerator must be an accelerate.Accelerator or name a device such as 'cuda', 'cuda:1' "
                          f"or 'cpu', got {accelerator!r}") from err
-    if check_available and device.type == "cuda" and not torch.cuda.is_available():  # not in attach_to_model
+    # here, not as the driver's error at attach_to_model's first copy
+    if check_available and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"accelerator={accelerator!r} puts CREPA on {device}, but CUDA is not available")
     return device
 
