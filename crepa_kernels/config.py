@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import decimal
 import difflib
-import functools
 import math
 import threading
 import warnings
@@ -294,11 +293,6 @@ def config_key_name(key: str) -> str:
 _FIELD_NAMES = frozenset(f.name for f in fields(CrepaConfig))
 
 
-@functools.lru_cache(maxsize=None)
-def _fields_of(cls: type) -> frozenset:
-    return frozenset(f.name for f in fields(cls))
-
-
 def _unknown_attribute(cls: type, name: str) -> str:
     if name == "crepa_use_backbone_features":
         return (f"{cls.__name__} has no field {name!r}: that config key sets the field 'feature_source' "
@@ -306,7 +300,7 @@ def _unknown_attribute(cls: type, name: str) -> str:
     try:  # a config key (crepa_lambda) names its field
         return f"{cls.__name__} has no field {name!r}: config key {name!r} is the field {cls._field_for_key(name)!r}"
     except ValueError:
-        close = difflib.get_close_matches(name, sorted(_fields_of(cls)), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, sorted(f.name for f in fields(cls)), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return (f"{cls.__name__} has no field {name!r}{hint} (fields are the config keys without their crepa_ "
             f"prefix: lambda_ for crepa_lambda)")

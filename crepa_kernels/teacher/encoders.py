@@ -118,10 +118,15 @@ def _cause_line(e: Exception) -> str:
     return (named or lines or [""])[0]
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _require_file(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
+    return path
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = _require_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -289,10 +294,10 @@ class DinoEncoder(nn.Module):
 
         built_from_name = model is None
         random_init = isinstance(weights, str) and weights == "random"
-        if weights is not None and not random_init and not os.path.isfile(os.fspath(weights)):
+        if weights is not None and not random_init:
             # before the model is built: a missing file must not cost a ViT-g's build (tens of seconds,
             # gigabytes) first
-            raise FileNotFoundError(f"weights file {os.fspath(weights)!r} does not exist")
+            _require_file(weights)
         if built_from_name:
             self.name = resolve_encoder_name(name)
             cached = None
