@@ -206,6 +206,37 @@ def test_only_features_require_grad():
     _check(p, f, leaves=[f], distance=1, tau=1.0, cumulative=True, normalize_neighbour_sum=True)
 
 
+@pytest.mark.parametrize("front_end", ["direct", "custom_op"])
+@pytest.mark.parametrize("grids", [None, ((3, 4), (2, 3))], ids=["same_tokens", "fused_resample"])
+def test_features_made_under_inference_mode(monkeypatch, front_end, grids):
+    # A frozen teacher is often run under torch.inference_mode(). Autograd refuses to save its output
+    # (an inference tensor) for backward, and the op's node holds the features it was given; the torch
+    # backend's graph holds normalised copies, so there the same step works. Both must train alike.
+    from crepa_kernels import crepa_loss
+    from crepa_kernels.ops import similarity
+
+    monkeypatch.setattr(similarity, "direct_launch_ok", lambda *tensors: front_end == "direct")
+    n_p, n_f = (12, 6) if grids else (6, 6)
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(2, 4, n_p, 10, generator=g, dtype=torch.float64).to(DEV, torch.float32)
+    f_plain = torch.randn(2, 4, n_f, 10, generator=g, dtype=torch.float64).to(DEV, torch.float32)
+    with torch.inference_mode():
+        f_inference = f_plain * 1.0
+    assert f_inference.is_inference() and not f_plain.is_inference()
+    kw = dict(adjacent_distance=1, adjacent_tau=1.0)
+    if grids:
+        kw.update(projected_grid=grids[0], features_grid=grids[1])
+    results = []
+    for backend, f in (("torch", f_plain), ("triton", f_inference)):
+        leaf = p.clone().requires_grad_(True)
+        out = crepa_loss(leaf, f, backend=backend, **kw)
+        (out.loss + out.self_similarity.square().sum()).backward()
+        results.append((out.loss.detach(), leaf.grad))
+    (want_loss, want_grad), (got_loss, got_grad) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-5)
+    _assert_grad_close(got_grad, want_grad, 1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_and_tiny_vectors(dtype):
     p, f = _inputs((1, 3, 4, 6), dtype)

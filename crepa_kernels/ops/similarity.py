@@ -1201,11 +1201,28 @@ def _neighbour_cosine_bwd_op(
 _N_ARGS = 11  # inputs of the forward op
 
 
+def _save(ctx, projected, features, pnorm, fnorm, cos) -> None:
+    """save_for_backward, except for inputs that are inference tensors (a teacher run under
+    torch.inference_mode), which autograd refuses to save: those are kept on ``ctx`` as they are, so
+    that the step runs as it does on the torch backend (whose graph holds normalised copies of them).
+    Inference tensors have no version counter: an in-place change to one (possible only inside
+    inference mode) between this forward and its backward goes undetected. `_saved` reads both back."""
+    inputs = (projected, features)
+    ctx.inference_inputs = tuple(t if t.is_inference() else None for t in inputs)
+    ctx.save_for_backward(*(None if t.is_inference() else t for t in inputs), pnorm, fnorm, cos)
+
+
+def _saved(ctx) -> tuple:
+    """(projected, features, pnorm, fnorm, cos) as `_save` kept them."""
+    saved = ctx.saved_tensors
+    return (*(kept if kept is not None else t for kept, t in zip(ctx.inference_inputs, saved[:2])), *saved[2:])
+
+
 def _setup_context(ctx, inputs, output):
     projected, features = inputs[:2]
     _, _, pnorm, fnorm, cos = output
     ctx.mark_non_differentiable(pnorm, fnorm, cos)
-    ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
+    _save(ctx, projected, features, pnorm, fnorm, cos)
     ctx.args = tuple(inputs[2:7])
     ctx.grids = tuple(inputs[7:])
 
@@ -1215,7 +1232,7 @@ def _input_grads(ctx, g_total, g_self, need_p, need_f, through_op, g_total_scale
     ends. ``through_op`` runs the backward custom op (autograd can see it) instead of the launchers,
     which alone take a ``g_total_scale`` (the kernels read g_total times it)."""
     distance, tau, cumulative, normalize, block_d = ctx.args
-    args = (*ctx.saved_tensors, g_total, g_self, distance, tau, cumulative, normalize, need_p, need_f, block_d)
+    args = (*_saved(ctx), g_total, g_self, distance, tau, cumulative, normalize, need_p, need_f, block_d)
     if through_op:
         assert g_total_scale == 1.0, "the backward custom op takes no g_total_scale"
         dp, df = torch.ops.crepa_kernels.neighbour_cosine_bwd(*args, *ctx.grids)
@@ -1258,7 +1275,7 @@ class _NeighbourCosine(torch.autograd.Function):
                 loss_scale=None):
         total, self_tok, pnorm, fnorm, cos = _forward_impl(projected, features, distance, tau, cumulative,
                                                            normalize, block_d, grids, traceable=False)
-        ctx.save_for_backward(projected, features, pnorm, fnorm, cos)
+        _save(ctx, projected, features, pnorm, fnorm, cos)
         ctx.args = (distance, tau, cumulative, normalize, block_d)
         ctx.grids = grids
         ctx.token_mean = token_mean
