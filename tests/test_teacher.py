@@ -548,6 +548,11 @@ def test_encoder_errors(tmp_path):
         enc.encode(torch.zeros(1, 1, 3, 56, 56, dtype=torch.uint8))
     with pytest.raises(ValueError, match="frames are on meta but the encoder weights are on cpu"):
         enc.encode(torch.empty(1, 1, 3, 56, 56, device="meta"))
+    # empty clips and frames without pixels, as the VAE adapter refuses empty latents (F.interpolate
+    # would otherwise be the first to notice, without naming frames)
+    for shape in ((1, 0, 3, 56, 56), (0, 2, 3, 56, 56), (1, 2, 3, 0, 56), (1, 2, 3, 56, 0)):
+        with pytest.raises(ValueError, match=r"frames is empty: shape \(" + ", ".join(map(str, shape))):
+            enc.encode(torch.rand(*shape))
 
 
 @pytest.mark.gpu
@@ -668,6 +673,13 @@ def test_adapter_errors(diffusers):
         ltx.decode(_latents(8), timestep=torch.zeros(3))
     with pytest.raises(ValueError, match="latents are on meta but the VAE runs on cpu"):
         adapter.decode(torch.empty(1, 4, 1, 4, 4, device="meta"))
+    # LTX-Video and Kandinsky 5 latents are divided by the config's scaling factor (SPEC section 7): one
+    # that is missing, 0, negative or not finite is refused, not read as 1.
+    for bad in (None, 0.0, -0.5, float("inf"), float("nan")):
+        for make in (_ltx, _hunyuan):
+            with pytest.raises(ValueError, match=f"vae.config.scaling_factor must be a positive finite number "
+                                                 f"for a {make(diffusers).__class__.__name__}.*got {bad!r}"):
+                adapter_for(make(diffusers, scaling_factor=bad))
     # The adapter class itself checks what adapter_for checks.
     with pytest.raises(TypeError, match="vae: unsupported class Linear"):
         VaeAdapter(torch.nn.Linear(2, 2), "wan")

@@ -440,6 +440,8 @@ class DinoEncoder(nn.Module):
             raise ValueError(f"frames must have 3 (RGB) channels at dim 2, got shape {tuple(frames.shape)}")
         if not frames.is_floating_point():
             raise TypeError(f"frames must be floating point in [0, 1], got dtype {frames.dtype}")
+        if frames.numel() == 0:  # as latents_to_features refuses empty latents
+            raise ValueError(f"frames is empty: shape {tuple(frames.shape)} (B, T, H and W must be positive)")
         b, t, c, h, w = frames.shape
         n = b * t
         first = next(self.model.parameters(), None)

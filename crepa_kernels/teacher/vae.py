@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from typing import Any, Optional
 
 import torch
@@ -142,7 +143,13 @@ class VaeAdapter:
             self.temporal_compression = int(inner.temporal_compression_ratio)
             self.spatial_compression = int(inner.spatial_compression_ratio)
             self.latent_channels = int(_config_get(inner, "latent_channels"))
-        self.scaling_factor = float(_config_get(inner, "scaling_factor", 1.0) or 1.0)
+        self.scaling_factor = 1.0  # Wan / SanaVideo latents do not use it
+        if self.class_name != "AutoencoderKLWan":  # LTX-Video and Kandinsky 5 latents are divided by it
+            factor = _config_get(inner, "scaling_factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor < math.inf:
+                raise ValueError(f"vae.config.scaling_factor must be a positive finite number for a {class_name} "
+                                 f"(its latents are divided by it), got {factor!r}")
+            self.scaling_factor = float(factor)
         self.timestep_conditioning = bool(_config_get(inner, "timestep_conditioning", False))
         # LTX-Video 0.9.1's decoder adds torch.randn noise in some blocks (diffusers passes them no generator).
         self.injects_noise = any(getattr(m, name, None) is not None for m in inner.modules()
