@@ -206,7 +206,8 @@ def test_default_dtype_is_fixed_at_construction_by_target_device(monkeypatch):
 
 
 @pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                         ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
+                                         ("float16", torch.float16), (torch.bfloat16, torch.bfloat16),
+                                         ("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_dtype_names_cast_weights_at_construction(name, dtype):
     enc = DinoEncoder(model=_tiny_vit(), dtype=name)
     assert _weights_dtypes(enc) == {dtype} and enc.compute_dtype() == dtype
@@ -512,7 +513,7 @@ def test_encoder_errors(tmp_path):
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         DinoEncoder(model=model, dtype=torch.int32)
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype or one of 'auto', 'float32', "
-                                         "'bfloat16', 'float16', got 'fp8'"):
+                                         "'bfloat16', 'float16', 'fp32', 'bf16', 'fp16', got 'fp8'"):
         DinoEncoder(model=model, dtype="fp8")
     with pytest.raises(ValueError, match="device must name a device .*got 'gpu0'"):
         DinoEncoder(model=model, device="gpu0")

@@ -62,8 +62,10 @@ def resolve_encoder_name(name: str) -> str:
     raise ValueError(f"unknown encoder name {name!r}; expected one of: {valid} (or the `_reg` alias forms)")
 
 
-# `crepa_encoder_dtype` spellings; "auto" is the device rule in `_resolve_dtype`.
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `crepa_encoder_dtype` spellings, with the short forms the config key also takes; "auto" is the device
+# rule in `_resolve_dtype`.
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_CHOICES = ", ".join(repr(n) for n in ("auto", *_DTYPE_NAMES))
 
 
@@ -260,7 +262,7 @@ class DinoEncoder(nn.Module):
             absent, never a download); "random": keep random initialisation (tests, benchmarks).
         model: an already-built timm DINOv2 ViT to wrap instead of building one from `name`.
         dtype: compute dtype, a floating torch.dtype or "float32" / "bfloat16" / "float16" (the
-            `crepa_encoder_dtype` values). None or "auto": bfloat16 when the encoder will run on CUDA (`device`
+            `crepa_encoder_dtype` values; "fp32" / "bf16" / "fp16" as well). None or "auto": bfloat16 when the encoder will run on CUDA (`device`
             is CUDA, or `device` is None and CUDA is available), float32 otherwise.
         device: the device the encoder will run on; the weights are moved there. None: they stay where they
             are (on the CPU for a named model), e.g. for an offload manager to move at each use.
