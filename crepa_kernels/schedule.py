@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Mapping
@@ -234,6 +235,8 @@ def _check_similarity(similarity):
         if similarity.numel() != 1 or similarity.is_complex():
             raise ValueError(f"similarity must be a number or a one-element tensor, got shape {tuple(similarity.shape)}")
         return similarity
-    if isinstance(similarity, bool) or not isinstance(similarity, (int, float)):
+    # a real number of any kind (a numpy float32 score too), a bool of neither kind
+    if isinstance(similarity, bool) or type(similarity).__name__ == "bool_" \
+            or not isinstance(similarity, numbers.Real):
         raise ValueError(f"similarity must be a number or a one-element tensor, got {similarity!r}")
-    return similarity
+    return float(similarity)

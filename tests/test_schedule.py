@@ -2,6 +2,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,9 +168,18 @@ def test_tensor_ema_without_threshold_skips_non_finite_steps_on_the_device():
     assert s.state_dict()["similarity_ema"] == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("bad", ["0.5", torch.ones(2), [0.5], True])
+@pytest.mark.parametrize("bad", ["0.5", torch.ones(2), [0.5], True, np.bool_(True), 0.5j])
 def test_bad_similarity_names_the_argument(bad):
     s = CrepaScheduler(CrepaConfig(), max_train_steps=10)
     with pytest.raises(ValueError, match="similarity must be a number or a one-element tensor"):
         s.get_weight(0, similarity=bad)
     assert s.similarity_ema is None
+
+
+@pytest.mark.parametrize("score", [np.float32(0.75), np.float64(0.75), np.int64(1), 0.75, 1])
+def test_numpy_scores_feed_the_ema_as_numbers(score):
+    # a score read with .numpy() or np.mean is a numpy scalar: it is a number like any other, and the
+    # threshold compares it as such (0.75 and 1 against 0.7: cut off at the first step, SPEC 6.3)
+    s = CrepaScheduler(CrepaConfig(similarity_threshold=0.7), max_train_steps=10)
+    assert s.get_weight(0, similarity=score) == 0.0 and s.is_cutoff()
+    assert type(s.similarity_ema) is float and s.similarity_ema == float(score)
