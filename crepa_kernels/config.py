@@ -4,6 +4,7 @@ from __future__ import annotations
 import decimal
 import difflib
 import math
+import operator
 import threading
 import warnings
 from dataclasses import dataclass, fields
@@ -359,11 +360,26 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def is_bool(value: Any) -> bool:
+    """A Python or numpy bool (numpy's converts to float, so it must be told from a number by type)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
+def as_index(value: Any) -> Optional[int]:
+    """An integer of any kind (a numpy integer too, never a bool) as a Python int; None for anything else."""
+    if is_bool(value) or isinstance(value, (str, float)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
+    if is_bool(value):
         return bool(value)
+    if as_index(value) in (0, 1):
+        return bool(as_index(value))
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"{key} must be a boolean, got {value!r}")
@@ -378,8 +394,10 @@ def _is_none(value: Any) -> bool:
 
 
 def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool):
+    if is_bool(value):
         raise ValueError(f"{key} must be an int, got {value!r}")
+    if as_index(value) is not None:
+        value = as_index(value)
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -406,7 +424,7 @@ def _opt_int(key: str, value: Any, *, minimum: Optional[int] = None) -> Optional
 
 
 def _finite_float(key: str, value: Any) -> float:
-    if isinstance(value, bool):
+    if is_bool(value):
         raise ValueError(f"{key} must be a number, got {value!r}")
     try:
         out = float(value)

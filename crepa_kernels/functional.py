@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from .alignment import TokenPlan, check_grid, plan_tokens
-from .config import BACKENDS
+from .config import BACKENDS, as_index, is_bool
 from .ops.utils import FLOAT_DTYPES, fused_resample_enabled, interpreter_enabled, triton_available
 
 
@@ -212,18 +212,17 @@ def _check_tensor(name: str, t) -> torch.Tensor:
 
 
 def _check_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    value = as_index(v)  # a numpy integer too, never a bool
+    if value is None or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    return int(v)
+    return value
 
 
 def _check_bool(name: str, v) -> bool:
     """A switch: True / False (a numpy bool, 1 or 0 too). A string is refused: bool("false") is True."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
+    if is_bool(v):
         return bool(v)
-    if type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool"):
+    if isinstance(v, int) and v in (0, 1):
         return bool(v)
     raise TypeError(f"{name} must be a bool, got {v!r}")
 
@@ -233,7 +232,7 @@ def _check_positive_float(name: str, v) -> float:
         f = float(v) if not isinstance(v, (str, bytes)) else None  # float("1.0") would take a string
     except (TypeError, ValueError):
         f = None
-    if f is None or isinstance(v, bool) or not (f > 0 and math.isfinite(f)):
+    if f is None or is_bool(v) or not (f > 0 and math.isfinite(f)):
         raise ValueError(f"{name} must be a positive finite number, got {v!r}")
     return f
 

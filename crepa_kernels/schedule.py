@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import warnings
 from collections.abc import Mapping
 from typing import Optional, Union
@@ -11,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from ._callsite import outside_stacklevel
-from .config import CrepaConfig
+from .config import CrepaConfig, as_index, is_bool
 
 Number = Union[float, int]
 
@@ -218,13 +217,9 @@ def check_step(step) -> int:
                 or step.device.type == "meta":
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         step = step.reshape(())  # (a one-element tensor on a GPU: one host read, as int() would be)
-    if not isinstance(step, bool) and type(step).__name__ != "bool_":  # numpy's bool has __index__ too
-        try:
-            value = operator.index(step)
-        except TypeError:
-            value = None
-        if value is not None and value >= 0:
-            return value
+    value = as_index(step)
+    if value is not None and value >= 0:
+        return value
     raise ValueError(f"step must be a non-negative int, got {step!r}")
 
 
@@ -235,8 +230,6 @@ def _check_similarity(similarity):
         if similarity.numel() != 1 or similarity.is_complex():
             raise ValueError(f"similarity must be a number or a one-element tensor, got shape {tuple(similarity.shape)}")
         return similarity
-    # a real number of any kind (a numpy float32 score too), a bool of neither kind
-    if isinstance(similarity, bool) or type(similarity).__name__ == "bool_" \
-            or not isinstance(similarity, numbers.Real):
+    if is_bool(similarity) or not isinstance(similarity, numbers.Real):  # a numpy float32 score is a Real
         raise ValueError(f"similarity must be a number or a one-element tensor, got {similarity!r}")
     return float(similarity)

@@ -1,7 +1,9 @@
 """CrepaConfig: keys, defaults, aliases, round trips and every validation error."""
 import argparse
+import re
 import warnings
 
+import numpy as np
 import pytest
 
 from crepa_kernels import CrepaConfig
@@ -207,9 +209,28 @@ def test_every_boolean_spelling(text, want):
     assert CrepaConfig.from_dict({"crepa_spatial_align": text}).spatial_align is want
 
 
-@pytest.mark.parametrize("bad", [2, -1, "enabled", 0.5])
+@pytest.mark.parametrize("text, want", [(np.True_, True), (np.False_, False), (np.int64(1), True),
+                                        (np.uint8(0), False)])
+def test_numpy_booleans_and_zero_or_one_are_booleans(text, want):
+    # values from a numpy-based sweep table
+    assert CrepaConfig.from_dict({"crepa_spatial_align": text}).spatial_align is want
+
+
+def test_numpy_numbers_are_read_as_python_numbers():
+    c = CrepaConfig.from_dict({"crepa_enabled": np.True_, "crepa_block_index": np.int64(8),
+                               "crepa_adjacent_distance": np.int32(2), "crepa_lambda": np.float32(0.25),
+                               "crepa_warmup_steps": np.float64(100.0)})
+    assert (c.enabled, c.block_index, c.adjacent_distance, c.lambda_, c.warmup_steps) == (True, 8, 2, 0.25, 100)
+    assert type(c.block_index) is int and type(c.adjacent_distance) is int and type(c.lambda_) is float
+    # a numpy bool is no number
+    for key in ("crepa_block_index", "crepa_lambda"):
+        with pytest.raises(ValueError, match=f"{key} must be (an int|a number), got np.True_"):
+            CrepaConfig.from_dict({key: np.True_})
+
+
+@pytest.mark.parametrize("bad", [2, -1, "enabled", 0.5, np.int64(2), np.float64(1.0)])
 def test_what_is_no_boolean_is_refused(bad):
-    with pytest.raises(ValueError, match=f"crepa_spatial_align must be a boolean, got {bad!r}"):
+    with pytest.raises(ValueError, match=re.escape(f"crepa_spatial_align must be a boolean, got {bad!r}")):
         CrepaConfig.from_dict({"crepa_spatial_align": bad})
 
 

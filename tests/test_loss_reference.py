@@ -2,6 +2,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,6 +270,9 @@ BAD = [
     ({"weight": -4e38}, ValueError, "(|weight| <= 3.40282e+38), got -4e+38"),
     ({"weight": 10 ** 400}, ValueError, "weight must be a finite number, got 1000"),
     ({"adjacent_tau": "1.0"}, ValueError, "adjacent_tau must be a positive finite number, got '1.0'"),
+    ({"adjacent_tau": np.True_}, ValueError, "adjacent_tau must be a positive finite number, got np.True_"),
+    ({"adjacent_distance": np.True_}, ValueError, "adjacent_distance must be a non-negative int, got np.True_"),
+    ({"adjacent_distance": np.int64(-1)}, ValueError, "adjacent_distance must be a non-negative int"),
     ({"weight": torch.ones(2)}, ValueError, "weight must be a float or a one-element"),
     ({"features": torch.ones(1, 2, 3, 4, device="meta")}, ValueError, "features is on the meta device"),
     ({"projected": torch.full((1, 2, 3, 4), float("nan")), "check_finite": True}, ValueError, "projected holds NaN"),
@@ -317,9 +321,15 @@ def test_auto_picks_torch_on_cpu_and_info_says_why():
 
 
 def test_switches_take_numpy_and_int_bools():
-    np = pytest.importorskip("numpy")
     p, f = torch.randn(1, 3, 6, 4), torch.randn(1, 3, 9, 4)
     want = crepa_loss(p, f, spatial_align=False, normalize_by_frames=False, backend="torch").loss
     for off in (np.False_, 0):
         got = crepa_loss(p, f, spatial_align=off, normalize_by_frames=off, backend="torch").loss
         assert torch.equal(got, want)
+
+
+def test_a_numpy_integer_distance_is_the_int():
+    p, f = torch.randn(1, 5, 3, 4), torch.randn(1, 5, 3, 4)
+    want = crepa_loss(p, f, adjacent_distance=2, cumulative_neighbors=True, backend="torch").loss
+    got = crepa_loss(p, f, adjacent_distance=np.int64(2), cumulative_neighbors=True, backend="torch").loss
+    assert torch.equal(got, want)

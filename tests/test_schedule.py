@@ -144,7 +144,7 @@ def test_constructor_errors(args, msg):
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "3", torch.tensor(2.0), torch.tensor([1, 2]), torch.tensor(-1),
-                                 torch.tensor(True), torch.tensor(3, device="meta")])
+                                 torch.tensor(True), torch.tensor(3, device="meta"), np.True_])
 def test_bad_step(bad):
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         CrepaScheduler(CrepaConfig(), 10).get_weight(bad)
@@ -152,7 +152,6 @@ def test_bad_step(bad):
 
 def test_a_trainers_integer_step_of_another_type_is_read_as_an_int():
     # a global step kept as a numpy integer or a one-element integer tensor (the common trainer takes them)
-    np = pytest.importorskip("numpy")
     s = CrepaScheduler(CrepaConfig(lambda_=0.5, warmup_steps=4), 10)
     for step in (np.int64(2), torch.tensor(2), torch.tensor([2], dtype=torch.int32)):
         weight = s.get_weight(step)
