@@ -1070,3 +1070,14 @@ def test_package_imports_without_diffusers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_wrapped_vit_with_dynamic_image_size_runs_at_another_size():
+    # the size-mismatch error's own advice: a model built with dynamic_img_size=True takes image_size
+    model = _tiny_vit(img_size=56, dynamic_img_size=True)
+    enc = DinoEncoder(model=model, image_size=28)
+    frames = _frames(b=1, t=2, h=28, w=28)
+    with torch.no_grad():
+        want = model.forward_features((frames.flatten(0, 1) - MEAN) / STD)[:, 1:]
+    assert enc.grid == (2, 2)
+    torch.testing.assert_close(enc.encode(frames), want.reshape(1, 2, 4, -1))

@@ -230,7 +230,8 @@ class CrepaRegularizer:
         if self.config.lambda_ == 0:
             # As the trainer: a zero weight computes, logs and tracks nothing. Under torch.distributed the
             # projector registered on the wrapped model still needs its (zero) gradient on every rank.
-            return (self.loss._zero_loss() if _world_size() > 1 else None), None
+            # (In eval mode None, as for any zero weight: nothing will back-propagate it.)
+            return (self.loss._zero_loss() if self.training and _world_size() > 1 else None), None
         step = check_step(step)  # once: a step given as a GPU tensor costs its one read here
         if ignored_features:
             warnings.warn("compute_loss got latents and frame_features in encoder mode: the latents are decoded "
@@ -342,6 +343,7 @@ class CrepaRegularizer:
 
     def _wrap_encoder(self, encoder: nn.Module):
         from ..teacher import DinoEncoder
+        from ..teacher.encoders import _dynamic_img_size
 
         c, default = self.config, CrepaConfig()
         if isinstance(encoder, DinoEncoder):
@@ -358,7 +360,7 @@ class CrepaRegularizer:
             return encoder
         native = tuple(getattr(getattr(encoder, "patch_embed", None), "img_size", ()) or ())
         if (len(native) == 2 and native != (c.encoder_image_size,) * 2
-                and not getattr(encoder.patch_embed, "dynamic_img_size", False)):
+                and not _dynamic_img_size(encoder)):
             raise ValueError(f"the encoder passed takes {native[0]}x{native[1]} images but crepa_encoder_image_size is "
                              f"{c.encoder_image_size}: set crepa_encoder_image_size={native[0]}, or build the model "
                              f"with img_size={c.encoder_image_size} (or dynamic_img_size=True)")

@@ -62,6 +62,13 @@ def resolve_encoder_name(name: str) -> str:
     raise ValueError(f"unknown encoder name {name!r}; expected one of: {valid} (or the `_reg` alias forms)")
 
 
+def _dynamic_img_size(model: Any) -> bool:
+    """Whether a timm ViT takes other image sizes (built with ``dynamic_img_size=True``): timm keeps the
+    flag on the model (older versions on its patch embedding)."""
+    return bool(getattr(model, "dynamic_img_size", False)
+                or getattr(getattr(model, "patch_embed", None), "dynamic_img_size", False))
+
+
 # `crepa_encoder_dtype` spellings, with the short forms the config key also takes; "auto" is the device
 # rule in `_resolve_dtype`.
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -338,7 +345,7 @@ class DinoEncoder(nn.Module):
                     raise ValueError(f"the wrapped model's image size {native} is not square; pass image_size")
                 image_size = native[0]
             image_size = _check_image_size(image_size)
-            if native != (image_size, image_size) and not getattr(model.patch_embed, "dynamic_img_size", False):
+            if native != (image_size, image_size) and not _dynamic_img_size(model):
                 raise ValueError(
                     f"image_size={image_size} does not match the wrapped model's input size {native}; build the "
                     f"model with img_size={image_size} (or dynamic_img_size=True)"
