@@ -379,7 +379,7 @@ def _as_bool(key: str, value: Any) -> bool:
     if is_bool(value):
         return bool(value)
     if as_index(value) in (0, 1):
-        return bool(as_index(value))
+        return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"{key} must be a boolean, got {value!r}")
@@ -396,8 +396,9 @@ def _is_none(value: Any) -> bool:
 def _int(key: str, value: Any, *, minimum: Optional[int] = None) -> int:
     if is_bool(value):
         raise ValueError(f"{key} must be an int, got {value!r}")
-    if as_index(value) is not None:
-        value = as_index(value)
+    index = as_index(value)
+    if index is not None:
+        value = index
     if isinstance(value, str):
         text = value.strip()
         try:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from tiny_models import tiny_ltx_vae
 
 diffusers = pytest.importorskip("diffusers")
 timm = pytest.importorskip("timm")
@@ -427,28 +428,11 @@ def test_an_eval_call_at_lambda_zero_returns_no_term_under_torch_distributed(mon
     assert term is None and logs is None
 
 
-def _ltx_vae():
-    torch.manual_seed(11)
-    vae = diffusers.AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=8,
-        block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=True, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False, scaling_factor=2.0,
-    ).eval()
-    g = torch.Generator().manual_seed(12)
-    vae.latents_mean.copy_(torch.randn(8, generator=g))
-    vae.latents_std.copy_(torch.rand(8, generator=g) + 0.5)
-    return vae
-
-
 def test_the_decode_timestep_reaches_a_timestep_conditioned_ltx_decoder():
     # SPEC 7: LTX-Video latents are z * latents_std / scaling_factor + latents_mean, decoded with the timestep
     # argument when the VAE is timestep-conditioned; frames clamp to [-1, 1] -> [0, 1], resize, ImageNet
     # normalisation, DINOv2 patch tokens; temporal alignment keeps frames floor(linspace(0, T_f - 1, T)).
-    vae, vit = _ltx_vae(), _tiny_vit()
+    vae, vit = tiny_ltx_vae(timestep_conditioning=True), _tiny_vit()
     reg = CrepaRegularizer(_ns(crepa_encoder_dtype="float32"), "cpu", hidden_size=16, encoder=vit)
     reg.attach_to_model(nn.Module())
     torch.manual_seed(2)

@@ -269,8 +269,9 @@ class DinoEncoder(nn.Module):
             absent, never a download); "random": keep random initialisation (tests, benchmarks).
         model: an already-built timm DINOv2 ViT to wrap instead of building one from `name`.
         dtype: compute dtype, a floating torch.dtype or "float32" / "bfloat16" / "float16" (the
-            `crepa_encoder_dtype` values; "fp32" / "bf16" / "fp16" as well). None or "auto": bfloat16 when the encoder will run on CUDA (`device`
-            is CUDA, or `device` is None and CUDA is available), float32 otherwise.
+            `crepa_encoder_dtype` values; "fp32" / "bf16" / "fp16" as well). None or "auto": bfloat16
+            when the encoder will run on CUDA (`device` is CUDA, or `device` is None and CUDA is
+            available), float32 otherwise.
         device: the device the encoder will run on; the weights are moved there. None: they stay where they
             are (on the CPU for a named model), e.g. for an offload manager to move at each use.
         frames_batch_size: frames per forward pass; None: all frames at once.
