@@ -502,6 +502,14 @@ def test_exception_inside_use_leaves_module_whole(mode):
         assert torch.equal(used(X), ref_out)
 
 
+def fail_allocations(monkeypatch, manager):
+    """Every device allocation of ``manager`` raises out-of-memory until ``monkeypatch.undo()``."""
+    def oom(slot):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(manager, "_allocate", oom)
+
+
 def test_failed_bring_in_leaves_module_on_host(monkeypatch):
     toy = Toy()
     ref_out, ref_state = toy(X), snapshot(toy)
@@ -510,10 +518,7 @@ def test_failed_bring_in_leaves_module_on_host(monkeypatch):
     m.evict(toy)
     host_ptrs = [p.data_ptr() for p in toy.parameters()]
 
-    def oom(slot):
-        raise torch.OutOfMemoryError("simulated")
-
-    monkeypatch.setattr(m, "_allocate", oom)
+    fail_allocations(monkeypatch, m)
     with pytest.raises(torch.OutOfMemoryError):
         with m.use(toy):
             pass

@@ -17,7 +17,7 @@ from crepa_kernels.teacher import cache as cache_mod
 from crepa_kernels.teacher.cache import FeatureCache
 from crepa_kernels.teacher.offload import OffloadManager, module_nbytes
 
-from test_offload import X, Toy, storages  # the offload tests' toy module (mixed dtypes, tied weights, ...)
+from test_offload import X, Toy, fail_allocations, storages  # the offload tests' toy module (mixed dtypes, tied weights, ...)
 
 BASE = dict(encoder_name="vit_giant_patch14_dinov2", encoder_weights="timm/vit_giant_patch14_dinov2.lvd142m@abc",
             image_size=518, num_frames=16, vae="Wan-AI/Wan2.1-T2V-1.3B/vae@def", dtype=torch.float32)
@@ -33,10 +33,7 @@ def test_a_failed_bring_in_leaves_the_module_idle_and_manageable(monkeypatch):
     with m.use(toy):
         pass
 
-    def oom(slot):
-        raise torch.OutOfMemoryError("simulated")
-
-    monkeypatch.setattr(m, "_allocate", oom)
+    fail_allocations(monkeypatch, m)
     with pytest.raises(torch.OutOfMemoryError):
         with m.use(toy):
             pass
